@@ -1,0 +1,18 @@
+"""Test setup: 8 fake CPU devices, the persistent compile cache, parsed absl flags.
+
+The environment must be set before jax is imported anywhere, so this runs first.
+"""
+import os
+
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_flags = os.environ.get("XLA_FLAGS", "")
+if "xla_force_host_platform_device_count" not in _flags:
+  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+_repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_repo, ".cache", "jax"))
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+
+from absl import flags  # noqa: E402
+
+# grain worker processes read absl flags; they must count as parsed under pytest.
+flags.FLAGS.mark_as_parsed()
