@@ -1,0 +1,1 @@
+"""Input data: tokenizer, demo dataset, sources, image ops, grain pipelines."""

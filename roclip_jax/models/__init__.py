@@ -1,0 +1,19 @@
+"""CLIP model towers in Flax NNX, a preset registry, and parameter/FLOP accounting.
+
+  cfg = models.preset("ViT-B/32")            # ml_collections.ConfigDict (schema: clip.py)
+  model = models.build(cfg, rngs=nnx.Rngs(0))
+  img, txt = model(images_nhwc, tokens, train=True)   # float32, un-normalised
+"""
+from roclip_jax.models.clip import CLIP
+from roclip_jax.models.clip import build
+from roclip_jax.models.clip import count_params
+from roclip_jax.models.clip import flops_per_pair
+from roclip_jax.models.clip import validate_config
+from roclip_jax.models.presets import preset
+from roclip_jax.models.presets import preset_names
+from roclip_jax.models.presets import register
+
+__all__ = [
+    "CLIP", "build", "count_params", "flops_per_pair", "validate_config", "preset",
+    "preset_names", "register",
+]

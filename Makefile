@@ -1,0 +1,31 @@
+# Two commands do everything: `make demo` (the headline benchmark) and `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+WORKDIR ?= workdirs/robustness_demo
+TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+
+.PHONY: install demo train-demo test bench clean
+
+$(VENV)/.installed: requirements.txt setup.cfg
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps --no-build-isolation -e .
+	touch $@
+
+install: $(VENV)/.installed
+
+# CLIP vs RoCLIP on the same poisoned demo data; prints the results table.
+demo: install
+	$(PY) -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --workdir=$(WORKDIR)
+
+# One plain training run of the demo config.
+train-demo: install
+	$(PY) -m roclip_jax.main --config=configs/demo.py --workdir=workdirs/demo
+
+test: install
+	$(TEST_ENV) $(PY) -m pytest -q
+
+clean:
+	rm -rf workdirs .pytest_cache .cache

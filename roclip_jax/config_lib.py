@@ -1,0 +1,160 @@
+"""Config defaults, variant parsing and validation.
+
+A config file in `configs/` starts from `base_config()` and changes what its
+experiment needs, so one file is a whole experiment. `validate()` runs before
+anything is compiled and names the offending field and the fix.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import ml_collections
+
+DEFENSES = ("none", "roclip")
+DATA_SOURCES = ("demo", "csv")
+
+
+class ConfigError(ValueError):
+  """A config value that cannot work; the message names the field and a fix."""
+
+
+def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
+  """Parses `--config=file.py:key=value,flag` variant strings (big_vision style).
+
+  Values are cast to the type of their default; a bare key means True.
+  """
+  out = dict(defaults)
+  for item in filter(None, (arg or "").split(",")):
+    key, _, value = item.partition("=")
+    if key not in defaults:
+      raise ConfigError(f"Unknown config variant {key!r}; known: {sorted(defaults)}.")
+    default = defaults[key]
+    if not _:
+      out[key] = True
+    elif isinstance(default, bool):
+      out[key] = value.lower() in ("1", "true", "yes", "y")
+    else:
+      out[key] = type(default)(value)
+  return ml_collections.ConfigDict(out)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  from roclip_jax import models  # Deferred: configs must load fast for `--help`.
+  from roclip_jax.data import augment, poison
+
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.num_epochs = 10
+  c.max_steps = -1  # Stop early (for smoke tests); the schedule still spans num_epochs.
+  c.mesh = [("data", -1)]
+
+  c.model = models.preset("tiny")
+
+  c.data = ml_collections.ConfigDict()
+  c.data.source = "demo"
+  c.data.demo = ml_collections.ConfigDict(
+      dict(root="", num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0))
+  c.data.csv_path = ""
+  c.data.image_root = ""
+  c.data.image_key = "image_path"
+  c.data.caption_key = "caption"
+  c.data.label_key = "label"
+  c.data.delimiter = ","
+  c.data.eval_csv = ""
+  c.data.classes_json = ""
+  c.data.batch_size = 128  # Global, over all devices and hosts.
+  c.data.num_workers = 0
+  c.data.prefetch_buffer = 2
+
+  c.augment = augment.default_config()
+
+  c.defense = "none"
+  c.roclip = ml_collections.ConfigDict()
+  c.roclip.pool_size = 21845  # The original code's default (ROCLIP.md §1.2).
+  c.roclip.k = 2  # Matching epochs: e % k == 0.
+  c.roclip.shard_pool = False
+  c.roclip.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
+  c.roclip.update_pool_every_step = False  # Variant: also write the pool in CLIP epochs.
+
+  c.poison = poison.default_config()
+
+  c.optim = ml_collections.ConfigDict()
+  c.optim.lr = 5e-4
+  c.optim.warmup_steps = 10000
+  c.optim.schedule = "cosine"
+  c.optim.b1 = 0.9
+  c.optim.b2 = 0.98
+  c.optim.eps = 1e-6
+  c.optim.weight_decay = 0.1
+  c.optim.grad_clip_norm = 0.0
+
+  c.log_every_steps = 50
+  c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
+  c.evals = ml_collections.ConfigDict()
+  c.evals.zeroshot = ml_collections.ConfigDict(dict(type="zeroshot", every_steps=0, dataset="demo", split="test"))
+  c.progress_bar = True
+  return c
+
+
+def _fail(field: str, problem: str, fix: str) -> None:
+  raise ConfigError(f"config.{field}: {problem} Fix: {fix}")
+
+
+def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> None:
+  """Rejects configs that cannot work, before anything is built or compiled."""
+  if config.defense not in DEFENSES:
+    _fail("defense", f"{config.defense!r} is not a known defense.", f"use one of {DEFENSES}.")
+  if config.num_epochs < 1:
+    _fail("num_epochs", f"is {config.num_epochs}.", "set a positive number of epochs.")
+  if config.data.source not in DATA_SOURCES:
+    _fail("data.source", f"{config.data.source!r} is not a known source.", f"use one of {DATA_SOURCES}.")
+  if config.data.source == "csv" and not config.data.csv_path:
+    _fail("data.csv_path", "is empty but data.source='csv'.", "pass --config.data.csv_path=/path/to/train.csv.")
+  b = config.data.batch_size
+  if b < 2:
+    _fail("data.batch_size", f"is {b}; a contrastive batch needs negatives.", "use a batch of at least 2.")
+  if b % num_batch_shards:
+    _fail("data.batch_size", f"{b} is not divisible by the {num_batch_shards} batch shards of the mesh.",
+          f"use a multiple of {num_batch_shards}, e.g. {max(num_batch_shards, b // num_batch_shards * num_batch_shards)}.")
+  if config.optim.lr <= 0:
+    _fail("optim.lr", f"is {config.optim.lr}.", "use a positive learning rate.")
+  if config.optim.warmup_steps < 0:
+    _fail("optim.warmup_steps", f"is {config.optim.warmup_steps}.", "use 0 or more.")
+  if config.optim.schedule not in ("cosine", "constant"):
+    _fail("optim.schedule", f"{config.optim.schedule!r} is unknown.", "use 'cosine' or 'constant'.")
+  if not 0 <= config.optim.b1 < 1 or not 0 <= config.optim.b2 < 1:
+    _fail("optim.b1/b2", "must lie in [0, 1).", "use e.g. b1=0.9, b2=0.98.")
+  if config.log_every_steps < 1:
+    _fail("log_every_steps", f"is {config.log_every_steps}.", "use 1 or more.")
+  image = config.model.image
+  if image.type == "vit" and image.patch_size > 0 and image.image_size % image.patch_size:
+    _fail("model.image.patch_size", f"{image.patch_size} does not divide image_size {image.image_size}.",
+          "pick a patch size that divides the image size.")
+  from roclip_jax import models  # Deferred like in base_config.
+  from roclip_jax.data import poison
+  try:
+    models.validate_config(config.model)
+  except ValueError as e:  # "model config `image.width`=..." -> "config.model.image.width=..."
+    raise ConfigError(str(e).replace("model config `", "config.model.").replace("`", "")) from None
+  if config.poison.enabled:
+    try:
+      poison.validate_config(config.poison)
+    except ValueError as e:
+      raise ConfigError(f"config.{e}") from None
+  if config.defense == "roclip":
+    r = config.roclip
+    if r.k < 2:
+      _fail("roclip.k", f"is {r.k}; with k=1 every epoch is a matching epoch and the text tower never trains.",
+            "use k >= 2 (the original uses 2 or 3).")
+    if r.fifo not in ("ring", "lightly"):
+      _fail("roclip.fifo", f"{r.fifo!r} is unknown.", "use 'ring' or 'lightly'.")
+    if r.pool_size < b:
+      _fail("roclip.pool_size", f"{r.pool_size} is smaller than the global batch {b}.",
+            "use a pool at least as large as the batch (the original: 21845 for batch 512).")
+    if r.shard_pool and r.pool_size % num_batch_shards:
+      lo = r.pool_size // num_batch_shards * num_batch_shards
+      _fail("roclip.pool_size", f"{r.pool_size} is not divisible by the {num_batch_shards} batch shards, "
+            "which a sharded pool needs.", f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.")
+  for name, ev in config.evals.items():
+    if "type" not in ev:
+      _fail(f"evals.{name}.type", "is missing.", "give every evaluator a type, e.g. type='zeroshot'.")

@@ -1,0 +1,450 @@
+"""grain input pipelines: epoch-exact training batches and in-memory eval sets.
+
+Training chain (per host):
+
+  MapDataset.range(N)[host::hosts]        this host's fixed slice of example ids
+    .shuffle(seed)                        a fresh permutation every epoch ...
+    .repeat(num_epochs)                   ... because repeat reseeds per epoch
+    .map_with_index(_ExampleLoader)       decode -> hook -> augment -> tokenize
+    .to_iter_dataset()                    (+ .mp_prefetch(workers))
+    _EpochBatchIterDataset                skip corrupt images, batch per epoch
+
+Batching happens last, in the main process, because it must see the whole
+stream in order: `mp_prefetch` hands every worker a strided slice of the
+stream, so batching inside workers would make batch boundaries (and the
+per-epoch remainder) depend on the worker count. Elements are small, so
+moving them one by one costs little next to decoding and augmenting them.
+
+Guarantees the trainer relies on:
+* Every epoch yields exactly `steps_per_epoch` full batches, never mixing
+  epochs, so batch k belongs to epoch `k // steps_per_epoch` (0-based). The
+  per-epoch remainder of the host's shuffled slice is dropped.
+* An image that fails to decode is skipped; the element stream carries the
+  count, and `sum(batch['skipped'])` over an epoch is the number of
+  undecodable images in that epoch's share of the host slice. If an epoch
+  has more such images than its spare remainder, its last batches are
+  topped up by re-reading decodable examples of the same epoch (the only
+  case with duplicates inside an epoch).
+* `iterator.get_state()` / `set_state()` resume exactly, with or without
+  worker processes (for the same worker count).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+import concurrent.futures
+import dataclasses
+import json
+import os
+import threading
+from typing import Any
+
+from absl import logging
+import grain
+import numpy as np
+
+from roclip_jax.data import image_ops
+from roclip_jax.data import sources
+from roclip_jax.data import tokenizer as tokenizer_lib
+
+ImageTransform = Callable[[dict[str, Any], np.ndarray], np.ndarray]
+BATCH_KEYS = ("image", "text", "id", "label", "poisoned", "skipped")
+_LOG_FIRST_SKIPS = 20  # Then one line per _LOG_SKIP_EVERY skipped images.
+_LOG_SKIP_EVERY = 100
+# Tags that separate the random streams derived from config.seed.
+_SHUFFLE_TAG, _IMAGE_AUG_TAG, _TEXT_AUG_TAG = 1, 2, 3
+# NLTK's WordNet reader (behind EDA) seeks and reads a shared file handle, so
+# concurrent calls from grain's prefetch threads corrupt its reads.
+_EDA_LOCK = threading.Lock()
+
+
+def _derived_seed(*entropy: int, bits: int = 32) -> int:
+  """A well-mixed seed from a tuple of non-negative ints."""
+  words = np.random.SeedSequence([int(e) % 2**63 for e in entropy])
+  state = words.generate_state(2, np.uint32)
+  value = (int(state[0]) << 32) | int(state[1])
+  return value % (2**bits)
+
+
+def host_example_indices(num_examples: int, process_index: int,
+                         process_count: int) -> np.ndarray:
+  """The example ids host `process_index` reads: a strided, disjoint slice."""
+  if not 0 <= process_index < process_count:
+    raise ValueError(f"process_index={process_index} is not in "
+                     f"[0, process_count={process_count}).")
+  return np.arange(process_index, num_examples, process_count, dtype=np.int64)
+
+
+# ------------------------------------------------------------ per element
+
+
+class _ExampleLoader:
+  """Turns (stream position, example id) into a training element.
+
+  A picklable callable (it runs in grain worker processes). Returns a dict
+  with the batch keys, or, for an undecodable image, a small marker dict
+  with `_skipped_path`; it never returns None because grain would silently
+  drop it and the skip could no longer be counted.
+  """
+
+  def __init__(self, source: Any, *, epoch_length: int,
+               image_size: int, context_length: int, seed: int,
+               process_index: int, augment_cfg: Any,
+               image_transform: ImageTransform | None):
+    self._source = source
+    self._epoch_length = epoch_length
+    self._image_size = image_size
+    self._tokenizer = tokenizer_lib.get_tokenizer(context_length)
+    self._seed = seed
+    # Hosts share positions, so the host index goes into the image key.
+    self._image_key = _derived_seed(seed, _IMAGE_AUG_TAG, process_index,
+                                    bits=64)
+    self._augment_cfg = augment_cfg
+    self._augment_image = bool(augment_cfg.get("image", False))
+    self._augment_text = bool(augment_cfg.get("text", False))
+    self._resample_text = bool(
+        augment_cfg.get("text_resample_per_epoch", False))
+    self._image_transform = image_transform
+
+  def __call__(self, position: int, example_index: int) -> dict[str, Any]:
+    record = self._source[example_index]
+    image = image_ops.decode_image(record["image_path"])
+    if image is None:
+      return {"_position": position, "_skipped_path": record["image_path"]}
+    if self._image_transform is not None:
+      image = self._image_transform(record, image)
+    if self._augment_image:
+      from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+      # Keyed by stream position: differs across epochs, fixed on resume.
+      rng = np.random.Generator(
+          np.random.Philox(key=(self._image_key << 64) | position))
+      image = augment.augment_image(image, rng, self._augment_cfg,
+                                    self._image_size)
+    else:
+      image = image_ops.resize_center_crop(image, self._image_size)
+    caption = record["caption"]
+    if self._augment_text:
+      from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
+      # One fixed EDA version per caption for the whole run (ROCLIP.md
+      # §2.2), unless resampling per epoch was asked for.
+      entropy = [self._seed, _TEXT_AUG_TAG, int(record["id"])]
+      if self._resample_text:
+        entropy.append(position // self._epoch_length)
+      with _EDA_LOCK:
+        caption = eda.eda(caption, np.random.default_rng(entropy),
+                          self._augment_cfg)
+    return {
+        "_position": position,
+        "image": np.ascontiguousarray(image, np.uint8),
+        "text": self._tokenizer(caption)[0],
+        "id": np.int64(record["id"]),
+        "label": np.int64(record["label"]),
+        "poisoned": np.int8(record["poisoned"]),
+    }
+
+
+# ------------------------------------------------------ epoch batching
+
+
+class _EpochBatchIterator(grain.DatasetIterator):
+  """Batches the in-order element stream without crossing epochs."""
+
+  def __init__(self, parent: grain.DatasetIterator, *,
+               random_access: grain.MapDataset, batch_size: int,
+               steps_per_epoch: int, epoch_length: int, num_epochs: int):
+    super().__init__(parent)
+    self._random_access = random_access
+    self._batch_size = batch_size
+    self._steps = steps_per_epoch
+    self._epoch_length = epoch_length
+    self._num_epochs = num_epochs
+    self._next_position = 0  # Stream position of the parent's next element.
+    self._batches_emitted = 0
+    self._topup_cursor = 0
+    self._num_skipped_logged = 0
+
+  def _read(self) -> dict[str, Any]:
+    element = next(self._parent)
+    if element["_position"] != self._next_position:
+      raise RuntimeError(
+          f"Input stream out of order: expected position "
+          f"{self._next_position}, got {element['_position']}. Was the "
+          "iterator state restored with a different num_workers?")
+    self._next_position += 1
+    return element
+
+  def _log_skip(self, path: str) -> None:
+    self._num_skipped_logged += 1
+    count = self._num_skipped_logged
+    if count <= _LOG_FIRST_SKIPS or count % _LOG_SKIP_EVERY == 0:
+      logging.warning("Skipping an image that cannot be decoded: %s (%d "
+                      "skipped by this iterator so far).", path, count)
+
+  def _top_up(self, epoch: int, elements: list[dict[str, Any]]) -> None:
+    """Fills a batch from the start of the epoch when images ran short."""
+    misses = 0
+    while len(elements) < self._batch_size:
+      position = epoch * self._epoch_length + (
+          self._topup_cursor % self._epoch_length)
+      self._topup_cursor += 1
+      element = self._random_access[position]
+      if "_skipped_path" in element:
+        misses += 1
+        if misses >= self._epoch_length:
+          raise RuntimeError(
+              "No image in this host's share of the dataset can be decoded; "
+              "check the image paths and config.data.image_root.")
+        continue
+      elements.append(dict(element, skipped=0))
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    self._assert_not_closed()
+    if self._batches_emitted >= self._num_epochs * self._steps:
+      raise StopIteration
+    epoch, step = divmod(self._batches_emitted, self._steps)
+    epoch_end = (epoch + 1) * self._epoch_length
+    elements: list[dict[str, Any]] = []
+    skipped = 0
+    while (len(elements) < self._batch_size
+           and self._next_position < epoch_end):
+      element = self._read()
+      if "_skipped_path" in element:
+        skipped += 1
+        self._log_skip(element["_skipped_path"])
+      else:
+        elements.append(dict(element, skipped=skipped))
+        skipped = 0
+    last_of_epoch = step == self._steps - 1
+    if last_of_epoch:
+      # Consume the dropped remainder now, so its skips count in this epoch
+      # and the next batch starts at the next epoch's first element.
+      while self._next_position < epoch_end:
+        element = self._read()
+        if "_skipped_path" in element:
+          skipped += 1
+          self._log_skip(element["_skipped_path"])
+    if len(elements) < self._batch_size:
+      self._top_up(epoch, elements)
+    elements[-1]["skipped"] += skipped
+    if last_of_epoch:
+      self._topup_cursor = 0
+    self._batches_emitted += 1
+    batch = {key: np.stack([e[key] for e in elements]) for key in BATCH_KEYS}
+    batch["skipped"] = batch["skipped"].astype(np.int32)
+    return batch
+
+  def get_state(self) -> dict[str, Any]:
+    return {
+        "parent": self._parent.get_state(),
+        "next_position": self._next_position,
+        "batches_emitted": self._batches_emitted,
+        "topup_cursor": self._topup_cursor,
+    }
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._parent.set_state(state["parent"])
+    self._next_position = int(state["next_position"])
+    self._batches_emitted = int(state["batches_emitted"])
+    self._topup_cursor = int(state["topup_cursor"])
+
+  def __str__(self) -> str:
+    return (f"_EpochBatchIterator(batch_size={self._batch_size}, "
+            f"steps_per_epoch={self._steps})")
+
+
+class _EpochBatchIterDataset(grain.IterDataset):
+  """See `_EpochBatchIterator`."""
+
+  def __init__(self, parent: grain.IterDataset, **kwargs: Any):
+    super().__init__(parent)
+    self._kwargs = kwargs
+
+  def __iter__(self) -> _EpochBatchIterator:
+    return _EpochBatchIterator(self._parent.__iter__(), **self._kwargs)
+
+  def __str__(self) -> str:
+    return "_EpochBatchIterDataset"
+
+
+# ------------------------------------------------------------ public API
+
+
+@dataclasses.dataclass
+class TrainData:
+  """A training iterator plus the numbers the trainer needs."""
+  iterator: grain.DatasetIterator  # Yields dicts of numpy arrays.
+  steps_per_epoch: int
+  num_examples: int  # Examples in the source (all hosts together).
+  local_batch_size: int
+  source: Any  # The record source read (a CsvSource unless one was given).
+  num_epochs: int = 1
+
+
+def make_train_data(config: Any, *, process_index: int = 0,
+                    process_count: int = 1,
+                    image_transform: ImageTransform | None = None,
+                    source: Any | None = None) -> TrainData:
+  """Builds this host's training iterator.
+
+  Args:
+    config: the experiment ConfigDict (reads `seed`, `num_epochs`, `data.*`,
+      `model.image.image_size`, `model.text.context_length`, `augment.*`).
+    process_index: this host's index (`jax.process_index()`).
+    process_count: number of hosts (`jax.process_count()`).
+    image_transform: optional `fn(record, uint8 image) -> uint8 image`
+      applied to the raw decoded image before augmentation (poisoning hooks
+      in here). Must be picklable when `config.data.num_workers > 0`.
+    source: optional random-access source of records (`__len__`,
+      `__getitem__` -> {'id', 'image_path', 'caption', 'label', 'poisoned'})
+      to read instead of `sources.make_source(config.data)`, e.g. a
+      poisoned wrapper around it. Must be picklable when using workers.
+
+  Returns:
+    `TrainData`; batches are dicts with `image` uint8 [b, S, S, 3], `text`
+    int32 [b, L], `id` int64, `label` int64, `poisoned` int8 and `skipped`
+    int32, each [b] (b = local batch size).
+  """
+  data_cfg = config.data
+  if data_cfg.batch_size % process_count:
+    raise ValueError(
+        f"config.data.batch_size={data_cfg.batch_size} is not divisible by "
+        f"the {process_count} processes; pick a multiple of {process_count}.")
+  local_batch_size = data_cfg.batch_size // process_count
+  num_epochs = int(config.num_epochs)
+  if local_batch_size < 1 or num_epochs < 1:
+    raise ValueError(f"config.data.batch_size={data_cfg.batch_size} and "
+                     f"config.num_epochs={num_epochs} must be positive.")
+  if config.seed < 0:
+    raise ValueError(f"config.seed={config.seed} must be non-negative.")
+  if source is None:
+    source = sources.make_source(data_cfg, "train")
+  host_indices = host_example_indices(len(source), process_index,
+                                      process_count)
+  # Every host must run the same number of steps: size them by the smallest
+  # slice, len(source) // process_count.
+  steps_per_epoch = (len(source) // process_count) // local_batch_size
+  if steps_per_epoch == 0:
+    raise ValueError(
+        f"The training source has {len(source)} examples, fewer than one "
+        f"batch of {local_batch_size} per host; lower config.data.batch_size "
+        "or use more data.")
+
+  loader = _ExampleLoader(
+      source, epoch_length=len(host_indices),
+      image_size=config.model.image.image_size,
+      context_length=config.model.text.context_length, seed=config.seed,
+      process_index=process_index, augment_cfg=config.augment,
+      image_transform=image_transform)
+  dataset = (
+      grain.MapDataset.source(host_indices)
+      .shuffle(seed=_derived_seed(config.seed, _SHUFFLE_TAG))
+      .repeat(num_epochs)
+      .map_with_index(loader))
+
+  num_workers = int(data_cfg.get("num_workers", 0) or 0)
+  prefetch_batches = max(1, int(data_cfg.get("prefetch_buffer", 2) or 1))
+  buffered = prefetch_batches * local_batch_size  # In elements.
+  stream = dataset.to_iter_dataset(grain.ReadOptions(
+      num_threads=max(1, min(8, os.cpu_count() or 1)),
+      prefetch_buffer_size=buffered))
+  if num_workers > 0:
+    stream = stream.mp_prefetch(grain.MultiprocessingOptions(
+        num_workers=num_workers,
+        per_worker_buffer_size=max(1, buffered // num_workers)))
+  batches = _EpochBatchIterDataset(
+      stream, random_access=dataset, batch_size=local_batch_size,
+      steps_per_epoch=steps_per_epoch, epoch_length=len(host_indices),
+      num_epochs=num_epochs)
+  return TrainData(iterator=iter(batches), steps_per_epoch=steps_per_epoch,
+                   num_examples=len(source), local_batch_size=local_batch_size,
+                   source=source, num_epochs=num_epochs)
+
+
+@dataclasses.dataclass
+class EvalSet:
+  """A labelled eval split held in memory, eval-preprocessed."""
+  images: np.ndarray  # uint8 [N, S, S, 3]
+  labels: np.ndarray  # int64 [N]
+  captions: list[str]
+  ids: np.ndarray  # int64 [N], the source ids
+  class_names: list[str]
+  templates: list[str]
+  num_skipped: int = 0  # Undecodable images left out.
+
+
+def _read_classes(path: str) -> tuple[list[str], list[str]]:
+  try:
+    with open(path, encoding="utf-8") as f:
+      spec = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"Cannot read the classes file {path!r} ({e}); set "
+                     "config.data.classes_json to a JSON file with "
+                     '{"classes": [...], "templates": [...]}.') from e
+  classes = spec.get("classes") if isinstance(spec, dict) else None
+  if not classes or not all(isinstance(c, str) for c in classes):
+    raise ValueError(f"{path} needs a non-empty list of strings under "
+                     '"classes" (class names in label order).')
+  from roclip_jax.data import demo  # pylint: disable=g-import-not-at-top
+  templates = spec.get("templates") or list(demo.TEMPLATES)
+  if not all(isinstance(t, str) and "{}" in t for t in templates):
+    raise ValueError(f'{path}: every entry of "templates" must be a string '
+                     "with a '{}' placeholder for the class name.")
+  return list(classes), list(templates)
+
+
+def _load_eval_image(path: str, size: int) -> np.ndarray | None:
+  image = image_ops.decode_image(path)
+  return None if image is None else image_ops.resize_center_crop(image, size)
+
+
+def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
+  """Loads a labelled eval split into memory (CLIP eval preprocessing).
+
+  Uses `config.data.eval_csv` + `config.data.classes_json` when set, else the
+  demo dataset's split (with its classes.json). Undecodable images are left
+  out and counted in `num_skipped`.
+  """
+  data_cfg = config.data
+  eval_csv = data_cfg.get("eval_csv", "") or ""
+  if eval_csv:
+    classes_json = data_cfg.get("classes_json", "") or ""
+    if not classes_json:
+      raise ValueError("config.data.eval_csv is set but config.data."
+                       "classes_json is empty; point it at a JSON file with "
+                       '{"classes": [...], "templates": [...]}.')
+    source = sources.csv_source_from_config(data_cfg, eval_csv)
+  elif data_cfg.source == "demo":
+    source = sources.make_source(data_cfg, split)
+    classes_json = os.path.join(os.path.dirname(source.path), "classes.json")
+  else:
+    raise ValueError(
+        f"config.data.source={data_cfg.source!r} has no built-in eval split; "
+        "set config.data.eval_csv (with a label column) and "
+        "config.data.classes_json.")
+  class_names, templates = _read_classes(classes_json)
+  labels = source.labels
+  if labels.min() < 0 or labels.max() >= len(class_names):
+    raise ValueError(
+        f"{source.path} has labels in [{labels.min()}, {labels.max()}] but "
+        f"{classes_json} lists {len(class_names)} classes; every row needs a "
+        f"label in [0, {len(class_names)}) (config.data.label_key).")
+
+  size = config.model.image.image_size
+  records = [source[i] for i in range(len(source))]
+  with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+    images = list(pool.map(lambda r: _load_eval_image(r["image_path"], size),
+                           records))
+  keep = [i for i, image in enumerate(images) if image is not None]
+  for i in [i for i, image in enumerate(images) if image is None][:20]:
+    logging.warning("Eval split: skipping undecodable image %s",
+                    records[i]["image_path"])
+  if not keep:
+    raise ValueError(f"No image of {source.path} could be decoded; check "
+                     "the paths and config.data.image_root.")
+  return EvalSet(
+      images=np.stack([images[i] for i in keep]),
+      labels=np.asarray([records[i]["label"] for i in keep], np.int64),
+      captions=[records[i]["caption"] for i in keep],
+      ids=np.asarray([records[i]["id"] for i in keep], np.int64),
+      class_names=class_names, templates=templates,
+      num_skipped=len(records) - len(keep))
+

@@ -1,0 +1,179 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Reads top to bottom: setup -> mesh -> data (and poisoning) -> model, optimizer
+and state -> steps -> restore -> evaluators -> loop -> final evaluation.
+The defense only changes which compiled step runs in which epoch.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from typing import Any
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from roclip_jax import checkpoint as checkpoint_lib
+from roclip_jax import config_lib
+from roclip_jax import encoder as encoder_lib
+from roclip_jax import evaluators as evaluators_lib
+from roclip_jax import metrics as metrics_lib
+from roclip_jax import optim
+from roclip_jax import sharding as sharding_lib
+from roclip_jax import steps as steps_lib
+from roclip_jax.data import pipeline
+from roclip_jax.data import poison as poison_lib
+from roclip_jax.data import sources
+
+
+def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """The (possibly poisoned) training data of this host, and the poison record."""
+  source = sources.make_source(config.data, split="train")
+  poison_info, image_transform = None, None
+  if config.poison.enabled:
+    # Targets come from the held-out labelled split, as in the paper (§4.1).
+    held_out = sources.make_source(config.data, split="test")
+    class_names = pipeline.make_eval_arrays(config, split="test").class_names
+    targets = poison_lib.TargetPool.from_records([held_out[i] for i in range(len(held_out))], class_names)
+    source, poison_info = poison_lib.poison_source(source, targets, config.poison, seed=config.poison.seed)
+    image_transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
+    if workdir is not None and jax.process_index() == 0:
+      with open(os.path.join(workdir, "poison_info.json"), "w") as f:
+        f.write(poison_info.to_json())
+  train_data = pipeline.make_train_data(
+      config, process_index=jax.process_index(), process_count=jax.process_count(),
+      image_transform=image_transform, source=source,
+  )
+  return train_data, poison_info
+
+
+def make_encoder(config, spec, state: steps_lib.TrainState) -> encoder_lib.Encoder:
+  return encoder_lib.Encoder(spec, state.params, state.model_state,
+                             context_length=config.model.text.context_length)
+
+
+def run_evaluators(evaluators, encoder) -> dict[str, float]:
+  results = {}
+  for ev in evaluators:
+    t0 = time.perf_counter()
+    results.update(ev.run(encoder))
+    logging.info("Evaluator %s took %.1fs", ev.name, time.perf_counter() - t0)
+  return results
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
+
+  Returns the final evaluation results (plus `step`).
+  """
+  # -------------------------------------------------------------- setup
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  mesh = sharding_lib.make_mesh(config.mesh)
+  config_lib.validate(config, sharding_lib.num_batch_shards(mesh))
+  is_main = jax.process_index() == 0
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+  writer = metrics_lib.MetricWriter(workdir)
+  logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
+
+  # --------------------------------------------------------------- data
+  train_data, poison_info = build_train_data(config, workdir)
+  steps_per_epoch = train_data.steps_per_epoch
+  if steps_per_epoch < 1:
+    raise config_lib.ConfigError(
+        f"config.data.batch_size: {config.data.batch_size} is larger than the {train_data.num_examples} training "
+        "examples, so an epoch has no step. Fix: use a smaller batch or more data.")
+  total_steps = config.num_epochs * steps_per_epoch
+  last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
+  logging.info("%d examples, %d steps per epoch, %d epochs, %d steps", train_data.num_examples, steps_per_epoch,
+               config.num_epochs, total_steps)
+
+  # ----------------------------------------------- model, optimizer, state
+  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  spec = steps_lib.ModelSpec.create(config.model)
+  abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx)
+  train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings)
+
+  # ------------------------------------------------------------ restore
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
+      max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
+  latest = ckpt.latest_step()
+  if latest is not None:
+    logging.info("Resuming from step %d in %s", latest, ckpt.directory)
+    target = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
+    state = ckpt.restore(latest, target, train_data.iterator)
+  else:
+    state = steps_lib.create_train_state(config, mesh, tx, state_shardings)
+  start_step = int(jax.device_get(state.step))
+
+  evaluators = evaluators_lib.from_config(config, poison_info=poison_info)
+
+  # --------------------------------------------------------------- loop
+  progress = metrics_lib.Progress(last_step, start_step, config.data.batch_size,
+                                  enabled=is_main and config.progress_bar)
+  stop = checkpoint_lib.StopSignal()
+  skipped = 0
+  epoch_sums = None  # Device-side sums of the current epoch's RoCLIP metrics.
+  step = start_step
+  data_iter = iter(train_data.iterator)
+  try:
+    while step < last_step:
+      epoch = step // steps_per_epoch + 1
+      mode = steps_lib.mode_for_epoch(config, epoch)
+      local_batch = next(data_iter)
+      skipped += int(np.sum(local_batch.pop("skipped")))  # Host numpy: no device sync.
+      batch = sharding_lib.global_batch(local_batch, mesh)
+      with jax.set_mesh(mesh):
+        state, step_metrics = train_steps[mode](state, batch)
+      step += 1
+      if mode == "match":
+        roclip_metrics = {k: v for k, v in step_metrics.items() if k.startswith("roclip/")}
+        epoch_sums = roclip_metrics if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, roclip_metrics)
+
+      if step % config.log_every_steps == 0 or step == last_step:
+        host_metrics = jax.device_get(step_metrics)
+        if not np.isfinite(host_metrics["loss"]):
+          raise FloatingPointError(f"Non-finite loss {host_metrics['loss']} at step {step}; lower config.optim.lr "
+                                   "or set config.optim.grad_clip_norm.")
+        rate = progress.update(step, loss=f"{host_metrics['loss']:.3f}", epoch=epoch)
+        writer.write(step, dict(host_metrics, epoch=epoch, mode=mode, pairs_per_sec=rate, skipped_examples=skipped))
+
+      if epoch_sums is not None and (step % steps_per_epoch == 0 or step == last_step):
+        sums = jax.device_get(epoch_sums)
+        n = steps_per_epoch if step % steps_per_epoch == 0 else step % steps_per_epoch
+        epoch_row = {"epoch": epoch, "roclip/match_similarity": sums["roclip/match_similarity"] / n}
+        if sums["roclip/poisoned_in_batch"] > 0:
+          epoch_row["roclip/poisoned_matched_clean_frac"] = (
+              sums["roclip/poisoned_matched_clean"] / sums["roclip/poisoned_in_batch"])
+        writer.write(step, epoch_row, kind="epoch")
+        logging.info("Matching epoch %d: %s", epoch, epoch_row)
+        epoch_sums = None
+
+      periodic = [ev for ev in evaluators if ev.every_steps > 0 and step % ev.every_steps == 0 and step != last_step]
+      if periodic:
+        writer.write(step, dict(run_evaluators(periodic, make_encoder(config, spec, state)), epoch=epoch),
+                     kind="eval")
+
+      ckpt.maybe_save(step, state, train_data.iterator, force=stop.requested)
+      if stop.requested:
+        ckpt.wait()
+        logging.warning("Stopped at step %d on request; the next run with this workdir resumes here.", step)
+        return {"step": step, "stopped": True}
+
+    # --------------------------------------------------- final evaluation
+    ckpt.maybe_save(step, state, train_data.iterator, force=True)
+    results = run_evaluators(evaluators, make_encoder(config, spec, state))
+    writer.write(step, dict(results, epoch=(step - 1) // steps_per_epoch + 1, skipped_examples=skipped), kind="eval")
+    return dict(results, step=step)
+  finally:
+    stop.restore_handlers()
+    progress.close()
+    ckpt.close()
+    writer.close()

@@ -1,0 +1,58 @@
+"""Bad configs are rejected before anything is compiled, with the field named."""
+import importlib.util
+import os
+
+import pytest
+
+from roclip_jax import config_lib
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name, arg=None):
+  spec = importlib.util.spec_from_file_location(name, os.path.join(REPO, "configs", f"{name}.py"))
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+@pytest.mark.parametrize("name", ["demo", "vitb32", "rn50", "robustness_demo"])
+def test_shipped_configs_are_valid(name):
+  config = load_config(name)
+  if config.data.source == "csv":
+    config.data.csv_path = "/data/train.csv"  # Real-data configs take the path on the command line.
+  config_lib.validate(config, num_batch_shards=8)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("defense", "magic", "config.defense"),
+    ("data.batch_size", 12, "config.data.batch_size"),
+    ("data.source", "s3", "config.data.source"),
+    ("optim.lr", -1.0, "config.optim.lr"),
+    ("roclip.k", 1, "config.roclip.k"),
+    ("model.image.patch_size", 5, "config.model.image.patch_size"),
+])
+def test_invalid_values_name_the_field(field, value, message):
+  config = load_config("demo", "defense=roclip")
+  node = config
+  *parents, leaf = field.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(config_lib.ConfigError, match=message.replace(".", r"\.")):
+    config_lib.validate(config, num_batch_shards=8)
+
+
+def test_sharded_pool_size_must_divide_over_shards():
+  config = load_config("demo", "defense=roclip")
+  config.roclip.shard_pool = True
+  config.roclip.pool_size = 1001
+  with pytest.raises(config_lib.ConfigError, match=r"config\.roclip\.pool_size.*1000 or 1008"):
+    config_lib.validate(config, num_batch_shards=8)
+
+
+def test_variant_parsing_casts_and_rejects_unknown_keys():
+  v = config_lib.parse_variant("defense=roclip,epochs=3,fast", defense="none", epochs=10, fast=False)
+  assert (v.defense, v.epochs, v.fast) == ("roclip", 3, True)
+  with pytest.raises(config_lib.ConfigError, match="Unknown config variant 'bogus'"):
+    config_lib.parse_variant("bogus=1", defense="none")

@@ -1,0 +1,190 @@
+"""Tests of roclip_jax.data.eda: hand-computed cases, multiset checks and WordNet 3.0 facts.
+
+WordNet comes from Debian's wordnet-base (/usr/share/wordnet); the no-WordNet path is forced by
+pointing every lookup at empty directories.
+"""
+import collections
+import functools
+import pickle
+
+import numpy as np
+import pytest
+
+from roclip_jax.data import augment
+from roclip_jax.data import eda
+
+# WordNet 3.0 lemmas of the five senses of 'car' (car.n.01 .. car.n.05), minus 'car', in order.
+CAR_SYNONYMS = ('auto', 'automobile', 'machine', 'motorcar', 'railcar', 'railway car',
+                'railroad car', 'gondola', 'elevator car', 'cable car')
+
+
+def _config(**overrides):
+  cfg = augment.default_config()
+  cfg.update(overrides)
+  return cfg
+
+
+def _rng(seed=0):
+  return np.random.default_rng(seed)
+
+
+@pytest.fixture(name='wordnet')
+def _wordnet():
+  synonyms = eda.load_wordnet(eda.SYSTEM_WORDNET_DIR)
+  assert synonyms is not None, 'these tests need WordNet: apt-get install wordnet-base'
+  return synonyms
+
+
+@pytest.fixture(name='fresh_wordnet_cache')
+def _fresh_wordnet_cache():
+  eda._cached_load.cache_clear()
+  yield
+  eda._cached_load.cache_clear()
+
+
+@pytest.mark.parametrize('raw,clean', [
+    ('A Dog on the BEACH.', 'a dog on the beach'),
+    ("It's the dog\u2019s toy", 'its the dogs toy'),
+    ('well-known\tfact\nhere', 'well known fact here'),
+    ('  3 cats & 2 dogs!!  ', 'cats dogs'),
+    ('Caf\u00e9 \u00fcber', 'caf ber'),
+    ('<b>bold</b>', 'b bold b'),
+    ('1234 ...', ''),
+    ('', ''),
+])
+def test_preprocess(raw, clean):
+  assert eda.preprocess(raw) == clean
+
+
+def test_random_deletion():
+  words = 'a brown dog runs on the wet sand'.split()
+  assert eda.random_deletion(words, 0.0, _rng()) == words
+  assert eda.random_deletion(['dog'], 1.0, _rng()) == ['dog']
+  for seed in range(20):
+    survivor = eda.random_deletion(words, 1.0, _rng(seed))  # all dropped: one random word stays
+    assert len(survivor) == 1 and survivor[0] in words
+  for seed in range(20):
+    kept = eda.random_deletion(words, 0.5, _rng(seed))
+    iterator = iter(words)
+    assert all(w in iterator for w in kept)  # an ordered subsequence
+
+
+def test_random_swap_keeps_the_words():
+  words = 'one two three four five six seven eight nine ten'.split()
+  outputs = [eda.random_swap(words, 2, _rng(seed)) for seed in range(30)]
+  for out in outputs:
+    assert collections.Counter(out) == collections.Counter(words)
+    assert sum(a != b for a, b in zip(out, words)) <= 4  # two swaps move at most 4 words
+  assert any(out != words for out in outputs)
+  assert eda.random_swap(['alone'], 3, _rng()) == ['alone']
+
+
+def test_get_synonyms_is_wordnet(wordnet):
+  assert wordnet('car') == CAR_SYNONYMS
+  # NLTK's morphy finds the lemma; only the word itself ('cars') is dropped, as in EDA.
+  assert wordnet('cars') == ('car',) + CAR_SYNONYMS
+  assert wordnet('xyzzyq') == ()
+
+
+def test_synonym_replacement_uses_real_synonyms(wordnet):
+  seen = set()
+  for seed in range(30):
+    out = ' '.join(eda.synonym_replacement(['the', 'car'], 1, _rng(seed), wordnet))
+    assert out.startswith('the ')  # a stop word is never replaced
+    seen.add(out[len('the '):])
+  assert seen <= set(CAR_SYNONYMS) and len(seen) >= 4
+  # Every occurrence of the chosen word gets the same synonym.
+  out = ' '.join(eda.synonym_replacement(['car', 'and', 'car'], 1, _rng(3), wordnet))
+  assert any(out == f'{s} and {s}' for s in CAR_SYNONYMS), out
+
+
+def test_random_insertion_inserts_the_first_synonym(wordnet):
+  # One word: its first WordNet synonym goes to position 0 (EDA never appends at the end).
+  assert eda.random_insertion(['car'], 1, _rng(), wordnet) == ['auto', 'car']
+  for seed in range(10):
+    out = eda.random_insertion(['the', 'car'], 2, _rng(seed), wordnet)
+    # 'the' has no synonym; an inserted 'auto' may itself get its first synonym, 'car'.
+    inserted = collections.Counter(out) - collections.Counter(['the', 'car'])
+    assert sum(inserted.values()) == 2 and set(inserted) <= {'auto', 'car'}, out
+    assert out[-1] == 'car'
+  # No word has a synonym: nothing is inserted.
+  assert eda.random_insertion(['the', 'of'], 1, _rng(), wordnet) == ['the', 'of']
+
+
+def test_eda_with_only_synonym_replacement(wordnet):
+  del wordnet
+  cfg = _config(eda_alpha_ri=0.0, eda_alpha_rs=0.0, eda_p_rd=0.0)
+  for seed in range(10):
+    out = eda.eda('The CAR!', _rng(seed), cfg)
+    assert out.startswith('the ') and out[len('the '):] in CAR_SYNONYMS
+
+
+def test_eda_swaps_floor_of_a_tenth_of_the_words():
+  words = [a + b for a in 'bcdfg' for b in 'aeiouy']  # 30 distinct words
+  caption = ' '.join(words)
+  cfg = _config(eda_alpha_sr=0.0, eda_alpha_ri=0.0, eda_p_rd=0.0)
+  moved = [sum(a != b for a, b in zip(eda.eda(caption, _rng(s), cfg).split(), words))
+           for s in range(40)]
+  assert max(moved) <= 6  # n = floor(0.1 * 30) = 3 swaps
+  assert max(moved) > 4  # more than 2 swaps happened
+
+
+def test_eda_is_deterministic_given_the_rng(wordnet):
+  del wordnet
+  cfg = _config()
+  caption = 'A young girl in a red dress is playing with a small dog in the park.'
+  outputs = [eda.eda(caption, _rng(seed), cfg) for seed in range(12)]
+  assert outputs == [eda.eda(caption, _rng(seed), cfg) for seed in range(12)]
+  assert len(set(outputs)) >= 6
+  for out in outputs:
+    assert out == eda.preprocess(out) and out  # clean, lowercase, non-empty
+  assert eda.eda('...', _rng(), cfg) == ''
+
+
+def test_eda_pickles_for_grain_workers():
+  cfg = _config(eda_alpha_sr=0.0, eda_alpha_ri=0.0, eda_p_rd=0.0)
+  fn = pickle.loads(pickle.dumps(functools.partial(eda.eda, cfg=cfg)))
+  assert fn('red car', _rng(1)) in ('red car', 'car red')
+
+
+def test_without_wordnet_warns_once_and_still_swaps_or_deletes(
+    tmp_path, monkeypatch, fresh_wordnet_cache):
+  del fresh_wordnet_cache
+  empty = tmp_path / 'empty'
+  empty.mkdir()
+  monkeypatch.delenv('WORDNET_DIR', raising=False)
+  monkeypatch.setattr(eda, 'SYSTEM_WORDNET_DIR', str(tmp_path / 'missing'))
+  monkeypatch.setattr(eda, '_find_nltk_wordnet', lambda: None)
+  warnings = []
+  monkeypatch.setattr(eda.logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  cfg = _config(wordnet_dir=str(empty))
+  words = 'the big red car drove past the house near a tall tree'.split()
+  outputs = [eda.eda(' '.join(words), _rng(seed), cfg) for seed in range(40)]
+  assert len(warnings) == 1
+  assert 'apt-get install wordnet-base' in warnings[0]
+  assert 'nltk.downloader wordnet' in warnings[0]
+  for out in outputs:
+    out_words = out.split()
+    swapped = collections.Counter(out_words) == collections.Counter(words)
+    iterator = iter(words)
+    deleted = len(out_words) < len(words) and all(w in iterator for w in out_words)
+    assert swapped or deleted or out_words == words, out
+  assert any(sorted(o.split()) == sorted(words) and o.split() != words for o in outputs)
+  assert any(len(o.split()) < len(words) for o in outputs)
+
+
+def test_bad_wordnet_dir_falls_back_to_the_system_copy(tmp_path, monkeypatch, fresh_wordnet_cache):
+  del fresh_wordnet_cache
+  monkeypatch.delenv('WORDNET_DIR', raising=False)
+  warnings = []
+  monkeypatch.setattr(eda.logging, 'warning', lambda msg, *args: warnings.append(msg % args))
+  synonyms = eda.load_wordnet(str(tmp_path))
+  assert synonyms is not None and synonyms('car') == CAR_SYNONYMS
+  assert len(warnings) == 1 and str(tmp_path) in warnings[0]
+
+
+def test_bad_arguments_raise_clear_errors():
+  with pytest.raises(TypeError, match='default_rng'):
+    eda.eda('a car', 0, _config())
+  with pytest.raises(ValueError, match='eda_p_rd'):
+    eda.eda('a car', _rng(), _config(eda_p_rd=1.5))

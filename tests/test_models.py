@@ -1,0 +1,383 @@
+"""Tests for roclip_jax.models: shapes, pooling, masking, a NumPy block reference, counts."""
+import math
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+from flax import nnx
+
+from roclip_jax import models
+from roclip_jax.models import layers as layers_lib
+
+EOT = 49407
+BATCH = 3
+
+
+def _abstract(cfg):
+  """The model's graph with shape-only leaves: never materialises weights."""
+  return nnx.eval_shape(lambda: models.build(cfg, rngs=nnx.Rngs(0)))
+
+
+def _with_params_of(cfg, source):
+  """A model built from `cfg` (e.g. other dtype/remat) holding `source`'s exact parameters."""
+  graphdef, _ = nnx.split(_abstract(cfg))
+  return nnx.merge(graphdef, nnx.clone(nnx.state(source)))
+
+
+def _tokens(rng, eot_positions, length=32):
+  """Random ids in [1, EOT) before each row's EOT, then zero padding."""
+  tokens = np.zeros((len(eot_positions), length), np.int32)
+  for row, eot in enumerate(eot_positions):
+    tokens[row, :eot] = rng.integers(1, EOT - 2, size=eot)
+    tokens[row, eot] = EOT
+  return jnp.asarray(tokens)
+
+
+def _param_dtypes(model):
+  return {leaf.dtype for leaf in jax.tree.leaves(nnx.state(model, nnx.Param))}
+
+
+@nnx.jit
+def _encode(model, images, tokens):
+  return model(images, tokens, train=False)
+
+
+@nnx.jit
+def _token_features(text_model, tokens):
+  return text_model.token_features(tokens)
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  return models.build(models.preset("tiny"), rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def tiny_rn():
+  return models.build(models.preset("tiny-rn"), rngs=nnx.Rngs(1))
+
+
+@pytest.fixture(scope="module")
+def images():
+  return jnp.asarray(np.random.default_rng(0).normal(size=(BATCH, 32, 32, 3)), jnp.float32)
+
+
+@pytest.fixture(scope="module")
+def tokens():
+  return _tokens(np.random.default_rng(1), [5, 31, 12])
+
+
+# ---------------------------------------------------------------- shapes, dtypes and names
+
+
+def test_vit_and_text_shapes_dtypes(tiny, images, tokens):
+  image_features, text_features = _encode(tiny, images, tokens)
+  assert image_features.shape == (BATCH, 64) and image_features.dtype == jnp.float32
+  assert text_features.shape == (BATCH, 64) and text_features.dtype == jnp.float32
+  assert np.isfinite(image_features).all() and np.isfinite(text_features).all()
+  assert tiny.logit_scale[...].shape == () and tiny.logit_scale[...].dtype == jnp.float32
+  np.testing.assert_allclose(float(tiny.logit_scale[...]), math.log(1 / 0.07), rtol=1e-6)
+
+
+def test_resnet_shapes_dtypes(tiny_rn, images, tokens):
+  image_features, text_features = _encode(tiny_rn, images, tokens)
+  assert image_features.shape == (BATCH, 64) and image_features.dtype == jnp.float32
+  assert text_features.shape == (BATCH, 64) and text_features.dtype == jnp.float32
+  assert np.isfinite(image_features).all()
+  assert tiny_rn.visual_projection is None  # attnpool.c_proj already maps to embed_dim (OpenAI)
+
+
+def test_param_names_follow_hf_and_openai_layouts(tiny, tiny_rn):
+  vit_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(tiny, nnx.Param))}
+  for path in [
+      "vision_model/patch_embedding/kernel", "vision_model/class_embedding",
+      "vision_model/position_embedding", "vision_model/pre_layrnorm/scale",
+      "vision_model/layers/1/self_attn/q_proj/kernel",
+      "vision_model/layers/1/self_attn/k_proj/bias",
+      "vision_model/layers/1/self_attn/v_proj/kernel",
+      "vision_model/layers/1/self_attn/out_proj/bias",
+      "vision_model/layers/0/layer_norm2/bias", "vision_model/layers/0/mlp/fc1/kernel",
+      "vision_model/post_layernorm/scale", "visual_projection/kernel", "text_projection/kernel",
+      "text_model/token_embedding", "text_model/position_embedding",
+      "text_model/final_layer_norm/bias", "logit_scale"]:
+    assert path in vit_paths, path
+  assert "vision_model/patch_embedding/bias" not in vit_paths
+  assert "text_projection/bias" not in vit_paths
+  rn_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(tiny_rn))}
+  for path in ["vision_model/conv3/kernel", "vision_model/bn1/mean",
+               "vision_model/layer1/0/downsample/0/kernel",
+               "vision_model/layer2/0/downsample/1/var",
+               "vision_model/layer4/0/bn3/scale", "vision_model/attnpool/c_proj/kernel",
+               "vision_model/attnpool/positional_embedding"]:
+    assert path in rn_paths, path
+
+
+def test_params_are_float32_and_bn3_starts_at_zero(tiny_rn):
+  assert _param_dtypes(tiny_rn) == {np.dtype("float32")}
+  np.testing.assert_array_equal(tiny_rn.vision_model.layer3[0].bn3.scale[...], 0.0)
+
+
+# ---------------------------------------------------------------- text pooling and masking
+
+
+def test_eot_pooling_ignores_tokens_after_eot_only(tiny, tokens):
+  base = tiny.encode_text(tokens)
+  after = tokens.at[0, 7].set(123).at[2, 20].set(456)  # rows 0 and 2: after their EOT
+  np.testing.assert_allclose(tiny.encode_text(after), base, atol=1e-6)
+  before = tokens.at[0, 2].set((tokens[0, 2] + 1) % (EOT - 1) + 1)  # row 0, before its EOT
+  changed = tiny.encode_text(before)
+  assert np.abs(changed[0] - base[0]).max() > 1e-4
+  np.testing.assert_allclose(changed[1:], base[1:], atol=1e-6)  # rows are independent
+
+
+def test_text_attention_is_causal(tiny, tokens):
+  base = _token_features(tiny.text_model, tokens)
+  j = 9
+  edited = _token_features(tiny.text_model, tokens.at[:, j].set(777))
+  np.testing.assert_allclose(edited[:, :j], base[:, :j], atol=1e-6)
+  assert (np.abs(edited[:, j:] - base[:, j:]).max(axis=-1) > 1e-4).all()
+
+
+# ---------------------------------------------------------------- NumPy reference of one block
+
+
+def _np_layer_norm(x, scale, bias, eps=1e-5):
+  mean = x.mean(-1, keepdims=True)
+  var = ((x - mean) ** 2).mean(-1, keepdims=True)
+  return (x - mean) / np.sqrt(var + eps) * scale + bias
+
+
+def _np_block(x, p, heads, causal):
+  """Pre-LN transformer block, written from the CLIP paper's definition in float64 NumPy."""
+  batch, length, width = x.shape
+  head_dim = width // heads
+  h = _np_layer_norm(x, p["ln1_scale"], p["ln1_bias"])
+  q, k, v = (h @ p[f"{n}_w"] + p[f"{n}_b"] for n in "qkv")
+  q, k, v = (t.reshape(batch, length, heads, head_dim).transpose(0, 2, 1, 3) for t in (q, k, v))
+  logits = q @ k.transpose(0, 1, 3, 2) / np.sqrt(head_dim)  # [B, H, L, L]
+  if causal:
+    logits = np.where(np.tri(length, dtype=bool), logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  attn = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, length, width)
+  x = x + attn @ p["o_w"] + p["o_b"]
+  h = _np_layer_norm(x, p["ln2_scale"], p["ln2_bias"])
+  h = h @ p["fc1_w"] + p["fc1_b"]
+  h = h / (1 + np.exp(-1.702 * h))  # quick_gelu: h * sigmoid(1.702 h)
+  return x + h @ p["fc2_w"] + p["fc2_b"]
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_residual_block_matches_numpy(causal):
+  width, heads = 16, 4
+  block = layers_lib.ResidualAttentionBlock(
+      width, heads, layers_in_stack=2, act="quick_gelu", causal=causal, rngs=nnx.Rngs(3))
+  rng = np.random.default_rng(4)
+  # Non-trivial LN affine params and biases so every term of the formula is exercised.
+  for norm in (block.layer_norm1, block.layer_norm2):
+    norm.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, width), jnp.float32)
+    norm.bias[...] = jnp.asarray(rng.normal(0.0, 0.3, width), jnp.float32)
+  for linear in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
+                 block.self_attn.out_proj, block.mlp.fc1, block.mlp.fc2):
+    linear.kernel[...] = jnp.asarray(rng.normal(0, 0.3, linear.kernel.shape), jnp.float32)
+    linear.bias[...] = jnp.asarray(rng.normal(0, 0.3, linear.bias.shape), jnp.float32)
+  f64 = lambda v: np.asarray(v[...], np.float64)
+  attn, mlp = block.self_attn, block.mlp
+  params = dict(
+      ln1_scale=f64(block.layer_norm1.scale), ln1_bias=f64(block.layer_norm1.bias),
+      ln2_scale=f64(block.layer_norm2.scale), ln2_bias=f64(block.layer_norm2.bias),
+      q_w=f64(attn.q_proj.kernel), q_b=f64(attn.q_proj.bias),
+      k_w=f64(attn.k_proj.kernel), k_b=f64(attn.k_proj.bias),
+      v_w=f64(attn.v_proj.kernel), v_b=f64(attn.v_proj.bias),
+      o_w=f64(attn.out_proj.kernel), o_b=f64(attn.out_proj.bias),
+      fc1_w=f64(mlp.fc1.kernel), fc1_b=f64(mlp.fc1.bias),
+      fc2_w=f64(mlp.fc2.kernel), fc2_b=f64(mlp.fc2.bias))
+  x = rng.normal(size=(2, 5, width)).astype(np.float32)
+  expected = _np_block(x.astype(np.float64), params, heads, causal)
+  with jax.default_matmul_precision("highest"):
+    got = block(jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_gelu_option_is_exact_erf_gelu():
+  x = np.linspace(-4, 4, 9)
+  expected = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
+  np.testing.assert_allclose(layers_lib.activation_by_name("gelu")(jnp.asarray(x)), expected,
+                             atol=1e-6)
+  np.testing.assert_allclose(layers_lib.quick_gelu(jnp.asarray(x)), x / (1 + np.exp(-1.702 * x)),
+                             atol=1e-6)
+
+
+# ---------------------------------------------------------------- counts (abstract models only)
+
+
+def test_vit_b32_param_count_matches_openai():
+  # OpenAI ViT-B/32: sum(p.numel() for p in model.parameters()) incl. logit_scale.
+  assert models.count_params(_abstract(models.preset("ViT-B/32"))) == 151_277_313
+
+
+def _xla_flops(cfg, encoder, *shapes):
+  """Independent count: XLA's cost analysis of the lowered forward (never compiled nor run)."""
+  graphdef, state = nnx.split(_abstract(cfg))
+  forward = lambda s, *xs: encoder(nnx.merge(graphdef, s), *xs)
+  return jax.jit(forward).lower(state, *shapes).cost_analysis()["flops"]
+
+
+def test_vit_b32_flops_match_open_clip_profile_and_xla():
+  cfg = models.preset("ViT-B/32")
+  flops = models.flops_per_pair(cfg)
+  assert abs(flops - 14.78e9) / 14.78e9 < 0.02  # open_clip model_profile.csv: 14.78 GFLOPs
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, 77), jnp.int32)
+  xla_image = _xla_flops(cfg, lambda m, i: m.encode_image(i), images)
+  xla_text = _xla_flops(cfg, lambda m, t: m.encode_text(t), tokens)
+  # XLA also counts norms, softmax and activations, which the analytic formula leaves out.
+  assert abs(xla_image - 8.8e9) / 8.8e9 < 0.02 and abs(xla_text - 6.0e9) / 6.0e9 < 0.02
+  assert abs(flops - (xla_image + xla_text)) / (xla_image + xla_text) < 0.015
+
+
+def test_resnet_flops_agree_with_xla():
+  cfg = models.preset("RN50")
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, 77), jnp.int32)
+  xla_total = (_xla_flops(cfg, lambda m, i: m.encode_image(i), images)
+               + _xla_flops(cfg, lambda m, t: m.encode_text(t), tokens))
+  assert abs(models.flops_per_pair(cfg) - xla_total) / xla_total < 0.03
+
+
+# ---------------------------------------------------------------- compute dtype, remat, tree mode
+
+
+def test_bfloat16_compute_stays_close_to_float32(tiny, images, tokens):
+  cfg = models.preset("tiny")
+  cfg.dtype = "bfloat16"
+  bf16 = _with_params_of(cfg, tiny)
+  assert _param_dtypes(bf16) == {np.dtype("float32")}
+  ref_image, ref_text = _encode(tiny, images, tokens)
+  got_image, got_text = _encode(bf16, images, tokens)
+  assert got_image.dtype == jnp.float32 and got_text.dtype == jnp.float32
+  for got, ref in ((got_image, ref_image), (got_text, ref_text)):
+    rel = np.linalg.norm(got - ref, axis=-1) / np.linalg.norm(ref, axis=-1)
+    assert (rel < 0.05).all(), rel
+    assert (rel > 0).any()  # the bf16 path really ran in lower precision
+
+
+def test_remat_keeps_outputs_and_gradients(tiny, tokens):
+  cfg = models.preset("tiny")
+  cfg.remat = True
+  rematted = _with_params_of(cfg, tiny)
+
+  def loss(model):
+    return jnp.sum(model.encode_text(tokens) ** 2)
+
+  grad = nnx.jit(nnx.value_and_grad(loss))
+  (value, grads), (value_r, grads_r) = grad(tiny), grad(rematted)
+  np.testing.assert_allclose(value_r, value, rtol=1e-5)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6), grads, grads_r)
+
+
+def test_runs_in_tree_mode_with_split_state(tiny, images, tokens):
+  with nnx.set_graph_mode(False):
+    graphdef, state = nnx.split(tiny)
+
+    @jax.jit
+    def forward(state, images, tokens):
+      return nnx.merge(graphdef, state)(images, tokens)
+
+    got_image, got_text = forward(state, images, tokens)
+  ref_image, ref_text = _encode(tiny, images, tokens)
+  np.testing.assert_allclose(got_image, ref_image, atol=1e-5)
+  np.testing.assert_allclose(got_text, ref_text, atol=1e-5)
+
+
+# ---------------------------------------------------------------- BatchNorm train vs eval
+
+
+def test_batchnorm_updates_running_stats_only_in_train_mode(tiny_rn, images, tokens):
+  model = nnx.clone(tiny_rn)
+  stem = model.vision_model
+  stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
+
+  eval_out = nnx.jit(lambda m, x: m.encode_image(x, train=False))(model, images)
+  jax.tree.map(np.testing.assert_array_equal, stats_before,
+               jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)))
+  # Eval mode uses running stats, so a sample's output does not depend on its batch-mates.
+  alone = nnx.jit(lambda m, x: m.encode_image(x, train=False))(model, images[:1])
+  np.testing.assert_allclose(alone[0], eval_out[0], atol=1e-5)
+
+  conv1_out = np.asarray(stem.conv1(images), np.float64)  # [B, 16, 16, 8]
+  nnx.jit(lambda m, x: m.encode_image(x, train=True))(model, images)
+  # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic (biased variance in flax).
+  np.testing.assert_allclose(stem.bn1.mean[...], 0.1 * conv1_out.mean(axis=(0, 1, 2)), atol=1e-5)
+  np.testing.assert_allclose(
+      stem.bn1.var[...], 0.9 + 0.1 * conv1_out.var(axis=(0, 1, 2)), atol=1e-5)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), stats_before,
+                         nnx.state(model, nnx.BatchStat))
+  assert all(jax.tree.leaves(changed))  # every BN layer, down to the downsample branches
+
+
+# ---------------------------------------------------------------- bad input
+
+
+def _mutate(name, **changes):
+  """The preset with `a__b=value` fields changed (or deleted), free of the preset's type checks."""
+  cfg = models.preset(name).to_dict()
+  for dotted, value in changes.items():
+    parent = cfg
+    *path, leaf = dotted.split("__")
+    for part in path:
+      parent = parent[part]
+    if value is _DELETE:
+      del parent[leaf]
+    else:
+      parent[leaf] = value
+  return ml_collections.ConfigDict(cfg)
+
+
+_DELETE = object()
+
+
+@pytest.mark.parametrize("name, changes, field", [
+    ("tiny", dict(image__patch_size=7), "image.patch_size"),
+    ("tiny", dict(image__heads=3), "image.heads"),
+    ("tiny", dict(text__heads=5), "text.heads"),
+    ("tiny", dict(image__type="convnext"), "image.type"),
+    ("tiny", dict(act="relu"), "act"),
+    ("tiny", dict(dtype="float16"), "dtype"),
+    ("tiny", dict(remat="yes"), "remat"),
+    ("tiny", dict(embed_dim=0), "embed_dim"),
+    ("tiny", dict(text__context_length=_DELETE), "text.context_length"),
+    ("tiny-rn", dict(image__layers=(1, 1, 1)), "image.layers"),
+    ("tiny-rn", dict(image__image_size=48), "image.image_size"),
+    ("tiny-rn", dict(image__patch_size=16), "image.patch_size"),
+    ("tiny-rn", dict(image__heads=3), "image.heads"),
+])
+def test_build_rejects_bad_configs_naming_the_field(name, changes, field):
+  with pytest.raises(ValueError, match=f"`{field}`"):
+    models.build(_mutate(name, **changes), rngs=nnx.Rngs(0))
+
+
+def test_bad_inputs_raise_clear_errors(tiny):
+  with pytest.raises(ValueError, match="NHWC"):
+    tiny.encode_image(jnp.zeros((1, 3, 32, 32)))
+  with pytest.raises(ValueError, match="context_length"):
+    tiny.encode_text(jnp.zeros((1, 33), jnp.int32))
+  with pytest.raises(ValueError, match="integer"):
+    tiny.encode_text(jnp.zeros((1, 8), jnp.float32))
+  with pytest.raises(ValueError, match="unknown"):
+    models.preset("ViT-Z/99")
+
+
+def test_registry_adds_presets_and_refuses_duplicates():
+  expected = {"tiny", "tiny-rn", "RN50", "ViT-B/32", "ViT-B/16", "ViT-L/14"}
+  assert expected <= set(models.preset_names())
+  with pytest.raises(ValueError, match="already registered"):
+    models.register("tiny")(lambda: None)
+  rn50 = models.preset("RN50")
+  assert (rn50.embed_dim, tuple(rn50.image.layers), rn50.image.width, rn50.image.heads) == (
+      1024, (3, 4, 6, 3), 64, 32)
+  l14 = models.preset("ViT-L/14")
+  assert (l14.embed_dim, l14.image.width, l14.image.layers, l14.image.heads, l14.text.width,
+          l14.text.heads) == (768, 1024, 24, 16, 768, 12)

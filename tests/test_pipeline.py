@@ -1,0 +1,517 @@
+"""Sources, image ops and the grain train/eval pipelines."""
+import csv
+import io
+import json
+import os
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from roclip_jax.data import demo
+from roclip_jax.data import image_ops
+from roclip_jax.data import pipeline
+from roclip_jax.data import sources
+from roclip_jax.data import tokenizer as tokenizer_lib
+
+DEMO = dict(num_classes=4, train_per_class=8, test_per_class=3, image_size=16,
+            seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+  return demo.ensure_demo_dataset(
+      dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+
+
+def make_config(demo_root, **data_overrides):
+  num_epochs = data_overrides.pop("num_epochs", 2)
+  augment = data_overrides.pop("augment", dict(image=False, text=False,
+                                                text_resample_per_epoch=False))
+  data = dict(source="demo", demo=dict(DEMO, root=demo_root), csv_path="",
+              image_root="", image_key="image_path", caption_key="caption",
+              label_key="label", delimiter=",", eval_csv="", classes_json="",
+              batch_size=8, num_workers=0, prefetch_buffer=2)
+  data.update(data_overrides)
+  return ml_collections.ConfigDict(dict(
+      seed=0, num_epochs=num_epochs, data=data,
+      model=dict(image=dict(image_size=16), text=dict(context_length=16)),
+      augment=augment))
+
+
+def collect(iterator, n=None):
+  out = []
+  for batch in iterator:
+    out.append(batch)
+    if n is not None and len(out) == n:
+      break
+  return out
+
+
+def assert_batches_equal(a, b):
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+
+
+def write_png(path, seed, size=12):
+  pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3))
+  Image.fromarray(pixels.astype(np.uint8)).save(path)
+
+
+def write_csv(path, rows, header=("image_path", "caption", "label"),
+              delimiter=","):
+  with open(path, "w", newline="") as f:
+    writer = csv.writer(f, delimiter=delimiter)
+    writer.writerow(header)
+    writer.writerows(rows)
+
+
+# ------------------------------------------------------------- image ops
+
+
+def test_decode_image_handles_modes_and_bad_files(tmp_path):
+  grey = tmp_path / "grey.png"
+  Image.fromarray(np.full((5, 7), 200, np.uint8), "L").save(grey)
+  out = image_ops.decode_image(str(grey))
+  assert out.shape == (5, 7, 3) and out.dtype == np.uint8 and (out == 200).all()
+
+  rgba = np.zeros((4, 4, 4), np.uint8)
+  rgba[..., 0], rgba[..., 3] = 255, 255
+  buf = io.BytesIO()
+  Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
+  np.testing.assert_array_equal(image_ops.decode_image(buf.getvalue())[0, 0],
+                                [255, 0, 0])
+
+  palette = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4), "L")
+  palette = palette.convert("P")
+  palette.info["transparency"] = 0
+  palette.save(tmp_path / "p.png")
+  assert image_ops.decode_image(str(tmp_path / "p.png")).shape == (4, 4, 3)
+
+  jpeg = io.BytesIO()
+  Image.fromarray(np.random.default_rng(0).integers(
+      0, 256, (64, 64, 3)).astype(np.uint8)).save(jpeg, format="JPEG")
+  assert image_ops.decode_image(jpeg.getvalue()) is not None
+  assert image_ops.decode_image(jpeg.getvalue()[:len(jpeg.getvalue()) // 2]) is None
+  assert image_ops.decode_image(b"not an image") is None
+  assert image_ops.decode_image(str(tmp_path / "missing.png")) is None
+
+
+def test_decode_image_refuses_decompression_bombs(monkeypatch, tmp_path):
+  path = tmp_path / "big.png"
+  Image.new("RGB", (40, 30)).save(path)
+  monkeypatch.setattr(image_ops, "MAX_IMAGE_PIXELS", 40 * 30 - 1)
+  assert image_ops.decode_image(str(path)) is None
+
+
+@pytest.mark.parametrize("transpose", [False, True])
+def test_resize_center_crop_geometry(transpose):
+  # 20 x 40: black quarter | white half | black quarter (along the width).
+  image = np.zeros((20, 40, 3), np.uint8)
+  image[:, 10:30] = 255
+  if transpose:
+    image = image.transpose(1, 0, 2)
+  out = image_ops.resize_center_crop(image, 10)
+  assert out.shape == (10, 10, 3) and out.dtype == np.uint8
+  # Shorter side 20 -> 10 halves the long side to 20; the centre crop keeps
+  # resized columns 5..14 = original 10..29, i.e. the white band (away from
+  # the edges, which bicubic blurs).
+  interior = out[:, 2:8] if not transpose else out[2:8, :]
+  assert (interior > 250).all()
+  same = np.full((10, 10, 3), 7, np.uint8)
+  np.testing.assert_array_equal(image_ops.resize_center_crop(same, 10), same)
+  with pytest.raises(ValueError, match="uint8"):
+    image_ops.resize_center_crop(image.astype(np.float32), 10)
+
+
+def test_normalize_numpy_and_jit():
+  images = np.array([[[[0, 128, 255]]]], np.uint8)
+  mean = np.array([0.48145466, 0.4578275, 0.40821073])
+  std = np.array([0.26862954, 0.26130258, 0.27577711])
+  expected = (np.array([0, 128, 255]) / 255 - mean) / std
+  out = image_ops.normalize(images)
+  assert out.dtype == np.float32 and out.shape == (1, 1, 1, 3)
+  np.testing.assert_allclose(out[0, 0, 0], expected, rtol=1e-6)
+  jitted = jax.jit(image_ops.normalize)(images)
+  assert jitted.dtype == np.float32
+  np.testing.assert_allclose(np.asarray(jitted)[0, 0, 0], expected, rtol=1e-6)
+
+
+# --------------------------------------------------------------- sources
+
+
+def test_csv_source_parses_quotes_tsv_and_optional_columns(tmp_path):
+  (tmp_path / "imgs").mkdir()
+  rows = [("a.png", 'a "quoted", comma caption', "3"),
+          ("b.png", "multi\nline caption", ""),
+          ("/abs/c.png", "absolute path", "1")]
+  write_csv(tmp_path / "data.tsv", rows, delimiter="\t")
+  src = sources.CsvSource(str(tmp_path / "data.tsv"),
+                          image_root=str(tmp_path / "imgs"), delimiter="\t")
+  assert len(src) == 3 and src.num_bad_rows == 0
+  assert src[0] == {"id": 0, "image_path": str(tmp_path / "imgs" / "a.png"),
+                    "caption": 'a "quoted", comma caption', "label": 3,
+                    "poisoned": 0}
+  assert src[1]["caption"] == "multi\nline caption" and src[1]["label"] == -1
+  assert src[2]["image_path"] == "/abs/c.png"
+  assert isinstance(src[0]["id"], np.int64)
+  assert isinstance(src[0]["poisoned"], np.int8)
+
+  # Relative paths default to the CSV's directory; no label column -> -1.
+  write_csv(tmp_path / "nolabel.csv", [("x.png", "cap", "1")],
+            header=("path", "text", "poisoned"))
+  src = sources.CsvSource(str(tmp_path / "nolabel.csv"), image_key="path",
+                          caption_key="text")
+  assert src[0]["image_path"] == str(tmp_path / "x.png")
+  assert src[0]["label"] == -1 and src[0]["poisoned"] == 1
+
+
+def test_csv_source_drops_and_counts_bad_rows(tmp_path):
+  write_csv(tmp_path / "d.csv", [("a.png", "ok", "0"), ("b.png", "   ", "0"),
+                                 ("", "no image", "0"), ("c.png", "fine", "1")])
+  src = sources.CsvSource(str(tmp_path / "d.csv"))
+  assert len(src) == 2 and src.num_bad_rows == 2
+  assert [src[i]["caption"] for i in range(2)] == ["ok", "fine"]
+  assert [src[i]["id"] for i in range(2)] == [0, 1]
+
+
+def test_csv_source_errors_name_the_fix(tmp_path):
+  write_csv(tmp_path / "d.csv", [("a.png", "cap", "x")])
+  with pytest.raises(ValueError, match="image_key"):
+    sources.CsvSource(str(tmp_path / "d.csv"), image_key="filepath")
+  with pytest.raises(ValueError, match="caption_key"):
+    sources.CsvSource(str(tmp_path / "d.csv"), caption_key="title")
+  with pytest.raises(ValueError, match="not an integer"):
+    sources.CsvSource(str(tmp_path / "d.csv"))
+  with pytest.raises(FileNotFoundError, match="csv_path"):
+    sources.CsvSource(str(tmp_path / "nope.csv"))
+
+
+def test_make_source(demo_root):
+  config = make_config(demo_root)
+  assert len(sources.make_source(config.data, "train")) == 4 * 8
+  assert len(sources.make_source(config.data, "test")) == 4 * 3
+  config.data.source = "webdataset"
+  with pytest.raises(ValueError, match=r"config\.data\.source.*'demo', 'csv'"):
+    sources.make_source(config.data)
+  config.data.source = "csv"
+  with pytest.raises(ValueError, match=r"config\.data\.csv_path"):
+    sources.make_source(config.data)
+
+
+# ------------------------------------------------------------- training
+
+
+def test_batch_shapes_dtypes_and_contents(demo_root):
+  data = pipeline.make_train_data(make_config(demo_root))
+  assert (data.steps_per_epoch, data.num_examples, data.local_batch_size) == (
+      4, 32, 8)
+  batches = collect(data.iterator)
+  assert len(batches) == 2 * 4
+  expected = {"image": (np.uint8, (8, 16, 16, 3)), "text": (np.int32, (8, 16)),
+              "id": (np.int64, (8,)), "label": (np.int64, (8,)),
+              "poisoned": (np.int8, (8,)), "skipped": (np.int32, (8,))}
+  for batch in batches:
+    assert {k: (v.dtype, v.shape) for k, v in batch.items()} == expected
+  # Contents follow the CSV row of each id: the raw PNG (16 px = model size,
+  # so no resize), the label and the tokenized caption.
+  with open(os.path.join(demo_root, "train.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  tok = tokenizer_lib.get_tokenizer(16)
+  batch = batches[0]
+  for i, example_id in enumerate(batch["id"]):
+    row = rows[example_id]
+    pixels = np.asarray(Image.open(os.path.join(demo_root, row["image_path"])))
+    np.testing.assert_array_equal(batch["image"][i], pixels)
+    assert batch["label"][i] == int(row["label"])
+    np.testing.assert_array_equal(batch["text"][i], tok(row["caption"])[0])
+  assert not any(b["skipped"].any() or b["poisoned"].any() for b in batches)
+
+
+def test_every_epoch_is_a_fresh_permutation(demo_root):
+  data = pipeline.make_train_data(make_config(demo_root, num_epochs=3))
+  batches = collect(data.iterator)
+  steps = data.steps_per_epoch
+  epochs = [np.concatenate([b["id"] for b in batches[e * steps:(e + 1) * steps]])
+            for e in range(3)]
+  for ids in epochs:
+    assert sorted(ids.tolist()) == list(range(32))
+  assert len({tuple(ids) for ids in epochs}) == 3
+  assert not np.array_equal(epochs[0], np.arange(32)), "must be shuffled"
+  # Same config -> same order (seeded).
+  again = collect(pipeline.make_train_data(make_config(demo_root)).iterator)
+  assert_batches_equal(again, batches[:len(again)])
+
+
+def test_remainder_is_dropped_per_epoch(demo_root):
+  data = pipeline.make_train_data(make_config(demo_root, batch_size=12,
+                                              num_epochs=3))
+  assert data.steps_per_epoch == 2  # 32 // 12
+  batches = collect(data.iterator)
+  assert len(batches) == 6
+  for e in range(3):
+    ids = np.concatenate([b["id"] for b in batches[2 * e:2 * e + 2]])
+    assert len(set(ids.tolist())) == 24  # No duplicates inside an epoch.
+
+
+def test_host_slices_are_disjoint_and_covering(demo_root):
+  for count in (1, 2, 3, 7):
+    slices = [set(pipeline.host_example_indices(10, i, count).tolist())
+              for i in range(count)]
+    assert set().union(*slices) == set(range(10))
+    assert sum(len(s) for s in slices) == 10
+  config = make_config(demo_root, num_epochs=1)
+  seen = []
+  for host in range(2):
+    data = pipeline.make_train_data(config, process_index=host,
+                                    process_count=2)
+    assert data.local_batch_size == 4 and data.steps_per_epoch == 4
+    batches = collect(data.iterator)
+    assert all(b["id"].shape == (4,) for b in batches)
+    seen.append(set(np.concatenate([b["id"] for b in batches]).tolist()))
+  assert not seen[0] & seen[1]
+  assert seen[0] | seen[1] == set(range(32))
+  with pytest.raises(ValueError, match="divisible"):
+    pipeline.make_train_data(make_config(demo_root, batch_size=9),
+                             process_count=2)
+
+
+def test_uneven_host_slices_run_the_same_number_of_steps(tmp_path):
+  for i in range(11):
+    write_png(tmp_path / f"{i}.png", i)
+  write_csv(tmp_path / "d.csv", [(f"{i}.png", f"caption {i}", i % 3)
+                                 for i in range(11)])
+  config = make_config("", source="csv", csv_path=str(tmp_path / "d.csv"),
+                       batch_size=4, num_epochs=2)
+  counts = []
+  for host in range(2):
+    data = pipeline.make_train_data(config, process_index=host,
+                                    process_count=2)
+    counts.append((data.steps_per_epoch, len(collect(data.iterator))))
+  assert counts == [(2, 4), (2, 4)]  # (11 // 2) // 2 = 2 steps per epoch.
+
+
+def test_resume_from_state_equals_uninterrupted(demo_root):
+  config = make_config(demo_root, batch_size=8, num_epochs=3)
+  full = collect(pipeline.make_train_data(config).iterator)
+  first = pipeline.make_train_data(config).iterator
+  head = collect(first, 5)  # Stops inside the second epoch.
+  state = json.loads(json.dumps(first.get_state()))  # As orbax stores it.
+  resumed = pipeline.make_train_data(config).iterator
+  resumed.set_state(state)
+  assert_batches_equal(head + collect(resumed), full)
+
+
+def test_workers_resume_and_match_in_process_output(demo_root):
+  config = make_config(demo_root, num_epochs=2, num_workers=2)
+  in_process = collect(pipeline.make_train_data(
+      make_config(demo_root, num_epochs=2)).iterator)
+  first = pipeline.make_train_data(config).iterator
+  head = collect(first, 3)
+  state = first.get_state()
+  first.close()
+  resumed = pipeline.make_train_data(config).iterator
+  resumed.set_state(state)
+  tail = collect(resumed)
+  resumed.close()
+  # Batching happens after the workers, so their number changes nothing.
+  assert_batches_equal(head + tail, in_process)
+
+
+def _corrupt_dataset(tmp_path, num_valid, num_missing, truncated=True,
+                     empty_caption=True):
+  rows = []
+  for i in range(num_valid):
+    write_png(tmp_path / f"ok{i}.png", i)
+    rows.append((f"ok{i}.png", f"a valid caption, number {i}", i % 2))
+  if truncated:
+    jpeg = io.BytesIO()
+    Image.fromarray(np.random.default_rng(9).integers(
+        0, 256, (48, 48, 3)).astype(np.uint8)).save(jpeg, format="JPEG")
+    (tmp_path / "cut.jpg").write_bytes(jpeg.getvalue()[:300])
+    rows.append(("cut.jpg", "a truncated jpeg", 0))
+  for i in range(num_missing):
+    rows.append((f"missing{i}.png", "a file that is not there", 1))
+  if empty_caption:
+    write_png(tmp_path / "nocap.png", 99)
+    rows.insert(3, ("nocap.png", "", 0))
+  write_csv(tmp_path / "d.csv", rows)
+  # Ids are positions after dropping the empty-caption row.
+  kept = [r for r in rows if r[1]]
+  bad_ids = {i for i, r in enumerate(kept) if not r[0].startswith("ok")}
+  return str(tmp_path / "d.csv"), bad_ids, len(kept)
+
+
+def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
+  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=12,
+                                                 num_missing=1)
+  config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
+                       num_epochs=2)
+  data = pipeline.make_train_data(config)
+  assert data.source.num_bad_rows == 1 and num_rows == 14
+  assert data.steps_per_epoch == 3  # 14 // 4; the 2 spare slots absorb 2 skips.
+  batches = collect(data.iterator)
+  assert len(batches) == 2 * 3
+  for e in range(2):
+    epoch = batches[3 * e:3 * e + 3]
+    ids = np.concatenate([b["id"] for b in epoch]).tolist()
+    assert sorted(ids) == sorted(set(range(num_rows)) - bad_ids)
+    assert sum(int(b["skipped"].sum()) for b in epoch) == 2
+
+
+def test_more_corrupt_images_than_spare_slots_keeps_epochs_exact(tmp_path):
+  csv_path, bad_ids, num_rows = _corrupt_dataset(
+      tmp_path, num_valid=6, num_missing=4, truncated=False,
+      empty_caption=False)
+  config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
+                       num_epochs=3)
+  data = pipeline.make_train_data(config)
+  assert data.steps_per_epoch == 2  # 10 // 4, but only 6 images decode.
+  full = collect(data.iterator)
+  assert len(full) == 3 * 2
+  valid = set(range(num_rows)) - bad_ids
+  for e in range(3):
+    epoch = full[2 * e:2 * e + 2]
+    ids = np.concatenate([b["id"] for b in epoch]).tolist()
+    assert set(ids) == valid  # All 6 valid, plus 2 re-read ones.
+    assert sum(int(b["skipped"].sum()) for b in epoch) == 4
+  # Resuming right before a topped-up batch reproduces it.
+  first = pipeline.make_train_data(config).iterator
+  head = collect(first, 3)
+  resumed = pipeline.make_train_data(config).iterator
+  resumed.set_state(first.get_state())
+  assert_batches_equal(head + collect(resumed), full)
+
+
+def test_image_transform_sees_record_and_raw_image(demo_root):
+  calls = []
+
+  def paint_label_zero_white(record, image):
+    calls.append((set(record), image.shape))
+    return np.full_like(image, 255) if record["label"] == 0 else image
+
+  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1),
+                                  image_transform=paint_label_zero_white)
+  batches = collect(data.iterator)
+  assert calls and all(
+      keys == {"id", "image_path", "caption", "label", "poisoned"}
+      and shape == (16, 16, 3) for keys, shape in calls)
+  images = np.concatenate([b["image"] for b in batches])
+  labels = np.concatenate([b["label"] for b in batches])
+  assert (images[labels == 0] == 255).all()
+  assert not (images[labels != 0] == 255).all(axis=(1, 2, 3)).any()
+
+
+def test_custom_source_is_used(demo_root):
+  base = sources.make_source(make_config(demo_root).data)
+
+  class Flagged:
+    def __len__(self):
+      return len(base)
+
+    def __getitem__(self, i):
+      return dict(base[i], poisoned=np.int8(i % 2))
+
+  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1),
+                                  source=Flagged())
+  for batch in collect(data.iterator):
+    np.testing.assert_array_equal(batch["poisoned"], batch["id"] % 2)
+
+
+# ------------------------------------------------------------------ eval
+
+
+def test_eval_arrays_for_demo_split(demo_root):
+  config = make_config(demo_root)
+  config.model.image.image_size = 8  # Forces resize + centre crop.
+  ev = pipeline.make_eval_arrays(config)
+  assert ev.images.shape == (12, 8, 8, 3) and ev.images.dtype == np.uint8
+  with open(os.path.join(demo_root, "test.csv"), newline="") as f:
+    rows = list(csv.DictReader(f))
+  np.testing.assert_array_equal(ev.labels, [int(r["label"]) for r in rows])
+  assert ev.captions == [r["caption"] for r in rows]
+  np.testing.assert_array_equal(ev.ids, np.arange(12))
+  assert ev.class_names == list(demo.CLASS_NAMES[:4])
+  assert ev.templates == list(demo.TEMPLATES) and ev.num_skipped == 0
+  raw = np.asarray(Image.open(os.path.join(demo_root, rows[0]["image_path"])))
+  np.testing.assert_array_equal(
+      ev.images[0], np.asarray(Image.fromarray(raw).resize(
+          (8, 8), Image.Resampling.BICUBIC)))
+
+
+def test_eval_arrays_from_csv_skip_corrupt(tmp_path, demo_root):
+  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=5,
+                                                 num_missing=1)
+  with open(tmp_path / "classes.json", "w") as f:
+    json.dump({"classes": ["zero", "one"]}, f)
+  config = make_config(demo_root, source="csv", eval_csv=csv_path,
+                       classes_json=str(tmp_path / "classes.json"))
+  ev = pipeline.make_eval_arrays(config)
+  assert ev.num_skipped == 2 and len(ev.labels) == num_rows - 2 == 5
+  assert not set(ev.ids.tolist()) & bad_ids
+  assert ev.class_names == ["zero", "one"] and ev.templates
+  with open(tmp_path / "classes.json", "w") as f:
+    json.dump({"classes": ["zero"]}, f)
+  with pytest.raises(ValueError, match="label"):
+    pipeline.make_eval_arrays(config)
+  config.data.eval_csv = ""
+  with pytest.raises(ValueError, match=r"config\.data\.eval_csv"):
+    pipeline.make_eval_arrays(config)
+
+
+# ---------------------------------------------------------- augmentation
+
+
+def _augment_config(**overrides):
+  from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+  cfg = augment.default_config()
+  cfg.update(dict(image=True, text=True), **overrides)
+  return cfg
+
+
+def _per_epoch_by_id(batches, steps, key):
+  epochs = []
+  for e in range(len(batches) // steps):
+    chunk = batches[e * steps:(e + 1) * steps]
+    ids = np.concatenate([b["id"] for b in chunk])
+    values = np.concatenate([b[key] for b in chunk])
+    epochs.append({int(i): v for i, v in zip(ids, values)})
+  return epochs
+
+
+def test_augmentation_varies_per_epoch_and_resumes_exactly(demo_root):
+  config = make_config(demo_root, num_epochs=2, augment=_augment_config())
+  config.model.image.image_size = 12
+  data = pipeline.make_train_data(config)
+  full = collect(data.iterator)
+  assert full[0]["image"].shape == (8, 12, 12, 3)
+  images = _per_epoch_by_id(full, data.steps_per_epoch, "image")
+  texts = _per_epoch_by_id(full, data.steps_per_epoch, "text")
+  # New random crops/jitter every epoch; one fixed EDA caption per example.
+  assert all(not np.array_equal(images[0][i], images[1][i]) for i in range(32))
+  assert all(np.array_equal(texts[0][i], texts[1][i]) for i in range(32))
+  tok = tokenizer_lib.get_tokenizer(16)
+  clean = sources.make_source(config.data)
+  assert sum(not np.array_equal(texts[0][i], tok(clean[i]["caption"])[0])
+             for i in range(32)) > 16, "EDA should change most captions"
+
+  first = pipeline.make_train_data(config).iterator
+  head = collect(first, 3)
+  resumed = pipeline.make_train_data(config).iterator
+  resumed.set_state(first.get_state())
+  assert_batches_equal(head + collect(resumed), full)
+
+
+def test_text_augmentation_can_resample_each_epoch(demo_root):
+  config = make_config(demo_root, num_epochs=2, augment=_augment_config(
+      image=False, text_resample_per_epoch=True))
+  data = pipeline.make_train_data(config)
+  texts = _per_epoch_by_id(collect(data.iterator), data.steps_per_epoch,
+                           "text")
+  changed = sum(not np.array_equal(texts[0][i], texts[1][i]) for i in range(32))
+  assert changed > 8

@@ -1,0 +1,186 @@
+"""End to end: exact resume, SIGTERM save-and-resume, corrupt data, RoCLIP pool in checkpoints."""
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+from PIL import Image
+import pytest
+
+from roclip_jax import config_lib
+from roclip_jax import inspect as inspect_lib
+from roclip_jax import metrics as metrics_lib
+from roclip_jax import models
+from roclip_jax import train
+from roclip_jax.data import demo
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, seed=0)
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+
+
+def tiny_config(demo_root, defense="none", **overrides):
+  c = config_lib.base_config()
+  c.model = models.preset("tiny")
+  c.model.image.image_size, c.model.image.patch_size = 16, 8
+  c.model.text.context_length = 16
+  c.data.demo.update(dict(DEMO, root=demo_root))
+  c.data.batch_size = 16  # 48 examples -> 3 steps per epoch.
+  c.num_epochs = 6
+  c.defense = defense
+  c.roclip.pool_size = 32
+  c.roclip.k = 2
+  c.optim.warmup_steps = 2
+  c.log_every_steps = 1
+  c.checkpoint.every_steps = 4
+  c.checkpoint.async_save = True
+  c.progress_bar = False
+  c.evals = ml_collections.ConfigDict()
+  for key, value in overrides.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def _leaves(tree):
+  return [np.asarray(x) for x in jax.tree.leaves(tree)]
+
+
+def assert_trees_bitwise_equal(a, b):
+  la, lb = _leaves(a), _leaves(b)
+  assert len(la) == len(lb)
+  for x, y in zip(la, lb):
+    assert x.dtype == y.dtype and x.shape == y.shape
+    np.testing.assert_array_equal(x, y)
+
+
+@pytest.mark.parametrize("defense", ["none", "roclip"])
+def test_resume_is_exact(demo_root, tmp_path, defense):
+  """N steps straight == N/2 steps, a restart, N/2 more (params, optimizer, pool: bitwise)."""
+  n = 14  # Crosses a matching epoch (epoch 2 = steps 3..5, epoch 4 = 9..11) for RoCLIP.
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n), str(straight))
+  split = tmp_path / "split"
+  first = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n // 2, **{
+      "checkpoint.every_steps": 100}), str(split))
+  assert first["step"] == n // 2
+  second = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n), str(split))
+  assert second["step"] == n
+  a, b = inspect_lib.load(str(straight)), inspect_lib.load(str(split))
+  assert a.step == b.step == n
+  assert_trees_bitwise_equal(a.state.params, b.state.params)
+  assert_trees_bitwise_equal(a.state.opt_state, b.state.opt_state)
+  if defense == "roclip":
+    assert_trees_bitwise_equal(a.state.pool, b.state.pool)
+    assert int(a.state.pool.ptr) != 0 or (np.asarray(a.state.pool.source_ids) >= 0).any()
+  # The restarted run logged the same losses as the straight run after the restart.
+  la = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "train"}
+  lb = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "train"}
+  assert la == lb
+
+
+def test_roclip_pool_survives_checkpoint_bitwise(demo_root, tmp_path):
+  config = tiny_config(demo_root, "roclip", max_steps=6)
+  train.train_and_evaluate(config, str(tmp_path))
+  run = inspect_lib.load(str(tmp_path))
+  pool = run.state.pool
+  # Epoch 2 (steps 4..6) is a matching epoch: its 3 batches of 16 went into the
+  # 32-row ring, which now holds the last 32 of them (48 distinct examples per epoch).
+  assert int(pool.ptr) == (3 * 16) % 32
+  ids = np.asarray(pool.source_ids)
+  assert (ids >= 0).all() and len(set(ids.tolist())) == 32
+  # Restoring the same step again gives the identical pool.
+  again = inspect_lib.load(str(tmp_path), step=run.step)
+  assert_trees_bitwise_equal(pool, again.state.pool)
+
+
+def _main_cmd(workdir, demo_root, max_steps):
+  flags = [
+      f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
+      f"--config.data.demo.root={demo_root}", f"--config.data.demo.num_classes={DEMO['num_classes']}",
+      f"--config.data.demo.train_per_class={DEMO['train_per_class']}",
+      f"--config.data.demo.test_per_class={DEMO['test_per_class']}",
+      f"--config.data.demo.image_size={DEMO['image_size']}",
+      "--config.model.image.image_size=16", "--config.model.image.patch_size=8",
+      "--config.model.text.context_length=16", "--config.data.batch_size=16", "--config.num_epochs=40",
+      f"--config.max_steps={max_steps}", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000",
+      "--config.optim.warmup_steps=2", "--config.progress_bar=False",
+  ]
+  return [sys.executable, "-m", "roclip_jax.main", *flags]
+
+
+def test_sigterm_saves_and_the_restart_finishes_identically(demo_root, tmp_path):
+  n = 60
+  env = dict(os.environ, PYTHONPATH=REPO)
+  killed = tmp_path / "killed"
+  proc = subprocess.Popen(_main_cmd(killed, demo_root, n), env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  metrics_file = killed / "metrics.jsonl"
+  deadline = time.time() + 240
+  while time.time() < deadline and proc.poll() is None:
+    if metrics_file.exists() and sum(1 for _ in open(metrics_file)) >= 3:
+      break
+    time.sleep(0.05)
+  assert proc.poll() is None, "the run ended before it could be signalled:\n" + proc.stdout.read()[-3000:]
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=240)
+  assert proc.returncode == 0, out[-3000:]
+  saved = sorted(int(d) for d in os.listdir(killed / "checkpoints") if d.isdigit())
+  assert saved and 3 <= saved[-1] < n, (saved, out[-2000:])
+  # Restart to the end, and compare with a run that was never interrupted.
+  done = subprocess.run(_main_cmd(killed, demo_root, n), env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  straight = tmp_path / "straight"
+  ok = subprocess.run(_main_cmd(straight, demo_root, n), env=env, capture_output=True, text=True, timeout=300)
+  assert ok.returncode == 0, ok.stderr[-3000:]
+  a, b = inspect_lib.load(str(killed)), inspect_lib.load(str(straight))
+  assert a.step == b.step == n
+  assert_trees_bitwise_equal(a.state.params, b.state.params)
+
+
+def _write_corrupt_csv(tmp_path):
+  rng = np.random.default_rng(0)
+  rows = []
+  words = ["red circle", "blue square", "green star", "yellow ring"]
+  for i in range(30):
+    path = tmp_path / f"img{i}.jpg"
+    Image.fromarray(rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(path, quality=90)
+    rows.append([path.name, f"a photo of a {words[i % 4]}", i % 4])
+  truncated = tmp_path / "img3.jpg"
+  truncated.write_bytes(truncated.read_bytes()[:200])  # A truncated JPEG.
+  rows.append(["does_not_exist.jpg", "a photo of a red circle", 0])  # A missing file.
+  rows.append(["img5.jpg", "   ", 1])  # An empty caption: a bad row.
+  path = tmp_path / "train.csv"
+  with open(path, "w", newline="") as f:
+    w = csv.writer(f)
+    w.writerow(["image_path", "caption", "label"])
+    w.writerows(rows)
+  return path
+
+
+def test_corrupt_images_and_bad_rows_are_skipped_and_counted(demo_root, tmp_path):
+  csv_path = _write_corrupt_csv(tmp_path)
+  # 31 usable rows (30 + the missing file; the empty caption is dropped), 2 undecodable.
+  config = tiny_config(demo_root, **{"data.source": "csv", "data.csv_path": str(csv_path),
+                                     "data.batch_size": 8, "num_epochs": 3})
+  workdir = tmp_path / "run"
+  result = train.train_and_evaluate(config, str(workdir))
+  rows = [r for r in metrics_lib.read_metrics(str(workdir)) if r["kind"] == "train"]
+  assert result["step"] == 3 * (31 // 8)
+  assert all(np.isfinite(r["loss"]) for r in rows)
+  # Each epoch reads the truncated JPEG and the missing file once.
+  skipped = rows[-1]["skipped_examples"]
+  assert 4 <= skipped <= 6, skipped
