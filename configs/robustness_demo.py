@@ -29,11 +29,15 @@ def get_config(arg=None):
   c.poison.seed = variant.poison_seed
   c.poison.backdoor.enabled = True
   c.poison.backdoor.target_class = "blue star"
-  c.poison.backdoor.num_poisons = 100  # 1.7% of the 6,000 training pairs.
+  # BadNets: a fixed 8x8 noise patch in the bottom-right corner (one ViT patch)
+  # on 150 of the 6,000 training pairs (2.5%), captions mentioning the target.
+  # (A 6-px patch at a random position on 100 pairs did not take: ASR 2.3% on
+  # plain CLIP, so the demo uses the stronger attack.)
+  c.poison.backdoor.num_poisons = 150
   c.poison.backdoor.trigger = "patch"
-  c.poison.backdoor.patch_size = 6
+  c.poison.backdoor.patch_size = 8
   c.poison.backdoor.pattern = "noise"
-  c.poison.backdoor.position = "random"
+  c.poison.backdoor.position = "bottom_right"
   c.poison.backdoor.caption_source = "train"
   c.poison.targeted.enabled = True
   c.poison.targeted.num_targets = 8
@@ -56,5 +60,7 @@ def get_config(arg=None):
       ("CLIP", {"defense": "none"}),
       ("CLIP+aug", {"defense": "none", "augment.image": True, "augment.text": True}),
       ("RoCLIP", {"defense": "roclip", "augment.image": True, "augment.text": True}),
+      # The pool matching alone, to separate its effect from the augmentations'.
+      ("RoCLIP w/o aug", {"defense": "roclip"}),
   ]
   return c
