@@ -24,7 +24,12 @@ demo: install
 train-demo: install
 	$(PY) -m roclip_jax.main --config=configs/demo.py --workdir=workdirs/demo
 
-test: install
+# Test-only extras (torch, the reference of the weight-import parity tests).
+$(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: install $(VENV)/.installed-test
 	$(TEST_ENV) $(PY) -m pytest -q
 
 clean:

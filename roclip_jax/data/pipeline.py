@@ -107,9 +107,13 @@ class _ExampleLoader:
 
   def __call__(self, position: int, example_index: int) -> dict[str, Any]:
     record = self._source[example_index]
-    image = image_ops.decode_image(record["image_path"])
+    # ArrayRecord sources carry the encoded image itself (`image_bytes`).
+    encoded = record.get("image_bytes")
+    image = image_ops.decode_image(
+        encoded if encoded is not None else record["image_path"])
     if image is None:
-      return {"_position": position, "_skipped_path": record["image_path"]}
+      return {"_position": position, "_skipped_path": record.get(
+          "image_path", record.get("origin", f"record {record['id']}"))}
     if self._image_transform is not None:
       image = self._image_transform(record, image)
     if self._augment_image:
@@ -294,7 +298,8 @@ def make_train_data(config: Any, *, process_index: int = 0,
       applied to the raw decoded image before augmentation (poisoning hooks
       in here). Must be picklable when `config.data.num_workers > 0`.
     source: optional random-access source of records (`__len__`,
-      `__getitem__` -> {'id', 'image_path', 'caption', 'label', 'poisoned'})
+      `__getitem__` -> {'id', 'image_path' or 'image_bytes', 'caption',
+      'label', 'poisoned'})
       to read instead of `sources.make_source(config.data)`, e.g. a
       poisoned wrapper around it. Must be picklable when using workers.
 

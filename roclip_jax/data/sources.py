@@ -14,12 +14,15 @@ from collections.abc import Sequence
 import csv
 import os
 import sys
-from typing import Any
+from typing import Any, TYPE_CHECKING
 
 from absl import logging
 import numpy as np
 
-VALID_SOURCES = ("demo", "csv")
+if TYPE_CHECKING:
+  from roclip_jax.data.array_record import ArrayRecordSource
+
+VALID_SOURCES = ("demo", "csv", "array_record")
 POISONED_KEY = "poisoned"  # Optional CSV column written by poisoning tools.
 
 
@@ -163,12 +166,15 @@ def csv_source_from_config(data_cfg: Any, path: str) -> CsvSource:
   )
 
 
-def make_source(data_cfg: Any, split: str = "train") -> CsvSource:
+def make_source(data_cfg: Any,
+                split: str = "train") -> CsvSource | ArrayRecordSource:
   """The source for `config.data` and a split ('train' or 'test').
 
   'demo' generates the built-in dataset on first use and reads its split
   CSV. 'csv' reads `data_cfg.csv_path` for 'train' and `data_cfg.eval_csv`
-  for any other split.
+  for any other split. 'array_record' reads the shards matching
+  `data_cfg.array_record_pattern` (written by `roclip_jax.data.convert`)
+  for 'train' and, like 'csv', `data_cfg.eval_csv` for any other split.
   """
   kind = data_cfg.source
   if kind == "demo":
@@ -178,11 +184,15 @@ def make_source(data_cfg: Any, split: str = "train") -> CsvSource:
       raise ValueError(f"The demo dataset has splits 'train' and 'test', "
                        f"not {split!r}.")
     return CsvSource(os.path.join(root, f"{split}.csv"))
-  if kind == "csv":
+  if kind == "array_record" and split == "train":
+    from roclip_jax.data import array_record  # pylint: disable=g-import-not-at-top
+    return array_record.ArrayRecordSource.from_pattern(
+        data_cfg.get("array_record_pattern", ""))
+  if kind in ("csv", "array_record"):
     key = "csv_path" if split == "train" else "eval_csv"
     path = data_cfg.get(key, "")
     if not path:
-      raise ValueError(f"config.data.source='csv' needs config.data.{key} "
+      raise ValueError(f"config.data.source={kind!r} needs config.data.{key} "
                        f"for the {split!r} split.")
     return csv_source_from_config(data_cfg, path)
   raise ValueError(f"Unknown config.data.source={kind!r}; valid values are "

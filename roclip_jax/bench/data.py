@@ -1,0 +1,155 @@
+r"""Input throughput from ArrayRecord shards: examples/s per CPU core and with N grain workers.
+
+  python -m roclip_jax.bench.data                                  # 224 px, workers 0 1 2
+  python -m roclip_jax.bench.data --target_pairs_per_sec 8000 --workers 4 --workers 8
+
+Writes `--num_images` synthetic JPEGs (shorter side `--source_size`, quality 95, as the converter
+stores them) into ArrayRecord shards, then measures, with augmentation off (CLIP's eval resize +
+centre crop) and on (RoCLIP's image augmentation; `--text_augment` adds EDA, which needs WordNet):
+* per core: the pipeline's per-example work (read record, decode JPEG, resize/augment, tokenize)
+  in one thread of this process;
+* the real training pipeline (`pipeline.make_train_data`, data.source='array_record') with each
+  `--workers` count (0 = grain's threads in this process), after the first batch (worker start).
+The last lines estimate the CPU cores needed to feed `--target_pairs_per_sec` (8000 pairs/s is
+roughly one H100 training ViT-B/32 at 224 px).
+"""
+from __future__ import annotations
+
+import io
+import math
+import os
+import tempfile
+import time
+
+from absl import app
+from absl import flags
+import ml_collections
+import numpy as np
+from PIL import Image
+
+from roclip_jax import config_lib
+from roclip_jax.data import array_record
+from roclip_jax.data import pipeline
+
+FLAGS = flags.FLAGS
+
+
+def _define_flags() -> None:
+  """CLI flags, defined only when run as a program (other bench modules reuse these names)."""
+  flags.DEFINE_integer("num_images", 512, "Synthetic images written to the shards.")
+  flags.DEFINE_integer("source_size", 256, "Shorter side of the stored JPEGs.")
+  flags.DEFINE_integer("image_size", 224, "Model input side.")
+  flags.DEFINE_multi_integer("workers", [0, 1, 2], "grain worker counts to measure.")
+  flags.DEFINE_integer("batch", 64, "Batch size of the pipeline runs.")
+  flags.DEFINE_integer("batches", 12, "Timed batches per pipeline run (after one warm-up).")
+  flags.DEFINE_integer("per_core_examples", 300, "Examples timed per core.")
+  flags.DEFINE_float("target_pairs_per_sec", 8000.0, "Trainer rate to feed (pairs/s).")
+  flags.DEFINE_bool("text_augment", False, "Also time EDA (needs WordNet).")
+  flags.DEFINE_string("shard_dir", "", "Where to write the shards ('' = a temp dir).")
+
+
+def synthetic_jpeg(rng: np.random.Generator, short: int) -> bytes:
+  """A photo-like JPEG: smooth colour fields plus fine texture (compresses like real images)."""
+  height, width = short, int(short * rng.uniform(1.0, 1.5))
+  yy, xx = np.mgrid[0:height, 0:width] / short
+  image = np.zeros((height, width, 3))
+  for _ in range(4):
+    freq, phase, colour = rng.uniform(0.5, 4, 2), rng.uniform(0, 6.3), rng.uniform(-60, 60, 3)
+    image += np.sin(2 * np.pi * (freq[0] * xx + freq[1] * yy) + phase)[..., None] * colour
+  image += 128 + rng.normal(0, 6, image.shape)
+  out = io.BytesIO()
+  Image.fromarray(image.clip(0, 255).astype(np.uint8)).save(out, format="JPEG", quality=95)
+  return out.getvalue()
+
+
+def write_shards(directory: str, num_images: int, short: int, per_shard: int = 128) -> float:
+  """Writes the shards; returns the mean JPEG size in KiB."""
+  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  rng = np.random.default_rng(0)
+  sizes = []
+  for shard, start in enumerate(range(0, num_images, per_shard)):
+    writer = ArrayRecordWriter(os.path.join(directory, f"shard-{shard:05d}.array_record"),
+                               "group_size:1")
+    for i in range(start, min(num_images, start + per_shard)):
+      jpeg = synthetic_jpeg(rng, short)
+      sizes.append(len(jpeg))
+      writer.write(array_record.encode_record(
+          source_id=i, caption=f"a photo of a synthetic scene number {i} with soft colours",
+          image_bytes=jpeg))
+    writer.close()
+  return float(np.mean(sizes)) / 1024
+
+
+def bench_config(shard_dir: str, augment: bool, workers: int) -> ml_collections.ConfigDict:
+  config = config_lib.base_config()
+  config.model.image.image_size = FLAGS.image_size
+  config.model.text.context_length = 77
+  config.data.source = "array_record"
+  config.data.array_record_pattern = shard_dir
+  config.data.batch_size = FLAGS.batch
+  config.data.num_workers = workers
+  config.num_epochs = 1000  # Never the limit here.
+  config.augment.image = augment
+  config.augment.text = augment and FLAGS.text_augment
+  return config
+
+
+def per_core_rate(config: ml_collections.ConfigDict) -> float:
+  """Examples/s of the pipeline's per-example function in one thread (one core)."""
+  source = array_record.ArrayRecordSource.from_pattern(config.data.array_record_pattern)
+  loader = pipeline._ExampleLoader(  # pylint: disable=protected-access  # The exact per-example work.
+      source, epoch_length=len(source), image_size=config.model.image.image_size,
+      context_length=config.model.text.context_length, seed=0, process_index=0,
+      augment_cfg=config.augment, image_transform=None)
+  loader(0, 0)  # First-call costs (tokenizer, imports) out of the timing.
+  count = FLAGS.per_core_examples
+  start = time.perf_counter()
+  for position in range(count):
+    loader(position, position % len(source))
+  return count / (time.perf_counter() - start)
+
+
+def pipeline_rate(config: ml_collections.ConfigDict) -> float:
+  """Examples/s of `make_train_data` after its first batch."""
+  data = pipeline.make_train_data(config)
+  iterator = data.iterator
+  try:
+    next(iterator)  # Starts the workers.
+    start = time.perf_counter()
+    for _ in range(FLAGS.batches):
+      next(iterator)
+    return FLAGS.batches * data.local_batch_size / (time.perf_counter() - start)
+  finally:
+    close = getattr(iterator, "close", None)
+    if close is not None:
+      close()
+
+
+def main(argv):
+  del argv
+  with tempfile.TemporaryDirectory() as tmp:
+    shard_dir = FLAGS.shard_dir or tmp
+    os.makedirs(shard_dir, exist_ok=True)
+    kib = write_shards(shard_dir, FLAGS.num_images, FLAGS.source_size)
+    print(f"{FLAGS.num_images} JPEGs, shorter side {FLAGS.source_size} px, mean {kib:.1f} KiB, "
+          f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}")
+    per_core = {}
+    for augment in (False, True):
+      label = "augment on " if augment else "augment off"
+      per_core[augment] = per_core_rate(bench_config(shard_dir, augment, 0))
+      print(f"{label}: {'per core (1 thread)':40s} {per_core[augment]:8.1f} examples/s")
+      for workers in FLAGS.workers:
+        rate = pipeline_rate(bench_config(shard_dir, augment, workers))
+        what = f"{workers} grain workers" if workers else "0 workers (main process threads)"
+        print(f"{label}: {'pipeline, ' + what:40s} {rate:8.1f} examples/s")
+    target = FLAGS.target_pairs_per_sec
+    for augment in (False, True):
+      cores = math.ceil(target / per_core[augment])
+      print(f"to feed {target:.0f} pairs/s with augment {'on ' if augment else 'off'}: about "
+            f"{cores} worker cores at {per_core[augment]:.0f} examples/s per core (plus headroom "
+            "for the trainer's own host thread and imperfect scaling).")
+
+
+if __name__ == "__main__":
+  _define_flags()
+  app.run(main)

@@ -1,0 +1,462 @@
+"""Weight import/export parity against PyTorch references (transformers' CLIPModel, OpenAI's RN).
+
+Every reference runs in PyTorch: Hugging Face's `CLIPModel` (random tiny configs) and a ModifiedResNet
+written below from OpenAI's published `clip/model.py`. The OpenAI-layout state dicts are built here
+from the HF weights with the test's own name mapping, independent of `weights.py`.
+"""
+from collections import OrderedDict
+import json
+import math
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+import safetensors.torch
+import torch
+from torch import nn
+import torch.nn.functional as F
+import transformers
+
+from roclip_jax import config_lib
+from roclip_jax import inspect as inspect_lib
+from roclip_jax import models
+from roclip_jax import train
+from roclip_jax import weights
+from roclip_jax.data import demo
+from roclip_jax.data import tokenizer as tokenizer_lib
+from roclip_jax.steps import ModelSpec
+
+torch.set_num_threads(2)
+CONTEXT = 16
+CAPTIONS = ["a photo of a cat", "two dogs playing on the grass in the park at noon", "x",
+            "an extremely long caption that runs far past the sixteen token context window of this tiny model"]
+REL_TOL = 1e-5  # max |ours - reference| / max |reference|, float32
+
+
+def hf_config(act="quick_gelu", **text_overrides):
+  text = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+              num_attention_heads=2, max_position_embeddings=CONTEXT, hidden_act=act)
+  text.update(text_overrides)
+  return transformers.CLIPConfig(
+      text_config=text,
+      vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
+                         num_attention_heads=2, image_size=32, patch_size=8, hidden_act=act),
+      projection_dim=32)
+
+
+def randomize_(module: nn.Module, seed: int) -> nn.Module:
+  """Every parameter random (norm scales around 1), so no mapping error hides behind an init value."""
+  gen = torch.Generator().manual_seed(seed)
+  with torch.no_grad():
+    for owner in module.modules():
+      is_norm = isinstance(owner, (nn.LayerNorm, nn.BatchNorm2d))
+      for name, p in owner.named_parameters(recurse=False):
+        noise = torch.randn(p.shape, generator=gen)
+        if name == "logit_scale":
+          p.copy_(torch.tensor(math.log(50.0)))
+        elif is_norm and name == "weight":
+          p.copy_(1.0 + 0.2 * noise)
+        else:
+          p.copy_(0.05 * noise)
+  return module.eval()
+
+
+@pytest.fixture(scope="module", params=["quick_gelu", "gelu"])
+def hf_dir(request, tmp_path_factory):
+  model = randomize_(transformers.CLIPModel(hf_config(request.param)), seed=1)
+  path = tmp_path_factory.mktemp(f"hf_{request.param}")
+  model.save_pretrained(path)
+  return str(path), model
+
+
+def inputs(seed=0, image_size=32):
+  images = np.random.default_rng(seed).standard_normal((3, image_size, image_size, 3), np.float32)
+  tokens = tokenizer_lib.get_tokenizer(CONTEXT)(CAPTIONS[:3] + CAPTIONS[3:])
+  return images, tokens
+
+
+def hf_outputs(model, images, tokens):
+  with torch.no_grad():
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    image = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+    text = model.get_text_features(input_ids=ids).pooler_output.numpy()
+    logits = model(input_ids=ids[:3], pixel_values=pixels).logits_per_image.numpy()
+  return image, text, logits
+
+
+def our_outputs(model_cfg, params, model_state, images, tokens):
+  model = ModelSpec.create(model_cfg).merge(params, model_state)
+  image = np.asarray(model.encode_image(images))
+  text = np.asarray(model.encode_text(tokens))
+  zi = image / np.linalg.norm(image, axis=1, keepdims=True)
+  zt = text[:3] / np.linalg.norm(text[:3], axis=1, keepdims=True)
+  logits = np.exp(np.asarray(params["logit_scale"])) * zi @ zt.T
+  return image, text, logits
+
+
+def rel_err(ours, ref):
+  assert ours.shape == ref.shape
+  return float(np.abs(ours - ref).max() / np.abs(ref).max())
+
+
+def assert_close(ours, ref, what):
+  err = rel_err(ours, ref)
+  print(f"{what}: max |diff| = {np.abs(ours - ref).max():.2e}, max |ref| = {np.abs(ref).max():.2e}, "
+        f"ratio {err:.2e}")
+  assert err <= REL_TOL, f"{what}: relative max error {err:.2e} > {REL_TOL}"
+
+
+def assert_trees_bitwise_equal(a, b):
+  flat_a, tree_a = jax.tree.flatten(a)
+  flat_b, tree_b = jax.tree.flatten(b)
+  assert tree_a == tree_b
+  for x, y in zip(flat_a, flat_b):
+    assert np.asarray(x).dtype == np.asarray(y).dtype
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+# ---------------------------------------------------------------- Hugging Face
+
+
+def test_load_hf_matches_transformers(hf_dir):
+  path, hf = hf_dir
+  model_cfg, params, model_state = weights.load_hf(path)
+  act = hf.config.text_config.hidden_act
+  assert (model_cfg.act, model_cfg.embed_dim, model_cfg.image.width, model_cfg.image.patch_size,
+          model_cfg.image.image_size, model_cfg.text.context_length) == (act, 32, 64, 8, 32, CONTEXT)
+  images, tokens = inputs()
+  ref = hf_outputs(hf, images, tokens)
+  ours = our_outputs(model_cfg, params, model_state, images, tokens)
+  for name, o, r in zip(("image embeddings", "text embeddings", "logits_per_image"), ours, ref):
+    assert_close(o, r, f"HF [{act}] {name}")
+
+
+def test_text_padding_after_eot_needs_no_attention_mask(hf_dir):
+  """Causal attention: what follows EOT cannot change the feature pooled at EOT, in HF or ours."""
+  path, hf = hf_dir
+  _, tokens = inputs()
+  eot_padded = np.where(tokens == 0, tokenizer_lib.EOT_ID, tokens)  # HF's tokenizer pads with EOT.
+  junk_padded = np.where(tokens == 0, 1234, tokens)
+  with torch.no_grad():
+    feats = [hf.get_text_features(input_ids=torch.from_numpy(t.astype(np.int64))).pooler_output
+             .numpy() for t in (tokens, eot_padded, junk_padded)]
+    hf.text_model.eos_token_id = 2  # Old HF configs: pool at argmax(id) instead of the first EOT.
+    try:
+      legacy = hf.get_text_features(input_ids=torch.from_numpy(tokens.astype(np.int64)))
+    finally:
+      hf.text_model.eos_token_id = tokenizer_lib.EOT_ID
+  np.testing.assert_allclose(feats[1], feats[0], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(feats[2], feats[0], rtol=0, atol=1e-6)
+  np.testing.assert_allclose(legacy.pooler_output.numpy(), feats[0], rtol=0, atol=1e-6)
+  model_cfg, params, model_state = weights.load_hf(path)
+  model = ModelSpec.create(model_cfg).merge(params, model_state)
+  ours_eot_padded = np.asarray(model.encode_text(eot_padded))
+  assert_close(ours_eot_padded, feats[0], "ours on EOT-padded tokens")
+
+
+def test_export_hf_round_trip_is_bitwise_and_loads_in_transformers(hf_dir, tmp_path):
+  path, hf = hf_dir
+  model_cfg, params, model_state = weights.load_hf(path)
+  out = str(tmp_path / "export")
+  weights.export_hf(model_cfg, params, out)
+  cfg2, params2, state2 = weights.load_hf(out)
+  assert cfg2.to_dict() == model_cfg.to_dict()
+  assert_trees_bitwise_equal(params2, params)
+  assert_trees_bitwise_equal(state2, model_state)
+  # transformers itself reads the export and computes what the original model computes.
+  reloaded = transformers.CLIPModel.from_pretrained(out).eval()
+  images, tokens = inputs(seed=3)
+  for o, r in zip(hf_outputs(reloaded, images, tokens), hf_outputs(hf, images, tokens)):
+    np.testing.assert_array_equal(o, r)
+
+
+def test_load_hf_rejects_unsupported_configs(tmp_path):
+  model = transformers.CLIPModel(hf_config(intermediate_size=128))
+  model.save_pretrained(tmp_path)
+  with pytest.raises(ValueError, match="intermediate_size=128 is not 4 \\* hidden_size=64"):
+    weights.load_hf(str(tmp_path))
+  with open(tmp_path / "config.json") as f:
+    cfg = json.load(f)
+  cfg["model_type"] = "siglip"
+  with open(tmp_path / "config.json", "w") as f:
+    json.dump(cfg, f)
+  with pytest.raises(ValueError, match="not a CLIPModel"):
+    weights.load_hf(str(tmp_path))
+  with pytest.raises(FileNotFoundError, match="nowhere' does not exist"):
+    weights.load_hf(str(tmp_path / "nowhere"))
+  os.remove(tmp_path / "config.json")
+  with pytest.raises(FileNotFoundError, match="config.json does not exist"):
+    weights.load_hf(str(tmp_path))
+
+
+# -------------------------------------------------------------- OpenAI layout
+
+
+def hf_to_openai(sd: dict) -> dict:
+  """OpenAI/open_clip names for a HF CLIPModel state dict (written from OpenAI's model.py)."""
+  sd = {k: v.detach().clone() for k, v in sd.items() if not k.endswith("position_ids")}
+  out = {}
+
+  def blocks(hf_prefix, oa_prefix):
+    i = 0
+    while f"{hf_prefix}.{i}.layer_norm1.weight" in sd:
+      h, o = f"{hf_prefix}.{i}", f"{oa_prefix}.{i}"
+      for kind in ("weight", "bias"):
+        out[f"{o}.attn.in_proj_{kind}"] = torch.cat(
+            [sd[f"{h}.self_attn.{p}_proj.{kind}"] for p in "qkv"], 0)
+        out[f"{o}.attn.out_proj.{kind}"] = sd[f"{h}.self_attn.out_proj.{kind}"]
+        out[f"{o}.ln_1.{kind}"] = sd[f"{h}.layer_norm1.{kind}"]
+        out[f"{o}.ln_2.{kind}"] = sd[f"{h}.layer_norm2.{kind}"]
+        out[f"{o}.mlp.c_fc.{kind}"] = sd[f"{h}.mlp.fc1.{kind}"]
+        out[f"{o}.mlp.c_proj.{kind}"] = sd[f"{h}.mlp.fc2.{kind}"]
+      i += 1
+
+  if "vision_model.embeddings.class_embedding" in sd:
+    out["visual.class_embedding"] = sd["vision_model.embeddings.class_embedding"]
+    out["visual.conv1.weight"] = sd["vision_model.embeddings.patch_embedding.weight"]
+    out["visual.positional_embedding"] = sd["vision_model.embeddings.position_embedding.weight"]
+    for kind in ("weight", "bias"):
+      out[f"visual.ln_pre.{kind}"] = sd[f"vision_model.pre_layrnorm.{kind}"]
+      out[f"visual.ln_post.{kind}"] = sd[f"vision_model.post_layernorm.{kind}"]
+    blocks("vision_model.encoder.layers", "visual.transformer.resblocks")
+    out["visual.proj"] = sd["visual_projection.weight"].T.contiguous()  # used as x @ proj
+  out["token_embedding.weight"] = sd["text_model.embeddings.token_embedding.weight"]
+  out["positional_embedding"] = sd["text_model.embeddings.position_embedding.weight"]
+  blocks("text_model.encoder.layers", "transformer.resblocks")
+  for kind in ("weight", "bias"):
+    out[f"ln_final.{kind}"] = sd[f"text_model.final_layer_norm.{kind}"]
+  out["text_projection"] = sd["text_projection.weight"].T.contiguous()
+  out["logit_scale"] = sd["logit_scale"]
+  return {k: v.contiguous() for k, v in out.items()}
+
+
+def test_load_openai_matches_transformers(hf_dir, tmp_path):
+  _, hf = hf_dir
+  state_dict = hf_to_openai(hf.state_dict())
+  images, tokens = inputs(seed=1)
+  ref = hf_outputs(hf, images, tokens)
+  act = hf.config.text_config.hidden_act
+  st_path, pt_path = str(tmp_path / "clip.safetensors"), str(tmp_path / "clip.pt")
+  safetensors.torch.save_file(state_dict, st_path)
+  # A DDP-wrapped open_clip training checkpoint as a PyTorch pickle.
+  torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, pt_path)
+  for path in (st_path, pt_path):
+    model_cfg, params, model_state = weights.load_any(path, vision_heads=2, text_heads=2, act=act)
+    for name, o, r in zip(("image", "text", "logits"),
+                          our_outputs(model_cfg, params, model_state, images, tokens), ref):
+      assert_close(o, r, f"OpenAI layout {os.path.basename(path)} [{act}] {name}")
+
+
+def test_load_openai_infers_the_architecture_like_build_model(hf_dir, tmp_path):
+  _, hf = hf_dir
+  path = str(tmp_path / "clip.safetensors")
+  safetensors.torch.save_file(hf_to_openai(hf.state_dict()), path)
+  model_cfg, _, _ = weights.load_openai(path)
+  # Heads follow OpenAI's rule width // 64 when nothing says otherwise.
+  assert model_cfg.to_dict() == dict(
+      embed_dim=32, act="quick_gelu", dtype="float32", remat=False,
+      image=dict(type="vit", image_size=32, patch_size=8, width=64, layers=2, heads=1),
+      text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1))
+  with pytest.raises(ValueError, match="pass text_heads="):
+    weights.load_openai(path, text_heads=3)
+
+
+def test_bfloat16_safetensors_and_unknown_tensors(hf_dir, tmp_path):
+  _, hf = hf_dir
+  sd = hf_to_openai(hf.state_dict())
+  path = str(tmp_path / "bf16.safetensors")
+  safetensors.torch.save_file({k: v.bfloat16() for k, v in sd.items()}, path)
+  _, params, _ = weights.load_openai(path, vision_heads=2, text_heads=2)
+  expected = sd["token_embedding.weight"].bfloat16().float().numpy()
+  np.testing.assert_array_equal(params["text_model"]["token_embedding"], expected)
+  sd["logit_bias"] = torch.zeros(())  # A SigLIP-style extra.
+  safetensors.torch.save_file(sd, path)
+  with pytest.raises(ValueError, match="no place in a standard CLIP model.*logit_bias"):
+    weights.load_openai(path, vision_heads=2, text_heads=2)
+
+
+def test_torchscript_archives_are_refused_without_running_them(tmp_path):
+  path = str(tmp_path / "ViT-B-32.pt")
+  torch.jit.save(torch.jit.script(nn.Linear(2, 2)), path)
+  with pytest.raises(ValueError, match="TorchScript.*open_clip"):
+    weights.load_openai(path)
+
+
+# ---------------------------------------------------- RN50: independent reference
+
+
+class RefBottleneck(nn.Module):
+  """OpenAI clip/model.py Bottleneck (anti-aliased: avgpool before the stride-free conv3)."""
+  expansion = 4
+
+  def __init__(self, inplanes, planes, stride=1):
+    super().__init__()
+    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
+    self.bn1 = nn.BatchNorm2d(planes)
+    self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(planes)
+    self.avgpool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = nn.BatchNorm2d(planes * 4)
+    self.downsample = None
+    if stride > 1 or inplanes != planes * 4:
+      self.downsample = nn.Sequential(OrderedDict([
+          ("-1", nn.AvgPool2d(stride)),
+          ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
+          ("1", nn.BatchNorm2d(planes * 4))]))
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = F.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(self.avgpool(out)))
+    identity = x if self.downsample is None else self.downsample(x)
+    return F.relu(out + identity)
+
+
+class RefAttentionPool2d(nn.Module):
+  def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
+    super().__init__()
+    self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim))
+    self.k_proj = nn.Linear(embed_dim, embed_dim)
+    self.q_proj = nn.Linear(embed_dim, embed_dim)
+    self.v_proj = nn.Linear(embed_dim, embed_dim)
+    self.c_proj = nn.Linear(embed_dim, output_dim)
+    self.num_heads = num_heads
+
+  def forward(self, x):
+    x = x.flatten(start_dim=2).permute(2, 0, 1)  # NCHW -> (HW)NC
+    x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
+    x = x + self.positional_embedding[:, None, :]
+    x, _ = F.multi_head_attention_forward(
+        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
+        q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
+        v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+        in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
+        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
+        out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
+        use_separate_proj_weight=True, training=self.training, need_weights=False)
+    return x.squeeze(0)
+
+
+class RefModifiedResNet(nn.Module):
+  def __init__(self, layers, output_dim, heads, input_resolution, width):
+    super().__init__()
+    self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
+    self.bn1 = nn.BatchNorm2d(width // 2)
+    self.conv2 = nn.Conv2d(width // 2, width // 2, 3, padding=1, bias=False)
+    self.bn2 = nn.BatchNorm2d(width // 2)
+    self.conv3 = nn.Conv2d(width // 2, width, 3, padding=1, bias=False)
+    self.bn3 = nn.BatchNorm2d(width)
+    self.avgpool = nn.AvgPool2d(2)
+    self._inplanes = width
+    self.layer1 = self._make_layer(width, layers[0])
+    self.layer2 = self._make_layer(width * 2, layers[1], stride=2)
+    self.layer3 = self._make_layer(width * 4, layers[2], stride=2)
+    self.layer4 = self._make_layer(width * 8, layers[3], stride=2)
+    self.attnpool = RefAttentionPool2d(input_resolution // 32, width * 32, heads, output_dim)
+
+  def _make_layer(self, planes, blocks, stride=1):
+    layers = [RefBottleneck(self._inplanes, planes, stride)]
+    self._inplanes = planes * 4
+    layers += [RefBottleneck(self._inplanes, planes) for _ in range(1, blocks)]
+    return nn.Sequential(*layers)
+
+  def forward(self, x):
+    x = F.relu(self.bn1(self.conv1(x)))
+    x = F.relu(self.bn2(self.conv2(x)))
+    x = F.relu(self.bn3(self.conv3(x)))
+    x = self.avgpool(x)
+    x = self.layer4(self.layer3(self.layer2(self.layer1(x))))
+    return self.attnpool(x)
+
+
+@pytest.fixture(scope="module")
+def rn_state_dict():
+  """A tiny OpenAI RN CLIP: reference ResNet image tower + a HF text tower in OpenAI names."""
+  resnet = randomize_(RefModifiedResNet((1, 1, 1, 1), output_dim=32, heads=2, input_resolution=64,
+                                        width=16), seed=2)
+  gen = torch.Generator().manual_seed(3)
+  for module in resnet.modules():  # Non-trivial running statistics; eval mode uses them.
+    if isinstance(module, nn.BatchNorm2d):
+      module.running_mean.copy_(0.3 * torch.randn(module.num_features, generator=gen))
+      module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=gen))
+  text = randomize_(transformers.CLIPModel(hf_config()), seed=4)
+  state_dict = {k: v for k, v in hf_to_openai(text.state_dict()).items()
+                if not k.startswith("visual.")}
+  state_dict.update({f"visual.{k}": v for k, v in resnet.state_dict().items()})
+  return resnet, text, state_dict
+
+
+def test_load_openai_resnet_matches_reference(rn_state_dict, tmp_path):
+  resnet, text, state_dict = rn_state_dict
+  path = str(tmp_path / "rn.safetensors")
+  safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+  model_cfg, params, model_state = weights.load_any(path, vision_heads=2, text_heads=2)
+  assert (model_cfg.image.type, tuple(model_cfg.image.layers), model_cfg.image.width,
+          model_cfg.image.image_size, model_cfg.embed_dim) == ("resnet", (1, 1, 1, 1), 16, 64, 32)
+  images, tokens = inputs(seed=5, image_size=64)
+  with torch.no_grad():
+    ref_image = resnet(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
+  _, ref_text, _ = hf_outputs(text, images[:, :32, :32], tokens)
+  ours_image, ours_text, _ = our_outputs(model_cfg, params, model_state, images, tokens)
+  assert_close(ours_image, ref_image, "RN image embeddings")
+  assert_close(ours_text, ref_text, "RN CLIP text embeddings")
+
+
+def test_export_openai_round_trip_is_bitwise(rn_state_dict, tmp_path):
+  _, _, state_dict = rn_state_dict
+  path = str(tmp_path / "rn.safetensors")
+  safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
+  model_cfg, params, model_state = weights.load_openai(path, vision_heads=2, text_heads=2)
+  out = str(tmp_path / "export.safetensors")
+  weights.export_openai(model_cfg, params, model_state, out)
+  # No head overrides: the export records its config in the safetensors metadata.
+  cfg2, params2, state2 = weights.load_openai(out)
+  assert cfg2.to_dict() == model_cfg.to_dict()
+  assert_trees_bitwise_equal(params2, params)
+  assert_trees_bitwise_equal(state2, model_state)
+  # The export has OpenAI's names and shapes, so the reference module loads it strictly.
+  exported = safetensors.torch.load_file(out)
+  expected = {k: v for k, v in state_dict.items() if not k.endswith("num_batches_tracked")}
+  assert set(exported) == set(expected)
+  for key, value in expected.items():
+    np.testing.assert_array_equal(exported[key].numpy(), value.numpy(), err_msg=key)
+  with pytest.raises(ValueError, match="no Hugging Face CLIP equivalent.*export_openai"):
+    weights.export_hf(model_cfg, params, str(tmp_path / "hf"))
+
+
+# ------------------------------------------------------------ config.init_from
+
+
+def test_train_init_from_loads_weights_and_checks_the_architecture(tmp_path):
+  demo_cfg = dict(num_classes=4, train_per_class=4, test_per_class=2, image_size=16, seed=0,
+                  root=str(tmp_path / "demo"))
+  demo.ensure_demo_dataset(demo_cfg)
+  config = config_lib.base_config()
+  config.model = models.preset("tiny")
+  config.model.image.image_size, config.model.image.patch_size = 16, 8
+  config.model.text.context_length = 16
+  config.data.demo.update(demo_cfg)
+  config.data.batch_size = 8
+  config.num_epochs, config.max_steps = 1, 0  # Restore weights, train nothing, checkpoint.
+  config.progress_bar = False
+  config.evals = ml_collections.ConfigDict()
+  source = models.build(config.model, rngs=__import__("flax").nnx.Rngs(123))
+  params, _ = ModelSpec.split(source)
+  params = jax.tree.map(np.asarray, params)
+  weights.export_hf(config.model, params, str(tmp_path / "pretrained"))
+  config.init_from = str(tmp_path / "pretrained")
+  train.train_and_evaluate(config, str(tmp_path / "run"))
+  run = inspect_lib.load(str(tmp_path / "run"))
+  assert_trees_bitwise_equal(run.state.params, params)
+
+  config.model.text.layers = 3
+  with pytest.raises(ValueError, match="model.text.layers: config has 3, the weights have 2"):
+    train.train_and_evaluate(config, str(tmp_path / "run_mismatch"))
+  config.model.text.layers = 2
+  config.init_from = str(tmp_path / "missing")
+  with pytest.raises(config_lib.ConfigError, match="init_from"):
+    train.train_and_evaluate(config, str(tmp_path / "run_missing"))
