@@ -6,12 +6,13 @@ anything is compiled and names the offending field and the fix.
 """
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import ml_collections
 
 DEFENSES = ("none", "roclip")
-DATA_SOURCES = ("demo", "csv")
+DATA_SOURCES = ("demo", "csv", "array_record")
 
 
 class ConfigError(ValueError):
@@ -46,15 +47,29 @@ def base_config() -> ml_collections.ConfigDict:
   c.seed = 0
   c.num_epochs = 10
   c.max_steps = -1  # Stop early (for smoke tests); the schedule still spans num_epochs.
-  c.mesh = [("data", -1)]
+  # Scale: the batch is split over data x fsdp; parameters and optimizer state
+  # are sharded over fsdp by rules (roclip_jax/sharding.py).
+  # Tuples, not lists: ml_collections can override tuples from the command line,
+  # e.g. --config.mesh="(('data', -1), ('fsdp', 4))".
+  c.mesh = (("data", -1), ("fsdp", 1))
+  c.sharding_rules = ()  # ((regex on the param path, 'fsdp' | 'replicate' | spec tuple), ...); unmatched: 'fsdp'.
+  c.fsdp_min_size = 2**14  # Elements; smaller tensors stay replicated under the 'fsdp' rule.
+  c.grad_accum_steps = 1  # Micro-batches per step (exact for the contrastive loss); 1 = off.
+  c.dry_run = False  # Compile the train step(s) for the mesh, print memory and FLOPs, exit.
+  c.dry_run_devices = 0  # With dry_run: fake this many CPU devices (0 = the devices present).
 
   c.model = models.preset("tiny")
+  # Pretrained weights to start from (HF CLIP dir or OpenAI/open_clip file; see weights.load_any).
+  # Used only when the workdir holds no checkpoint; the architecture must match c.model.
+  c.init_from = ""
 
   c.data = ml_collections.ConfigDict()
   c.data.source = "demo"
   c.data.demo = ml_collections.ConfigDict(
       dict(root="", num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0))
   c.data.csv_path = ""
+  # ArrayRecord shards written by `python -m roclip_jax.data.convert` (glob or directory).
+  c.data.array_record_pattern = ""
   c.data.image_root = ""
   c.data.image_key = "image_path"
   c.data.caption_key = "caption"
@@ -110,6 +125,14 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
     _fail("data.source", f"{config.data.source!r} is not a known source.", f"use one of {DATA_SOURCES}.")
   if config.data.source == "csv" and not config.data.csv_path:
     _fail("data.csv_path", "is empty but data.source='csv'.", "pass --config.data.csv_path=/path/to/train.csv.")
+  if config.data.source == "array_record" and not config.data.get("array_record_pattern"):
+    _fail("data.array_record_pattern", "is empty but data.source='array_record'.",
+          "pass --config.data.array_record_pattern='/data/shards/*.array_record' (written by "
+          "python -m roclip_jax.data.convert).")
+  init_from = config.get("init_from", "")
+  if init_from and not os.path.exists(init_from):
+    _fail("init_from", f"{init_from!r} does not exist.",
+          "point it at a Hugging Face CLIP directory or an OpenAI/open_clip weights file, or set it to ''.")
   b = config.data.batch_size
   if b < 2:
     _fail("data.batch_size", f"is {b}; a contrastive batch needs negatives.", "use a batch of at least 2.")
@@ -155,6 +178,29 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
       lo = r.pool_size // num_batch_shards * num_batch_shards
       _fail("roclip.pool_size", f"{r.pool_size} is not divisible by the {num_batch_shards} batch shards, "
             "which a sharded pool needs.", f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.")
+  _validate_scale(config, num_batch_shards)
   for name, ev in config.evals.items():
     if "type" not in ev:
       _fail(f"evals.{name}.type", "is missing.", "give every evaluator a type, e.g. type='zeroshot'.")
+
+
+def _validate_scale(config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
+  """Sharding rules, gradient accumulation and dry-run fields."""
+  from roclip_jax import sharding  # Deferred like in base_config.
+  try:
+    sharding.normalize_rules(config.get("sharding_rules", None))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  if config.get("fsdp_min_size", 0) < 0:
+    _fail("fsdp_min_size", f"is {config.fsdp_min_size}.", "use 0 (shard everything divisible) or more.")
+  accum = config.get("grad_accum_steps", 1)
+  if not isinstance(accum, int) or accum < 1:
+    _fail("grad_accum_steps", f"is {accum!r}.", "use 1 (off) or more micro-batches per step.")
+  b = config.data.batch_size
+  if accum > 1 and (b % accum or (b // accum) % num_batch_shards or b // accum < 2):
+    unit = accum * num_batch_shards
+    _fail("grad_accum_steps", f"{accum} micro-batches of the batch {b} must each hold a multiple of the "
+          f"{num_batch_shards} batch shards (and at least 2 pairs).",
+          f"use a batch that is a multiple of {unit}, e.g. {max(unit, b // unit * unit)}, or fewer micro-batches.")
+  if config.get("dry_run_devices", 0) < 0:
+    _fail("dry_run_devices", f"is {config.dry_run_devices}.", "use 0 (the devices present) or a device count.")

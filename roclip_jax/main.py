@@ -2,11 +2,22 @@
 
 Flags and process setup only; the work happens in `train.train_and_evaluate`.
 Overrides: `--config.optim.lr=1e-4`, variants: `--config=configs/rn50.py:defense=roclip`.
+
+Multi-host: every process runs this same command. TPU pods and SLURM jobs
+(`srun`, one task per GPU) are detected by `jax.distributed.initialize()`;
+elsewhere pass `--coordinator_address=host:port --num_processes=N
+--process_id=i` (see launch/). Only process 0 writes metrics, the config and
+logs at INFO; checkpoints are written by all processes together (orbax).
+
+Dry run: `--config.dry_run=True --config.dry_run_devices=256` compiles the
+step for a 256-device mesh on fake CPU devices, prints per-device memory and
+FLOPs, and exits without reading data.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 
 from absl import app
 from absl import flags
@@ -22,10 +33,28 @@ flags.DEFINE_integer("process_id", None, "This process's index (with --coordinat
 flags.mark_flags_as_required(["config", "workdir"])
 
 
+def _use_fake_cpu_devices(count: int) -> None:
+  """Makes the CPU backend expose `count` devices, for a dry run of a big mesh.
+
+  Works because flag parsing imported jax but did not start a backend; XLA
+  reads XLA_FLAGS when the first backend starts.
+  """
+  import jax
+  from jax._src import xla_bridge
+  if xla_bridge.backends_are_initialized():
+    raise RuntimeError("config.dry_run_devices: a jax backend started before main(); set "
+                       f"XLA_FLAGS=--xla_force_host_platform_device_count={count} JAX_PLATFORMS=cpu yourself.")
+  flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
+  os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={count}".strip()
+  jax.config.update("jax_platforms", "cpu")
+
+
 def _maybe_initialize_distributed() -> None:
   """Joins a multi-process run: explicit flags, or auto-detected TPU pod / SLURM."""
   import jax  # Imported here so XLA flags set by the launcher apply.
   if FLAGS.coordinator_address:
+    if FLAGS.num_processes is None or FLAGS.process_id is None:
+      raise app.UsageError("--coordinator_address needs --num_processes and --process_id too.")
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif int(os.environ.get("SLURM_NTASKS", "1")) > 1 or os.environ.get("TPU_WORKER_HOSTNAMES", "").count(",") > 0:
     jax.distributed.initialize()
@@ -35,12 +64,18 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
-  _maybe_initialize_distributed()
+  dry_run_devices = FLAGS.config.get("dry_run_devices", 0) if FLAGS.config.get("dry_run", False) else 0
+  if dry_run_devices:
+    _use_fake_cpu_devices(dry_run_devices)  # One process, many fake devices: no distributed init.
+  else:
+    _maybe_initialize_distributed()
   from roclip_jax import metrics
   metrics.quiet_library_logs()
+  import jax
+  if jax.process_index() != 0:
+    logging.set_verbosity(logging.WARNING)  # One process's INFO lines are enough.
   from roclip_jax import train  # Heavy imports after flag parsing and distributed init.
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
-  import jax
   if jax.process_index() == 0:
     logging.info("Final results: %s", results)
     print(json.dumps({k: (round(v, 4) if isinstance(v, float) else v) for k, v in results.items()}, indent=2))

@@ -4,11 +4,17 @@ One step function, parametrised by `StepMode`: a plain CLIP step, or a RoCLIP
 matching step (ROCLIP.md §1.4), optionally writing the pool. The trainer
 compiles one step per mode it needs and picks one on the host per epoch.
 Nothing here reads a value back to the host.
+
+Scale: parameters and Adam moments are placed by `sharding.py`'s rules (FSDP
+over the `fsdp` mesh axis) and GSPMD inserts the gathers; `grad_accum_steps`
+splits the batch into micro-batches with the exact full-batch gradient;
+`aot_compile` compiles the steps from shapes alone (the dry run).
 """
 from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 from typing import Any
 
 import flax
@@ -17,6 +23,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 import ml_collections
+import numpy as np
 import optax
 
 from roclip_jax import losses
@@ -25,6 +32,7 @@ from roclip_jax import optim
 from roclip_jax import roclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax.data import image_ops
+from roclip_jax.models import text as text_lib
 
 
 @flax.struct.dataclass
@@ -93,9 +101,15 @@ def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransf
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict) -> TrainState:
-  """Parameters and optimizer state replicated; the pool sharded if asked."""
+  """Parameters sharded by `config.sharding_rules` (FSDP by default), optimizer
+  moments like their parameters, the pool as `roclip.shard_pool` asks, the
+  rest replicated."""
   replicated = NamedSharding(mesh, P())
   shardings = jax.tree.map(lambda _: replicated, abstract_state)
+  params = sharding_lib.param_shardings(abstract_state.params, mesh, config.get("sharding_rules", None),
+                                        config.get("fsdp_min_size", sharding_lib.DEFAULT_FSDP_MIN_SIZE))
+  opt_state = sharding_lib.mirror_param_shardings(abstract_state.opt_state, abstract_state.params, params, mesh)
+  shardings = shardings.replace(params=params, opt_state=opt_state)
   if abstract_state.pool is not None:
     shardings = shardings.replace(pool=roclip.pool_shardings(mesh, config.roclip.shard_pool))
   return shardings
@@ -115,7 +129,15 @@ def create_train_state(config, mesh, tx, shardings: TrainState) -> TrainState:
 
 def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, mesh: Mesh,
                    config: ml_collections.ConfigDict, mode: StepMode):
-  """The step's loss, its auxiliary outputs and the parameter gradients."""
+  """The step's loss, its auxiliary outputs and the parameter gradients.
+
+  With `config.grad_accum_steps` > 1 the gradient is accumulated over
+  micro-batches but still equals the full-batch gradient (see
+  `_accumulated_loss_and_grads`).
+  """
+  accum = int(config.get("grad_accum_steps", 1))
+  if accum > 1:
+    return _accumulated_loss_and_grads(state, batch, spec=spec, mesh=mesh, config=config, mode=mode, accum=accum)
   images = image_ops.normalize(batch["image"])
   tokens = batch["text"]
   shard_pool = bool(config.roclip.shard_pool) if state.pool is not None else False
@@ -143,6 +165,112 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
     return loss, (aux, new_model_state)
 
   (loss, (aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return loss, aux, grads, new_model_state
+
+
+# ----------------------------------------------------------------------------
+# Gradient accumulation.
+
+
+def split_micro_batches(x: jax.Array, accum: int, mesh: Mesh) -> jax.Array:
+  """[B, ...] -> [accum, B/accum, ...]; micro-batch k holds rows k, k+accum, ...
+
+  Strided rather than contiguous so that each micro-batch is spread over all
+  batch shards (every device keeps working) and the reshape moves no data:
+  a device's contiguous rows split evenly into all micro-batches whenever
+  B/accum is a multiple of the shard count (`config_lib.validate` checks).
+  """
+  micro = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+  return jax.lax.with_sharding_constraint(micro, NamedSharding(mesh, P(None, sharding_lib.batch_axes(mesh))))
+
+
+def join_micro_batches(x: jax.Array, mesh: Mesh) -> jax.Array:
+  """Inverse of `split_micro_batches`: back to the original batch order."""
+  full = x.swapaxes(0, 1).reshape((x.shape[0] * x.shape[1],) + x.shape[2:])
+  return jax.lax.with_sharding_constraint(full, sharding_lib.batch_sharding(mesh))
+
+
+def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, mesh: Mesh,
+                                config: ml_collections.ConfigDict, mode: StepMode, accum: int):
+  """Exact gradient accumulation for a contrastive loss (embedding caching).
+
+  Averaging per-micro-batch InfoNCE gradients would change the loss: each
+  example would see B/accum - 1 negatives instead of B - 1. Instead (the
+  "gradient cache" of open_clip's --accum-freq and GradCache):
+
+  1. forward every micro-batch without gradient and keep only the L2-normalised
+     embeddings, [B, d] per tower;
+  2. compute the full-batch loss and its gradient with respect to those
+     embeddings and to the logit scale (cheap: B x B logits);
+  3. for each micro-batch, recompute its embeddings with gradient and pull the
+     cached embedding gradient back to the parameters (a VJP), summing.
+
+  By the chain rule the sum is the full-batch gradient; peak activation memory
+  is one micro-batch's. The logit scale's gradient is taken once in step 2,
+  not once per micro-batch. In a matching step the positives are pool rows
+  (constants) matched with the cached image embeddings, so only the image
+  tower is recomputed. Models with batch statistics (the ResNet's BatchNorm)
+  normalise per micro-batch, so for them the result is exact only for the
+  micro-batched forward; running statistics advance once per micro-batch.
+  """
+  shard_pool = bool(config.roclip.shard_pool) if state.pool is not None else False
+  images_mb = split_micro_batches(batch["image"], accum, mesh)
+  tokens_mb = split_micro_batches(batch["text"], accum, mesh)
+
+  def embed_images(params, model_state, images_u8):
+    model = spec.merge(params, model_state)
+    zimg = losses.l2_normalize(model.encode_image(image_ops.normalize(images_u8), train=True))
+    return zimg, ModelSpec.split(model)[1]
+
+  def embed_texts(params, model_state, tokens):
+    return losses.l2_normalize(spec.merge(params, model_state).encode_text(tokens))
+
+  # 1. Embeddings of the whole batch, one micro-batch at a time, no gradient.
+  def forward(_, micro):
+    images_u8, tokens = micro
+    zimg, _ = embed_images(state.params, state.model_state, images_u8)
+    return None, (zimg, embed_texts(state.params, state.model_state, tokens))
+
+  _, (zimg_mb, ztxt_mb) = jax.lax.scan(forward, None, (images_mb, tokens_mb))
+  zimg, ztxt = join_micro_batches(zimg_mb, mesh), join_micro_batches(ztxt_mb, mesh)
+
+  # 2. The full-batch loss and its gradient at the cached embeddings.
+  log_scale = state.params["logit_scale"]
+  if mode.match:
+    match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool)
+    (loss, aux), (g_zimg, g_scale) = jax.value_and_grad(
+        lambda zi, t: roclip.matching_loss(zi, match, t), argnums=(0, 1), has_aux=True)(zimg, log_scale)
+    g_ztxt = jnp.zeros_like(ztxt)  # Unused: the text tower gets no gradient in a matching step.
+    aux = dict(aux, match=match, ztxt=ztxt)
+  else:
+    (loss, aux), (g_zimg, g_ztxt, g_scale) = jax.value_and_grad(
+        losses.clip_loss, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, log_scale)
+    aux = dict(aux, ztxt=ztxt)
+
+  # 3. Per micro-batch: recompute with gradient, pull the cached gradient back.
+  grad_shardings = sharding_lib.param_shardings(state.params, mesh, config.get("sharding_rules", None),
+                                                config.get("fsdp_min_size", sharding_lib.DEFAULT_FSDP_MIN_SIZE))
+
+  def backward(carry, micro):
+    grads, model_state = carry
+    images_u8, tokens, g_zi, g_zt = micro
+
+    def pullback(params):
+      zi, new_model_state = embed_images(params, model_state, images_u8)
+      total = jnp.sum(zi * g_zi)
+      if not mode.match:
+        total = total + jnp.sum(embed_texts(params, model_state, tokens) * g_zt)
+      return total, new_model_state
+
+    micro_grads, new_model_state = jax.grad(pullback, has_aux=True)(state.params)
+    grads = jax.lax.with_sharding_constraint(jax.tree.map(jnp.add, grads, micro_grads), grad_shardings)
+    return (grads, new_model_state), None
+
+  zeros = jax.lax.with_sharding_constraint(jax.tree.map(jnp.zeros_like, state.params), grad_shardings)
+  micro_grads_in = (images_mb, tokens_mb, split_micro_batches(g_zimg, accum, mesh),
+                    split_micro_batches(g_ztxt, accum, mesh))
+  (grads, new_model_state), _ = jax.lax.scan(backward, (zeros, state.model_state), micro_grads_in)
+  grads = dict(grads, logit_scale=grads["logit_scale"] + g_scale)
   return loss, aux, grads, new_model_state
 
 
@@ -206,3 +334,92 @@ def make_train_steps(config, mesh, spec, tx, schedule, shardings: TrainState) ->
     steps[name] = jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
                           donate_argnums=0)
   return steps
+
+
+# ----------------------------------------------------------------------------
+# Ahead-of-time compilation (the dry run).
+
+
+def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes, dtypes and shardings of one global training batch (as `global_batch` makes it)."""
+  b, size, length = config.data.batch_size, config.model.image.image_size, config.model.text.context_length
+  sh = sharding_lib.batch_sharding(mesh)
+  sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
+  # int64 ids and labels from the pipeline become int32 on device (jax_enable_x64 is off).
+  return {"image": sds((b, size, size, 3), jnp.uint8), "text": sds((b, length), jnp.int32),
+          "id": sds((b,), jnp.int32), "label": sds((b,), jnp.int32), "poisoned": sds((b,), jnp.int8)}
+
+
+@dataclasses.dataclass(frozen=True)
+class CompileReport:
+  """What compiling one train step for a mesh says about it, per device."""
+  mode: str
+  num_devices: int
+  compile_seconds: float
+  flops: float | None  # XLA's count for one device's program (all ops, not just matmuls).
+  analytic_flops: float  # Matmul FLOPs (models.flops_per_pair) of forward + backward, the device's share.
+  peak_bytes: int | None  # Arguments + outputs - donated + temporaries, or XLA's peak if larger.
+  argument_bytes: int
+  temp_bytes: int
+  param_bytes: int  # Parameters and optimizer state held by one device (after FSDP).
+
+  def summary(self) -> str:
+    gib = lambda n: "n/a" if n is None else f"{n / 2**30:.3f} GiB"
+    flops = "n/a" if self.flops is None else f"{self.flops:.3e}"
+    return (f"step '{self.mode}' on {self.num_devices} devices: compiled in {self.compile_seconds:.1f}s; per device: "
+            f"peak memory {gib(self.peak_bytes)} (arguments {gib(self.argument_bytes)}, temporaries "
+            f"{gib(self.temp_bytes)}, params+optimizer {gib(self.param_bytes)}), FLOPs {flops} "
+            f"(analytic matmul FLOPs {self.analytic_flops:.3e})")
+
+
+def _bytes_per_device(abstract: Any, shardings: Any) -> int:
+  total = 0
+  for x, s in zip(jax.tree.leaves(abstract), jax.tree.leaves(shardings)):
+    shard_shape = s.shard_shape(x.shape)
+    total += int(np.prod(shard_shape, dtype=np.int64)) * jnp.dtype(x.dtype).itemsize
+  return total
+
+
+def aot_compile(config: ml_collections.ConfigDict, mesh: Mesh,
+                total_steps: int = 1_000_000) -> dict[str, tuple[Any, CompileReport]]:
+  """Lowers and compiles every step mode for `mesh` from shapes alone.
+
+  Nothing is allocated and no data is read, so this runs on fake CPU devices
+  (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) to check a large
+  run's per-device memory before it is launched. `total_steps` only changes
+  the learning-rate schedule's constants, not memory or FLOPs.
+  """
+  tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps)
+  spec = ModelSpec.create(config.model)
+  abstract, shardings = abstract_train_state(config, mesh, tx)
+  state_in = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), abstract, shardings)
+  batch_in = abstract_batch(config, mesh)
+  per_device_batch = config.data.batch_size / mesh.size
+  pair_flops = models.flops_per_pair(config.model)
+  text = config.model.text
+  text_flops = text_lib.text_flops(context_length=text.context_length, width=text.width, layers=text.layers) + (
+      2 * text.width * config.model.embed_dim)
+  param_bytes = _bytes_per_device((abstract.params, abstract.opt_state), (shardings.params, shardings.opt_state))
+  out = {}
+  for name, fn in make_train_steps(config, mesh, spec, tx, schedule, shardings).items():
+    # Forward + backward = 3x the forward's matmuls; a matching step runs the text tower forward only.
+    analytic = (3 * pair_flops - (2 * text_flops if step_modes(config)[name].match else 0)) * per_device_batch
+    t0 = time.perf_counter()
+    with jax.set_mesh(mesh):
+      compiled = fn.lower(state_in, batch_in).compile()
+    seconds = time.perf_counter() - t0
+    memory = compiled.memory_analysis()
+    cost = compiled.cost_analysis()
+    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    flops = float(cost["flops"]) if cost and "flops" in cost else None
+    peak = None
+    argument_bytes = temp_bytes = 0
+    if memory is not None:
+      argument_bytes, temp_bytes = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
+      # Some backends (CPU) report a peak that leaves out the temporaries: take the larger.
+      peak = max(int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
+                 argument_bytes + int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes) + temp_bytes)
+    out[name] = (compiled, CompileReport(
+        mode=name, num_devices=mesh.size, compile_seconds=seconds, flops=flops, analytic_flops=analytic,
+        peak_bytes=peak, argument_bytes=argument_bytes, temp_bytes=temp_bytes, param_bytes=param_bytes))
+  return out

@@ -6,6 +6,7 @@ The defense only changes which compiled step runs in which epoch.
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import time
@@ -25,6 +26,7 @@ from roclip_jax import metrics as metrics_lib
 from roclip_jax import optim
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
+from roclip_jax import weights as weights_lib
 from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
 from roclip_jax.data import sources
@@ -65,6 +67,23 @@ def run_evaluators(evaluators, encoder) -> dict[str, float]:
   return results
 
 
+def dry_run(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
+  """`config.dry_run`: compiles every step for `mesh`, reports memory and FLOPs per device, trains nothing.
+
+  Reads no data and writes nothing into the workdir.
+  """
+  tx, _ = optim.make_optimizer(config.optim, total_steps=1)
+  abstract, _ = steps_lib.abstract_train_state(config, mesh, tx)
+  specs = sharding_lib.param_specs(abstract.params, mesh, config.sharding_rules, config.fsdp_min_size)
+  logging.info("Dry run on mesh %s; sharded parameters:\n%s", dict(mesh.shape), sharding_lib.describe(specs))
+  results: dict[str, Any] = {"dry_run": True, "num_devices": mesh.size, "mesh": str(dict(mesh.shape))}
+  for name, (_, report) in steps_lib.aot_compile(config, mesh).items():
+    if jax.process_index() == 0:
+      print(report.summary(), flush=True)
+    results.update({f"{name}/{k}": v for k, v in dataclasses.asdict(report).items() if k != "mode"})
+  return results
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
@@ -75,6 +94,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh(config.mesh)
   config_lib.validate(config, sharding_lib.num_batch_shards(mesh))
+  if config.get("dry_run", False):
+    return dry_run(config, mesh)
   is_main = jax.process_index() == 0
   if is_main:
     with open(os.path.join(workdir, "config.json"), "w") as f:
@@ -111,6 +132,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = ckpt.restore(latest, target, train_data.iterator)
   else:
     state = steps_lib.create_train_state(config, mesh, tx, state_shardings)
+    if config.get("init_from"):  # Pretrained weights; the optimizer state stays freshly initialised.
+      params, model_state = weights_lib.load_for_training(
+          config.init_from, config.model, state_shardings.params, state_shardings.model_state)
+      state = state.replace(params=params, model_state=model_state)
+      logging.info("Initialised the model from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
 
   evaluators = evaluators_lib.from_config(config, poison_info=poison_info)
