@@ -264,9 +264,11 @@ def test_bfloat16_compute_stays_close_to_float32(tiny, images, tokens):
     assert (rel > 0).any()  # the bf16 path really ran in lower precision
 
 
-def test_remat_keeps_outputs_and_gradients(tiny, tokens):
+@pytest.mark.parametrize("policy", ["full", "dots_saveable"])
+def test_remat_keeps_outputs_and_gradients(tiny, tokens, policy):
   cfg = models.preset("tiny")
   cfg.remat = True
+  cfg.remat_policy = policy
   rematted = _with_params_of(cfg, tiny)
 
   def loss(model):

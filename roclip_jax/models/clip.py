@@ -13,6 +13,8 @@ Model config schema (every field is required by `build`):
   act: 'quick_gelu' | 'gelu'          transformer MLP activation
   dtype: 'float32' | 'bfloat16'       compute dtype; parameters are always float32
   remat: bool                         recompute each transformer block in the backward pass
+  remat_policy: str (optional)        what a rematted block keeps: 'full' (nothing, default),
+                                      'dots_saveable', 'dots_no_batch_saveable'
 """
 from __future__ import annotations
 
@@ -35,6 +37,11 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP: temperature 0.07
 
 
+def _remat(model_cfg: ml_collections.ConfigDict) -> bool | str:
+  """False, or the remat policy name for `layers.apply_blocks`."""
+  return model_cfg.get("remat_policy", "full") if model_cfg.remat else False
+
+
 class CLIP(nnx.Module):
   """Image tower + text tower + linear projections into a joint space + learnable logit scale.
 
@@ -51,7 +58,7 @@ class CLIP(nnx.Module):
       self.vision_model = vit_lib.VisionTransformer(
           image_size=image.image_size, patch_size=image.patch_size, width=image.width,
           layers=image.layers, heads=image.heads, act=model_cfg.act, dtype=dtype,
-          remat=model_cfg.remat, rngs=rngs)
+          remat=_remat(model_cfg), rngs=rngs)
       self.visual_projection = nnx.Linear(
           image.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
           kernel_init=jax.nn.initializers.normal(image.width ** -0.5), rngs=rngs)
@@ -64,7 +71,7 @@ class CLIP(nnx.Module):
     self.text_model = text_lib.TextTransformer(
         vocab_size=text.vocab_size, context_length=text.context_length, width=text.width,
         layers=text.layers, heads=text.heads, act=model_cfg.act, dtype=dtype,
-        remat=model_cfg.remat, rngs=rngs)
+        remat=_remat(model_cfg), rngs=rngs)
     self.text_projection = nnx.Linear(
         text.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
         kernel_init=jax.nn.initializers.normal(text.width ** -0.5), rngs=rngs)
@@ -164,6 +171,9 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
   remat = _field(model_cfg, "remat")
   if not isinstance(remat, bool):
     raise ValueError(f"model config `remat`={remat!r} must be a bool.")
+  policy = model_cfg.get("remat_policy", "full")
+  if policy not in layers_lib.REMAT_POLICIES:
+    raise ValueError(f"model config `remat_policy`={policy!r} must be one of {sorted(layers_lib.REMAT_POLICIES)}.")
 
 
 def build(model_cfg: ml_collections.ConfigDict, *, rngs: nnx.Rngs) -> CLIP:

@@ -202,9 +202,21 @@ def make_blocks(
   ])
 
 
-def apply_blocks(blocks: nnx.List, x: jax.Array, *, remat: bool) -> jax.Array:
+# `model.remat`: False, True (= 'full'), or a policy naming what each block keeps for the backward pass.
+REMAT_POLICIES = {
+    "full": None,  # Keep nothing: recompute the whole block (least memory).
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,  # Keep matmul outputs, recompute the rest.
+    "dots_no_batch_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def apply_blocks(blocks: nnx.List, x: jax.Array, *, remat: bool | str) -> jax.Array:
   """Runs the stack; with `remat`, each block's activations are recomputed in the backward pass."""
-  apply = nnx.remat(_apply_block) if remat else _apply_block
+  if remat:
+    policy = REMAT_POLICIES["full" if remat is True else remat]  # `remat` is True or a policy name.
+    apply = nnx.remat(_apply_block, policy=policy)
+  else:
+    apply = _apply_block
   for block in blocks:
     x = apply(block, x)
   return x

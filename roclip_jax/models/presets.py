@@ -51,7 +51,8 @@ def clip_config(*, embed_dim: int, image: dict, text: ml_collections.ConfigDict,
                 act: str = "quick_gelu") -> ml_collections.ConfigDict:
   """Assembles the full schema with the defaults: float32 compute, no remat."""
   return ml_collections.ConfigDict(dict(
-      embed_dim=embed_dim, image=image, text=text, act=act, dtype="float32", remat=False))
+      embed_dim=embed_dim, image=image, text=text, act=act, dtype="float32", remat=False,
+      remat_policy="full"))
 
 
 def vit_image(*, image_size: int, patch_size: int, width: int, layers: int, heads: int) -> dict:
