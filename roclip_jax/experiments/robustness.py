@@ -99,7 +99,8 @@ def format_table(results: dict[str, dict[str, Any]], config: ml_collections.Conf
       f"Seeds: training seed {config.seed}, poison seed {p.seed}. Data: built-in demo set "
       f"({config.data.demo.num_classes} classes, {config.data.demo.train_per_class}/class train, "
       f"{config.data.demo.test_per_class}/class test), {config.num_epochs} epochs, global batch "
-      f"{config.data.batch_size}, model preset with image size {config.model.image.image_size}.",
+      f"{config.data.batch_size}, model preset with image size {config.model.image.image_size}. "
+      f"Zero-shot chance: {100 / config.data.demo.num_classes:.1f}%.",
   ]
   if p.backdoor.enabled:
     notes.append(f"Backdoor: {p.backdoor.trigger} trigger, target '{p.backdoor.target_class}', "
