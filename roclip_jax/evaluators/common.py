@@ -7,6 +7,7 @@ attack success, instead of whatever an argsort happens to return.
 """
 from __future__ import annotations
 
+import abc
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
@@ -41,7 +42,7 @@ class EvalSetLike(Protocol):
 LoadSplit = Callable[[], EvalSetLike]
 
 
-class Evaluator:
+class Evaluator(abc.ABC):
   """A named evaluation that runs every `every_steps` training steps (0: only at the end).
 
   `run(encoder)` returns metrics whose keys start with `<name>/`.
@@ -58,8 +59,9 @@ class Evaluator:
     """Whether to run after training step `step` of `total_steps`."""
     return step == total_steps or (self.every_steps > 0 and step % self.every_steps == 0)
 
+  @abc.abstractmethod
   def run(self, encoder: Encoder) -> dict[str, float]:
-    raise NotImplementedError
+    """Evaluates the encoder; keys are `<name>/<metric>`."""
 
   def _metrics(self, values: dict[str, float]) -> dict[str, float]:
     return {f"{self.name}/{key}": float(value) for key, value in values.items()}
