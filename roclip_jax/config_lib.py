@@ -13,6 +13,8 @@ import ml_collections
 
 DEFENSES = ("none", "roclip")
 DATA_SOURCES = ("demo", "csv", "array_record")
+LOSSES = ("clip", "siglip")  # Symmetric InfoNCE, or SigLIP's pairwise sigmoid (needs model.logit_bias).
+LOCKS = ("", "image", "text")  # Which tower (if any) the optimizer leaves untouched (LiT).
 
 
 class ConfigError(ValueError):
@@ -59,6 +61,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.dry_run_devices = 0  # With dry_run: fake this many CPU devices (0 = the devices present).
 
   c.model = models.preset("tiny")
+  # 'clip' (InfoNCE) or 'siglip' (sigmoid pairwise, Zhai et al. 2023; set model.logit_bias=True).
+  c.loss = "clip"
   # Pretrained weights to start from (HF CLIP dir or OpenAI/open_clip file; see weights.load_any).
   # Used only when the workdir holds no checkpoint; the architecture must match c.model.
   c.init_from = ""
@@ -102,6 +106,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.optim.eps = 1e-6
   c.optim.weight_decay = 0.1
   c.optim.grad_clip_norm = 0.0
+  # LiT-style tower locking: '' (train both), 'image' or 'text'. The locked tower gets no update
+  # (not even weight decay) and a locked ResNet's BatchNorm statistics stay fixed.
+  c.optim.lock = ""
 
   c.log_every_steps = 50
   c.checkpoint = ml_collections.ConfigDict(dict(every_steps=1000, max_to_keep=3, async_save=True))
@@ -178,6 +185,7 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
       lo = r.pool_size // num_batch_shards * num_batch_shards
       _fail("roclip.pool_size", f"{r.pool_size} is not divisible by the {num_batch_shards} batch shards, "
             "which a sharded pool needs.", f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.")
+  _validate_loss_and_lock(config)
   _validate_scale(config, num_batch_shards)
   for name, ev in config.evals.items():
     if "type" not in ev:
@@ -204,3 +212,25 @@ def _validate_scale(config: ml_collections.ConfigDict, num_batch_shards: int) ->
           f"use a batch that is a multiple of {unit}, e.g. {max(unit, b // unit * unit)}, or fewer micro-batches.")
   if config.get("dry_run_devices", 0) < 0:
     _fail("dry_run_devices", f"is {config.dry_run_devices}.", "use 0 (the devices present) or a device count.")
+
+
+def _validate_loss_and_lock(config: ml_collections.ConfigDict) -> None:
+  """The loss and tower locking (both optional fields: older configs lack them)."""
+  loss = config.get("loss", "clip")
+  if loss not in LOSSES:
+    _fail("loss", f"{loss!r} is not a known loss.", f"use one of {LOSSES}.")
+  if loss == "siglip" and not config.model.get("logit_bias", False):
+    _fail("model.logit_bias", "is False but config.loss='siglip' needs the learnable logit bias.",
+          "set --config.model.logit_bias=True (or use config.loss='clip').")
+  if config.model.get("logit_bias", False) and config.get("init_from", ""):
+    # OpenAI/HF checkpoints carry no bias, and weights.load_for_training expects the exact tree.
+    _fail("init_from", "is set but model.logit_bias=True: pretrained CLIP weights have no logit bias to load.",
+          "train the SigLIP model from scratch (init_from=''), or use config.loss='clip' with logit_bias=False.")
+  lock = config.optim.get("lock", "")
+  if lock not in LOCKS:
+    _fail("optim.lock", f"{lock!r} is not a tower.", "use '' (train both towers), 'image' or 'text'.")
+  if lock == "image" and config.defense == "roclip":
+    # A matching step trains only the image tower (ROCLIP.md §1.4): locked, every
+    # matching epoch would train nothing but the logit scale.
+    _fail("optim.lock", "is 'image' with defense='roclip', whose matching steps train only the image tower.",
+          "lock the text tower instead (optim.lock='text'), or use defense='none' for a locked-image (LiT) model.")

@@ -1,4 +1,4 @@
-"""Optimizer from config: AdamW, linear warm-up + cosine decay, masked weight decay."""
+"""Optimizer from config: AdamW, linear warm-up + cosine decay, masked weight decay, tower locking."""
 from __future__ import annotations
 
 from typing import Any
@@ -33,7 +33,27 @@ def weight_decay_mask(params: Any) -> Any:
   return jax.tree.map(lambda p: p.ndim >= 2, params)
 
 
+# Top-level parameter subtrees of each tower (roclip_jax/models/clip.py). The
+# ResNet has no `visual_projection`: its attention pool projects.
+TOWER_PARAMS = {"image": ("vision_model", "visual_projection"), "text": ("text_model", "text_projection")}
+
+
+def lock_labels(params: dict[str, Any], lock: str) -> dict[str, Any]:
+  """'frozen' for every leaf of the locked tower, 'trained' for the rest (optax.multi_transform labels)."""
+  if lock not in ("", *TOWER_PARAMS):
+    raise ValueError(f"optim.lock={lock!r} is not a tower; use '', 'image' or 'text'.")
+  frozen = TOWER_PARAMS.get(lock, ())
+  return {name: jax.tree.map(lambda _, n=name: "frozen" if n in frozen else "trained", subtree)
+          for name, subtree in params.items()}
+
+
 def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The train step's optimizer and its learning-rate schedule.
+
+  With `optim_cfg.lock` = 'image' or 'text' (LiT), that tower's updates are
+  exactly zero: it is routed to `set_to_zero`, so neither Adam nor weight decay
+  touches it and it keeps no moments.
+  """
   schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip_norm > 0:
@@ -44,4 +64,9 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> tu
           mask=weight_decay_mask,
       )
   )
-  return optax.chain(*parts), schedule
+  tx = optax.chain(*parts)
+  lock = optim_cfg.get("lock", "")
+  if lock:
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
+                               lambda params: lock_labels(params, lock))
+  return tx, schedule

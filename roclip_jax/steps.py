@@ -127,13 +127,53 @@ def create_train_state(config, mesh, tx, shardings: TrainState) -> TrainState:
     return jax.jit(functools.partial(init_train_state, config, tx), out_shardings=shardings)()
 
 
+# Scalar parameters of the loss itself (not of a tower); `logit_bias` exists only with model.logit_bias.
+LOSS_SCALARS = ("logit_scale", "logit_bias")
+# Loss components a step may report besides `loss` (InfoNCE's two directions, SigLIP's two pair kinds).
+LOSS_PARTS = ("loss_i2t", "loss_t2i", "loss_pos", "loss_neg")
+
+
+def locked_tower(config: ml_collections.ConfigDict) -> str:
+  """'', 'image' or 'text': the tower `optim.make_optimizer` leaves untouched."""
+  return config.optim.get("lock", "")
+
+
+def pair_loss(config: ml_collections.ConfigDict, mesh: Mesh):
+  """`fn(zimg, ztxt, scalars) -> (loss, aux)` for `config.loss`, row i of ztxt being image i's positive.
+
+  `scalars` holds the loss's parameters (`LOSS_SCALARS` present in the params).
+  The SigLIP loss is chunked over the mesh's batch axes (`losses.siglip_loss`).
+  """
+  loss = config.get("loss", "clip")
+  if loss == "siglip":
+    axes = sharding_lib.batch_axes(mesh)
+    return lambda zimg, ztxt, scalars: losses.siglip_loss(zimg, ztxt, scalars["logit_scale"], scalars["logit_bias"],
+                                                          mesh=mesh, axes=axes)
+  if loss != "clip":
+    raise ValueError(f"config.loss={loss!r} is unknown; use one of {losses.LOSSES}.")
+  return lambda zimg, ztxt, scalars: losses.clip_loss(zimg, ztxt, scalars["logit_scale"])
+
+
+def _matching_loss(config, mesh, zimg, match: roclip.Match, scalars):
+  """RoCLIP's matching loss (§1.4) with the configured pair loss: matched captions replace the positives."""
+  if config.get("loss", "clip") == "clip":
+    return roclip.matching_loss(zimg, match, scalars["logit_scale"])
+  return pair_loss(config, mesh)(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
+
+
+def _loss_scalars(params: dict[str, Any]) -> dict[str, jax.Array]:
+  return {k: params[k] for k in LOSS_SCALARS if k in params}
+
+
 def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, mesh: Mesh,
                    config: ml_collections.ConfigDict, mode: StepMode):
   """The step's loss, its auxiliary outputs and the parameter gradients.
 
   With `config.grad_accum_steps` > 1 the gradient is accumulated over
   micro-batches but still equals the full-batch gradient (see
-  `_accumulated_loss_and_grads`).
+  `_accumulated_loss_and_grads`). A locked tower (`config.optim.lock`) runs in
+  inference mode (a ResNet's BatchNorm statistics stay fixed) and gets no
+  gradient, which also skips its backward pass.
   """
   accum = int(config.get("grad_accum_steps", 1))
   if accum > 1:
@@ -141,6 +181,8 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
   images = image_ops.normalize(batch["image"])
   tokens = batch["text"]
   shard_pool = bool(config.roclip.shard_pool) if state.pool is not None else False
+  lock = locked_tower(config)
+  compute_loss = pair_loss(config, mesh)
 
   if mode.match:
     # Matching step: captions only feed the pool, so the text tower runs
@@ -151,16 +193,21 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
 
   def loss_fn(params):
     model = spec.merge(params, state.model_state)
-    zimg = losses.l2_normalize(model.encode_image(images, train=True))
-    log_scale = params["logit_scale"]
+    zimg = losses.l2_normalize(model.encode_image(images, train=lock != "image"))
+    if lock == "image":
+      zimg = jax.lax.stop_gradient(zimg)
+    scalars = _loss_scalars(params)
     if mode.match:
       match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool)
-      loss, aux = roclip.matching_loss(zimg, match, log_scale)
+      loss, aux = _matching_loss(config, mesh, zimg, match, scalars)
       aux = dict(aux, match=match, ztxt=ztxt)
     else:
       zt = losses.l2_normalize(model.encode_text(tokens))
-      loss, aux = losses.clip_loss(zimg, zt, log_scale)
+      if lock == "text":
+        zt = jax.lax.stop_gradient(zt)
+      loss, aux = compute_loss(zimg, zt, scalars)
       aux = dict(aux, ztxt=jax.lax.stop_gradient(zt))
+    aux = dict(aux, zimg=jax.lax.stop_gradient(zimg))
     _, new_model_state = ModelSpec.split(model)
     return loss, (aux, new_model_state)
 
@@ -212,14 +259,17 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
   tower is recomputed. Models with batch statistics (the ResNet's BatchNorm)
   normalise per micro-batch, so for them the result is exact only for the
   micro-batched forward; running statistics advance once per micro-batch.
+  The loss's own scalars (logit scale, SigLIP's bias) get their gradient in
+  step 2; a locked tower is not recomputed in step 3.
   """
   shard_pool = bool(config.roclip.shard_pool) if state.pool is not None else False
+  lock = locked_tower(config)
   images_mb = split_micro_batches(batch["image"], accum, mesh)
   tokens_mb = split_micro_batches(batch["text"], accum, mesh)
 
   def embed_images(params, model_state, images_u8):
     model = spec.merge(params, model_state)
-    zimg = losses.l2_normalize(model.encode_image(image_ops.normalize(images_u8), train=True))
+    zimg = losses.l2_normalize(model.encode_image(image_ops.normalize(images_u8), train=lock != "image"))
     return zimg, ModelSpec.split(model)[1]
 
   def embed_texts(params, model_state, tokens):
@@ -235,17 +285,18 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
   zimg, ztxt = join_micro_batches(zimg_mb, mesh), join_micro_batches(ztxt_mb, mesh)
 
   # 2. The full-batch loss and its gradient at the cached embeddings.
-  log_scale = state.params["logit_scale"]
+  scalars = _loss_scalars(state.params)
   if mode.match:
     match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool)
-    (loss, aux), (g_zimg, g_scale) = jax.value_and_grad(
-        lambda zi, t: roclip.matching_loss(zi, match, t), argnums=(0, 1), has_aux=True)(zimg, log_scale)
+    (loss, aux), (g_zimg, g_scalars) = jax.value_and_grad(
+        lambda zi, s: _matching_loss(config, mesh, zi, match, s), argnums=(0, 1), has_aux=True)(zimg, scalars)
     g_ztxt = jnp.zeros_like(ztxt)  # Unused: the text tower gets no gradient in a matching step.
     aux = dict(aux, match=match, ztxt=ztxt)
   else:
-    (loss, aux), (g_zimg, g_ztxt, g_scale) = jax.value_and_grad(
-        losses.clip_loss, argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, log_scale)
+    (loss, aux), (g_zimg, g_ztxt, g_scalars) = jax.value_and_grad(
+        pair_loss(config, mesh), argnums=(0, 1, 2), has_aux=True)(zimg, ztxt, scalars)
     aux = dict(aux, ztxt=ztxt)
+  aux = dict(aux, zimg=zimg)
 
   # 3. Per micro-batch: recompute with gradient, pull the cached gradient back.
   grad_shardings = sharding_lib.param_shardings(state.params, mesh, config.get("sharding_rules", None),
@@ -257,8 +308,8 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
 
     def pullback(params):
       zi, new_model_state = embed_images(params, model_state, images_u8)
-      total = jnp.sum(zi * g_zi)
-      if not mode.match:
+      total = jnp.zeros((), jnp.float32) if lock == "image" else jnp.sum(zi * g_zi)
+      if not mode.match and lock != "text":
         total = total + jnp.sum(embed_texts(params, model_state, tokens) * g_zt)
       return total, new_model_state
 
@@ -270,7 +321,7 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
   micro_grads_in = (images_mb, tokens_mb, split_micro_batches(g_zimg, accum, mesh),
                     split_micro_batches(g_ztxt, accum, mesh))
   (grads, new_model_state), _ = jax.lax.scan(backward, (zeros, state.model_state), micro_grads_in)
-  grads = dict(grads, logit_scale=grads["logit_scale"] + g_scale)
+  grads = dict(grads, **{k: grads[k] + g for k, g in g_scalars.items()})
   return loss, aux, grads, new_model_state
 
 
@@ -289,11 +340,11 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
 
   metrics = {
       "loss": loss,
-      "loss_i2t": aux["loss_i2t"],
-      "loss_t2i": aux["loss_t2i"],
+      **{k: aux[k] for k in LOSS_PARTS if k in aux},
       "batch_accuracy": aux["batch_accuracy"],
       "lr": schedule(state.step),
       "logit_scale": jnp.exp(params["logit_scale"]),
+      **({"logit_bias": params["logit_bias"]} if "logit_bias" in params else {}),
       "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
   }

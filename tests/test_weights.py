@@ -257,7 +257,7 @@ def test_load_openai_infers_the_architecture_like_build_model(hf_dir, tmp_path):
   model_cfg, _, _ = weights.load_openai(path)
   # Heads follow OpenAI's rule width // 64 when nothing says otherwise.
   assert model_cfg.to_dict() == dict(
-      embed_dim=32, act="quick_gelu", dtype="float32", remat=False,
+      embed_dim=32, act="quick_gelu", dtype="float32", remat=False, remat_policy="full", logit_bias=False,
       image=dict(type="vit", image_size=32, patch_size=8, width=64, layers=2, heads=1),
       text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1))
   with pytest.raises(ValueError, match="pass text_heads="):

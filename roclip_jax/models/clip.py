@@ -15,6 +15,8 @@ Model config schema (every field is required by `build`):
   remat: bool                         recompute each transformer block in the backward pass
   remat_policy: str (optional)        what a rematted block keeps: 'full' (nothing, default),
                                       'dots_saveable', 'dots_no_batch_saveable'
+  logit_bias: bool (optional)         add SigLIP's learnable logit bias b (init -10) and start the
+                                      logit scale at ln 10; default False (OpenAI/HF layout)
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ from roclip_jax.models import vit as vit_lib
 IMAGE_TYPES = ("vit", "resnet")
 COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP: temperature 0.07
+SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP (Zhai et al. 2023): t' = ln 10 ...
+SIGLIP_INIT_LOGIT_BIAS = -10.0  # ... and b = -10, so training starts from "every pair is negative".
 
 
 def _remat(model_cfg: ml_collections.ConfigDict) -> bool | str:
@@ -75,7 +79,13 @@ class CLIP(nnx.Module):
     self.text_projection = nnx.Linear(
         text.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
         kernel_init=jax.nn.initializers.normal(text.width ** -0.5), rngs=rngs)
-    self.logit_scale = nnx.Param(jnp.asarray(INIT_LOGIT_SCALE, jnp.float32))
+    # The bias exists only for the sigmoid loss; without it the parameter tree is
+    # OpenAI's, so weight import and parameter counts are unchanged.
+    with_bias = bool(model_cfg.get("logit_bias", False))
+    init_scale = SIGLIP_INIT_LOGIT_SCALE if with_bias else INIT_LOGIT_SCALE
+    self.logit_scale = nnx.Param(jnp.asarray(init_scale, jnp.float32))
+    if with_bias:
+      self.logit_bias = nnx.Param(jnp.asarray(SIGLIP_INIT_LOGIT_BIAS, jnp.float32))
 
   def encode_image(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Normalised float NHWC images [B, S, S, 3] -> float32 [B, embed_dim] (not L2-normalised).
@@ -171,6 +181,9 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
   remat = _field(model_cfg, "remat")
   if not isinstance(remat, bool):
     raise ValueError(f"model config `remat`={remat!r} must be a bool.")
+  logit_bias = model_cfg.get("logit_bias", False)
+  if not isinstance(logit_bias, bool):
+    raise ValueError(f"model config `logit_bias`={logit_bias!r} must be a bool (True adds SigLIP's bias).")
   policy = model_cfg.get("remat_policy", "full")
   if policy not in layers_lib.REMAT_POLICIES:
     raise ValueError(f"model config `remat_policy`={policy!r} must be one of {sorted(layers_lib.REMAT_POLICIES)}.")

@@ -48,11 +48,12 @@ def text_config(*, width: int, layers: int, heads: int,
 
 
 def clip_config(*, embed_dim: int, image: dict, text: ml_collections.ConfigDict,
-                act: str = "quick_gelu") -> ml_collections.ConfigDict:
-  """Assembles the full schema with the defaults: float32 compute, no remat."""
+                act: str = "quick_gelu", logit_bias: bool = False) -> ml_collections.ConfigDict:
+  """Assembles the full schema with the defaults: float32 compute, no remat, no logit bias
+  (set `logit_bias=True` for the SigLIP loss)."""
   return ml_collections.ConfigDict(dict(
       embed_dim=embed_dim, image=image, text=text, act=act, dtype="float32", remat=False,
-      remat_policy="full"))
+      remat_policy="full", logit_bias=logit_bias))
 
 
 def vit_image(*, image_size: int, patch_size: int, width: int, layers: int, heads: int) -> dict:

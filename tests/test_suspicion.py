@@ -1,0 +1,135 @@
+"""Poison-suspicion report: AUROC against a brute-force pair count, the scores against loops,
+and the report of a tiny backdoored RoCLIP run (structure, not a particular AUROC)."""
+import csv
+import itertools
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from roclip_jax.data import demo
+from roclip_jax.experiments import suspicion
+from tests import test_train
+
+
+def _brute_auroc(scores, labels):
+  pos = [s for s, y in zip(scores, labels) if y]
+  neg = [s for s, y in zip(scores, labels) if not y]
+  wins = sum(1.0 if p > n else 0.5 if p == n else 0.0 for p, n in itertools.product(pos, neg))
+  return wins / (len(pos) * len(neg))
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_auroc_equals_brute_force_pair_count_with_ties(seed):
+  rng = np.random.default_rng(seed)
+  n = 30
+  scores = rng.integers(0, 6, n).astype(float)  # Few values: many ties.
+  labels = rng.random(n) < 0.3
+  labels[:2] = [True, False]
+  assert suspicion.auroc(scores, labels) == pytest.approx(_brute_auroc(scores, labels), abs=1e-12)
+
+
+def test_auroc_hand_values_and_bad_input():
+  assert suspicion.auroc([0.9, 0.8, 0.1], [1, 1, 0]) == 1.0
+  assert suspicion.auroc([0.1, 0.8, 0.9], [1, 1, 0]) == 0.0
+  assert suspicion.auroc([0.5, 0.5], [1, 0]) == 0.5
+  with pytest.raises(ValueError, match="both classes"):
+    suspicion.auroc([0.1, 0.2], [0, 0])
+  with pytest.raises(ValueError, match="NaN"):
+    suspicion.auroc([np.nan, 0.2], [1, 0])
+
+
+def test_precision_recall_at_k_by_hand():
+  scores = [0.9, 0.1, 0.8, 0.7, 0.2]
+  labels = [1, 1, 0, 1, 0]  # Top 3: 0.9 (pos), 0.8 (neg), 0.7 (pos).
+  assert suspicion.precision_recall_at_k(scores, labels, 3) == (2 / 3, 2 / 3)
+  assert suspicion.precision_recall_at_k(scores, labels, 1) == (1.0, 1 / 3)
+  with pytest.raises(ValueError, match="k=0"):
+    suspicion.precision_recall_at_k(scores, labels, 0)
+
+
+def _unit(x):
+  return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def test_scores_match_explicit_loops():
+  rng = np.random.default_rng(0)
+  n, m, d, k = 9, 7, 5, 3
+  img, cap, pool = _unit(rng.normal(size=(n, d))), _unit(rng.normal(size=(n, d))), _unit(rng.normal(size=(m, d)))
+  ids = np.arange(100, 100 + n)
+  pool_ids = np.array([100, 101, -1, 150, 103, 104, 160])  # Row 2 is a random init row.
+  got = suspicion.score_examples(img, cap, ids, pool_emb=pool, pool_ids=pool_ids, neighbors=k)
+  for i in range(n):
+    own = float(img[i] @ cap[i])
+    assert got["own_similarity"][i] == pytest.approx(own)
+    others = sorted((j for j in range(n) if j != i), key=lambda j: -float(img[i] @ cap[j]))[:k]
+    assert got["caption_atypicality"][i] == pytest.approx(1 - np.mean([cap[i] @ cap[j] for j in others]))
+    allowed = [r for r in range(m) if pool_ids[r] >= 0 and pool_ids[r] != ids[i]]
+    top1 = max(float(img[i] @ pool[r]) for r in allowed)
+    assert got["pool_top1_similarity"][i] == pytest.approx(top1)
+    assert got["pool_margin"][i] == pytest.approx(top1 - own)
+  np.testing.assert_array_equal(got["score"], got["pool_margin"])
+  without_pool = suspicion.score_examples(img, cap, ids, neighbors=k)
+  assert "pool_margin" not in without_pool
+  np.testing.assert_array_equal(without_pool["score"], got["caption_atypicality"])
+
+
+@pytest.fixture(scope="module")
+def poisoned_run(tmp_path_factory):
+  root = demo.ensure_demo_dataset(dict(test_train.DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+  # 4 backdoored examples, captioned as 'red circle' with the trigger stamped; 6 steps =
+  # a CLIP epoch and a RoCLIP matching epoch, so the pool holds captions.
+  config = test_train.tiny_config(root, "roclip", max_steps=6, **{
+      "poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.num_poisons": 4,
+      "poison.backdoor.target_class": "red circle", "checkpoint.async_save": False})
+  workdir = str(tmp_path_factory.mktemp("run"))
+  from roclip_jax import train
+  train.train_and_evaluate(config, workdir)
+  return workdir
+
+
+def test_report_on_a_tiny_backdoored_run(poisoned_run):
+  out = os.path.join(poisoned_run, "report", "s.csv")
+  report = suspicion.build_report(poisoned_run, out, neighbors=5)
+  with open(os.path.join(poisoned_run, "poison_info.json")) as f:
+    injected = set(json.load(f)["backdoor_ids"])
+  assert len(injected) == 4
+  with open(out) as f:
+    rows = list(csv.DictReader(f))
+  assert len(rows) == 48 == len({r["id"] for r in rows})
+  assert list(rows[0]) == ["rank", "id", "caption", "own_similarity", "pool_top1_similarity", "pool_margin",
+                           "caption_atypicality", "score", "poisoned", "poison_code"]
+  assert [int(r["rank"]) for r in rows] == list(range(1, 49))
+  scores = np.array([float(r["score"]) for r in rows])
+  assert np.all(np.diff(scores) <= 0)  # Most suspicious first.
+  flagged = {int(r["id"]) for r in rows if r["poisoned"] == "1"}
+  assert flagged == injected == {int(r["id"]) for r in rows if r["poison_code"] == "1"}
+  assert all("red circle" in r["caption"] for r in rows if int(r["id"]) in injected)
+  # The metrics, recomputed from the CSV by brute force.
+  labels = [r["poisoned"] == "1" for r in rows]
+  for name, column, sign in [("pool_margin", "pool_margin", 1), ("caption_atypicality", "caption_atypicality", 1),
+                             ("own_distance", "own_similarity", -1)]:
+    values = [sign * float(r[column]) for r in rows]
+    m = report.metrics[name]
+    assert m["auroc"] == pytest.approx(_brute_auroc(values, labels), abs=1e-9)
+    top4 = sorted(range(48), key=lambda i: -values[i])[:4]
+    assert m["k"] == 4 and m["precision_at_k"] == m["recall_at_k"] == pytest.approx(
+        sum(labels[i] for i in top4) / 4)
+  with open(os.path.splitext(out)[0] + ".json") as f:
+    assert json.load(f)["metrics"] == report.metrics
+  text = suspicion.format_metrics(report)
+  assert "4 injected poisons" in text and "pool_margin" in text and "AUROC" in text
+
+
+def test_cli_prints_the_metrics_and_writes_the_csv(poisoned_run):
+  env = dict(os.environ, PYTHONPATH=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  cmd = [sys.executable, "-m", "roclip_jax.experiments.suspicion"]
+  missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+  assert missing.returncode != 0 and "--workdir is required" in missing.stderr
+  done = subprocess.run(cmd + [f"--workdir={poisoned_run}"], env=env, capture_output=True, text=True, timeout=300)
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "precision@k" in done.stdout and "caption_atypicality" in done.stdout
+  assert os.path.exists(os.path.join(poisoned_run, "suspicion.csv"))
