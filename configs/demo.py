@@ -22,5 +22,5 @@ def get_config(arg=None):
   c.roclip.k = 2
   c.log_every_steps = 20
   c.checkpoint.every_steps = 200
-  c.evals.zeroshot.every_steps = 0
+  c.evals.zeroshot.every_steps = 100  # Also during training, for the curve in metrics.jsonl.
   return c
