@@ -7,6 +7,7 @@ anything is compiled and names the offending field and the fix.
 from __future__ import annotations
 
 import os
+import copy
 from typing import Any
 
 import ml_collections
@@ -39,6 +40,20 @@ def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict
     else:
       out[key] = type(default)(value)
   return ml_collections.ConfigDict(out)
+
+
+def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
+  """A copy of `config` with dotted-key overrides, e.g. {'augment.image': True}."""
+  config = copy.deepcopy(config)
+  for key, value in overrides.items():
+    node = config
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    if leaf not in node:
+      raise ConfigError(f"Cannot override {key!r}: config has no such field.")
+    node[leaf] = value
+  return config
 
 
 def base_config() -> ml_collections.ConfigDict:

@@ -38,9 +38,9 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
   poison_info, image_transform = None, None
   if config.poison.enabled:
     # Targets come from the held-out labelled split, as in the paper (§4.1).
-    held_out = sources.make_source(config.data, split="test")
-    class_names = pipeline.make_eval_arrays(config, split="test").class_names
-    targets = poison_lib.TargetPool.from_records([held_out[i] for i in range(len(held_out))], class_names)
+    held_out = pipeline.labelled_split(config, split="test")
+    records = [held_out.source[i] for i in range(len(held_out.source))]
+    targets = poison_lib.TargetPool.from_records(records, held_out.class_names)
     source, poison_info = poison_lib.poison_source(source, targets, config.poison, seed=config.poison.seed)
     image_transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
     if workdir is not None and jax.process_index() == 0:
@@ -105,11 +105,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --------------------------------------------------------------- data
   train_data, poison_info = build_train_data(config, workdir)
-  steps_per_epoch = train_data.steps_per_epoch
-  if steps_per_epoch < 1:
-    raise config_lib.ConfigError(
-        f"config.data.batch_size: {config.data.batch_size} is larger than the {train_data.num_examples} training "
-        "examples, so an epoch has no step. Fix: use a smaller batch or more data.")
+  steps_per_epoch = train_data.steps_per_epoch  # >= 1: make_train_data rejects smaller sources.
   total_steps = config.num_epochs * steps_per_epoch
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
   logging.info("%d examples, %d steps per epoch, %d epochs, %d steps", train_data.num_examples, steps_per_epoch,
@@ -182,7 +178,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         logging.info("Matching epoch %d: %s", epoch, epoch_row)
         epoch_sums = None
 
-      periodic = [ev for ev in evaluators if ev.every_steps > 0 and step % ev.every_steps == 0 and step != last_step]
+      periodic = [ev for ev in evaluators if step != last_step and ev.is_due(step, last_step)]
       if periodic:
         writer.write(step, dict(run_evaluators(periodic, make_encoder(config, spec, state)), epoch=epoch),
                      kind="eval")

@@ -56,3 +56,12 @@ def test_variant_parsing_casts_and_rejects_unknown_keys():
   assert (v.defense, v.epochs, v.fast) == ("roclip", 3, True)
   with pytest.raises(config_lib.ConfigError, match="Unknown config variant 'bogus'"):
     config_lib.parse_variant("bogus=1", defense="none")
+
+
+def test_dotted_overrides_copy_and_reject_unknown_fields():
+  config = load_config("demo")
+  changed = config_lib.override(config, {"roclip.k": 3, "augment.image": True})
+  assert (changed.roclip.k, changed.augment.image) == (3, True)
+  assert (config.roclip.k, config.augment.image) == (2, False)  # The original is untouched.
+  with pytest.raises(config_lib.ConfigError, match="'roclip.kk'"):
+    config_lib.override(config, {"roclip.kk": 3})

@@ -5,6 +5,7 @@ import re
 import numpy as np
 import pytest
 
+from roclip_jax import config_lib
 from roclip_jax.data import poison
 from roclip_jax.evaluators import templates as templates_lib
 
@@ -34,13 +35,7 @@ def _pool() -> poison.TargetPool:
 def _cfg(**overrides) -> "poison.ml_collections.ConfigDict":
   cfg = poison.default_config()
   cfg.enabled = True
-  for key, value in overrides.items():
-    node = cfg
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return cfg
+  return config_lib.override(cfg, overrides)
 
 
 def _targeted_cfg(**overrides):

@@ -46,13 +46,7 @@ def tiny_config(demo_root, defense="none", **overrides):
   c.checkpoint.async_save = True
   c.progress_bar = False
   c.evals = ml_collections.ConfigDict()
-  for key, value in overrides.items():
-    node = c
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    node[leaf] = value
-  return c
+  return config_lib.override(c, overrides)
 
 
 def _leaves(tree):

@@ -401,12 +401,18 @@ def _load_eval_image(path: str, size: int) -> np.ndarray | None:
   return None if image is None else image_ops.resize_center_crop(image, size)
 
 
-def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
-  """Loads a labelled eval split into memory (CLIP eval preprocessing).
+@dataclasses.dataclass
+class LabelledSplit:
+  source: Any  # A CsvSource with a label column.
+  class_names: list[str]
+  templates: list[str]
+
+
+def labelled_split(config: Any, split: str = "test") -> LabelledSplit:
+  """The records and class names of a labelled split, without decoding images.
 
   Uses `config.data.eval_csv` + `config.data.classes_json` when set, else the
-  demo dataset's split (with its classes.json). Undecodable images are left
-  out and counted in `num_skipped`.
+  demo dataset's split (with its classes.json).
   """
   data_cfg = config.data
   eval_csv = data_cfg.get("eval_csv", "") or ""
@@ -432,7 +438,17 @@ def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
         f"{source.path} has labels in [{labels.min()}, {labels.max()}] but "
         f"{classes_json} lists {len(class_names)} classes; every row needs a "
         f"label in [0, {len(class_names)}) (config.data.label_key).")
+  return LabelledSplit(source=source, class_names=class_names, templates=templates)
 
+
+def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
+  """Loads a labelled eval split into memory (CLIP eval preprocessing).
+
+  See `labelled_split` for where the split comes from. Undecodable images are
+  left out and counted in `num_skipped`.
+  """
+  split_data = labelled_split(config, split)
+  source, class_names, templates = split_data.source, split_data.class_names, split_data.templates
   size = config.model.image.image_size
   records = [source[i] for i in range(len(source))]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:

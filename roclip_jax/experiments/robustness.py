@@ -24,6 +24,8 @@ from absl import logging
 import ml_collections
 from ml_collections import config_flags
 
+from roclip_jax import config_lib
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/robustness_demo.py).", lock_config=False)
 flags.DEFINE_string("workdir", None, "Directory for every run and the results.")
@@ -43,20 +45,6 @@ def slug(name: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
-def apply_overrides(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
-  """A copy of `config` with dotted-key overrides, e.g. {'augment.image': True}."""
-  config = copy.deepcopy(config)
-  for key, value in overrides.items():
-    node = config
-    *parents, leaf = key.split(".")
-    for p in parents:
-      node = node[p]
-    if leaf not in node:
-      raise KeyError(f"config.experiment.runs override {key!r}: no such config field.")
-    node[leaf] = value
-  return config
-
-
 def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[str, dict[str, Any]]:
   from roclip_jax import train  # Heavy imports after flag parsing.
   results = {}
@@ -72,7 +60,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
         results[name] = json.load(f)
       logging.info("%s: already finished, results read from %s", name, done_file)
       continue
-    run_config = apply_overrides(base, dict(overrides))
+    run_config = config_lib.override(base, dict(overrides))
     t0 = time.perf_counter()
     out = train.train_and_evaluate(run_config, run_dir)
     if out.get("stopped"):
