@@ -46,6 +46,14 @@ def get_config(arg=None):
   # RoCLIP (used by the rows that turn it on).
   c.roclip.pool_size = 1024
   c.roclip.k = 2
+  # SafeCLIP: the spec's 5 + 1 warm-up epochs of 32, scaled to 16 epochs; its learning rates
+  # relative to the demo's lr as the spec's are to the paper's (in_lr = lr, filter_lr = lr / 100).
+  c.safeclip.inmodal_warmup = 2
+  c.safeclip.multimodal_warmup = 1
+  c.safeclip.in_lr = c.optim.lr
+  c.safeclip.filter_lr = c.optim.lr / 100
+  # CleanCLIP fine-tunes the CLIP row's final model on a quarter of the data, known clean.
+  c.cleanclip.num_clean_examples = 1500
 
   every = 2 * 46  # About every second epoch, for the curves.
   c.evals = config_lib.ml_collections.ConfigDict()
@@ -54,7 +62,8 @@ def get_config(arg=None):
   c.evals.targeted_poison = dict(type="targeted_poison", every_steps=0, templates="dataset")
   c.evals.linear_probe = dict(type="linear_probe", every_steps=0, max_train_per_class=100)
 
-  # Rows of the table: a name and the overrides that make the defense.
+  # Rows of the table: a name and the overrides that make the defense. "{workdir}" in a value
+  # is the benchmark's --workdir (rows run in this order, so a row can start from an earlier one).
   c.experiment = config_lib.ml_collections.ConfigDict()
   c.experiment.runs = [
       ("CLIP", {"defense": "none"}),
@@ -62,5 +71,10 @@ def get_config(arg=None):
       ("RoCLIP", {"defense": "roclip", "augment.image": True, "augment.text": True}),
       # The pool matching alone, to separate its effect from the augmentations'.
       ("RoCLIP w/o aug", {"defense": "roclip"}),
+      ("SafeCLIP", {"defense": "safeclip", "augment.image": True, "augment.text": True}),
+      # Post-hoc: 10 epochs of CleanCLIP fine-tuning (CleanCLIP's README count) of the CLIP row,
+      # at a tenth of the pre-training lr.
+      ("CleanCLIP (CLIP + fine-tune)", {"defense": "cleanclip", "init_from": "{workdir}/clip", "num_epochs": 10,
+                                        "optim.lr": c.optim.lr / 10, "optim.warmup_steps": 10}),
   ]
   return c

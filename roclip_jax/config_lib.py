@@ -12,7 +12,8 @@ from typing import Any
 
 import ml_collections
 
-DEFENSES = ("none", "roclip")
+DEFENSES = ("none", "roclip", "safeclip", "cleanclip")
+TWO_VIEW_DEFENSES = ("safeclip", "cleanclip")  # Their steps read a second, augmented view of each example.
 DATA_SOURCES = ("demo", "csv", "array_record")
 LOSSES = ("clip", "siglip")  # Symmetric InfoNCE, or SigLIP's pairwise sigmoid (needs model.logit_bias).
 LOCKS = ("", "image", "text")  # Which tower (if any) the optimizer leaves untouched (LiT).
@@ -99,6 +100,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.batch_size = 128  # Global, over all devices and hosts.
   c.data.num_workers = 0
   c.data.prefetch_buffer = 2
+  c.data.views = 1  # Views per example; the trainer sets 2 for the two-view defenses (TWO_VIEW_DEFENSES).
 
   c.augment = augment.default_config()
 
@@ -109,6 +111,27 @@ def base_config() -> ml_collections.ConfigDict:
   c.roclip.shard_pool = False
   c.roclip.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
   c.roclip.update_pool_every_step = False  # Variant: also write the pool in CLIP epochs.
+
+  # SafeCLIP (ROCLIP.md §6.1; roclip_jax/safeclip.py). Epoch counts are the spec's defaults.
+  c.safeclip = ml_collections.ConfigDict()
+  c.safeclip.inmodal_warmup = 5  # Epochs of unimodal nearest-neighbour contrastive learning.
+  c.safeclip.multimodal_warmup = 1  # Then epochs of cross-augmented CLIP loss at `filter_lr`.
+  c.safeclip.in_lr = 5e-4  # Peak lr of the unimodal warm-up (warm-up + cosine over those epochs).
+  c.safeclip.filter_lr = 5e-6  # Constant lr of the CLIP warm-up.
+  c.safeclip.bank_size = 256  # Rows of each modality's nearest-neighbour bank.
+  c.safeclip.threshold = 0.9  # First split: safe = GMM posterior of the high-mean component >= this.
+  c.safeclip.ratio_step = 0.01  # Later splits: the safe fraction grows by this per epoch ...
+  c.safeclip.max_ratio = 0.85  # ... up to this.
+  c.safeclip.num_examples = 0  # Set by the trainer: the size of the per-example safe mask.
+
+  # CleanCLIP fine-tuning (ROCLIP.md §6.2; roclip_jax/cleanclip.py), from config.init_from.
+  c.cleanclip = ml_collections.ConfigDict()
+  c.cleanclip.clip_weight = 1.0  # lambda_1, on the cross-modal (CLIP or SigLIP) loss.
+  c.cleanclip.inmodal_weight = 1.0  # lambda_2, on the in-modal InfoNCE of (x, aug(x)).
+  # The defender's clean set: this many examples known to be clean, drawn from the training
+  # source with the poisoned records removed (0 = all clean ones).
+  c.cleanclip.num_clean_examples = 0
+  c.cleanclip.subset_seed = 0
 
   c.poison = poison.default_config()
 
@@ -133,6 +156,11 @@ def base_config() -> ml_collections.ConfigDict:
   return c
 
 
+def is_run_dir(path: str) -> bool:
+  """Whether `path` is the --workdir of a roclip_jax training run (its config and checkpoints)."""
+  return os.path.isfile(os.path.join(path, "config.json")) and os.path.isdir(os.path.join(path, "checkpoints"))
+
+
 def _fail(field: str, problem: str, fix: str) -> None:
   raise ConfigError(f"config.{field}: {problem} Fix: {fix}")
 
@@ -154,7 +182,8 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
   init_from = config.get("init_from", "")
   if init_from and not os.path.exists(init_from):
     _fail("init_from", f"{init_from!r} does not exist.",
-          "point it at a Hugging Face CLIP directory or an OpenAI/open_clip weights file, or set it to ''.")
+          "point it at a training run's workdir, a Hugging Face CLIP directory or an OpenAI/open_clip weights "
+          "file, or set it to ''.")
   b = config.data.batch_size
   if b < 2:
     _fail("data.batch_size", f"is {b}; a contrastive batch needs negatives.", "use a batch of at least 2.")
@@ -200,6 +229,7 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
       lo = r.pool_size // num_batch_shards * num_batch_shards
       _fail("roclip.pool_size", f"{r.pool_size} is not divisible by the {num_batch_shards} batch shards, "
             "which a sharded pool needs.", f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.")
+  _validate_two_view_defenses(config)
   _validate_loss_and_lock(config)
   _validate_scale(config, num_batch_shards)
   for name, ev in config.evals.items():
@@ -237,7 +267,8 @@ def _validate_loss_and_lock(config: ml_collections.ConfigDict) -> None:
   if loss == "siglip" and not config.model.get("logit_bias", False):
     _fail("model.logit_bias", "is False but config.loss='siglip' needs the learnable logit bias.",
           "set --config.model.logit_bias=True (or use config.loss='clip').")
-  if config.model.get("logit_bias", False) and config.get("init_from", ""):
+  init_from = config.get("init_from", "")
+  if config.model.get("logit_bias", False) and init_from and not is_run_dir(init_from):
     # OpenAI/HF checkpoints carry no bias, and weights.load_for_training expects the exact tree.
     _fail("init_from", "is set but model.logit_bias=True: pretrained CLIP weights have no logit bias to load.",
           "train the SigLIP model from scratch (init_from=''), or use config.loss='clip' with logit_bias=False.")
@@ -249,3 +280,41 @@ def _validate_loss_and_lock(config: ml_collections.ConfigDict) -> None:
     # matching epoch would train nothing but the logit scale.
     _fail("optim.lock", "is 'image' with defense='roclip', whose matching steps train only the image tower.",
           "lock the text tower instead (optim.lock='text'), or use defense='none' for a locked-image (LiT) model.")
+
+
+def _validate_two_view_defenses(config: ml_collections.ConfigDict) -> None:
+  """SafeCLIP's and CleanCLIP's fields, and what they cannot be combined with."""
+  if config.defense not in TWO_VIEW_DEFENSES:
+    return
+  if config.get("grad_accum_steps", 1) > 1:
+    _fail("grad_accum_steps", f"is {config.grad_accum_steps} with defense={config.defense!r}, whose two-view "
+          "steps have no accumulated form.", "use grad_accum_steps=1 (a smaller model or a larger mesh instead).")
+  if config.defense == "safeclip":
+    s = config.safeclip
+    if config.get("loss", "clip") != "clip":
+      _fail("loss", f"is {config.loss!r} with defense='safeclip', whose safe/risky split masks an InfoNCE loss.",
+            "use config.loss='clip' with SafeCLIP.")
+    if s.inmodal_warmup < 0 or s.multimodal_warmup < 0:
+      _fail("safeclip.inmodal_warmup", "and safeclip.multimodal_warmup must be >= 0.", "use e.g. 5 and 1.")
+    if s.inmodal_warmup + s.multimodal_warmup >= config.num_epochs:
+      _fail("safeclip.inmodal_warmup", f"+ multimodal_warmup = {s.inmodal_warmup + s.multimodal_warmup} leaves no "
+            f"epoch of the {config.num_epochs} for the safe/risky split.",
+            "train for more epochs or shorten the warm-ups.")
+    if s.bank_size < config.data.batch_size:
+      _fail("safeclip.bank_size", f"{s.bank_size} is smaller than the global batch {config.data.batch_size}.",
+            "use a bank at least as large as the batch.")
+    if not 0 < s.threshold < 1 or not 0 < s.max_ratio <= 1 or s.ratio_step < 0:
+      _fail("safeclip.threshold", "must lie in (0, 1), max_ratio in (0, 1] and ratio_step >= 0.",
+            "use the spec's 0.9, 0.85 and 0.01.")
+    if min(s.in_lr, s.filter_lr) <= 0:
+      _fail("safeclip.in_lr", "and safeclip.filter_lr must be positive.", "use e.g. 5e-4 and 5e-6.")
+  else:
+    c = config.cleanclip
+    if not config.get("init_from", ""):
+      _fail("init_from", "is empty but defense='cleanclip' fine-tunes an already trained model.",
+            "point config.init_from at a run's workdir, a Hugging Face CLIP directory or an OpenAI weights file.")
+    if c.clip_weight < 0 or c.inmodal_weight < 0 or c.clip_weight + c.inmodal_weight == 0:
+      _fail("cleanclip.clip_weight", "and cleanclip.inmodal_weight must be >= 0 and not both 0.",
+            "use CleanCLIP's 1.0 and 1.0.")
+    if c.num_clean_examples < 0:
+      _fail("cleanclip.num_clean_examples", f"is {c.num_clean_examples}.", "use 0 (every clean example) or more.")

@@ -47,14 +47,17 @@ def lock_labels(params: dict[str, Any], lock: str) -> dict[str, Any]:
           for name, subtree in params.items()}
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> tuple[optax.GradientTransformation, optax.Schedule]:
-  """The train step's optimizer and its learning-rate schedule.
+def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
+                   schedule: optax.Schedule | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+  """The train step's optimizer and its learning-rate schedule (by default `learning_rate_schedule`;
+  a defense with phases, SafeCLIP, passes its own).
 
   With `optim_cfg.lock` = 'image' or 'text' (LiT), that tower's updates are
   exactly zero: it is routed to `set_to_zero`, so neither Adam nor weight decay
   touches it and it keeps no moments.
   """
-  schedule = learning_rate_schedule(optim_cfg, total_steps)
+  if schedule is None:
+    schedule = learning_rate_schedule(optim_cfg, total_steps)
   parts = []
   if optim_cfg.grad_clip_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))

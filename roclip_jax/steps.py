@@ -1,7 +1,8 @@
 """Train state and the jitted train step, shared by every defense.
 
-One step function, parametrised by `StepMode`: a plain CLIP step, or a RoCLIP
-matching step (ROCLIP.md §1.4), optionally writing the pool. The trainer
+One step function, parametrised by `StepMode`: a plain CLIP step, a RoCLIP
+matching step (ROCLIP.md §1.4) optionally writing the pool, a SafeCLIP phase
+(`safeclip.py`) or a CleanCLIP fine-tuning step (`cleanclip.py`). The trainer
 compiles one step per mode it needs and picks one on the host per epoch.
 Nothing here reads a value back to the host.
 
@@ -26,10 +27,13 @@ import ml_collections
 import numpy as np
 import optax
 
+from roclip_jax import cleanclip
+from roclip_jax import config_lib
 from roclip_jax import losses
 from roclip_jax import models
 from roclip_jax import optim
 from roclip_jax import roclip
+from roclip_jax import safeclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax.data import image_ops
 from roclip_jax.models import text as text_lib
@@ -43,16 +47,36 @@ class TrainState:
   opt_state: optax.OptState
   pool: roclip.Pool | None  # None unless the defense uses RoCLIP's pool.
   rng: jax.Array  # u32[2] raw key, advanced every step.
+  safeclip: safeclip.SafeState | None = None  # SafeCLIP's banks and safe mask; None for other defenses.
+
+
+# What a step computes: the plain pair loss, RoCLIP's matching loss, a SafeCLIP
+# phase, or CleanCLIP's fine-tuning loss. The last four read two views.
+STEP_KINDS = ("clip", "roclip_match", *safeclip.PHASES, "cleanclip")
+TWO_VIEW_KINDS = (*safeclip.PHASES, "cleanclip")
 
 
 @dataclasses.dataclass(frozen=True)
 class StepMode:
-  match: bool = False  # Pair each image with its nearest pool caption (a RoCLIP matching step).
-  enqueue: bool = False  # Write this batch's caption embeddings into the pool.
+  kind: str = "clip"  # One of STEP_KINDS.
+  enqueue: bool = False  # Write this batch's caption embeddings into RoCLIP's pool.
+
+  def __post_init__(self):
+    if self.kind not in STEP_KINDS:
+      raise ValueError(f"StepMode.kind={self.kind!r} is not one of {STEP_KINDS}.")
+
+  @property
+  def match(self) -> bool:
+    """Pair each image with its nearest pool caption (a RoCLIP matching step)."""
+    return self.kind == "roclip_match"
+
+  @property
+  def two_views(self) -> bool:
+    return self.kind in TWO_VIEW_KINDS
 
   @property
   def name(self) -> str:
-    return "roclip_match" if self.match else ("clip+pool" if self.enqueue else "clip")
+    return self.kind + ("+pool" if self.enqueue and not self.match else "")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,18 +109,27 @@ def uses_pool(config: ml_collections.ConfigDict) -> bool:
   return config.defense == "roclip"
 
 
+def num_views(config: ml_collections.ConfigDict) -> int:
+  """Views of each example the defense's steps read (the pipeline's `data.views`)."""
+  return 2 if config.defense in config_lib.TWO_VIEW_DEFENSES else 1
+
+
 def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation) -> TrainState:
   """Builds the initial state; meant to run under `jax.jit` with out_shardings."""
   key = jax.random.PRNGKey(config.seed)
   model_key, pool_key, step_key = jax.random.split(key, 3)
+  safe_key = jax.random.fold_in(pool_key, 1)
   model = models.build(config.model, rngs=nnx.Rngs(params=model_key))
   params, model_state = ModelSpec.split(model)
   pool = None
   if uses_pool(config):
     pool = roclip.init_pool(pool_key, config.roclip.pool_size, config.model.embed_dim)
+  safe_state = None
+  if config.defense == "safeclip":
+    safe_state = safeclip.init_state(safe_key, config.safeclip, config.model.embed_dim)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=tx.init(params), pool=pool,
-      rng=step_key,
+      rng=step_key, safeclip=safe_state,
   )
 
 
@@ -112,6 +145,8 @@ def state_shardings(abstract_state: TrainState, mesh: Mesh, config: ml_collectio
   shardings = shardings.replace(params=params, opt_state=opt_state)
   if abstract_state.pool is not None:
     shardings = shardings.replace(pool=roclip.pool_shardings(mesh, config.roclip.shard_pool))
+  if abstract_state.safeclip is not None:
+    shardings = shardings.replace(safeclip=safeclip.state_shardings(mesh))
   return shardings
 
 
@@ -129,8 +164,10 @@ def create_train_state(config, mesh, tx, shardings: TrainState) -> TrainState:
 
 # Scalar parameters of the loss itself (not of a tower); `logit_bias` exists only with model.logit_bias.
 LOSS_SCALARS = ("logit_scale", "logit_bias")
-# Loss components a step may report besides `loss` (InfoNCE's two directions, SigLIP's two pair kinds).
-LOSS_PARTS = ("loss_i2t", "loss_t2i", "loss_pos", "loss_neg")
+# Loss components a step may report besides `loss` (InfoNCE's two directions, SigLIP's two pair
+# kinds, SafeCLIP's and CleanCLIP's terms).
+LOSS_PARTS = ("loss_i2t", "loss_t2i", "loss_pos", "loss_neg", "loss_clip", "loss_unimodal", "loss_cross",
+              "loss_inmodal")
 
 
 def locked_tower(config: ml_collections.ConfigDict) -> str:
@@ -175,6 +212,8 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
   inference mode (a ResNet's BatchNorm statistics stay fixed) and gets no
   gradient, which also skips its backward pass.
   """
+  if mode.two_views:
+    return _two_view_loss_and_grads(state, batch, spec=spec, mesh=mesh, config=config, mode=mode)
   accum = int(config.get("grad_accum_steps", 1))
   if accum > 1:
     return _accumulated_loss_and_grads(state, batch, spec=spec, mesh=mesh, config=config, mode=mode, accum=accum)
@@ -213,6 +252,44 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
 
   (loss, (aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
   return loss, aux, grads, new_model_state
+
+
+def _two_view_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, mesh: Mesh,
+                             config: ml_collections.ConfigDict, mode: StepMode):
+  """SafeCLIP's and CleanCLIP's steps: both towers on both views (`image`/`text`, `image2`/`text2`)."""
+  lock = locked_tower(config)
+  replicated = NamedSharding(mesh, P())
+
+  def loss_fn(params):
+    model = spec.merge(params, state.model_state)
+    z = {}
+    for key in ("image", "image2"):
+      z[key] = losses.l2_normalize(model.encode_image(image_ops.normalize(batch[key]), train=lock != "image"))
+    for key in ("text", "text2"):
+      z[key] = losses.l2_normalize(model.encode_text(batch[key]))
+    for key in TOWER_KEYS.get(lock, ()):
+      z[key] = jax.lax.stop_gradient(z[key])
+    # One all-gather of the four [B, d] embeddings (and the ids), not one per loss term: fewer
+    # collectives, and on CPU several concurrent ones can starve each other of threads.
+    keys = tuple(z)
+    gathered = jax.lax.with_sharding_constraint(jnp.stack([z[k] for k in keys]), replicated)
+    z = dict(zip(keys, gathered))
+    ids = jax.lax.with_sharding_constraint(batch["id"], replicated)
+    scalars = _loss_scalars(params)
+    if mode.kind == "cleanclip":
+      loss, aux = cleanclip.step_loss(z, scalars, config.cleanclip, pair_loss(config, mesh))
+    else:
+      loss, aux = safeclip.step_loss(mode.kind, z, state.safeclip, ids, scalars["logit_scale"])
+    aux = dict(aux, zimg=jax.lax.stop_gradient(z["image"]), ztxt=jax.lax.stop_gradient(z["text"]))
+    _, new_model_state = ModelSpec.split(model)
+    return loss, (aux, new_model_state)
+
+  (loss, (aux, new_model_state)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+  return loss, aux, grads, new_model_state
+
+
+# Embedding keys of each tower, for locking in two-view steps.
+TOWER_KEYS = {"image": ("image", "image2"), "text": ("text", "text2")}
 
 
 # ----------------------------------------------------------------------------
@@ -337,6 +414,10 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
   if mode.enqueue:
     shard_pool = bool(config.roclip.shard_pool)
     pool = roclip.enqueue(pool, aux["ztxt"], batch["id"], batch["poisoned"], mesh, shard_pool, config.roclip.fifo)
+  safe_state = state.safeclip
+  if safe_state is not None:
+    safe_state = safeclip.write_banks(safe_state, {"image": aux["zimg"], "text": aux["ztxt"]}, batch["id"],
+                                      batch["poisoned"], mesh)
 
   metrics = {
       "loss": loss,
@@ -356,20 +437,35 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
     # Poisoned images of this batch matched to a caption that came from a clean
     # example: the defense breaking the poisoned pair, as intended.
     metrics["roclip/poisoned_matched_clean"] = jnp.sum(poisoned & (match.source_poisoned == 0)).astype(jnp.float32)
+  for key in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch"):
+    if key in aux:
+      metrics[f"safeclip/{key}"] = aux[key]
+  if mode.kind == "safe_split":
+    safe = state.safeclip.safe[batch["id"]] > 0
+    metrics["safeclip/poisoned_in_safe"] = jnp.sum(safe & (batch["poisoned"] > 0)).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state, opt_state=opt_state,
-                            pool=pool, rng=jax.random.split(state.rng)[0])
+                            pool=pool, rng=jax.random.split(state.rng)[0], safeclip=safe_state)
   return new_state, metrics
 
 
 def step_modes(config: ml_collections.ConfigDict) -> dict[str, StepMode]:
-  """The step modes a run needs: 'clip' always, plus 'match' for RoCLIP."""
+  """The step modes a run may need, by name: 'clip', plus 'match' for RoCLIP; SafeCLIP's
+  phases; CleanCLIP's step."""
+  if config.defense == "safeclip":
+    return {phase: StepMode(kind=phase) for phase in safeclip.PHASES}
+  if config.defense == "cleanclip":
+    return {"cleanclip": StepMode(kind="cleanclip")}
   if not uses_pool(config):
     return {"clip": StepMode()}
   every_step = bool(config.roclip.update_pool_every_step)
-  return {"clip": StepMode(match=False, enqueue=every_step), "match": StepMode(match=True, enqueue=True)}
+  return {"clip": StepMode(enqueue=every_step), "match": StepMode(kind="roclip_match", enqueue=True)}
 
 
 def mode_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> str:
+  if config.defense == "safeclip":
+    return safeclip.phase_for_epoch(config.safeclip, epoch)
+  if config.defense == "cleanclip":
+    return "cleanclip"
   if uses_pool(config) and roclip.is_matching_epoch(epoch, config.roclip.k):
     return "match"
   return "clip"
@@ -397,8 +493,11 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, j
   sh = sharding_lib.batch_sharding(mesh)
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   # int64 ids and labels from the pipeline become int32 on device (jax_enable_x64 is off).
-  return {"image": sds((b, size, size, 3), jnp.uint8), "text": sds((b, length), jnp.int32),
-          "id": sds((b,), jnp.int32), "label": sds((b,), jnp.int32), "poisoned": sds((b,), jnp.int8)}
+  batch = {"image": sds((b, size, size, 3), jnp.uint8), "text": sds((b, length), jnp.int32),
+           "id": sds((b,), jnp.int32), "label": sds((b,), jnp.int32), "poisoned": sds((b,), jnp.int8)}
+  if num_views(config) == 2:
+    batch.update(image2=batch["image"], text2=batch["text"])
+  return batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -453,8 +552,11 @@ def aot_compile(config: ml_collections.ConfigDict, mesh: Mesh,
   param_bytes = _bytes_per_device((abstract.params, abstract.opt_state), (shardings.params, shardings.opt_state))
   out = {}
   for name, fn in make_train_steps(config, mesh, spec, tx, schedule, shardings).items():
-    # Forward + backward = 3x the forward's matmuls; a matching step runs the text tower forward only.
-    analytic = (3 * pair_flops - (2 * text_flops if step_modes(config)[name].match else 0)) * per_device_batch
+    # Forward + backward = 3x the forward's matmuls; a matching step runs the text tower forward
+    # only; a two-view step runs both towers on both views.
+    mode = step_modes(config)[name]
+    analytic = (3 * pair_flops * (2 if mode.two_views else 1) - (2 * text_flops if mode.match else 0)
+                ) * per_device_batch
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       compiled = fn.lower(state_in, batch_in).compile()

@@ -2,7 +2,8 @@
 
 Reads top to bottom: setup -> mesh -> data (and poisoning) -> model, optimizer
 and state -> steps -> restore -> evaluators -> loop -> final evaluation.
-The defense only changes which compiled step runs in which epoch.
+The defense only changes which compiled step runs in which epoch (and, for
+SafeCLIP, adds a safe/risky split of the data at the start of some epochs).
 """
 from __future__ import annotations
 
@@ -19,11 +20,13 @@ import ml_collections
 import numpy as np
 
 from roclip_jax import checkpoint as checkpoint_lib
+from roclip_jax import cleanclip
 from roclip_jax import config_lib
 from roclip_jax import encoder as encoder_lib
 from roclip_jax import evaluators as evaluators_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import optim
+from roclip_jax import safeclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
 from roclip_jax import weights as weights_lib
@@ -33,7 +36,12 @@ from roclip_jax.data import sources
 
 
 def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = None):
-  """The (possibly poisoned) training data of this host, and the poison record."""
+  """The (possibly poisoned) training data of this host, and the poison record.
+
+  CleanCLIP fine-tunes on the clean records only (`cleanclip.clean_subset`);
+  the poison record is still returned, for the attack evaluators.
+  """
+  config = config_lib.override(config, {"data.views": steps_lib.num_views(config)})
   source = sources.make_source(config.data, split="train")
   poison_info, image_transform = None, None
   if config.poison.enabled:
@@ -46,11 +54,35 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
     if workdir is not None and jax.process_index() == 0:
       with open(os.path.join(workdir, "poison_info.json"), "w") as f:
         f.write(poison_info.to_json())
+  if config.defense == "cleanclip":
+    source = cleanclip.clean_subset(source, config.cleanclip.num_clean_examples, config.cleanclip.subset_seed)
+    logging.info("CleanCLIP: fine-tuning on %d clean examples", len(source))
+    image_transform = None  # No poisoned record is left to stamp a trigger on.
   train_data = pipeline.make_train_data(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
       image_transform=image_transform, source=source,
   )
   return train_data, poison_info
+
+
+def load_init_weights(config: ml_collections.ConfigDict, state_shardings: steps_lib.TrainState) -> tuple[dict, dict]:
+  """`config.init_from`'s parameters and model state, placed like the train state's.
+
+  A roclip_jax run's workdir gives its latest checkpoint (the architecture and
+  loss parameters must match); anything else goes to `weights.load_for_training`.
+  """
+  path = config.init_from
+  if not config_lib.is_run_dir(path):
+    return weights_lib.load_for_training(path, config.model, state_shardings.params, state_shardings.model_state)
+  from roclip_jax import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
+  run = inspect_lib.load(path)
+  mismatches = weights_lib.architecture_mismatches(run.config.model, config.model)
+  if mismatches or jax.tree.structure(run.state.params) != jax.tree.structure(state_shardings.params):
+    raise ValueError(f"config.init_from={path!r} is a run of another architecture ({'; '.join(mismatches) or 'different parameters'}). "
+                     "Fix: set config.model to that run's model (its config.json), or start from another run.")
+  place = lambda x, sharding: jax.device_put(x, sharding)
+  return (jax.tree.map(place, run.state.params, state_shardings.params),
+          jax.tree.map(place, run.state.model_state, state_shardings.model_state))
 
 
 def make_encoder(config, spec, state: steps_lib.TrainState) -> encoder_lib.Encoder:
@@ -84,6 +116,46 @@ def dry_run(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   return results
 
 
+class SafeSplitter:
+  """SafeCLIP's per-epoch split (ROCLIP.md §6.1): every training example's own-caption cosine,
+  a Gaussian mixture, the new safe mask into the state. One explicit host round trip per epoch."""
+
+  def __init__(self, config, spec, mesh, train_data, state_shardings: steps_lib.TrainState):
+    self._config, self._mesh, self._data = config, mesh, train_data
+    self._shardings = state_shardings.safeclip
+    self._similarity = safeclip.make_similarity_fn(spec, mesh)
+    self._transform = None
+    if config.poison.enabled:
+      self._transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
+    self._first_split_epoch = config.safeclip.inmodal_warmup + config.safeclip.multimodal_warmup + 1
+    self._poisoned = None  # Which ids carry a poison, to report how many the split lets through.
+    if config.poison.enabled:
+      source = train_data.source
+      self._poisoned = np.asarray([int(source[i].get("poisoned", 0)) > 0 for i in range(len(source))])
+
+  def split(self, state: steps_lib.TrainState, epoch: int) -> tuple[steps_lib.TrainState, dict[str, Any]]:
+    t0 = time.perf_counter()
+    # Let the last train step finish first: on CPU, two programs with collectives running at
+    # once can deadlock (each waits for devices busy with the other).
+    state = jax.block_until_ready(state)
+    batches = pipeline.scoring_batches(
+        self._config, self._data.source, batch_size=self._data.local_batch_size, image_transform=self._transform,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    sims = safeclip.dataset_similarities(self._similarity, state.params, state.model_state, batches, self._mesh,
+                                         self._data.num_examples)
+    first = epoch == self._first_split_epoch
+    previous = float(jax.device_get(state.safeclip.ratio))
+    split = safeclip.split_dataset(sims, first_split=first, previous_ratio=previous, cfg=self._config.safeclip)
+    state = state.replace(safeclip=safeclip.place_split(state.safeclip, split, self._shardings))
+    row = {"epoch": epoch, "safeclip/safe_ratio": split.ratio, "safeclip/gmm_low_mean": float(split.gmm.means[0]),
+           "safeclip/gmm_high_mean": float(split.gmm.means[1]), "safeclip/split_seconds": time.perf_counter() - t0,
+           "safeclip/unscored": int(np.sum(~np.isfinite(sims)))}
+    if self._poisoned is not None and self._poisoned.any():  # Poisons let into the safe set (ideally none).
+      row["safeclip/poisons_in_safe_frac"] = float(np.mean(split.safe[self._poisoned]))
+    logging.info("SafeCLIP split for epoch %d: %s", epoch, row)
+    return state, row
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
@@ -97,14 +169,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.get("dry_run", False):
     return dry_run(config, mesh)
   is_main = jax.process_index() == 0
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   writer = metrics_lib.MetricWriter(workdir)
   logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # --------------------------------------------------------------- data
   train_data, poison_info = build_train_data(config, workdir)
+  if config.defense == "safeclip":  # Sizes the per-example safe mask of the state.
+    config = config_lib.override(config, {"safeclip.num_examples": train_data.num_examples})
+  if is_main:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
   steps_per_epoch = train_data.steps_per_epoch  # >= 1: make_train_data rejects smaller sources.
   total_steps = config.num_epochs * steps_per_epoch
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
@@ -112,7 +186,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.num_epochs, total_steps)
 
   # ----------------------------------------------- model, optimizer, state
-  tx, schedule = optim.make_optimizer(config.optim, total_steps)
+  schedule = None
+  if config.defense == "safeclip":
+    schedule = safeclip.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  tx, schedule = optim.make_optimizer(config.optim, total_steps, schedule=schedule)
   spec = steps_lib.ModelSpec.create(config.model)
   abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx)
   train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings)
@@ -129,13 +206,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   else:
     state = steps_lib.create_train_state(config, mesh, tx, state_shardings)
     if config.get("init_from"):  # Pretrained weights; the optimizer state stays freshly initialised.
-      params, model_state = weights_lib.load_for_training(
-          config.init_from, config.model, state_shardings.params, state_shardings.model_state)
+      params, model_state = load_init_weights(config, state_shardings)
       state = state.replace(params=params, model_state=model_state)
       logging.info("Initialised the model from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
 
   evaluators = evaluators_lib.from_config(config, poison_info=poison_info)
+  splitter = SafeSplitter(config, spec, mesh, train_data, state_shardings) if config.defense == "safeclip" else None
 
   # --------------------------------------------------------------- loop
   progress = metrics_lib.Progress(last_step, start_step, config.data.batch_size,
@@ -149,6 +226,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     while step < last_step:
       epoch = step // steps_per_epoch + 1
       mode = steps_lib.mode_for_epoch(config, epoch)
+      if splitter is not None and mode == "safe_split" and step % steps_per_epoch == 0:
+        state, split_row = splitter.split(state, epoch)
+        writer.write(step, split_row, kind="epoch")
       local_batch = next(data_iter)
       skipped += int(np.sum(local_batch.pop("skipped")))  # Host numpy: no device sync.
       batch = sharding_lib.global_batch(local_batch, mesh)

@@ -7,7 +7,14 @@ import os
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 _flags = os.environ.get("XLA_FLAGS", "")
 if "xla_force_host_platform_device_count" not in _flags:
-  os.environ["XLA_FLAGS"] = (_flags + " --xla_force_host_platform_device_count=8").strip()
+  _flags = (_flags + " --xla_force_host_platform_device_count=8").strip()
+# XLA:CPU's concurrency-optimised scheduler lets one device start two collectives of a program
+# at once; with 8 fake devices on 2 cores their rendezvous can then wait on each other forever
+# (seen with SafeCLIP's two-view steps loaded from the compile cache). Real accelerators are
+# unaffected; the flag only orders the CPU schedule.
+if "xla_cpu_enable_concurrency_optimized_scheduler" not in _flags:
+  _flags += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
+os.environ["XLA_FLAGS"] = _flags
 _repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_repo, ".cache", "jax"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")

@@ -58,6 +58,15 @@ def assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
+def assert_resumes_exactly(config, full, after):
+  """A fresh iterator restored from another's state after `after` batches continues `full` exactly."""
+  first = pipeline.make_train_data(config).iterator
+  head = collect(first, after)
+  resumed = pipeline.make_train_data(config).iterator
+  resumed.set_state(first.get_state())
+  assert_batches_equal(head + collect(resumed), full)
+
+
 def write_png(path, seed, size=12):
   pixels = np.random.default_rng(seed).integers(0, 256, (size, size, 3))
   Image.fromarray(pixels.astype(np.uint8)).save(path)
@@ -381,11 +390,7 @@ def test_more_corrupt_images_than_spare_slots_keeps_epochs_exact(tmp_path):
     assert set(ids) == valid  # All 6 valid, plus 2 re-read ones.
     assert sum(int(b["skipped"].sum()) for b in epoch) == 4
   # Resuming right before a topped-up batch reproduces it.
-  first = pipeline.make_train_data(config).iterator
-  head = collect(first, 3)
-  resumed = pipeline.make_train_data(config).iterator
-  resumed.set_state(first.get_state())
-  assert_batches_equal(head + collect(resumed), full)
+  assert_resumes_exactly(config, full, after=3)
 
 
 def test_image_transform_sees_record_and_raw_image(demo_root):
@@ -500,11 +505,7 @@ def test_augmentation_varies_per_epoch_and_resumes_exactly(demo_root):
   assert sum(not np.array_equal(texts[0][i], tok(clean[i]["caption"])[0])
              for i in range(32)) > 16, "EDA should change most captions"
 
-  first = pipeline.make_train_data(config).iterator
-  head = collect(first, 3)
-  resumed = pipeline.make_train_data(config).iterator
-  resumed.set_state(first.get_state())
-  assert_batches_equal(head + collect(resumed), full)
+  assert_resumes_exactly(config, full, after=3)
 
 
 def test_text_augmentation_can_resample_each_epoch(demo_root):
@@ -515,3 +516,204 @@ def test_text_augmentation_can_resample_each_epoch(demo_root):
                            "text")
   changed = sum(not np.array_equal(texts[0][i], texts[1][i]) for i in range(32))
   assert changed > 8
+
+
+# ------------------------------------------------------------- two views
+
+
+def _demo_rows(demo_root):
+  with open(os.path.join(demo_root, "train.csv"), newline="") as f:
+    return list(csv.DictReader(f))
+
+
+def test_views_must_be_one_or_two(demo_root):
+  with pytest.raises(ValueError, match=r"config\.data\.views=3.*1.*2"):
+    pipeline.make_train_data(make_config(demo_root, views=3))
+  assert pipeline.batch_keys(1) == pipeline.BATCH_KEYS
+  assert pipeline.batch_keys(2) == pipeline.BATCH_KEYS + ("image2", "text2")
+
+
+def test_one_view_batches_have_no_second_view(demo_root):
+  # An explicit views=1 is the same as a config without the field.
+  old = collect(pipeline.make_train_data(make_config(demo_root)).iterator, 2)
+  new = collect(pipeline.make_train_data(
+      make_config(demo_root, views=1)).iterator, 2)
+  assert_batches_equal(old, new)
+  assert set(new[0]) == set(pipeline.BATCH_KEYS)
+
+
+def test_two_views_plain_first_view_augmented_second(demo_root):
+  from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
+  aug = _augment_config(image=False, text=False)
+  config = make_config(demo_root, num_epochs=2, views=2, augment=aug)
+  one_view = collect(pipeline.make_train_data(
+      make_config(demo_root, num_epochs=2, augment=aug)).iterator)
+  data = pipeline.make_train_data(config)
+  full = collect(data.iterator)
+  assert len(full) == 2 * data.steps_per_epoch
+  for batch in full:
+    assert batch["image2"].dtype == np.uint8
+    assert batch["image2"].shape == (8, 16, 16, 3)
+    assert batch["text2"].dtype == np.int32 and batch["text2"].shape == (8, 16)
+  # View 1 is exactly what views=1 gives.
+  for a, b in zip(full, one_view):
+    for key in pipeline.BATCH_KEYS:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+
+  rows = _demo_rows(demo_root)
+  tok = tokenizer_lib.get_tokenizer(16)
+  batch = full[0]
+  for i, example_id in enumerate(batch["id"]):
+    row = rows[example_id]
+    pixels = np.asarray(Image.open(os.path.join(demo_root, row["image_path"])))
+    plain = image_ops.resize_center_crop(pixels, 16)
+    np.testing.assert_array_equal(batch["image"][i], plain)
+    assert not np.array_equal(batch["image2"][i], plain)
+    np.testing.assert_array_equal(batch["text"][i], tok(row["caption"])[0])
+  # text2 is EDA under the view-2 stream [seed, 5, id], recomputed here.
+  eda_changed = 0
+  for batch in full[:2]:
+    for i, example_id in enumerate(batch["id"][:4]):
+      caption = rows[example_id]["caption"]
+      expected = eda.eda(caption, np.random.default_rng([0, 5, int(example_id)]),
+                         aug)
+      np.testing.assert_array_equal(batch["text2"][i], tok(expected)[0])
+      eda_changed += expected != caption
+  assert eda_changed > 0
+  # image2 changes across epochs (keyed by stream position), text2 does not.
+  images2 = _per_epoch_by_id(full, data.steps_per_epoch, "image2")
+  texts2 = _per_epoch_by_id(full, data.steps_per_epoch, "text2")
+  assert all(not np.array_equal(images2[0][i], images2[1][i]) for i in range(32))
+  assert all(np.array_equal(texts2[0][i], texts2[1][i]) for i in range(32))
+
+  # Deterministic across fresh iterators, and resumes exactly.
+  assert_batches_equal(collect(pipeline.make_train_data(config).iterator), full)
+  first = pipeline.make_train_data(config).iterator
+  head = collect(first, 5)
+  state = json.loads(json.dumps(first.get_state()))
+  resumed = pipeline.make_train_data(config).iterator
+  resumed.set_state(state)
+  assert_batches_equal(head + collect(resumed), full)
+
+
+def test_two_augmented_views_differ_and_share_the_transform(demo_root):
+  aug = _augment_config(text_resample_per_epoch=True)
+
+  def paint_label_zero_white(record, image):
+    return np.full_like(image, 255) if record["label"] == 0 else image
+
+  config = make_config(demo_root, num_epochs=2, views=2, augment=aug)
+  data = pipeline.make_train_data(config,
+                                  image_transform=paint_label_zero_white)
+  full = collect(data.iterator)
+  images = np.concatenate([b["image"] for b in full])
+  images2 = np.concatenate([b["image2"] for b in full])
+  labels = np.concatenate([b["label"] for b in full])
+  # (Two augmentations of an all-white image may coincide; others differ.)
+  assert all(not np.array_equal(a, b) for a, b in zip(images[labels != 0],
+                                                      images2[labels != 0]))
+  # The poisoning hook runs before both views are augmented (a white image
+  # stays one grey level: jitter, crop and blur keep it uniform).
+  for view in (images, images2):
+    white = view[labels == 0]
+    assert (white == white[:, :1, :1, :1]).all()
+    assert not (view[labels != 0] == view[labels != 0][:, :1, :1, :1]).all(
+        axis=(1, 2, 3)).any()
+  texts = _per_epoch_by_id(full, data.steps_per_epoch, "text")
+  texts2 = _per_epoch_by_id(full, data.steps_per_epoch, "text2")
+  assert sum(not np.array_equal(texts[0][i], texts2[0][i])
+             for i in range(32)) > 8
+  assert sum(not np.array_equal(texts2[0][i], texts2[1][i])
+             for i in range(32)) > 8
+
+
+def test_two_views_survive_top_up(tmp_path):
+  csv_path, bad_ids, num_rows = _corrupt_dataset(
+      tmp_path, num_valid=6, num_missing=4, truncated=False,
+      empty_caption=False)
+  config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
+                       num_epochs=2, views=2,
+                       augment=_augment_config(image=False, text=False))
+  full = collect(pipeline.make_train_data(config).iterator)
+  assert len(full) == 2 * 2
+  for batch in full:
+    assert batch["image2"].shape == (4, 16, 16, 3)
+    assert batch["text2"].shape == (4, 16)
+    assert not set(batch["id"].tolist()) & bad_ids
+  assert_resumes_exactly(config, full, after=1)
+
+
+# --------------------------------------------------------------- scoring
+
+
+def test_scoring_batches_cover_host_slices_in_order(demo_root):
+  config = make_config(demo_root)
+  config.model.image.image_size = 8
+  source = sources.make_source(config.data)
+  rows = _demo_rows(demo_root)
+  tok = tokenizer_lib.get_tokenizer(16)
+  seen = []
+  for host in range(3):  # 32 ids over 3 hosts: 11, 11, 10.
+    it = pipeline.scoring_batches(config, source, batch_size=4,
+                                  process_index=host, process_count=3)
+    batches = list(it)
+    assert len(batches) == it.num_batches == 3  # ceil(ceil(32 / 3) / 4).
+    assert it.num_skipped == 0
+    for batch in batches:
+      assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
+          "image": (np.uint8, (4, 8, 8, 3)), "text": (np.int32, (4, 16)),
+          "id": (np.int64, (4,)), "poisoned": (np.int8, (4,)),
+          "valid": (np.bool_, (4,))}
+    valid = np.concatenate([b["valid"] for b in batches])
+    ids = np.concatenate([b["id"] for b in batches])
+    expected = list(range(host, 32, 3))
+    assert ids[valid].tolist() == expected
+    assert valid[:len(expected)].all() and not valid[len(expected):].any()
+    assert (ids[~valid] == -1).all()
+    last = batches[-1]
+    assert (last["image"][~last["valid"]] == 0).all()
+    assert (last["text"][~last["valid"]] == 0).all()
+    for batch in batches:
+      for i in np.flatnonzero(batch["valid"]):
+        row = rows[batch["id"][i]]
+        pixels = np.asarray(Image.open(os.path.join(demo_root,
+                                                    row["image_path"])))
+        np.testing.assert_array_equal(
+            batch["image"][i], np.asarray(Image.fromarray(pixels).resize(
+                (8, 8), Image.Resampling.BICUBIC)))
+        np.testing.assert_array_equal(batch["text"][i], tok(row["caption"])[0])
+    seen.append(set(ids[valid].tolist()))
+  assert sum(len(s) for s in seen) == 32 and set().union(*seen) == set(range(32))
+
+
+def test_scoring_batches_transform_and_corrupt_images(tmp_path):
+  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=8,
+                                                 num_missing=2)
+  config = make_config("", source="csv", csv_path=csv_path)
+  source = sources.make_source(config.data)
+  assert num_rows == 11 and len(bad_ids) == 3
+
+  def white_if_odd(record, image):
+    return np.full_like(image, 255) if record["id"] % 2 else image
+
+  counts, seen = [], set()
+  for host in range(2):  # 6 and 5 ids: 2 batches of 4 on both hosts.
+    it = pipeline.scoring_batches(config, source, batch_size=4,
+                                  image_transform=white_if_odd,
+                                  process_index=host, process_count=2)
+    batches = list(it)
+    counts.append(len(batches))
+    valid = np.concatenate([b["valid"] for b in batches])
+    ids = np.concatenate([b["id"] for b in batches])
+    images = np.concatenate([b["image"] for b in batches])
+    poisoned = np.concatenate([b["poisoned"] for b in batches])
+    host_ids = set(range(host, num_rows, 2))
+    assert set(ids[valid].tolist()) == host_ids - bad_ids
+    assert it.num_skipped == len(host_ids & bad_ids)
+    assert (images[valid & (ids % 2 == 1)] == 255).all()
+    assert not (images[valid & (ids % 2 == 0)] == 255).all(
+        axis=(1, 2, 3)).any()
+    assert (poisoned[~valid] == 0).all() and (ids[~valid] == -1).all()
+    seen |= set(ids[valid].tolist())
+  assert counts == [2, 2]
+  assert seen == set(range(num_rows)) - bad_ids

@@ -277,7 +277,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
   state = jax.device_put(initial_state, shardings)
   batch = sharding.global_batch(_batch(32), mesh)
   for mode_name in ("clip", "match"):
-    mode = steps.StepMode(match=mode_name == "match")
+    mode = steps.StepMode(kind="roclip_match" if mode_name == "match" else "clip")
     results = []
     for accum in (1, 4):
       c = config.copy_and_resolve_references()

@@ -132,7 +132,7 @@ def test_train_step_siglip_loss_equals_numpy_on_the_step_embeddings(match):
   state = steps.create_train_state(config, mesh, tx, shardings)
   host = _batch(np.random.default_rng(0))
   batch = sharding.global_batch(host, mesh)
-  mode = steps.StepMode(match=match, enqueue=match)
+  mode = steps.StepMode(kind="roclip_match" if match else "clip", enqueue=match)
   run = lambda cfg: jax.jit(lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=cfg, mode=mode))
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = run(config)(state, batch)

@@ -9,6 +9,7 @@ import sys
 
 import numpy as np
 import pytest
+import scipy.stats
 
 from roclip_jax.data import demo
 from roclip_jax.experiments import suspicion
@@ -100,8 +101,15 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
   with open(out) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 48 == len({r["id"] for r in rows})
-  assert list(rows[0]) == ["rank", "id", "caption", "own_similarity", "pool_top1_similarity", "pool_margin",
-                           "caption_atypicality", "score", "poisoned", "poison_code"]
+  assert list(rows[0]) == ["rank", "id", "caption", "own_similarity", "mixture_risk", "pool_top1_similarity",
+                           "pool_margin", "caption_atypicality", "score", "poisoned", "poison_code"]
+  # mixture_risk: the low component's posterior of a mixture fitted to own_similarity,
+  # recomputed with scipy's normal density at the parameters EM converged to.
+  from roclip_jax import safeclip
+  own = np.array([float(r["own_similarity"]) for r in rows])
+  gmm = safeclip.fit_gmm(own)
+  low, high = (w * scipy.stats.norm.pdf(own, m, np.sqrt(v)) for w, m, v in zip(gmm.weights, gmm.means, gmm.variances))
+  np.testing.assert_allclose([float(r["mixture_risk"]) for r in rows], low / (low + high), rtol=1e-6, atol=1e-9)
   assert [int(r["rank"]) for r in rows] == list(range(1, 49))
   scores = np.array([float(r["score"]) for r in rows])
   assert np.all(np.diff(scores) <= 0)  # Most suspicious first.
@@ -111,7 +119,7 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
   # The metrics, recomputed from the CSV by brute force.
   labels = [r["poisoned"] == "1" for r in rows]
   for name, column, sign in [("pool_margin", "pool_margin", 1), ("caption_atypicality", "caption_atypicality", 1),
-                             ("own_distance", "own_similarity", -1)]:
+                             ("own_distance", "own_similarity", -1), ("mixture_risk", "mixture_risk", 1)]:
     values = [sign * float(r[column]) for r in rows]
     m = report.metrics[name]
     assert m["auroc"] == pytest.approx(_brute_auroc(values, labels), abs=1e-9)

@@ -27,10 +27,19 @@ Guarantees the trainer relies on:
   case with duplicates inside an epoch).
 * `iterator.get_state()` / `set_state()` resume exactly, with or without
   worker processes (for the same worker count).
+
+Two views (`config.data.views = 2`, for the SafeCLIP and CleanCLIP defenses):
+each element also carries `image2` / `text2`, an always-augmented second view
+made from the same decoded and `image_transform`-ed raw image and the same
+caption, with random streams of their own. View 1 (`image` / `text`) is
+exactly what `views = 1` gives.
+
+`scoring_batches` is a single in-order, eval-preprocessed pass over this
+host's slice (SafeCLIP scores every training pair with it each epoch).
 """
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 import concurrent.futures
 import dataclasses
 import json
@@ -48,10 +57,12 @@ from roclip_jax.data import tokenizer as tokenizer_lib
 
 ImageTransform = Callable[[dict[str, Any], np.ndarray], np.ndarray]
 BATCH_KEYS = ("image", "text", "id", "label", "poisoned", "skipped")
+VIEW2_KEYS = ("image2", "text2")  # Added to the batch keys when views == 2.
 _LOG_FIRST_SKIPS = 20  # Then one line per _LOG_SKIP_EVERY skipped images.
 _LOG_SKIP_EVERY = 100
 # Tags that separate the random streams derived from config.seed.
 _SHUFFLE_TAG, _IMAGE_AUG_TAG, _TEXT_AUG_TAG = 1, 2, 3
+_IMAGE_VIEW2_TAG, _TEXT_VIEW2_TAG = 4, 5
 # NLTK's WordNet reader (behind EDA) seeks and reads a shared file handle, so
 # concurrent calls from grain's prefetch threads corrupt its reads.
 _EDA_LOCK = threading.Lock()
@@ -63,6 +74,28 @@ def _derived_seed(*entropy: int, bits: int = 32) -> int:
   state = words.generate_state(2, np.uint32)
   value = (int(state[0]) << 32) | int(state[1])
   return value % (2**bits)
+
+
+def batch_keys(views: int = 1) -> tuple[str, ...]:
+  """The keys of a training batch for `config.data.views` = `views`."""
+  return BATCH_KEYS + (VIEW2_KEYS if views == 2 else ())
+
+
+def _check_views(views: Any) -> int:
+  if views not in (1, 2):
+    raise ValueError(
+        f"config.data.views={views!r} is not supported; set it to 1 (one "
+        "view per example) or 2 (an extra augmented view `image2`/`text2`, "
+        "for SafeCLIP and CleanCLIP).")
+  return int(views)
+
+
+def _decode_record_image(record: dict[str, Any]) -> np.ndarray | None:
+  """Decodes a record's image (`image_bytes` if present, else `image_path`)."""
+  # ArrayRecord sources carry the encoded image itself (`image_bytes`).
+  encoded = record.get("image_bytes")
+  return image_ops.decode_image(
+      encoded if encoded is not None else record["image_path"])
 
 
 def host_example_indices(num_examples: int, process_index: int,
@@ -83,13 +116,14 @@ class _ExampleLoader:
   A picklable callable (it runs in grain worker processes). Returns a dict
   with the batch keys, or, for an undecodable image, a small marker dict
   with `_skipped_path`; it never returns None because grain would silently
-  drop it and the skip could no longer be counted.
+  drop it and the skip could no longer be counted. With `views=2` it also
+  returns `image2` (always image-augmented) and `text2` (always EDA'd).
   """
 
   def __init__(self, source: Any, *, epoch_length: int,
                image_size: int, context_length: int, seed: int,
                process_index: int, augment_cfg: Any,
-               image_transform: ImageTransform | None):
+               image_transform: ImageTransform | None, views: int = 1):
     self._source = source
     self._epoch_length = epoch_length
     self._image_size = image_size
@@ -104,39 +138,47 @@ class _ExampleLoader:
     self._resample_text = bool(
         augment_cfg.get("text_resample_per_epoch", False))
     self._image_transform = image_transform
+    self._views = _check_views(views)
+    self._image2_key = _derived_seed(seed, _IMAGE_VIEW2_TAG, process_index,
+                                     bits=64)
+
+  def _augmented_image(self, raw: np.ndarray, key: int,
+                       position: int) -> np.ndarray:
+    from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+    # Keyed by stream position: differs across epochs, fixed on resume.
+    rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
+    return augment.augment_image(raw, rng, self._augment_cfg,
+                                 self._image_size)
+
+  def _eda_caption(self, caption: str, tag: int, example_id: int,
+                   position: int) -> str:
+    from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
+    # One fixed EDA version per caption for the whole run (ROCLIP.md
+    # §2.2), unless resampling per epoch was asked for.
+    entropy = [self._seed, tag, example_id]
+    if self._resample_text:
+      entropy.append(position // self._epoch_length)
+    with _EDA_LOCK:
+      return eda.eda(caption, np.random.default_rng(entropy),
+                     self._augment_cfg)
 
   def __call__(self, position: int, example_index: int) -> dict[str, Any]:
     record = self._source[example_index]
-    # ArrayRecord sources carry the encoded image itself (`image_bytes`).
-    encoded = record.get("image_bytes")
-    image = image_ops.decode_image(
-        encoded if encoded is not None else record["image_path"])
-    if image is None:
+    raw = _decode_record_image(record)
+    if raw is None:
       return {"_position": position, "_skipped_path": record.get(
           "image_path", record.get("origin", f"record {record['id']}"))}
     if self._image_transform is not None:
-      image = self._image_transform(record, image)
+      raw = self._image_transform(record, raw)
     if self._augment_image:
-      from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
-      # Keyed by stream position: differs across epochs, fixed on resume.
-      rng = np.random.Generator(
-          np.random.Philox(key=(self._image_key << 64) | position))
-      image = augment.augment_image(image, rng, self._augment_cfg,
-                                    self._image_size)
+      image = self._augmented_image(raw, self._image_key, position)
     else:
-      image = image_ops.resize_center_crop(image, self._image_size)
+      image = image_ops.resize_center_crop(raw, self._image_size)
+    example_id = int(record["id"])
     caption = record["caption"]
     if self._augment_text:
-      from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
-      # One fixed EDA version per caption for the whole run (ROCLIP.md
-      # §2.2), unless resampling per epoch was asked for.
-      entropy = [self._seed, _TEXT_AUG_TAG, int(record["id"])]
-      if self._resample_text:
-        entropy.append(position // self._epoch_length)
-      with _EDA_LOCK:
-        caption = eda.eda(caption, np.random.default_rng(entropy),
-                          self._augment_cfg)
-    return {
+      caption = self._eda_caption(caption, _TEXT_AUG_TAG, example_id, position)
+    element = {
         "_position": position,
         "image": np.ascontiguousarray(image, np.uint8),
         "text": self._tokenizer(caption)[0],
@@ -144,6 +186,14 @@ class _ExampleLoader:
         "label": np.int64(record["label"]),
         "poisoned": np.int8(record["poisoned"]),
     }
+    if self._views == 2:
+      # The second view is always augmented, whatever augment.image/text say.
+      image2 = self._augmented_image(raw, self._image2_key, position)
+      caption2 = self._eda_caption(record["caption"], _TEXT_VIEW2_TAG,
+                                   example_id, position)
+      element["image2"] = np.ascontiguousarray(image2, np.uint8)
+      element["text2"] = self._tokenizer(caption2)[0]
+    return element
 
 
 # ------------------------------------------------------ epoch batching
@@ -154,8 +204,10 @@ class _EpochBatchIterator(grain.DatasetIterator):
 
   def __init__(self, parent: grain.DatasetIterator, *,
                random_access: grain.MapDataset, batch_size: int,
-               steps_per_epoch: int, epoch_length: int, num_epochs: int):
+               steps_per_epoch: int, epoch_length: int, num_epochs: int,
+               keys: tuple[str, ...] = BATCH_KEYS):
     super().__init__(parent)
+    self._keys = tuple(keys)
     self._random_access = random_access
     self._batch_size = batch_size
     self._steps = steps_per_epoch
@@ -232,7 +284,7 @@ class _EpochBatchIterator(grain.DatasetIterator):
     if last_of_epoch:
       self._topup_cursor = 0
     self._batches_emitted += 1
-    batch = {key: np.stack([e[key] for e in elements]) for key in BATCH_KEYS}
+    batch = {key: np.stack([e[key] for e in elements]) for key in self._keys}
     batch["skipped"] = batch["skipped"].astype(np.int32)
     return batch
 
@@ -306,7 +358,11 @@ def make_train_data(config: Any, *, process_index: int = 0,
   Returns:
     `TrainData`; batches are dicts with `image` uint8 [b, S, S, 3], `text`
     int32 [b, L], `id` int64, `label` int64, `poisoned` int8 and `skipped`
-    int32, each [b] (b = local batch size).
+    int32, each [b] (b = local batch size). With `config.data.views = 2`
+    (default 1) they also hold `image2` uint8 [b, S, S, 3] and `text2` int32
+    [b, L]: a second view of the same example, always image-augmented and
+    EDA-augmented (from the same `image_transform`-ed raw image), whatever
+    `augment.image` / `augment.text` say; `batch_keys(views)` lists the keys.
   """
   data_cfg = config.data
   if data_cfg.batch_size % process_count:
@@ -314,6 +370,7 @@ def make_train_data(config: Any, *, process_index: int = 0,
         f"config.data.batch_size={data_cfg.batch_size} is not divisible by "
         f"the {process_count} processes; pick a multiple of {process_count}.")
   local_batch_size = data_cfg.batch_size // process_count
+  views = _check_views(data_cfg.get("views", 1))
   num_epochs = int(config.num_epochs)
   if local_batch_size < 1 or num_epochs < 1:
     raise ValueError(f"config.data.batch_size={data_cfg.batch_size} and "
@@ -338,7 +395,7 @@ def make_train_data(config: Any, *, process_index: int = 0,
       image_size=config.model.image.image_size,
       context_length=config.model.text.context_length, seed=config.seed,
       process_index=process_index, augment_cfg=config.augment,
-      image_transform=image_transform)
+      image_transform=image_transform, views=views)
   dataset = (
       grain.MapDataset.source(host_indices)
       .shuffle(seed=_derived_seed(config.seed, _SHUFFLE_TAG))
@@ -358,7 +415,7 @@ def make_train_data(config: Any, *, process_index: int = 0,
   batches = _EpochBatchIterDataset(
       stream, random_access=dataset, batch_size=local_batch_size,
       steps_per_epoch=steps_per_epoch, epoch_length=len(host_indices),
-      num_epochs=num_epochs)
+      num_epochs=num_epochs, keys=batch_keys(views))
   return TrainData(iterator=iter(batches), steps_per_epoch=steps_per_epoch,
                    num_examples=len(source), local_batch_size=local_batch_size,
                    source=source, num_epochs=num_epochs)
@@ -469,3 +526,109 @@ def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
       class_names=class_names, templates=templates,
       num_skipped=len(records) - len(keep))
 
+
+
+# ---------------------------------------------------------------- scoring
+
+
+class ScoringBatches:
+  """Iterator over `scoring_batches`; `num_skipped` grows as it goes.
+
+  `num_batches` is known up front and equal on every host; `num_skipped`
+  (undecodable images seen so far) is final once the iterator is exhausted.
+  """
+
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]],
+               num_batches: int):
+    self._batches = batches
+    self.num_batches = num_batches
+    self.num_skipped = 0
+
+  def __iter__(self) -> ScoringBatches:
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    return next(self._batches)
+
+  def __len__(self) -> int:
+    return self.num_batches
+
+
+def scoring_batches(config: Any, source: Any, *, batch_size: int,
+                    image_transform: ImageTransform | None = None,
+                    process_index: int = 0,
+                    process_count: int = 1) -> ScoringBatches:
+  """One in-order, eval-preprocessed pass over this host's slice of `source`.
+
+  For scoring every training pair (SafeCLIP's per-epoch cosine). Reads the
+  ids `host_example_indices(len(source), process_index, process_count)` in
+  order, in chunks of `batch_size`: decodes each image (`image_bytes` or
+  `image_path`) in a thread pool, applies `image_transform(record, image)`
+  if given, then `resize_center_crop` to `config.model.image.image_size` (no
+  augmentation); captions are tokenized to `config.model.text.context_length`.
+
+  Every host yields the same number of batches,
+  ceil(ceil(len(source) / process_count) / batch_size), each with exactly
+  `batch_size` rows (the per-host batch), so the batches can feed a
+  collective jitted function. Rows past the end of the slice and rows whose
+  image cannot be decoded are invalid: `valid` False, `id` -1 and zeros
+  elsewhere; the undecodable ones are counted in the returned iterator's
+  `num_skipped`.
+
+  Yields:
+    dicts with `image` uint8 [batch_size, S, S, 3], `text` int32
+    [batch_size, L], `id` int64, `poisoned` int8 and `valid` bool, each
+    [batch_size].
+  """
+  if batch_size < 1:
+    raise ValueError(f"scoring_batches needs batch_size >= 1, got "
+                     f"{batch_size}.")
+  host_indices = host_example_indices(len(source), process_index,
+                                      process_count)
+  per_host = -(-len(source) // process_count)
+  num_batches = -(-per_host // batch_size)
+  size = int(config.model.image.image_size)
+  tokenizer = tokenizer_lib.get_tokenizer(config.model.text.context_length)
+  context_length = int(config.model.text.context_length)
+
+  def load(index: int) -> tuple[dict[str, Any], np.ndarray | None]:
+    record = source[int(index)]
+    image = _decode_record_image(record)
+    if image is not None:
+      if image_transform is not None:
+        image = image_transform(record, image)
+      image = image_ops.resize_center_crop(image, size)
+    return record, image
+
+  def generate() -> Iterator[dict[str, np.ndarray]]:
+    with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
+      for b in range(num_batches):
+        chunk = host_indices[b * batch_size:(b + 1) * batch_size]
+        batch = {
+            "image": np.zeros((batch_size, size, size, 3), np.uint8),
+            "text": np.zeros((batch_size, context_length), np.int32),
+            "id": np.full((batch_size,), -1, np.int64),
+            "poisoned": np.zeros((batch_size,), np.int8),
+            "valid": np.zeros((batch_size,), bool),
+        }
+        captions, rows = [], []
+        for row, (record, image) in enumerate(pool.map(load, chunk)):
+          if image is None:
+            result.num_skipped += 1
+            if result.num_skipped <= _LOG_FIRST_SKIPS:
+              logging.warning("Scoring pass: skipping undecodable image %s",
+                              record.get("image_path", record.get(
+                                  "origin", f"record {record['id']}")))
+            continue
+          batch["image"][row] = image
+          batch["id"][row] = record["id"]
+          batch["poisoned"][row] = record["poisoned"]
+          batch["valid"][row] = True
+          captions.append(record["caption"])
+          rows.append(row)
+        if captions:
+          batch["text"][rows] = tokenizer(captions)
+        yield batch
+
+  result = ScoringBatches(generate(), num_batches)
+  return result

@@ -60,7 +60,8 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
         results[name] = json.load(f)
       logging.info("%s: already finished, results read from %s", name, done_file)
       continue
-    run_config = config_lib.override(base, dict(overrides))
+    overrides = {k: v.format(workdir=workdir) if isinstance(v, str) else v for k, v in dict(overrides).items()}
+    run_config = config_lib.override(base, overrides)
     t0 = time.perf_counter()
     out = train.train_and_evaluate(run_config, run_dir)
     if out.get("stopped"):
@@ -98,6 +99,20 @@ def format_table(results: dict[str, dict[str, Any]], config: ml_collections.Conf
     notes.append(f"Targeted poisoning: {p.targeted.num_targets} target images x "
                  f"{p.targeted.poisons_per_target} adversarial captions appended. Success: target "
                  "classified as its adversarial class.")
+  defenses = {dict(o).get("defense") for name, o in config.experiment.runs if name in results}
+  if "safeclip" in defenses:
+    sc = config.safeclip
+    notes.append(f"SafeCLIP: {sc.inmodal_warmup} unimodal warm-up epochs (lr {sc.in_lr:g}), {sc.multimodal_warmup} "
+                 f"CLIP epoch(s) at lr {sc.filter_lr:g}, then a Gaussian-mixture safe/risky split every epoch "
+                 f"(first: posterior >= {sc.threshold:g}; then +{sc.ratio_step:g} per epoch, at most {sc.max_ratio:g}).")
+  for name, overrides in config.experiment.runs:
+    overrides = dict(overrides)
+    if name in results and overrides.get("defense") == "cleanclip":
+      clean = overrides.get("cleanclip.num_clean_examples", config.cleanclip.num_clean_examples) or "all"
+      notes.append(f"{name}: starts from the final model of {overrides['init_from'].replace('{workdir}/', '')!r} "
+                   f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
+                   f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
+                   f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g}).")
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 

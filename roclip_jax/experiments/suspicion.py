@@ -11,6 +11,11 @@ augmentation) and scores it. Higher means more suspicious for every score:
 * `own_distance` = 1 - `own_similarity`, the cosine of the image and its own
   caption. A poisoned pair is a mismatch the model has to fight, so it tends
   to fit worse (until the model has memorised it).
+* `mixture_risk` = 1 - SafeCLIP's posterior: a 2-component Gaussian mixture is
+  fitted to all `own_similarity` values (`safeclip.fit_gmm`) and this is the
+  probability that the example belongs to the low-similarity component, the
+  one SafeCLIP keeps out of its CLIP loss. Ranks like `own_distance` but reads
+  as a probability, so a curator can threshold it.
 * `pool_margin` = `pool_top1_similarity` - `own_similarity` (runs with a RoCLIP
   pool only): the best caption in the pool beats the example's own caption by
   this much. This is RoCLIP's own signal: a poisoned image matches clean
@@ -48,7 +53,7 @@ from absl import logging
 import numpy as np
 import scipy.stats
 
-SCORES = ("own_distance", "pool_margin", "caption_atypicality")
+SCORES = ("own_distance", "mixture_risk", "pool_margin", "caption_atypicality")
 DEFAULT_NEIGHBORS = 10
 
 
@@ -113,6 +118,8 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
   image_emb, caption_emb = image_emb.astype(np.float64), caption_emb.astype(np.float64)
   own = np.sum(image_emb * caption_emb, axis=1)
   out = {"own_similarity": own, "own_distance": 1.0 - own}
+  from roclip_jax import safeclip  # Deferred: pulls in jax.
+  out["mixture_risk"] = 1.0 - safeclip.fit_gmm(own).posterior_high(own)
 
   k = min(neighbors, n - 1)
   cross = image_emb @ caption_emb.T  # [N, N]: image i vs caption j.
@@ -247,7 +254,8 @@ def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_
   is_poisoned = None if injected is None else np.isin(data.ids, sorted(injected))
   order, metrics = rank_and_evaluate(scores, is_poisoned)
 
-  columns = [c for c in ("own_similarity", "pool_top1_similarity", "pool_margin", "caption_atypicality", "score")
+  columns = [c for c in ("own_similarity", "mixture_risk", "pool_top1_similarity", "pool_margin",
+                         "caption_atypicality", "score")
              if c in scores]
   rows = []
   for rank, i in enumerate(order, start=1):
