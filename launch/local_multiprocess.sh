@@ -39,7 +39,7 @@ stop_all() {
 trap stop_all INT TERM
 
 for ((i = 0; i < NUM_PROCESSES; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=$DEVICES --xla_cpu_enable_concurrency_optimized_scheduler=false" PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}" \
     "$PYTHON" -m roclip_jax.main --coordinator_address="127.0.0.1:$PORT" --num_processes="$NUM_PROCESSES" \
     --process_id="$i" "$@" >"$LOGDIR/process_$i.log" 2>&1 &
   PIDS+=($!)

@@ -46,6 +46,8 @@ def _use_fake_cpu_devices(count: int) -> None:
                        f"XLA_FLAGS=--xla_force_host_platform_device_count={count} JAX_PLATFORMS=cpu yourself.")
   flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={count}".strip()
+  if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags_env:  # See README, "Installation and platform".
+    os.environ["XLA_FLAGS"] += " --xla_cpu_enable_concurrency_optimized_scheduler=false"
   jax.config.update("jax_platforms", "cpu")
 
 

@@ -24,12 +24,32 @@ def test_shipped_configs_are_valid(name):
   config_lib.validate(config, num_batch_shards=8)
 
 
+def test_every_benchmark_row_is_a_valid_config(tmp_path):
+  """The rows of `make demo`, as the benchmark builds them (CleanCLIP starts from the CLIP row's run)."""
+  from roclip_jax.experiments import robustness
+  config = load_config("robustness_demo")
+  clip_run = tmp_path / robustness.slug("CLIP")
+  (clip_run / "checkpoints").mkdir(parents=True)
+  (clip_run / "config.json").write_text("{}")
+  base = config_lib.override(config, {})
+  del base.experiment
+  defenses = {}
+  for name, overrides in config.experiment.runs:
+    row = robustness.row_config(base, overrides, str(tmp_path))
+    config_lib.validate(row, num_batch_shards=8)
+    defenses[name] = row.defense
+    if row.defense == "cleanclip":
+      assert row.init_from == str(clip_run)
+  assert set(defenses.values()) == {"none", "roclip", "safeclip", "cleanclip"}
+
+
 @pytest.mark.parametrize("field,value,message", [
     ("defense", "magic", "config.defense"),
     ("data.batch_size", 12, "config.data.batch_size"),
     ("data.source", "s3", "config.data.source"),
     ("optim.lr", -1.0, "config.optim.lr"),
     ("roclip.k", 1, "config.roclip.k"),
+    ("defense", "cleanclip", "config.init_from"),
     ("model.image.patch_size", 5, "config.model.image.patch_size"),
 ])
 def test_invalid_values_name_the_field(field, value, message):

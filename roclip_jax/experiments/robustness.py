@@ -45,6 +45,12 @@ def slug(name: str) -> str:
   return re.sub(r"[^a-z0-9]+", "_", name.lower()).strip("_")
 
 
+def row_config(base: ml_collections.ConfigDict, overrides: dict[str, Any], workdir: str) -> ml_collections.ConfigDict:
+  """One row's config: `base` with the row's overrides, "{workdir}" in string values filled in."""
+  overrides = {k: v.format(workdir=workdir) if isinstance(v, str) else v for k, v in dict(overrides).items()}
+  return config_lib.override(base, overrides)
+
+
 def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[str, dict[str, Any]]:
   from roclip_jax import train  # Heavy imports after flag parsing.
   results = {}
@@ -60,8 +66,7 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
         results[name] = json.load(f)
       logging.info("%s: already finished, results read from %s", name, done_file)
       continue
-    overrides = {k: v.format(workdir=workdir) if isinstance(v, str) else v for k, v in dict(overrides).items()}
-    run_config = config_lib.override(base, overrides)
+    run_config = row_config(base, overrides, workdir)
     t0 = time.perf_counter()
     out = train.train_and_evaluate(run_config, run_dir)
     if out.get("stopped"):

@@ -188,6 +188,10 @@ def load_training_set(config: Any) -> TrainingSet:
 
   config = copy.deepcopy(config)
   config.data.num_workers = 0  # Only the source is needed; start no worker processes.
+  if config.defense == "cleanclip":
+    # A CleanCLIP run fine-tuned on a clean subset; the data worth screening is the poisoned
+    # training set that subset was drawn from.
+    config.defense = "none"
   train_data, _ = train.build_train_data(config, workdir=None)  # workdir=None: writes nothing.
   source = train_data.source
   transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed) if config.poison.enabled else None
