@@ -78,8 +78,9 @@ def load_init_weights(config: ml_collections.ConfigDict, state_shardings: steps_
   run = inspect_lib.load(path)
   mismatches = weights_lib.architecture_mismatches(run.config.model, config.model)
   if mismatches or jax.tree.structure(run.state.params) != jax.tree.structure(state_shardings.params):
-    raise ValueError(f"config.init_from={path!r} is a run of another architecture ({'; '.join(mismatches) or 'different parameters'}). "
-                     "Fix: set config.model to that run's model (its config.json), or start from another run.")
+    what = "; ".join(mismatches) or "different parameters"
+    raise ValueError(f"config.init_from={path!r} is a run of another architecture ({what}). Fix: set "
+                     "config.model to that run's model (its config.json), or start from another run.")
   place = lambda x, sharding: jax.device_put(x, sharding)
   return (jax.tree.map(place, run.state.params, state_shardings.params),
           jax.tree.map(place, run.state.model_state, state_shardings.model_state))
