@@ -16,7 +16,7 @@ $(VENV)/.installed: requirements.txt setup.cfg
 
 install: $(VENV)/.installed
 
-# CLIP vs RoCLIP on the same poisoned demo data; prints the results table.
+# CLIP vs RoCLIP, SafeCLIP and CleanCLIP on the same poisoned demo data; prints the results table.
 demo: install
 	$(PY) -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --workdir=$(WORKDIR)
 

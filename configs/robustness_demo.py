@@ -1,4 +1,4 @@
-"""The headline benchmark: CLIP vs RoCLIP on the same poisoned demo data.
+"""The headline benchmark: CLIP vs RoCLIP, SafeCLIP and CleanCLIP on the same poisoned demo data.
 
   python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --workdir=DIR
 
