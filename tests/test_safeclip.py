@@ -278,6 +278,11 @@ def test_cleanclip_fine_tunes_a_run_on_clean_data_only(demo_root, tmp_path):
   batch = next(iter(data.iterator))
   assert batch["image2"].shape == batch["image"].shape and batch["text2"].shape == batch["text"].shape
 
+  # The suspicion report screens the poisoned set the starting model saw, not the clean subset.
+  from roclip_jax.experiments import suspicion
+  screened = suspicion.load_training_set(config)
+  assert len(screened.ids) == 48 and set(info.poisoned_ids) <= set(screened.ids.tolist())
+
   out = train.train_and_evaluate(config, str(tmp_path / "cleanclip"))
   assert out["step"] == 2
   rows = [r for r in metrics_lib.read_metrics(str(tmp_path / "cleanclip")) if r["kind"] == "train"]
