@@ -49,6 +49,7 @@ import optax
 from roclip_jax import losses
 from roclip_jax import optim
 from roclip_jax import roclip
+from roclip_jax import sharding as sharding_lib
 from roclip_jax.data import image_ops
 
 PHASES = ("unimodal", "cross_clip", "safe_split")
@@ -165,7 +166,7 @@ def step_loss(phase: str, z: dict[str, jax.Array], state: SafeState, ids: jax.Ar
   else:
     safe = state.safe[ids] > 0
     risky = ~safe
-    aux["safe_in_batch"] = jnp.sum(safe).astype(jnp.float32)
+    aux.update(safe=safe, safe_in_batch=jnp.sum(safe).astype(jnp.float32))
 
   loss = jnp.zeros((), jnp.float32)
   if phase != "unimodal":
@@ -275,34 +276,30 @@ def select_safe(posterior: np.ndarray, *, first_split: bool, previous_ratio: flo
 
 
 def make_similarity_fn(spec: Any, mesh: Mesh):
-  """Jitted `fn(params, model_state, image_u8, tokens) -> cosine [B]` (eval mode), replicated
-  on every host so each can read the whole global batch back."""
+  """Jitted `fn(params, model_state, image_u8, tokens, ids) -> (cosine [B], ids [B])` (eval
+  mode). Both outputs are replicated, so every host can read the whole global batch back."""
   replicated = NamedSharding(mesh, P())
 
-  def similarity(params, model_state, images, tokens):
+  def similarity(params, model_state, images, tokens, ids):
     model = spec.merge(params, model_state)
     zimg = losses.l2_normalize(model.encode_image(image_ops.normalize(images), train=False))
     ztxt = losses.l2_normalize(model.encode_text(tokens))
-    return jnp.sum(zimg * ztxt, axis=1)
+    return jnp.sum(zimg * ztxt, axis=1), ids
 
-  return jax.jit(similarity, out_shardings=replicated)
+  return jax.jit(similarity, out_shardings=(replicated, replicated))
 
 
 def dataset_similarities(similarity_fn, params, model_state, batches: Iterable[dict[str, np.ndarray]],
                          mesh: Mesh, num_examples: int) -> np.ndarray:
   """The own-caption cosine of every example id in [0, num_examples); NaN for ids not seen
   (undecodable images). `batches` is this host's `pipeline.scoring_batches`."""
-  from roclip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-
   out = np.full((num_examples,), np.nan, np.float64)
-  gather_ids = jax.jit(lambda x: x, out_shardings=NamedSharding(mesh, P()))
   for local in batches:
     batch = sharding_lib.global_batch(
         {"image": local["image"], "text": local["text"],
          "id": np.where(local["valid"], local["id"], -1).astype(np.int32)}, mesh)
     with jax.set_mesh(mesh):
-      sims = np.asarray(similarity_fn(params, model_state, batch["image"], batch["text"]))
-      ids = np.asarray(gather_ids(batch["id"]))
+      sims, ids = jax.device_get(similarity_fn(params, model_state, batch["image"], batch["text"], batch["id"]))
     keep = ids >= 0
     out[ids[keep]] = sims[keep]
   return out

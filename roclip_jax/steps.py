@@ -440,9 +440,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
   for key in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch"):
     if key in aux:
       metrics[f"safeclip/{key}"] = aux[key]
-  if mode.kind == "safe_split":
-    safe = state.safeclip.safe[batch["id"]] > 0
-    metrics["safeclip/poisoned_in_safe"] = jnp.sum(safe & (batch["poisoned"] > 0)).astype(jnp.float32)
+  if "safe" in aux:  # A safe_split step: the batch's poisons that got the CLIP loss.
+    metrics["safeclip/poisoned_in_safe"] = jnp.sum(aux["safe"] & (batch["poisoned"] > 0)).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state, opt_state=opt_state,
                             pool=pool, rng=jax.random.split(state.rng)[0], safeclip=safe_state)
   return new_state, metrics

@@ -136,9 +136,6 @@ class SafeSplitter:
 
   def split(self, state: steps_lib.TrainState, epoch: int) -> tuple[steps_lib.TrainState, dict[str, Any]]:
     t0 = time.perf_counter()
-    # Let the last train step finish first: on CPU, two programs with collectives running at
-    # once can deadlock (each waits for devices busy with the other).
-    state = jax.block_until_ready(state)
     batches = pipeline.scoring_batches(
         self._config, self._data.source, batch_size=self._data.local_batch_size, image_transform=self._transform,
         process_index=jax.process_index(), process_count=jax.process_count())

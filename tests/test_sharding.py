@@ -15,6 +15,7 @@ from roclip_jax import optim
 from roclip_jax import roclip
 from roclip_jax import sharding
 from roclip_jax import steps
+from tests.test_train_step import random_batch
 
 FSDP_MESH = [("data", 2), ("fsdp", 4)]
 
@@ -37,19 +38,6 @@ def _config(defense="none", batch=16, mesh=FSDP_MESH, **overrides):
     node[leaf] = value
   config_lib.validate(c, 8 if mesh != [("data", 1)] else 1)
   return c
-
-
-def _batch(batch, seed=0):
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(1, 1000, size=(batch, 8)).astype(np.int32)
-  tokens[:, 0], tokens[:, 5], tokens[:, 6:] = 49406, 49407, 0
-  return {
-      "image": rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8),
-      "text": tokens,
-      "id": np.arange(batch, dtype=np.int32) + 1000 * seed,
-      "label": np.zeros(batch, np.int32),
-      "poisoned": (np.arange(batch) % 4 == 0).astype(np.int8),
-  }
 
 
 def _mesh(spec):
@@ -236,7 +224,7 @@ def _run_steps(config, mesh_spec, modes, host_state):
   losses = []
   with jax.set_mesh(mesh):
     for i, mode in enumerate(modes):
-      state, metrics = fns[mode](state, sharding.global_batch(_batch(config.data.batch_size, i), mesh))
+      state, metrics = fns[mode](state, sharding.global_batch(random_batch(i, batch=config.data.batch_size), mesh))
       losses.append(float(metrics["loss"]))
   return losses, jax.device_get(state.params), state
 
@@ -275,7 +263,7 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
   spec = steps.ModelSpec.create(config.model)
   _, shardings = steps.abstract_train_state(config, mesh, tx)
   state = jax.device_put(initial_state, shardings)
-  batch = sharding.global_batch(_batch(32), mesh)
+  batch = sharding.global_batch(random_batch(batch=32), mesh)
   for mode_name in ("clip", "match"):
     mode = steps.StepMode(kind="roclip_match" if mode_name == "match" else "clip")
     results = []

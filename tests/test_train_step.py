@@ -30,18 +30,20 @@ def _config(shard_pool=False, defense="roclip"):
   return c
 
 
-def _batch(seed=0):
+def random_batch(seed=0, batch=B):
+  """A training batch of random images and token rows (BOS, 4 tokens, EOT, padding); every 4th pair
+  marked poisoned. Shared with test_sharding."""
   rng = np.random.default_rng(seed)
-  tokens = rng.integers(1, 1000, size=(B, 8)).astype(np.int32)
+  tokens = rng.integers(1, 1000, size=(batch, 8)).astype(np.int32)
   tokens[:, 0] = 49406
   tokens[:, 5] = 49407
   tokens[:, 6:] = 0
   return {
-      "image": rng.integers(0, 256, size=(B, 16, 16, 3), dtype=np.uint8),
+      "image": rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8),
       "text": tokens,
-      "id": np.arange(B, dtype=np.int64) + 1000 * seed,
-      "label": np.zeros(B, np.int64),
-      "poisoned": (np.arange(B) % 4 == 0).astype(np.int8),
+      "id": np.arange(batch, dtype=np.int64) + 1000 * seed,
+      "label": np.zeros(batch, np.int64),
+      "poisoned": (np.arange(batch) % 4 == 0).astype(np.int8),
   }
 
 
@@ -69,14 +71,14 @@ def _np_matching_loss(zimg, pool, scale):
 def test_matching_loss_matches_numpy_and_text_gradient_is_zero(shard_pool):
   config = _config(shard_pool)
   mesh, tx, schedule, spec, shardings, state = _setup(config)
-  batch = sharding.global_batch(_batch(), mesh)
+  batch = sharding.global_batch(random_batch(), mesh)
   mode = steps.step_modes(config)["match"]
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = jax.jit(
         lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, mode=mode))(state, batch)
   # Independent reference: image embeddings from the model, the rest in NumPy.
   model = spec.merge(jax.device_get(state.params), jax.device_get(state.model_state))
-  zimg = np.array(model.encode_image(image_ops.normalize(jnp.asarray(_batch()["image"])), train=True))
+  zimg = np.array(model.encode_image(image_ops.normalize(jnp.asarray(random_batch()["image"])), train=True))
   zimg /= np.linalg.norm(zimg, axis=1, keepdims=True)
   pool = np.asarray(state.pool.embeddings)
   expected = _np_matching_loss(zimg, pool, np.exp(float(state.params["logit_scale"])))
@@ -96,7 +98,7 @@ def test_matching_step_leaves_text_tower_unchanged_without_decay_and_fills_pool(
   fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)
   before = jax.device_get(state.params)
   with jax.set_mesh(mesh):
-    state, metrics = fns["match"](state, sharding.global_batch(_batch(), mesh))
+    state, metrics = fns["match"](state, sharding.global_batch(random_batch(), mesh))
   after = jax.device_get(state.params)
   for a, b in zip(jax.tree.leaves(before["text_model"]), jax.tree.leaves(after["text_model"])):
     np.testing.assert_array_equal(a, b)
@@ -121,7 +123,7 @@ def test_clip_step_same_on_one_and_eight_devices():
     fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
     with jax.set_mesh(mesh):
       for seed in range(2):
-        state, metrics = fn(state, sharding.global_batch(_batch(seed), mesh))
+        state, metrics = fn(state, sharding.global_batch(random_batch(seed), mesh))
     results.append((float(metrics["loss"]), jax.device_get(state.params)))
   (l1, p1), (l8, p8) = results
   np.testing.assert_allclose(l1, l8, rtol=1e-5)
@@ -136,5 +138,5 @@ def test_logit_scale_is_clamped_at_ln_100():
   state = state.replace(params=dict(state.params, logit_scale=jnp.float32(4.6)))
   fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
   with jax.set_mesh(mesh):
-    state, _ = fn(state, sharding.global_batch(_batch(), mesh))
+    state, _ = fn(state, sharding.global_batch(random_batch(), mesh))
   assert 0.0 <= float(state.params["logit_scale"]) <= np.log(100) + 1e-6

@@ -98,6 +98,11 @@ def _decode_record_image(record: dict[str, Any]) -> np.ndarray | None:
       encoded if encoded is not None else record["image_path"])
 
 
+def _record_name(record: dict[str, Any]) -> str:
+  """How a log line names a record: its image path, ArrayRecord origin, or id."""
+  return record.get("image_path", record.get("origin", f"record {record['id']}"))
+
+
 def host_example_indices(num_examples: int, process_index: int,
                          process_count: int) -> np.ndarray:
   """The example ids host `process_index` reads: a strided, disjoint slice."""
@@ -166,8 +171,7 @@ class _ExampleLoader:
     record = self._source[example_index]
     raw = _decode_record_image(record)
     if raw is None:
-      return {"_position": position, "_skipped_path": record.get(
-          "image_path", record.get("origin", f"record {record['id']}"))}
+      return {"_position": position, "_skipped_path": _record_name(record)}
     if self._image_transform is not None:
       raw = self._image_transform(record, raw)
     if self._augment_image:
@@ -617,8 +621,7 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
             result.num_skipped += 1
             if result.num_skipped <= _LOG_FIRST_SKIPS:
               logging.warning("Scoring pass: skipping undecodable image %s",
-                              record.get("image_path", record.get(
-                                  "origin", f"record {record['id']}")))
+                              _record_name(record))
             continue
           batch["image"][row] = image
           batch["id"][row] = record["id"]

@@ -183,7 +183,7 @@ class TrainingSet:
 def load_training_set(config: Any) -> TrainingSet:
   """Rebuilds the run's training source (the same poisons, by seed) and reads it all."""
   from roclip_jax import train  # Deferred: pulls in the whole trainer.
-  from roclip_jax.data import image_ops
+  from roclip_jax.data import pipeline
   from roclip_jax.data import poison as poison_lib
 
   config = copy.deepcopy(config)
@@ -195,25 +195,21 @@ def load_training_set(config: Any) -> TrainingSet:
   train_data, _ = train.build_train_data(config, workdir=None)  # workdir=None: writes nothing.
   source = train_data.source
   transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed) if config.poison.enabled else None
-  size = config.model.image.image_size
-  ids, captions, images, codes, skipped = [], [], [], [], 0
-  for index in range(len(source)):
-    record = source[index]
-    encoded = record.get("image_bytes")
-    image = image_ops.decode_image(encoded if encoded is not None else record["image_path"])
-    if image is None:
-      skipped += 1
-      continue
-    if transform is not None:
-      image = transform(record, image)
-    ids.append(int(record["id"]))
-    captions.append(str(record["caption"]))
-    images.append(image_ops.resize_center_crop(image, size))
-    codes.append(int(record.get("poisoned", 0)))
-  if not ids:
+  # The trainer's eval-preprocessing pass (SafeCLIP's scoring pass): one process, ids in order.
+  batches = pipeline.scoring_batches(config, source, batch_size=256, image_transform=transform)
+  ids, images, codes = [], [], []
+  for batch in batches:
+    valid = batch["valid"]
+    ids.append(batch["id"][valid])
+    images.append(batch["image"][valid])
+    codes.append(batch["poisoned"][valid])
+  ids = np.concatenate(ids)
+  if not ids.size:
     raise ValueError("No training image could be decoded; check config.data of the run.")
-  return TrainingSet(ids=np.asarray(ids, np.int64), captions=captions, images=np.stack(images).astype(np.uint8),
-                     poison_codes=np.asarray(codes, np.int8), num_skipped=skipped)
+  # Ids are indices into the source (sources.py), so the captions are read back by id.
+  captions = [str(source[int(i)]["caption"]) for i in ids]
+  return TrainingSet(ids=ids.astype(np.int64), captions=captions, images=np.concatenate(images),
+                     poison_codes=np.concatenate(codes).astype(np.int8), num_skipped=batches.num_skipped)
 
 
 def _injected_poison_ids(workdir: str) -> set[int] | None:
