@@ -11,7 +11,8 @@ $(VENV)/.installed: requirements.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -r requirements.txt
-	$(PY) -m pip install -q --no-deps -e .
+	@# The repository on the venv's path (what an editable install does, minus setuptools' banners).
+	$(PY) -c 'import sysconfig; open(sysconfig.get_paths()["purelib"] + "/roclip_jax_repo.pth", "w").write("$(CURDIR)\n")'
 	touch $@
 
 install: $(VENV)/.installed

@@ -68,9 +68,13 @@ def get_config(arg=None):
   c.experiment.runs = [
       ("CLIP", {"defense": "none"}),
       ("CLIP+aug", {"defense": "none", "augment.image": True, "augment.text": True}),
-      ("RoCLIP", {"defense": "roclip", "augment.image": True, "augment.text": True}),
+      ("RoCLIP (paper)", {"defense": "roclip", "roclip.variant": "paper", "augment.image": True,
+                          "augment.text": True}),
+      # Our variant beyond the paper (docs/roclip.md): later start, fresh pool, CSLS, masked duplicates.
+      ("RoCLIP (robust)", {"defense": "roclip", "roclip.variant": "robust", "augment.image": True,
+                           "augment.text": True}),
       # The pool matching alone, to separate its effect from the augmentations'.
-      ("RoCLIP w/o aug", {"defense": "roclip"}),
+      ("RoCLIP (paper) w/o aug", {"defense": "roclip", "roclip.variant": "paper"}),
       ("SafeCLIP", {"defense": "safeclip", "augment.image": True, "augment.text": True}),
       # Post-hoc: 10 epochs of CleanCLIP fine-tuning (CleanCLIP's README count) of the CLIP row,
       # at a tenth of the pre-training lr.

@@ -101,16 +101,30 @@ def base_config() -> ml_collections.ConfigDict:
   c.data.num_workers = 0
   c.data.prefetch_buffer = 2
   c.data.views = 1  # Views per example; the trainer sets 2 for the two-view defenses (TWO_VIEW_DEFENSES).
+  # Storage faults (an I/O error reading data that exists, unlike a corrupt or missing image, which is
+  # skipped) are retried this many times, waiting io_retry_base_seconds * 2**k before retry k; then the
+  # run checkpoints and stops (image_ops.StorageError).
+  c.data.io_retries = 5
+  c.data.io_retry_base_seconds = 0.5
 
   c.augment = augment.default_config()
 
   c.defense = "none"
   c.roclip = ml_collections.ConfigDict()
   c.roclip.pool_size = 21845  # The original code's default (ROCLIP.md §1.2).
-  c.roclip.k = 2  # Matching epochs: e % k == 0.
+  c.roclip.k = 2  # A matching epoch every k epochs (the paper: epochs k, 2k, ...).
   c.roclip.shard_pool = False
   c.roclip.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
-  c.roclip.update_pool_every_step = False  # Variant: also write the pool in CLIP epochs.
+  # 'paper': the published method, exactly. 'robust': our variant that does not collapse on small
+  # data (docs/roclip.md): matching starts after the lr warm-up on a pool written every step,
+  # hubness-aware (CSLS) matching, and images matched to the same caption are not each other's
+  # negatives. The knobs below, left unset (None), take the variant's value; set one to ablate it.
+  c.roclip.variant = "paper"
+  c.roclip.first_epoch = ml_collections.config_dict.placeholder(int)  # First matching epoch.
+  c.roclip.update_pool_every_step = ml_collections.config_dict.placeholder(bool)  # Also write the pool in CLIP epochs.
+  c.roclip.csls_k = ml_collections.config_dict.placeholder(int)  # 0: cosine top-1; > 0: CSLS over k neighbours.
+  c.roclip.mask_duplicates = ml_collections.config_dict.placeholder(bool)
+  c.roclip.exclude_own = ml_collections.config_dict.placeholder(bool)  # Never match a row of the image's own example.
 
   # SafeCLIP (ROCLIP.md §6.1; roclip_jax/safeclip.py). Epoch counts are the spec's defaults.
   c.safeclip = ml_collections.ConfigDict()
@@ -184,6 +198,11 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
     _fail("init_from", f"{init_from!r} does not exist.",
           "point it at a training run's workdir, a Hugging Face CLIP directory or an OpenAI/open_clip weights "
           "file, or set it to ''.")
+  io_retries = config.data.get("io_retries", 0)
+  if not isinstance(io_retries, int) or io_retries < 0:
+    _fail("data.io_retries", f"is {io_retries!r}.", "use 0 (stop at the first storage fault) or more retries, e.g. 5.")
+  if config.data.get("io_retry_base_seconds", 0) < 0:
+    _fail("data.io_retry_base_seconds", f"is {config.data.io_retry_base_seconds}.", "use 0 or more seconds, e.g. 0.5.")
   b = config.data.batch_size
   if b < 2:
     _fail("data.batch_size", f"is {b}; a contrastive batch needs negatives.", "use a batch of at least 2.")
@@ -206,6 +225,7 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
           "pick a patch size that divides the image size.")
   from roclip_jax import models  # Deferred like in base_config.
   from roclip_jax.data import poison
+  from roclip_jax import roclip
   try:
     models.validate_config(config.model)
   except ValueError as e:  # "model config `image.width`=..." -> "config.model.image.width=..."
@@ -220,6 +240,12 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
     if r.k < 2:
       _fail("roclip.k", f"is {r.k}; with k=1 every epoch is a matching epoch and the text tower never trains.",
             "use k >= 2 (the original uses 2 or 3).")
+    if r.variant not in roclip.VARIANTS:
+      _fail("roclip.variant", f"{r.variant!r} is unknown.", f"use one of {roclip.VARIANTS}.")
+    if r.first_epoch is not None and r.first_epoch < 1:
+      _fail("roclip.first_epoch", f"is {r.first_epoch}; epochs count from 1.", "use 1 or more, or leave it unset.")
+    if r.csls_k is not None and r.csls_k < 0:
+      _fail("roclip.csls_k", f"is {r.csls_k}.", "use 0 (cosine top-1) or a positive neighbourhood size such as 10.")
     if r.fifo not in ("ring", "lightly"):
       _fail("roclip.fifo", f"{r.fifo!r} is unknown.", "use 'ring' or 'lightly'.")
     if r.pool_size < b:

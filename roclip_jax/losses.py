@@ -30,7 +30,12 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
   return x * jax.lax.rsqrt(jnp.maximum(jnp.sum(x * x, axis=-1, keepdims=True), eps))
 
 
-def clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+# A logit that takes no part in a softmax (finite, so that no gradient is NaN).
+_MASKED_LOGIT = -1e9
+
+
+def clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array,
+              same_target: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric InfoNCE: mean of image->text and text->image cross-entropies.
 
   Args:
@@ -38,9 +43,16 @@ def clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array) -> tuple[j
     ztxt: [B, d] L2-normalised text embeddings; row i is image i's positive.
       In a RoCLIP matching step this is the image's nearest pool caption.
     log_scale: scalar t; the logits are exp(t) * cosine.
+    same_target: optional bool [B, B]; where [i, j] (i != j) is true, pair
+      (image i, text j) is neither a positive nor a negative: it is left out
+      of both softmaxes (RoCLIP's robust variant, for images matched to the
+      same pool caption). None: every off-diagonal pair is a negative.
   """
   logits = jnp.exp(log_scale) * zimg @ ztxt.T  # [B, B], rows: images
   labels = jnp.arange(logits.shape[0])
+  if same_target is not None:
+    excluded = same_target & ~jnp.eye(logits.shape[0], dtype=bool)
+    logits = jnp.where(excluded, _MASKED_LOGIT, logits)
   loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
   loss = 0.5 * (loss_i2t + loss_t2i)

@@ -23,6 +23,7 @@ steps' captions as one global ring of M rows.
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import flax
@@ -42,6 +43,9 @@ class Pool:
   source_ids: jax.Array  # i32[M], example id of the caption in each row; -1 = random init.
   source_poisoned: jax.Array  # i8[M], poison kind of that example; -1 = random init.
   ptr: jax.Array  # i32[], next row to write (inside each shard when sharded).
+  # i32[M], class label of that example where the data has labels (-1 = unknown or random init);
+  # for the diagnostics only, like the two fields above.
+  source_labels: jax.Array | None = None
 
   @property
   def size(self) -> int:
@@ -54,11 +58,71 @@ class Match:
   index: jax.Array  # i32[B], global pool row of each match.
   similarity: jax.Array  # f32[B], cosine of image and matched caption.
   source_poisoned: jax.Array  # i8[B], poison kind of the matched caption's example.
+  source_label: jax.Array | None = None  # i32[B], class label of the matched caption's example (-1 unknown).
 
 
-def is_matching_epoch(epoch: int, k: int) -> bool:
-  """Epochs count from 1; with K=2 epochs 2, 4, 6, ... are matching epochs."""
-  return k > 0 and epoch % k == 0
+# ----------------------------------------------------------------------------
+# Variants and schedule.
+
+VARIANTS = ("paper", "robust")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """The matching rule, resolved from `config.roclip` (`settings`)."""
+  variant: str
+  k: int  # A matching epoch every k epochs ...
+  first_epoch: int  # ... starting with this one (epochs count from 1).
+  pool_every_step: bool  # Write the pool in CLIP epochs too, so it is fresh when matching starts.
+  csls_k: int  # 0: cosine top-1 (the paper); > 0: hubness-aware CSLS matching over this many neighbours.
+  mask_duplicates: bool  # Images matched to one pool row are not each other's negatives.
+  exclude_own: bool  # An image never matches a row written from its own example.
+
+
+# What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
+# which is how the robust variant is ablated one piece at a time.
+VARIANT_DEFAULTS = {
+    "paper": dict(update_pool_every_step=False, csls_k=0, mask_duplicates=False, exclude_own=False),
+    "robust": dict(update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True),
+}
+
+
+def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0) -> Settings:
+  """`config.roclip` -> `Settings`.
+
+  `first_epoch` unset: the paper's schedule (epoch k first) for 'paper'; for
+  'robust', the first epoch of the k-schedule that starts after the learning-rate
+  warm-up has ended, so the first matches are made by a trained model, not by
+  a random one (the schedule the paper itself has at 1M pairs, where the
+  warm-up ends inside epoch 1).
+  """
+  variant = cfg.get("variant", "paper")
+  if variant not in VARIANTS:
+    raise ValueError(f"roclip.variant={variant!r} is unknown; use one of {VARIANTS}.")
+  knobs = dict(VARIANT_DEFAULTS[variant])
+  for name in knobs:
+    if cfg.get(name) is not None:
+      knobs[name] = cfg.get(name)
+  k = int(cfg.k)
+  first = cfg.get("first_epoch")
+  if first is None:
+    first = k
+    if variant == "robust":
+      warmup_epochs = -(-int(warmup_steps) // max(int(steps_per_epoch), 1))  # ceil
+      while first <= warmup_epochs:
+        first += k
+  return Settings(variant=variant, k=k, first_epoch=int(first), pool_every_step=bool(knobs["update_pool_every_step"]),
+                  csls_k=int(knobs["csls_k"]), mask_duplicates=bool(knobs["mask_duplicates"]),
+                  exclude_own=bool(knobs["exclude_own"]))
+
+
+def is_matching_epoch(epoch: int, k: int, first_epoch: int | None = None) -> bool:
+  """Epochs count from 1; with K=2 epochs 2, 4, 6, ... are matching epochs (the paper).
+
+  With `first_epoch`, the matching epochs are first_epoch, first_epoch + k, ...
+  """
+  first = k if first_epoch is None else first_epoch
+  return k > 0 and epoch >= first and (epoch - first) % k == 0
 
 
 def init_pool(key: jax.Array, size: int, dim: int) -> Pool:
@@ -70,55 +134,105 @@ def init_pool(key: jax.Array, size: int, dim: int) -> Pool:
       source_ids=jnp.full((size,), -1, jnp.int32),
       source_poisoned=jnp.full((size,), -1, jnp.int8),
       ptr=jnp.zeros((), jnp.int32),
+      source_labels=jnp.full((size,), -1, jnp.int32),
   )
 
 
 def pool_shardings(mesh: Mesh, shard_pool: bool) -> Pool:
   rows = NamedSharding(mesh, P(sharding_lib.batch_axes(mesh)) if shard_pool else P())
-  return Pool(embeddings=rows, source_ids=rows, source_poisoned=rows, ptr=NamedSharding(mesh, P()))
+  return Pool(embeddings=rows, source_ids=rows, source_poisoned=rows, ptr=NamedSharding(mesh, P()), source_labels=rows)
 
 
-def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array):
+def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array, mask_duplicates: bool = False):
   """L_RoCLIP (§1.4): InfoNCE of images against their matched captions.
 
   The own caption does not appear; the matched rows are constants, so only the
   image tower and the logit scale get gradients.
+
+  `mask_duplicates` (the robust variant): when images i and j matched the same
+  pool row, the paper's loss asks image i to prefer its caption over the very
+  same vector in column j (and the caption over image j in the other
+  direction): contradicting targets whose optimum is to give up, which is how
+  hubs drag the batch into collapse. Masking removes such pairs from each
+  other's negatives (`losses.clip_loss`'s `same_target`); with no duplicate
+  matches the loss is the paper's.
   """
-  return losses.clip_loss(zimg, jax.lax.stop_gradient(match.embeddings), log_scale)
+  same = (match.index[:, None] == match.index[None, :]) if mask_duplicates else None
+  return losses.clip_loss(zimg, jax.lax.stop_gradient(match.embeddings), log_scale, same_target=same)
 
 
 # ----------------------------------------------------------------------------
 # Matching.
 
 
-def nearest_captions(pool: Pool, zimg: jax.Array, mesh: Mesh, shard_pool: bool) -> Match:
-  """Cosine top-1 pool row for every image (rows and queries are unit vectors).
+def nearest_captions(pool: Pool, zimg: jax.Array, mesh: Mesh, shard_pool: bool, csls_k: int = 0,
+                     exclude_ids: jax.Array | None = None) -> Match:
+  """The pool row each image is paired with (rows and queries are unit vectors).
 
-  Ties go to the lowest pool index, as `argmax` does.
+  `csls_k=0` (the paper): the cosine top-1 row. `csls_k>0`: the row of highest
+  cross-domain similarity local scaling (CSLS, Conneau et al. 2018),
+  2 cos(i, m) - r(m), where r(m) is row m's mean cosine to its `csls_k`
+  nearest images of the global batch; a "hub" row, close to many images at
+  once, is discounted, so one row cannot absorb the whole batch. (CSLS's other
+  term, the image's own neighbourhood, is constant in the argmax over rows.)
+  `similarity` is always the plain cosine of the chosen row. Ties go to the
+  lowest pool index, as `argmax` does.
+
+  `exclude_ids` ([B] example ids; the robust variant): image i never matches a
+  row written from its own example. The query-before-enqueue order keeps the
+  current batch's captions out, but a pool written every step can still hold
+  the image's own caption from the end of the previous epoch, and a poisoned
+  image must never be paired with its own caption.
   """
   zimg = jax.lax.stop_gradient(zimg)
+  labels = pool.source_labels if pool.source_labels is not None else jnp.full_like(pool.source_ids, -1)
+  exclude = exclude_ids is not None
+  exclude_ids = jnp.zeros((zimg.shape[0],), jnp.int32) if exclude_ids is None else exclude_ids.astype(jnp.int32)
   if not shard_pool:
     sims = zimg @ pool.embeddings.T  # [B, M]
-    index = jnp.argmax(sims, axis=1).astype(jnp.int32)
+    scores = _matching_scores(sims, csls_k)
+    if exclude:
+      scores = _exclude_own(scores, pool.source_ids, exclude_ids)
+    index = jnp.argmax(scores, axis=1).astype(jnp.int32)
     return Match(
         embeddings=pool.embeddings[index],
         index=index,
         similarity=jnp.take_along_axis(sims, index[:, None], axis=1)[:, 0],
         source_poisoned=pool.source_poisoned[index],
+        source_label=labels[index],
     )
   axes = sharding_lib.batch_axes(mesh)
   rows = P(axes)
   fn = jax.shard_map(
-      functools.partial(_sharded_nearest, axes=axes),
+      functools.partial(_sharded_nearest, axes=axes, csls_k=csls_k, exclude=exclude),
       mesh=mesh,
-      in_specs=(rows, rows, rows),
-      out_specs=Match(embeddings=rows, index=rows, similarity=rows, source_poisoned=rows),
+      in_specs=(rows, rows, rows, rows, rows, rows),
+      out_specs=Match(embeddings=rows, index=rows, similarity=rows, source_poisoned=rows, source_label=rows),
   )
-  return fn(pool.embeddings, pool.source_poisoned, zimg)
+  return fn(pool.embeddings, pool.source_poisoned, labels, pool.source_ids, zimg, exclude_ids)
 
 
-def _sharded_nearest(pool_rows, pool_poisoned, zimg_local, *, axes):
-  """Per device: local top-1 over its pool rows, then a global winner.
+def _exclude_own(scores: jax.Array, row_ids: jax.Array, query_ids: jax.Array) -> jax.Array:
+  """Scores of rows written from the query's own example set to -inf (never the argmax unless all are)."""
+  return jnp.where(row_ids[None, :] == query_ids[:, None], -jnp.inf, scores)
+
+
+def _matching_scores(sims: jax.Array, csls_k: int) -> jax.Array:
+  """[B, M] cosines -> the scores whose row-wise argmax picks the match (CSLS when `csls_k` > 0).
+
+  Every pool row's neighbourhood is measured over the whole batch of queries,
+  so this is exact per row whether the pool is split over devices or not.
+  """
+  if csls_k <= 0:
+    return sims
+  k = min(csls_k, sims.shape[0])
+  row_hubness = jnp.mean(jax.lax.top_k(sims.T, k)[0], axis=1)  # [M]
+  return 2 * sims - row_hubness[None, :]
+
+
+def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local, ids_local, *, axes, csls_k,
+                     exclude):
+  """Per device: local best over its pool rows, then a global winner.
 
   Only B-sized vectors cross devices (the queries, each shard's best score and
   its best row); the pool stays where it is.
@@ -126,8 +240,12 @@ def _sharded_nearest(pool_rows, pool_poisoned, zimg_local, *, axes):
   shard = jax.lax.axis_index(axes)
   zimg = jax.lax.all_gather(zimg_local, axes, tiled=True)  # [B, d]: every shard scores every image.
   sims = zimg @ pool_rows.T  # [B, M/n]
-  local_index = jnp.argmax(sims, axis=1)
-  local_best = jnp.take_along_axis(sims, local_index[:, None], axis=1)[:, 0]
+  scores = _matching_scores(sims, csls_k)
+  if exclude:
+    scores = _exclude_own(scores, pool_ids, jax.lax.all_gather(ids_local, axes, tiled=True))
+  local_index = jnp.argmax(scores, axis=1)
+  local_best = jnp.take_along_axis(scores, local_index[:, None], axis=1)[:, 0]
+  local_sim = jnp.take_along_axis(sims, local_index[:, None], axis=1)[:, 0]
   all_best = jax.lax.all_gather(local_best, axes)  # [n, B]
   winner = jnp.argmax(all_best, axis=0)  # first (lowest) shard wins ties -> lowest global index.
   is_winner = winner == shard  # [B]
@@ -135,12 +253,14 @@ def _sharded_nearest(pool_rows, pool_poisoned, zimg_local, *, axes):
   embeddings = pick(pool_rows[local_index])
   index = pick((local_index + shard * pool_rows.shape[0]).astype(jnp.int32))
   poisoned = pick(pool_poisoned[local_index].astype(jnp.int32)).astype(jnp.int8)
-  similarity = jnp.max(all_best, axis=0)
+  label = pick(pool_labels[local_index].astype(jnp.int32))
+  similarity = jnp.max(all_best, axis=0) if csls_k <= 0 else pick(local_sim)
   # Each shard keeps the results for its own slice of the batch.
   b = zimg_local.shape[0]
   start = shard * b
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, b, axis=0)
-  return Match(embeddings=take(embeddings), index=take(index), similarity=take(similarity), source_poisoned=take(poisoned))
+  return Match(embeddings=take(embeddings), index=take(index), similarity=take(similarity),
+               source_poisoned=take(poisoned), source_label=take(label))
 
 
 # ----------------------------------------------------------------------------
@@ -148,32 +268,38 @@ def _sharded_nearest(pool_rows, pool_poisoned, zimg_local, *, axes):
 
 
 def enqueue(pool: Pool, ztxt: jax.Array, ids: jax.Array, poisoned: jax.Array, mesh: Mesh, shard_pool: bool,
-            fifo: str = "ring") -> Pool:
+            fifo: str = "ring", labels: jax.Array | None = None) -> Pool:
   """Writes a batch of caption embeddings (detached) after the pointer.
 
   `fifo='ring'` wraps around; `fifo='lightly'` reproduces the original memory
   bank, which writes only the rows that fit before the end, drops the rest of
-  the batch and resets the pointer to 0 (ROCLIP.md §1.2).
+  the batch and resets the pointer to 0 (ROCLIP.md §1.2). `labels` (the
+  examples' class labels, -1 where unknown) are recorded for the diagnostics.
   """
   if fifo not in FIFO_MODES:
     raise ValueError(f"roclip.fifo={fifo!r}; expected one of {FIFO_MODES}.")
   ztxt = jax.lax.stop_gradient(ztxt).astype(pool.embeddings.dtype)
   ids = ids.astype(jnp.int32)
   poisoned = poisoned.astype(jnp.int8)
+  labels = jnp.full_like(ids, -1) if labels is None else labels.astype(jnp.int32)
+  pool_labels = pool.source_labels if pool.source_labels is not None else jnp.full_like(pool.source_ids, -1)
   write = functools.partial(_fifo_write, fifo=fifo)
   if not shard_pool:
-    emb, sid, spois, ptr = write(pool.embeddings, pool.source_ids, pool.source_poisoned, pool.ptr, ztxt, ids, poisoned)
-    return Pool(emb, sid, spois, ptr)
+    emb, sid, spois, slab, ptr = write(pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr,
+                                       ztxt, ids, poisoned, labels)
+    return Pool(emb, sid, spois, ptr, slab)
   rows = P(sharding_lib.batch_axes(mesh))
   fn = jax.shard_map(
-      write, mesh=mesh, in_specs=(rows, rows, rows, P(), rows, rows, rows), out_specs=(rows, rows, rows, P()),
+      write, mesh=mesh, in_specs=(rows, rows, rows, rows, P(), rows, rows, rows, rows),
+      out_specs=(rows, rows, rows, rows, P()),
       check_vma=False,  # The pointer update is identical on every shard, so the replicated output is exact.
   )
-  emb, sid, spois, ptr = fn(pool.embeddings, pool.source_ids, pool.source_poisoned, pool.ptr, ztxt, ids, poisoned)
-  return Pool(emb, sid, spois, ptr)
+  emb, sid, spois, slab, ptr = fn(pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr, ztxt,
+                                  ids, poisoned, labels)
+  return Pool(emb, sid, spois, ptr, slab)
 
 
-def _fifo_write(emb, sid, spois, ptr, rows, row_ids, row_poisoned, *, fifo):
+def _fifo_write(emb, sid, spois, slab, ptr, rows, row_ids, row_poisoned, row_labels, *, fifo):
   size, batch = emb.shape[0], rows.shape[0]
   slots = ptr + jnp.arange(batch, dtype=jnp.int32)
   if fifo == "ring":
@@ -185,4 +311,107 @@ def _fifo_write(emb, sid, spois, ptr, rows, row_ids, row_poisoned, *, fifo):
   emb = emb.at[slots].set(rows, mode="drop")
   sid = sid.at[slots].set(row_ids, mode="drop")
   spois = spois.at[slots].set(row_poisoned, mode="drop")
-  return emb, sid, spois, new_ptr.astype(jnp.int32)
+  slab = slab.at[slots].set(row_labels, mode="drop")
+  return emb, sid, spois, slab, new_ptr.astype(jnp.int32)
+
+
+# ----------------------------------------------------------------------------
+# Diagnostics: is the matching meaningful, or collapsing?
+
+# Per-step sums of a matching step, averaged per matching epoch by `epoch_diagnostics`.
+DIAGNOSTIC_SUMS = ("match_similarity", "own_similarity", "distinct_matches", "largest_hub", "matched_same_class",
+                   "labelled_matches", "poisoned_in_batch", "poisoned_matched_clean", "steps")
+
+
+def step_diagnostics(zimg: jax.Array, ztxt: jax.Array, match: Match, labels: jax.Array,
+                     poisoned: jax.Array) -> dict[str, jax.Array]:
+  """One matching step's contribution to `DIAGNOSTIC_SUMS` (global batch, on device).
+
+  * distinct_matches: pool rows matched by the batch (B when every image has
+    its own row; 1 when the whole batch matched one hub);
+  * largest_hub: images that share the most-matched row;
+  * match_similarity / own_similarity: mean cosine of each image with its
+    matched caption and with its own caption (computed by the current model);
+  * matched_same_class / labelled_matches: images whose matched caption comes
+    from an example of their own class, among those where both labels are known.
+
+  Counts use a sort of the B matched indices, not a B x B comparison.
+  """
+  index = jnp.sort(match.index)
+  distinct = 1 + jnp.sum(index[1:] != index[:-1])
+  run_length = jnp.searchsorted(index, index, side="right") - jnp.searchsorted(index, index, side="left")
+  labels = labels.astype(jnp.int32)
+  source_label = match.source_label if match.source_label is not None else jnp.full_like(labels, -1)
+  labelled = (labels >= 0) & (source_label >= 0)
+  is_poisoned = poisoned > 0
+  f32 = lambda x: x.astype(jnp.float32)
+  return {
+      "match_similarity": jnp.mean(match.similarity),
+      "own_similarity": jnp.mean(jnp.sum(zimg * ztxt, axis=-1)),
+      "distinct_matches": f32(distinct),
+      "largest_hub": f32(jnp.max(run_length)),
+      "matched_same_class": f32(jnp.sum(labelled & (labels == source_label))),
+      "labelled_matches": f32(jnp.sum(labelled)),
+      "poisoned_in_batch": f32(jnp.sum(is_poisoned)),
+      # Poisoned images matched to a caption from a clean example: the defense breaking the pair.
+      "poisoned_matched_clean": f32(jnp.sum(is_poisoned & (match.source_poisoned == 0))),
+      "steps": jnp.ones((), jnp.float32),
+  }
+
+
+def epoch_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, float]:
+  """Per-epoch means (the `roclip/...` metrics) from the summed `step_diagnostics`."""
+  steps = max(float(sums["steps"]), 1.0)
+  row = {
+      "roclip/match_similarity": sums["match_similarity"] / steps,
+      "roclip/own_similarity": sums["own_similarity"] / steps,
+      "roclip/distinct_matches": sums["distinct_matches"] / steps,
+      "roclip/distinct_match_frac": sums["distinct_matches"] / steps / batch_size,
+      "roclip/largest_hub": sums["largest_hub"] / steps,
+      "roclip/matching_steps": int(sums["steps"]),
+  }
+  if sums["labelled_matches"] > 0:
+    row["roclip/matched_same_class_frac"] = sums["matched_same_class"] / sums["labelled_matches"]
+  if sums["poisoned_in_batch"] > 0:
+    row["roclip/poisoned_matched_clean_frac"] = sums["poisoned_matched_clean"] / sums["poisoned_in_batch"]
+  return row
+
+
+@dataclasses.dataclass(frozen=True)
+class CollapseThresholds:
+  """When a matching epoch counts as collapsing (docs/roclip.md explains the numbers).
+
+  * distinct_frac: fewer distinct pool rows per batch than this share of the
+    batch means a few hub captions absorb the batch (the collapses we measured
+    matched 2-14 rows for 128 images, 1.5-11%; healthy runs, 25-80%).
+  * match_to_own: the matched caption far less similar than the image's own
+    caption (ratio below this) means the image left the caption manifold: a
+    top-1 over M >> B candidates is normally at least as close as the own one.
+  * same_class_over_chance: where labels exist, matches of the image's own class
+    below this multiple of chance (1 / number of classes) are close to random.
+  """
+  distinct_frac: float = 0.15
+  match_to_own: float = 0.5
+  same_class_over_chance: float = 2.0
+
+
+def collapse_warnings(row: dict[str, float], num_classes: int | None = None,
+                      thresholds: CollapseThresholds = CollapseThresholds()) -> list[str]:
+  """What in one matching epoch's diagnostics (`epoch_diagnostics`) signals a collapse; [] if healthy."""
+  found = []
+  frac = row["roclip/distinct_match_frac"]
+  if frac < thresholds.distinct_frac:
+    found.append(f"hubness: only {100 * frac:.1f}% of each batch's images matched distinct pool rows "
+                 f"(threshold {100 * thresholds.distinct_frac:.0f}%; largest hub {row['roclip/largest_hub']:.0f} "
+                 "images)")
+  match, own = row["roclip/match_similarity"], row["roclip/own_similarity"]
+  if match < thresholds.match_to_own * own:
+    found.append(f"drift: mean matched-caption cosine {match:.3f} is below {thresholds.match_to_own:g} x the "
+                 f"own-caption cosine {own:.3f}")
+  same = row.get("roclip/matched_same_class_frac")
+  if same is not None and num_classes:
+    chance = 1.0 / num_classes
+    if same < thresholds.same_class_over_chance * chance:
+      found.append(f"random matches: {100 * same:.1f}% of images matched a caption of their own class "
+                   f"(chance {100 * chance:.1f}%, threshold {thresholds.same_class_over_chance:g}x chance)")
+  return found

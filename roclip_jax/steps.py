@@ -48,6 +48,11 @@ class TrainState:
   pool: roclip.Pool | None  # None unless the defense uses RoCLIP's pool.
   rng: jax.Array  # u32[2] raw key, advanced every step.
   safeclip: safeclip.SafeState | None = None  # SafeCLIP's banks and safe mask; None for other defenses.
+  # Running counters, summed on device over the global batch and checkpointed with the rest, so they
+  # are right on every host and after a resume: `skipped_examples` since the start of training and,
+  # with RoCLIP's pool, the current epoch's matching diagnostics (`roclip.DIAGNOSTIC_SUMS`, reset at
+  # the first step of each epoch).
+  stats: dict[str, jax.Array] | None = None
 
 
 # What a step computes: the plain pair loss, RoCLIP's matching loss, a SafeCLIP
@@ -129,8 +134,19 @@ def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransf
     safe_state = safeclip.init_state(safe_key, config.safeclip, config.model.embed_dim)
   return TrainState(
       step=jnp.zeros((), jnp.int32), params=params, model_state=model_state, opt_state=tx.init(params), pool=pool,
-      rng=step_key, safeclip=safe_state,
+      rng=step_key, safeclip=safe_state, stats=init_stats(config),
   )
+
+
+def init_stats(config: ml_collections.ConfigDict) -> dict[str, jax.Array]:
+  stats = {"skipped_examples": jnp.zeros((), jnp.int32)}
+  if uses_pool(config):
+    stats.update({f"roclip/{k}": jnp.zeros((), jnp.float32) for k in roclip.DIAGNOSTIC_SUMS})
+  return stats
+
+
+def roclip_settings(config: ml_collections.ConfigDict, steps_per_epoch: int = 1) -> roclip.Settings:
+  return roclip.settings(config.roclip, steps_per_epoch=steps_per_epoch, warmup_steps=config.optim.warmup_steps)
 
 
 def state_shardings(abstract_state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict) -> TrainState:
@@ -194,7 +210,7 @@ def pair_loss(config: ml_collections.ConfigDict, mesh: Mesh):
 def _matching_loss(config, mesh, zimg, match: roclip.Match, scalars):
   """RoCLIP's matching loss (§1.4) with the configured pair loss: matched captions replace the positives."""
   if config.get("loss", "clip") == "clip":
-    return roclip.matching_loss(zimg, match, scalars["logit_scale"])
+    return roclip.matching_loss(zimg, match, scalars["logit_scale"], roclip_settings(config).mask_duplicates)
   return pair_loss(config, mesh)(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
 
 
@@ -237,7 +253,9 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
       zimg = jax.lax.stop_gradient(zimg)
     scalars = _loss_scalars(params)
     if mode.match:
-      match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool)
+      rc = roclip_settings(config)
+      match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool, rc.csls_k,
+                                      batch["id"] if rc.exclude_own else None)
       loss, aux = _matching_loss(config, mesh, zimg, match, scalars)
       aux = dict(aux, match=match, ztxt=ztxt)
     else:
@@ -364,7 +382,8 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
   # 2. The full-batch loss and its gradient at the cached embeddings.
   scalars = _loss_scalars(state.params)
   if mode.match:
-    match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool)
+    rc = roclip_settings(config)
+    match = roclip.nearest_captions(state.pool, zimg, mesh, shard_pool, rc.csls_k, batch["id"] if rc.exclude_own else None)
     (loss, aux), (g_zimg, g_scalars) = jax.value_and_grad(
         lambda zi, s: _matching_loss(config, mesh, zi, match, s), argnums=(0, 1), has_aux=True)(zimg, scalars)
     g_ztxt = jnp.zeros_like(ztxt)  # Unused: the text tower gets no gradient in a matching step.
@@ -404,7 +423,9 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
 
 def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, tx: optax.GradientTransformation,
                schedule: optax.Schedule, mesh: Mesh, config: ml_collections.ConfigDict,
-               mode: StepMode) -> tuple[TrainState, dict[str, jax.Array]]:
+               mode: StepMode, steps_per_epoch: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+  batch = dict(batch)
+  skipped = batch.pop("skipped", None)
   loss, aux, grads, new_model_state = loss_and_grads(state, batch, spec=spec, mesh=mesh, config=config, mode=mode)
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -413,7 +434,8 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
   pool = state.pool
   if mode.enqueue:
     shard_pool = bool(config.roclip.shard_pool)
-    pool = roclip.enqueue(pool, aux["ztxt"], batch["id"], batch["poisoned"], mesh, shard_pool, config.roclip.fifo)
+    pool = roclip.enqueue(pool, aux["ztxt"], batch["id"], batch["poisoned"], mesh, shard_pool, config.roclip.fifo,
+                          labels=batch.get("label"))
   safe_state = state.safeclip
   if safe_state is not None:
     safe_state = safeclip.write_banks(safe_state, {"image": aux["zimg"], "text": aux["ztxt"]}, batch["id"],
@@ -429,21 +451,30 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
       "grad_norm": optax.global_norm(grads),
       "param_norm": optax.global_norm(params),
   }
-  if mode.match:
-    match = aux["match"]
-    poisoned = batch["poisoned"] > 0
-    metrics["roclip/match_similarity"] = jnp.mean(match.similarity)
-    metrics["roclip/poisoned_in_batch"] = jnp.sum(poisoned).astype(jnp.float32)
-    # Poisoned images of this batch matched to a caption that came from a clean
-    # example: the defense breaking the poisoned pair, as intended.
-    metrics["roclip/poisoned_matched_clean"] = jnp.sum(poisoned & (match.source_poisoned == 0)).astype(jnp.float32)
+  stats = dict(state.stats)
+  if skipped is not None:  # Summed over the global batch: every host's skips.
+    stats["skipped_examples"] = stats["skipped_examples"] + jnp.sum(skipped).astype(jnp.int32)
+  if "roclip/steps" in stats:
+    # The epoch's matching diagnostics: zeroed by the epoch's first step, so the sums in a checkpoint
+    # taken mid-epoch cover exactly the steps before it.
+    first_of_epoch = state.step % steps_per_epoch == 0
+    for key in roclip.DIAGNOSTIC_SUMS:
+      stats[f"roclip/{key}"] = jnp.where(first_of_epoch, 0.0, stats[f"roclip/{key}"])
+    if mode.match:
+      labels = batch.get("label", jnp.full_like(batch["id"], -1))
+      step_diag = roclip.step_diagnostics(aux["zimg"], aux["ztxt"], aux["match"], labels, batch["poisoned"])
+      for key, value in step_diag.items():
+        stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
+      metrics["roclip/match_similarity"] = step_diag["match_similarity"]
+      metrics["roclip/distinct_matches"] = step_diag["distinct_matches"]
+  metrics["skipped_examples"] = stats["skipped_examples"]
   for key in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch"):
     if key in aux:
       metrics[f"safeclip/{key}"] = aux[key]
   if "safe" in aux:  # A safe_split step: the batch's poisons that got the CLIP loss.
     metrics["safeclip/poisoned_in_safe"] = jnp.sum(aux["safe"] & (batch["poisoned"] > 0)).astype(jnp.float32)
   new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state, opt_state=opt_state,
-                            pool=pool, rng=jax.random.split(state.rng)[0], safeclip=safe_state)
+                            pool=pool, rng=jax.random.split(state.rng)[0], safeclip=safe_state, stats=stats)
   return new_state, metrics
 
 
@@ -456,27 +487,30 @@ def step_modes(config: ml_collections.ConfigDict) -> dict[str, StepMode]:
     return {"cleanclip": StepMode(kind="cleanclip")}
   if not uses_pool(config):
     return {"clip": StepMode()}
-  every_step = bool(config.roclip.update_pool_every_step)
+  every_step = roclip_settings(config).pool_every_step
   return {"clip": StepMode(enqueue=every_step), "match": StepMode(kind="roclip_match", enqueue=True)}
 
 
-def mode_for_epoch(config: ml_collections.ConfigDict, epoch: int) -> str:
+def mode_for_epoch(config: ml_collections.ConfigDict, epoch: int, steps_per_epoch: int = 1) -> str:
   if config.defense == "safeclip":
     return safeclip.phase_for_epoch(config.safeclip, epoch)
   if config.defense == "cleanclip":
     return "cleanclip"
-  if uses_pool(config) and roclip.is_matching_epoch(epoch, config.roclip.k):
-    return "match"
+  if uses_pool(config):
+    rc = roclip_settings(config, steps_per_epoch)
+    if roclip.is_matching_epoch(epoch, rc.k, rc.first_epoch):
+      return "match"
   return "clip"
 
 
-def make_train_steps(config, mesh, spec, tx, schedule, shardings: TrainState) -> dict[str, Any]:
+def make_train_steps(config, mesh, spec, tx, schedule, shardings: TrainState, steps_per_epoch: int = 1) -> dict[str, Any]:
   """One jitted step per mode, with explicit shardings and the state donated."""
   batch_sh = sharding_lib.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   steps = {}
   for name, mode in step_modes(config).items():
-    fn = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule, mesh=mesh, config=config, mode=mode)
+    fn = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule, mesh=mesh, config=config, mode=mode,
+                           steps_per_epoch=steps_per_epoch)
     steps[name] = jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
                           donate_argnums=0)
   return steps
@@ -493,7 +527,8 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, j
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   # int64 ids and labels from the pipeline become int32 on device (jax_enable_x64 is off).
   batch = {"image": sds((b, size, size, 3), jnp.uint8), "text": sds((b, length), jnp.int32),
-           "id": sds((b,), jnp.int32), "label": sds((b,), jnp.int32), "poisoned": sds((b,), jnp.int8)}
+           "id": sds((b,), jnp.int32), "label": sds((b,), jnp.int32), "poisoned": sds((b,), jnp.int8),
+           "skipped": sds((b,), jnp.int32)}
   if num_views(config) == 2:
     batch.update(image2=batch["image"], text2=batch["text"])
   return batch

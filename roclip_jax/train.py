@@ -15,7 +15,6 @@ from typing import Any
 
 from absl import logging
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
@@ -26,6 +25,7 @@ from roclip_jax import encoder as encoder_lib
 from roclip_jax import evaluators as evaluators_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import optim
+from roclip_jax import roclip
 from roclip_jax import safeclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
@@ -154,6 +154,51 @@ class SafeSplitter:
     return state, row
 
 
+class MatchingMonitor:
+  """RoCLIP's per-matching-epoch diagnostics and collapse detector (`roclip.epoch_diagnostics`).
+
+  The sums live in the train state (`stats`), so they are global over hosts
+  and survive a mid-epoch resume; this reads them once per matching epoch.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
+    self._batch_size = config.data.batch_size
+    self._num_classes = None
+    if config.data.source == "demo":  # Labels and their count are known: judge same-class matches too.
+      self._num_classes = int(config.data.demo.num_classes)
+    self._warned_epochs: list[int] = []
+
+  def end_of_epoch(self, epoch: int, state: steps_lib.TrainState) -> dict[str, Any]:
+    sums = {k[len("roclip/"):]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
+    row = dict(roclip.epoch_diagnostics(sums, self._batch_size), epoch=epoch)
+    warnings = roclip.collapse_warnings(row, self._num_classes)
+    row["roclip/collapse_warning"] = bool(warnings)
+    if warnings:
+      row["roclip/collapse_reasons"] = "; ".join(warnings)
+    if warnings:
+      self._warned_epochs.append(epoch)
+      logging.warning(
+          "RoCLIP matching epoch %d looks like a COLLAPSE: %s. The model is being trained toward captions that do "
+          "not describe its images; its accuracy will fall toward chance while the attack success rate looks "
+          "good. Fix: config.roclip.variant='robust' (docs/roclip.md), a later config.roclip.first_epoch, or a "
+          "smaller learning rate.", epoch, "; ".join(warnings))
+    else:
+      logging.info("Matching epoch %d: %s", epoch, row)
+    return row
+
+
+def final_results(workdir: str, step: int) -> dict[str, Any] | None:
+  """The final evaluation row a finished run wrote at `step`, or None."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return None
+  rows = [r for r in metrics_lib.read_metrics(workdir) if r.get("kind") == "eval" and r.get("final")
+          and r.get("step") == step]
+  if not rows:
+    return None
+  return {k: v for k, v in rows[-1].items() if k not in ("kind", "step", "final", "epoch", "skipped_examples")}
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
   """Trains (resuming from `workdir` if it holds a checkpoint) and evaluates.
 
@@ -190,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx, schedule = optim.make_optimizer(config.optim, total_steps, schedule=schedule)
   spec = steps_lib.ModelSpec.create(config.model)
   abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx)
-  train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings)
+  train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings,
+                                           steps_per_epoch=steps_per_epoch)
 
   # ------------------------------------------------------------ restore
   ckpt = checkpoint_lib.Checkpointer(
@@ -215,62 +261,66 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --------------------------------------------------------------- loop
   progress = metrics_lib.Progress(last_step, start_step, config.data.batch_size,
                                   enabled=is_main and config.progress_bar)
-  stop = checkpoint_lib.StopSignal()
-  skipped = 0
-  epoch_sums = None  # Device-side sums of the current epoch's RoCLIP metrics.
+  stop = checkpoint_lib.StopSignal(first_step=start_step)
+  step_metrics = None  # The last step's device metrics: checked for NaN before each save.
+  matching_monitor = MatchingMonitor(config, steps_per_epoch) if steps_lib.uses_pool(config) else None
   step = start_step
   data_iter = iter(train_data.iterator)
   try:
     while step < last_step:
       epoch = step // steps_per_epoch + 1
-      mode = steps_lib.mode_for_epoch(config, epoch)
+      mode = steps_lib.mode_for_epoch(config, epoch, steps_per_epoch)
       if splitter is not None and mode == "safe_split" and step % steps_per_epoch == 0:
         state, split_row = splitter.split(state, epoch)
         writer.write(step, split_row, kind="epoch")
-      local_batch = next(data_iter)
-      skipped += int(np.sum(local_batch.pop("skipped")))  # Host numpy: no device sync.
+      try:
+        local_batch = next(data_iter)
+      except pipeline.StorageError:
+        # After a failed next() the pipeline reports its position from before that batch, so this checkpoint
+        # (the state after `step` steps, the data at batch `step`) reads the failed batch again on resume. With
+        # several hosts the others wait in a collective, where a (collective) save would hang: there the rerun
+        # resumes from the last periodic checkpoint instead.
+        if jax.process_count() == 1 and step > start_step:
+          ckpt.maybe_save(step, state, train_data.iterator, force=True, metrics=step_metrics)
+          ckpt.wait()
+        logging.error("Storage fault reading the batch of step %d (error below); stopping. Fix the storage, then "
+                      "rerun with this workdir: training resumes from step %d.", step + 1, ckpt.latest_step() or 0)
+        raise
       batch = sharding_lib.global_batch(local_batch, mesh)
       with jax.set_mesh(mesh):
         state, step_metrics = train_steps[mode](state, batch)
       step += 1
-      if mode == "match":
-        roclip_metrics = {k: v for k, v in step_metrics.items() if k.startswith("roclip/")}
-        epoch_sums = roclip_metrics if epoch_sums is None else jax.tree.map(jnp.add, epoch_sums, roclip_metrics)
-
       if step % config.log_every_steps == 0 or step == last_step:
         host_metrics = jax.device_get(step_metrics)
-        if not np.isfinite(host_metrics["loss"]):
-          raise FloatingPointError(f"Non-finite loss {host_metrics['loss']} at step {step}; lower config.optim.lr "
-                                   "or set config.optim.grad_clip_norm.")
+        ckpt.assert_finite(step, host_metrics)
         rate = progress.update(step, loss=f"{host_metrics['loss']:.3f}", epoch=epoch)
-        writer.write(step, dict(host_metrics, epoch=epoch, mode=mode, pairs_per_sec=rate, skipped_examples=skipped))
+        writer.write(step, dict(host_metrics, epoch=epoch, mode=mode, pairs_per_sec=rate))
 
-      if epoch_sums is not None and (step % steps_per_epoch == 0 or step == last_step):
-        sums = jax.device_get(epoch_sums)
-        n = steps_per_epoch if step % steps_per_epoch == 0 else step % steps_per_epoch
-        epoch_row = {"epoch": epoch, "roclip/match_similarity": sums["roclip/match_similarity"] / n}
-        if sums["roclip/poisoned_in_batch"] > 0:
-          epoch_row["roclip/poisoned_matched_clean_frac"] = (
-              sums["roclip/poisoned_matched_clean"] / sums["roclip/poisoned_in_batch"])
-        writer.write(step, epoch_row, kind="epoch")
-        logging.info("Matching epoch %d: %s", epoch, epoch_row)
-        epoch_sums = None
+      if matching_monitor is not None and mode == "match" and (step % steps_per_epoch == 0 or step == last_step):
+        writer.write(step, matching_monitor.end_of_epoch(epoch, state), kind="epoch")
 
       periodic = [ev for ev in evaluators if step != last_step and ev.is_due(step, last_step)]
       if periodic:
         writer.write(step, dict(run_evaluators(periodic, make_encoder(config, spec, state)), epoch=epoch),
                      kind="eval")
 
-      ckpt.maybe_save(step, state, train_data.iterator, force=stop.requested)
-      if stop.requested:
+      stopping = stop.should_stop(step)  # Read once: every process saves and stops at this same step.
+      ckpt.maybe_save(step, state, train_data.iterator, force=stopping, metrics=step_metrics)
+      if stopping:
         ckpt.wait()
         logging.warning("Stopped at step %d on request; the next run with this workdir resumes here.", step)
         return {"step": step, "stopped": True}
 
     # --------------------------------------------------- final evaluation
-    ckpt.maybe_save(step, state, train_data.iterator, force=True)
+    ckpt.maybe_save(step, state, train_data.iterator, force=True, metrics=step_metrics)
+    previous = final_results(workdir, step) if start_step == step else None
+    if previous is not None:  # A finished run, rerun: its results stand; no second final row.
+      logging.info("The run had already finished at step %d; its final results are in metrics.jsonl.", step)
+      return dict(previous, step=step)
     results = run_evaluators(evaluators, make_encoder(config, spec, state))
-    writer.write(step, dict(results, epoch=(step - 1) // steps_per_epoch + 1, skipped_examples=skipped), kind="eval")
+    skipped = int(jax.device_get(state.stats["skipped_examples"]))
+    writer.write(step, dict(results, epoch=(step - 1) // steps_per_epoch + 1, skipped_examples=skipped, final=True),
+                 kind="eval")
     return dict(results, step=step)
   finally:
     stop.restore_handlers()

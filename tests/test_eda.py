@@ -1,11 +1,14 @@
 """Tests of roclip_jax.data.eda: hand-computed cases, multiset checks and WordNet 3.0 facts.
 
-WordNet comes from Debian's wordnet-base (/usr/share/wordnet); the no-WordNet path is forced by
-pointing every lookup at empty directories.
+WordNet comes from the table shipped in the package (no system package, no NLTK); the facts it must
+reproduce are WordNet 3.0's, written out here by hand.
 """
 import collections
+import concurrent.futures
 import functools
+import os
 import pickle
+import sys
 
 import numpy as np
 import pytest
@@ -30,16 +33,7 @@ def _rng(seed=0):
 
 @pytest.fixture(name='wordnet')
 def _wordnet():
-  synonyms = eda.load_wordnet(eda.SYSTEM_WORDNET_DIR)
-  assert synonyms is not None, 'these tests need WordNet: apt-get install wordnet-base'
-  return synonyms
-
-
-@pytest.fixture(name='fresh_wordnet_cache')
-def _fresh_wordnet_cache():
-  eda._cached_load.cache_clear()
-  yield
-  eda._cached_load.cache_clear()
+  return eda.load_wordnet()
 
 
 @pytest.mark.parametrize('raw,clean', [
@@ -147,40 +141,34 @@ def test_eda_pickles_for_grain_workers():
   assert fn('red car', _rng(1)) in ('red car', 'car red')
 
 
-def test_without_wordnet_warns_once_and_still_swaps_or_deletes(
-    tmp_path, monkeypatch, fresh_wordnet_cache):
-  del fresh_wordnet_cache
-  empty = tmp_path / 'empty'
-  empty.mkdir()
-  monkeypatch.delenv('WORDNET_DIR', raising=False)
-  monkeypatch.setattr(eda, 'SYSTEM_WORDNET_DIR', str(tmp_path / 'missing'))
-  monkeypatch.setattr(eda, '_find_nltk_wordnet', lambda: None)
-  warnings = []
-  monkeypatch.setattr(eda.logging, 'warning', lambda msg, *args: warnings.append(msg % args))
-  cfg = _config(wordnet_dir=str(empty))
-  words = 'the big red car drove past the house near a tall tree'.split()
-  outputs = [eda.eda(' '.join(words), _rng(seed), cfg) for seed in range(40)]
-  assert len(warnings) == 1
-  assert 'apt-get install wordnet-base' in warnings[0]
-  assert 'nltk.downloader wordnet' in warnings[0]
-  for out in outputs:
-    out_words = out.split()
-    swapped = collections.Counter(out_words) == collections.Counter(words)
-    iterator = iter(words)
-    deleted = len(out_words) < len(words) and all(w in iterator for w in out_words)
-    assert swapped or deleted or out_words == words, out
-  assert any(sorted(o.split()) == sorted(words) and o.split() != words for o in outputs)
-  assert any(len(o.split()) < len(words) for o in outputs)
+def test_synonym_table_ships_in_the_package_with_its_licence():
+  assets = os.path.dirname(eda.WORDNET_TABLE)
+  assert os.path.isfile(eda.WORDNET_TABLE)
+  with open(os.path.join(assets, 'WORDNET_LICENSE')) as f:
+    assert 'WordNet 3.0 Copyright 2006 by Princeton University' in f.read()
+  # Nothing outside the package is read: no NLTK, no WordNet database on the machine.
+  assert 'nltk' not in sys.modules
 
 
-def test_bad_wordnet_dir_falls_back_to_the_system_copy(tmp_path, monkeypatch, fresh_wordnet_cache):
-  del fresh_wordnet_cache
-  monkeypatch.delenv('WORDNET_DIR', raising=False)
-  warnings = []
-  monkeypatch.setattr(eda.logging, 'warning', lambda msg, *args: warnings.append(msg % args))
-  synonyms = eda.load_wordnet(str(tmp_path))
-  assert synonyms is not None and synonyms('car') == CAR_SYNONYMS
-  assert len(warnings) == 1 and str(tmp_path) in warnings[0]
+@pytest.mark.parametrize('word,synonym', [
+    ('geese', 'goose'),  # noun exception list (noun.exc)
+    ('ran', 'run'),  # verb exception list (verb.exc)
+    ('bigger', 'big'),  # adjective exception list (adj.exc)
+    ('boxes', 'box'),  # noun rule xes -> x
+    ('walked', 'walk'),  # verb rule ed -> ''
+    ('happily', 'merrily'),  # adverb: no rules, the index itself
+])
+def test_morphy_finds_the_lemma_as_wordnet_does(wordnet, word, synonym):
+  assert synonym in wordnet(word)
+  assert word not in wordnet(word)
+
+
+def test_synonyms_are_thread_safe(wordnet):
+  """grain's prefetch threads call EDA concurrently; no lock is needed any more."""
+  words = ['car', 'cars', 'star', 'circle', 'blue', 'green', 'square', 'running', 'bigger'] * 20
+  expected = [eda.SynonymTable.load(eda.WORDNET_TABLE)(w) for w in words]
+  with concurrent.futures.ThreadPoolExecutor(8) as pool:
+    assert list(pool.map(wordnet, words)) == expected
 
 
 def test_bad_arguments_raise_clear_errors():

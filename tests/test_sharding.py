@@ -166,7 +166,7 @@ def test_sharded_pool_lookup_and_enqueue_over_data_and_fsdp():
   unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
   emb = unit(rng.normal(size=(64, 16))).astype(np.float32)
   pool = roclip.Pool(jnp.asarray(emb), jnp.arange(64, dtype=jnp.int32), jnp.asarray(np.arange(64) % 3, jnp.int8),
-                     jnp.zeros((), jnp.int32))
+                     jnp.zeros((), jnp.int32), jnp.asarray(np.arange(64) % 5, jnp.int32))
   pool = jax.device_put(pool, roclip.pool_shardings(mesh, True))
   zimg = unit(rng.normal(size=(16, 16))).astype(np.float32)
   with jax.set_mesh(mesh):
@@ -176,6 +176,7 @@ def test_sharded_pool_lookup_and_enqueue_over_data_and_fsdp():
   np.testing.assert_array_equal(np.asarray(match.index), best)
   np.testing.assert_allclose(np.asarray(match.embeddings), emb[best])
   np.testing.assert_array_equal(np.asarray(match.source_poisoned), best % 3)
+  np.testing.assert_array_equal(np.asarray(match.source_label), best % 5)
 
   ztxt = unit(rng.normal(size=(16, 16))).astype(np.float32)
   with jax.set_mesh(mesh):

@@ -1,5 +1,6 @@
-"""End to end: exact resume, SIGTERM save-and-resume, corrupt data, RoCLIP pool in checkpoints."""
+"""End to end: exact resume, SIGTERM save-and-resume, no NaN checkpoint, corrupt data, RoCLIP pool in checkpoints."""
 import csv
+import itertools
 import json
 import os
 import signal
@@ -8,8 +9,10 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
+import optax
 from PIL import Image
 import pytest
 
@@ -17,6 +20,7 @@ from roclip_jax import config_lib
 from roclip_jax import inspect as inspect_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import models
+from roclip_jax import steps as steps_lib
 from roclip_jax import train
 from roclip_jax.data import demo
 
@@ -143,6 +147,35 @@ def test_sigterm_saves_and_the_restart_finishes_identically(demo_root, tmp_path)
   a, b = inspect_lib.load(str(killed)), inspect_lib.load(str(straight))
   assert a.step == b.step == n
   assert_trees_bitwise_equal(a.state.params, b.state.params)
+
+
+def test_a_state_that_went_nan_is_never_checkpointed(demo_root, tmp_path, monkeypatch):
+  """Step 4 is a checkpoint step but not a log step, and its update turns every parameter NaN (its loss, computed
+  before the update, stays finite). The run must stop there naming the step and the fix, and keep step 2's
+  checkpoint as the latest, rather than save the NaN state and fail later at a log step."""
+  make_train_steps = steps_lib.make_train_steps
+
+  def diverging_at_step_4(*args, **kwargs):
+    calls = itertools.count(1)
+
+    def wrap(step_fn):
+      def diverging(state, batch):
+        state, metrics = step_fn(state, batch)
+        if next(calls) == 4:
+          state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
+          metrics = dict(metrics, param_norm=optax.global_norm(state.params))
+        return state, metrics
+      return diverging
+
+    return {mode: wrap(fn) for mode, fn in make_train_steps(*args, **kwargs).items()}
+
+  monkeypatch.setattr(steps_lib, "make_train_steps", diverging_at_step_4)
+  config = tiny_config(demo_root, max_steps=8, log_every_steps=5, **{"checkpoint.every_steps": 2})
+  with pytest.raises(FloatingPointError, match=r"param_norm=nan at step 4\b.*config\.optim\.lr.*step 2\b"):
+    train.train_and_evaluate(config, str(tmp_path))
+  assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
+  run = inspect_lib.load(str(tmp_path))
+  assert run.step == 2 and all(np.isfinite(x).all() for x in _leaves(run.state.params))
 
 
 def _write_corrupt_csv(tmp_path):

@@ -14,11 +14,15 @@ record is one seek away. Each record is one example, serialised without pickle:
 `ArrayRecordSource` returns the same record dict as `sources.CsvSource` — `id` (the index in this
 source, so `source[i]['id'] == i`), `caption`, `label`, `poisoned` — but with the encoded image
 under `image_bytes` instead of an `image_path`; the pipeline decodes either. The converter's id is
-kept as `source_id` and the origin as `origin`, to trace an example back to the raw data.
+kept as `source_id` and the origin as `origin`, to trace an example back to the raw data. A record
+the reader cannot read raises OSError (EIO): a storage fault, which the pipeline retries and then
+stops the run on (`image_ops.StorageError`), never a skipped example.
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
+import copy
+import errno
 import glob
 import json
 import os
@@ -93,7 +97,19 @@ class ArrayRecordSource:
     index = int(index)
     if not 0 <= index < len(self):
       raise IndexError(f"index {index} out of range for {len(self)} records")
-    header, image_bytes = decode_record(self._records[index])
+    try:
+      record = self._records[index]
+    except Exception as e:  # pylint: disable=broad-except
+      # The C++ reader reports I/O failures (a shard gone missing, EIO, a
+      # dropped mount, a bad chunk) as assorted exception types. Whatever the
+      # type, a record that cannot be read is a storage fault, not a bad
+      # example: an OSError lets the pipeline retry it and then stop the run.
+      # A failed reader stays failed, so for the retry to reopen the shard,
+      # swap in a copy of the data source: copies open their readers lazily.
+      self._records = copy.copy(self._records)
+      raise OSError(errno.EIO, f"the ArrayRecord reader failed on record {index} of {self!r}: "
+                    f"{type(e).__name__}: {e}") from e
+    header, image_bytes = decode_record(record)
     return {
         "id": np.int64(index),
         "image_bytes": image_bytes,

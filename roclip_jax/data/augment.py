@@ -72,7 +72,6 @@ def default_config() -> ml_collections.ConfigDict:
       eda_alpha_ri=0.1,
       eda_alpha_rs=0.1,
       eda_p_rd=0.1,
-      wordnet_dir='',
   ))
 
 

@@ -20,26 +20,26 @@ Deviations from EDA's code, each for determinism or robustness:
   order, so RI's "first synonym" is the first lemma of the most frequent sense.
 * An op whose alpha (or p) is 0 is switched off (as in later EDA versions); in the original
   n = max(1, 0) = 1 still ran it.
-* Without a WordNet database SR and RI are switched off (one warning per process), and RS/RD run.
 * The result is stripped at both ends (EDA strips one leading space only); tokens are unchanged.
 * An empty caption (or one without letters) comes back empty instead of raising.
 
-WordNet is read with NLTK from the first directory that holds one: `cfg.wordnet_dir`,
-`$WORDNET_DIR`, `/usr/share/wordnet` (Debian `wordnet-base`), else NLTK's own data. It is loaded
-lazily, once per process (about a second), so `eda` is cheap to call per example in grain workers.
+WordNet comes from a table shipped in the package (`assets/wordnet_synonyms.json.gz`, derived from
+WordNet 3.0 with its licence beside it): the same synonyms on every machine, no system package, no
+NLTK, no download. It holds exactly what EDA can look up and gives exactly what NLTK's WordNet
+reader gives (`SynonymTable`). It is loaded lazily, once per process (about half a second), so
+`eda` is cheap to call per example in grain workers, from any thread.
 """
 from __future__ import annotations
 
 import functools
-import io
+import gzip
+import json
 import os
 import re
-import warnings
 from typing import Callable, Sequence
 
 import ml_collections
 import numpy as np
-from absl import logging
 
 # EDA's stop-word list (NLTK's English list, plus the empty string), verbatim.
 STOP_WORDS = frozenset([
@@ -57,27 +57,15 @@ STOP_WORDS = frozenset([
     'should', 'now', '',
 ])
 
-SYSTEM_WORDNET_DIR = '/usr/share/wordnet'  # Debian/Ubuntu package `wordnet-base`.
 _RI_TRIES = 10  # EDA's add_word gives a random word this many tries to have a synonym.
 _SWAP_TRIES = 3  # EDA's swap_word redraws the second index this often before giving up.
 _NOT_LETTERS = re.compile(r'[^a-z ]')
 _SPACES = re.compile(' +')
 
-# The WordNet 3.0 `lexnames` file (lexnames(5WN)), which NLTK's reader requires and Debian's
-# `wordnet-base` does not ship: one line "index<TAB>name<TAB>syntactic category" per lexicographer
-# file. NLTK only keeps the names.
-_LEXNAMES = (
-    'adj.all', 'adj.pert', 'adv.all', 'noun.Tops', 'noun.act', 'noun.animal', 'noun.artifact',
-    'noun.attribute', 'noun.body', 'noun.cognition', 'noun.communication', 'noun.event',
-    'noun.feeling', 'noun.food', 'noun.group', 'noun.location', 'noun.motive', 'noun.object',
-    'noun.person', 'noun.phenomenon', 'noun.plant', 'noun.possession', 'noun.process',
-    'noun.quantity', 'noun.relation', 'noun.shape', 'noun.state', 'noun.substance', 'noun.time',
-    'verb.body', 'verb.change', 'verb.cognition', 'verb.communication', 'verb.competition',
-    'verb.consumption', 'verb.contact', 'verb.creation', 'verb.emotion', 'verb.motion',
-    'verb.perception', 'verb.possession', 'verb.social', 'verb.stative', 'verb.weather',
-    'adj.ppl',
-)
-_SYNTACTIC_CATEGORY = {'noun': 1, 'verb': 2, 'adj': 3, 'adv': 4}
+# EDA's synonyms: a table derived from WordNet 3.0, shipped in the package with WordNet's licence
+# (assets/WORDNET_LICENSE); built by tools/build_wordnet_synonyms.py.
+WORDNET_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
+                             'wordnet_synonyms.json.gz')
 
 Synonyms = Callable[[str], Sequence[str]]
 
@@ -93,127 +81,76 @@ def preprocess(text: str) -> str:
 
 
 # -------------------------------------------------------------------------------------------------
-# WordNet.
+# WordNet, from the table shipped in the package.
 # -------------------------------------------------------------------------------------------------
 
+# NLTK's `WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS` (WordNet's morphy(7WN) detachment rules),
+# per part of speech, in the order they are tried.
+MORPHY_RULES = {
+    'n': (('s', ''), ('ses', 's'), ('ves', 'f'), ('xes', 'x'), ('zes', 'z'), ('ches', 'ch'), ('shes', 'sh'),
+          ('men', 'man'), ('ies', 'y')),
+    'v': (('s', ''), ('ies', 'y'), ('es', 'e'), ('es', ''), ('ed', 'e'), ('ed', ''), ('ing', 'e'), ('ing', '')),
+    'a': (('er', ''), ('est', ''), ('er', 'e'), ('est', 'e')),
+    'r': (),
+}
+_POS_ORDER = ('n', 'v', 'a', 'r')  # The order NLTK's `synsets(word)` walks the parts of speech.
 
-def _wordnet_reader_class():
-  """NLTK's WordNetCorpusReader, able to read a bare WordNet 3.0 `dict` directory.
 
-  Built lazily: importing NLTK costs about a second, which processes without text
-  augmentation should not pay.
+def clean_lemma_name(name: str) -> str:
+  """A WordNet lemma name as EDA's `get_synonyms` writes it: '_'/'-' as spaces, lowercase, a-z and spaces."""
+  name = name.replace('_', ' ').replace('-', ' ').lower()
+  return ''.join(c for c in name if c in ' qwertyuiopasdfghjklzxcvbnm')
+
+
+class SynonymTable:
+  """EDA's `get_synonyms` over a compact WordNet 3.0 table, cached per word.
+
+  `table(word)` equals EDA's `get_synonyms(word)` on NLTK's WordNet reader: the lemma names of
+  every synset of every morphy form of `word` (nouns, verbs, adjectives, adverbs, each in WordNet's
+  sense order), cleaned, without duplicates, minus the word itself. `tools/build_wordnet_synonyms.py`
+  builds the table from a WordNet database and checks this equality on every word WordNet knows
+  plus common inflections. Plain dicts and no file handle: safe to call from any thread.
   """
-  from nltk.corpus.reader.wordnet import WordNetCorpusReader  # pylint: disable=g-import-not-at-top
 
-  class _BareWordNetReader(WordNetCorpusReader):
-
-    def open(self, file):
-      try:
-        return super().open(file)
-      except OSError:
-        if file != 'lexnames':
-          raise
-        return io.StringIO(''.join(
-            f'{i:02d}\t{name}\t{_SYNTACTIC_CATEGORY[name.split(".")[0]]}\n'
-            for i, name in enumerate(_LEXNAMES)))
-
-    def map_wn(self, version='wordnet'):
-      # Maps synset ids for the multilingual (OMW) data, which EDA never uses; NLTK's version
-      # would load a second WordNet (NLTK's own download) to build it.
-      del version
-      return None
-
-  return _BareWordNetReader
-
-
-class WordNetSynonyms:
-  """EDA's `get_synonyms` on one WordNet, cached per word (a CC3M vocabulary fits easily)."""
-
-  def __init__(self, reader):
-    self._reader = reader
+  def __init__(self, table: dict):
+    self._synsets = [tuple(entry.split('|')) for entry in table['synsets']]
+    self._index = table['index']
+    self._exceptions = table['exceptions']
     self._cache: dict[str, tuple[str, ...]] = {}
+
+  @classmethod
+  def load(cls, path: str) -> 'SynonymTable':
+    with gzip.open(path, 'rt', encoding='utf-8') as f:
+      return cls(json.load(f))
+
+  def morphy(self, word: str, pos: str) -> list[str]:
+    """NLTK's `_morphy`: the exception list's base forms, else one round of the suffix rules; the
+    word itself first; only forms the index knows for `pos`, without repeats."""
+    exceptions = self._exceptions[pos]
+    if word in exceptions:
+      candidates = exceptions[word]
+    else:
+      candidates = [word[:-len(old)] + new for old, new in MORPHY_RULES[pos] if word.endswith(old)]
+    index = self._index[pos]
+    return list(dict.fromkeys(form for form in [word] + candidates if form in index))
 
   def __call__(self, word: str) -> tuple[str, ...]:
     synonyms = self._cache.get(word)
     if synonyms is None:
-      synonyms = get_synonyms(word, self._reader)
-      self._cache[word] = synonyms
+      names = {}
+      for pos in _POS_ORDER:
+        for form in self.morphy(word, pos):
+          for synset in self._index[pos][form]:
+            names.update(dict.fromkeys(self._synsets[synset]))
+      names.pop(word, None)
+      synonyms = self._cache[word] = tuple(names)
     return synonyms
 
 
-def get_synonyms(word: str, reader) -> tuple[str, ...]:
-  """Lemma names of all synsets of `word`, '_'/'-' as spaces, letters only, minus the word itself.
-
-  WordNet order (most frequent sense first), without duplicates.
-  """
-  synonyms = {}
-  for synset in reader.synsets(word):
-    for lemma in synset.lemmas():
-      name = lemma.name().replace('_', ' ').replace('-', ' ').lower()
-      synonyms[''.join(c for c in name if c in ' qwertyuiopasdfghjklzxcvbnm')] = None
-  synonyms.pop(word, None)
-  return tuple(synonyms)
-
-
-def _is_wordnet_dir(path: str) -> bool:
-  return all(os.path.isfile(os.path.join(path, name)) for name in ('index.noun', 'data.noun'))
-
-
-def _find_nltk_wordnet():
-  """NLTK's own WordNet (`python -m nltk.downloader wordnet`), or None."""
-  import nltk  # pylint: disable=g-import-not-at-top
-  try:
-    return nltk.data.find('corpora/wordnet')
-  except LookupError:
-    return None
-
-
-def _open_reader(root):
-  import nltk  # pylint: disable=g-import-not-at-top
-  if isinstance(root, str):
-    root = os.path.realpath(root)
-    # NLTK >= 3.9 refuses corpus roots outside nltk.data.path ("Unauthorized path").
-    if root not in nltk.data.path:
-      nltk.data.path.append(root)
-  with warnings.catch_warnings():
-    # "The multilingual functions are not available": expected, EDA needs English only.
-    warnings.simplefilter('ignore', UserWarning)
-    return _wordnet_reader_class()(root, omw_reader=None)
-
-
 @functools.lru_cache(maxsize=None)
-def _cached_load(wordnet_dir: str, env_dir: str) -> WordNetSynonyms | None:
-  """Finds and opens WordNet once per process and setting; warns at most once."""
-  candidates = [('config.augment.wordnet_dir', wordnet_dir), ('$WORDNET_DIR', env_dir),
-                ('Debian wordnet-base', SYSTEM_WORDNET_DIR)]
-  looked = []
-  for source, path in candidates:
-    if not path:
-      continue
-    if _is_wordnet_dir(path):
-      if looked and wordnet_dir:
-        logging.warning('WordNet: %s=%r holds no WordNet database (no index.noun/data.noun); '
-                        'using %s instead.', candidates[0][0], wordnet_dir, path)
-      return WordNetSynonyms(_open_reader(path))
-    looked.append(f'{source}={path!r}')
-  nltk_root = _find_nltk_wordnet()
-  if nltk_root is not None:
-    if wordnet_dir:
-      logging.warning('WordNet: %s=%r holds no WordNet database; using NLTK data at %s.',
-                      candidates[0][0], wordnet_dir, nltk_root)
-    return WordNetSynonyms(_open_reader(nltk_root))
-  logging.warning(
-      'EDA: no WordNet database found (looked in %s and NLTK\'s data path), so synonym '
-      'replacement and random insertion are OFF; only random swap and deletion run. Fix: '
-      '`apt-get install wordnet-base` (-> %s) or `python -m nltk.downloader wordnet`, or point '
-      '--config.augment.wordnet_dir (or $WORDNET_DIR) at a WordNet dict/ directory.',
-      ', '.join(looked), SYSTEM_WORDNET_DIR)
-  return None
-
-
-def load_wordnet(wordnet_dir: str = '') -> WordNetSynonyms | None:
-  """EDA's synonym source, or None when no WordNet is installed (after one warning)."""
-  return _cached_load(wordnet_dir or '', os.environ.get('WORDNET_DIR', ''))
+def load_wordnet() -> SynonymTable:
+  """EDA's synonym source: the shipped WordNet table, read once per process (about 0.5 s)."""
+  return SynonymTable.load(WORDNET_TABLE)
 
 
 # -------------------------------------------------------------------------------------------------
@@ -306,15 +243,15 @@ def eda(caption: str, rng: np.random.Generator, cfg: ml_collections.ConfigDict) 
   words = preprocess(caption).split()
   if not words:
     return ''
-  synonyms = load_wordnet(cfg.get('wordnet_dir', ''))
+  synonyms = load_wordnet()
 
   def count(alpha):
     return max(1, int(alpha * len(words)))
 
   ops = []
-  if synonyms is not None and cfg.eda_alpha_sr > 0:
+  if cfg.eda_alpha_sr > 0:
     ops.append(lambda: synonym_replacement(words, count(cfg.eda_alpha_sr), rng, synonyms))
-  if synonyms is not None and cfg.eda_alpha_ri > 0:
+  if cfg.eda_alpha_ri > 0:
     ops.append(lambda: random_insertion(words, count(cfg.eda_alpha_ri), rng, synonyms))
   if cfg.eda_alpha_rs > 0:
     ops.append(lambda: random_swap(words, count(cfg.eda_alpha_rs), rng))

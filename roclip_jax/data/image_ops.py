@@ -1,4 +1,19 @@
-"""Image decoding and CLIP's evaluation preprocessing (numpy / PIL).
+"""Image reading and decoding, and CLIP's evaluation preprocessing (numpy / PIL).
+
+Reading an image separates two kinds of failure:
+
+* Bad data: the bytes are there but are not a decodable image (truncated,
+  corrupt, not an image, zero size, a decompression bomb), or the path a CSV
+  row names does not exist. `decode_image` returns None; the pipeline skips
+  the example and counts it, so one bad file in a web-scale CSV does not stop
+  training.
+* Storage faults: reading bytes that exist fails (EIO, a stale NFS handle, a
+  GCS fuse mount going away, permissions, timeouts; any OSError other than
+  "no such file" / "is a directory"), or the host runs out of memory. Such
+  a fault says nothing about the example, so skipping it would silently drop
+  data (a whole host slice, during an outage). `call_with_retries` retries it
+  with exponential backoff and then raises `StorageError`, which stops the
+  run (the trainer checkpoints first, so a rerun resumes where it stopped).
 
 `normalize` is written with plain array arithmetic so the same function works
 on numpy arrays on the host and on jax arrays inside `jax.jit` (the trainer
@@ -6,10 +21,13 @@ normalises on device, so the host ships compact uint8 batches).
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 import io
 import os
-from typing import Any
+import time
+from typing import Any, TypeVar
 
+from absl import logging
 import numpy as np
 from PIL import Image
 
@@ -21,24 +39,90 @@ _STD = np.asarray(CLIP_STD, np.float32)
 # Refuse decompression bombs: PIL only warns between 1x and 2x this limit.
 MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 
-# Everything PIL raises for missing, unreadable, truncated or absurd files.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError,
+# Everything PIL raises for bytes that are truncated, corrupt or not an image.
+# Decoding reads from memory, so an OSError here is about the content, not the
+# storage. MemoryError is left out on purpose: it is the host, not the image.
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
                   Image.DecompressionBombError)
+# A path that names nothing readable as a file: bad data, like a corrupt file.
+_MISSING_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
+# What `call_with_retries` treats as a (possibly transient) storage fault.
+STORAGE_FAULTS = (OSError, MemoryError)
+
+# Defaults of config.data.io_retries / io_retry_base_seconds: retries after
+# the first failure, waiting base * 2**k before retry k (0.5 s .. 8 s, 15.5 s
+# in all), long enough to ride out a mount or network blip.
+IO_RETRIES = 5
+IO_RETRY_BASE_SECONDS = 0.5
+# Module-level so tests can replace the wait without sleeping for real.
+_sleep = time.sleep
+
+_T = TypeVar("_T")
 
 
-def decode_image(path_or_bytes: str | os.PathLike[str] | bytes
-                 ) -> np.ndarray | None:
-  """Decodes an image file (or encoded bytes) to uint8 RGB [H, W, 3].
+class StorageError(RuntimeError):
+  """Reading training data failed at the storage layer, even after retries.
 
-  Returns None instead of raising when the file is missing, corrupt,
-  truncated or larger than `MAX_IMAGE_PIXELS`, so one bad file in a web-scale
-  CSV does not stop training; callers count and log the skip.
+  Not an OSError on purpose: nothing that handles OSError (or skips bad data)
+  may swallow it. Built from one message string, so it pickles and grain can
+  re-raise it from a worker process in the trainer.
   """
-  source: Any = (io.BytesIO(path_or_bytes)
-                 if isinstance(path_or_bytes, (bytes, bytearray))
-                 else path_or_bytes)
+
+
+def call_with_retries(fn: Callable[[], _T], *, what: str,
+                      retries: int = IO_RETRIES,
+                      base_seconds: float = IO_RETRY_BASE_SECONDS) -> _T:
+  """`fn()`, retried with exponential backoff on `STORAGE_FAULTS`.
+
+  `fn` must raise an OSError or MemoryError only for a storage fault (see the
+  module docstring); anything else propagates at once. After `retries`
+  retries the last fault becomes a `StorageError` naming `what`, the error
+  and the fix.
+  """
+  retries = max(0, int(retries))
+  attempt, waited = 0, 0.0
+  while True:
+    try:
+      return fn()
+    except STORAGE_FAULTS as e:
+      if attempt >= retries:
+        raise StorageError(
+            f"Storage fault reading {what}: {type(e).__name__}: {e} (failed "
+            f"{attempt + 1} time(s) over {waited:.1f}s of retries). This is "
+            "not bad data, so it is not skipped: check the storage mount "
+            "(NFS / GCS fuse), its credentials and permissions, and the "
+            "network, then rerun with the same workdir; training resumes from "
+            "its last checkpoint. config.data.io_retries and "
+            "config.data.io_retry_base_seconds set how long to retry.") from e
+      delay = float(base_seconds) * 2**attempt
+      logging.warning("Storage fault reading %s (attempt %d of %d): %s: %s; "
+                      "retrying in %.1fs.", what, attempt + 1, retries + 1,
+                      type(e).__name__, e, delay)
+      _sleep(delay)
+      attempt, waited = attempt + 1, waited + delay
+
+
+def read_file_bytes(path: str | os.PathLike[str]) -> bytes | None:
+  """The bytes of the file at `path`, or None if no such file exists.
+
+  A missing file (or a directory) is bad data; every other OSError (EIO,
+  permissions, a stale handle, a timeout) propagates as a storage fault.
+  """
   try:
-    with Image.open(source) as img:
+    with open(path, "rb") as f:
+      return f.read()
+  except _MISSING_ERRORS:
+    return None
+
+
+def decode_image_bytes(data: bytes) -> np.ndarray | None:
+  """Decodes encoded image bytes to uint8 RGB [H, W, 3]; None if they are bad.
+
+  None for truncated, corrupt or empty bytes, non-images and images larger
+  than `MAX_IMAGE_PIXELS`. MemoryError propagates (a host fault).
+  """
+  try:
+    with Image.open(io.BytesIO(data)) as img:
       width, height = img.size
       if width * height > MAX_IMAGE_PIXELS or width == 0 or height == 0:
         return None
@@ -49,6 +133,35 @@ def decode_image(path_or_bytes: str | os.PathLike[str] | bytes
       return np.asarray(rgb, np.uint8)
   except _DECODE_ERRORS:
     return None
+
+
+def decode_image(path_or_bytes: str | os.PathLike[str] | bytes, *,
+                 retries: int = IO_RETRIES,
+                 retry_base_seconds: float = IO_RETRY_BASE_SECONDS,
+                 name: str = "") -> np.ndarray | None:
+  """Reads and decodes an image file (or encoded bytes) to uint8 RGB [H, W, 3].
+
+  Returns None for bad data: a missing file, or bytes that are corrupt,
+  truncated, empty or larger than `MAX_IMAGE_PIXELS`; callers count and log
+  the skip. Raises `StorageError` when reading fails for another reason even
+  after `retries` retries with backoff from `retry_base_seconds` (see
+  `call_with_retries`); its message names the file, or `name` for bytes.
+  """
+  if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
+    data = bytes(path_or_bytes)
+    return call_with_retries(lambda: decode_image_bytes(data),
+                             what=f"the encoded image of {name or 'a record'}",
+                             retries=retries, base_seconds=retry_base_seconds)
+
+  def read_and_decode() -> np.ndarray | None:
+    # The bytes are read here, not by PIL, so that an I/O error is told apart
+    # from undecodable content.
+    data = read_file_bytes(path_or_bytes)
+    return None if data is None else decode_image_bytes(data)
+
+  return call_with_retries(read_and_decode,
+                           what=f"image file {os.fspath(path_or_bytes)!r}",
+                           retries=retries, base_seconds=retry_base_seconds)
 
 
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:

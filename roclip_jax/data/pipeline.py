@@ -27,6 +27,13 @@ Guarantees the trainer relies on:
   case with duplicates inside an epoch).
 * `iterator.get_state()` / `set_state()` resume exactly, with or without
   worker processes (for the same worker count).
+* Storage faults are not bad data (see `image_ops`): an I/O error reading a
+  record or an image that exists is retried with backoff
+  (`config.data.io_retries`, `config.data.io_retry_base_seconds`), then
+  `next()` raises `StorageError` (also from worker processes). After any
+  exception in `next()`, `get_state()` is the state from before that call,
+  so a checkpoint saved then reads the failed batch again on resume (and a
+  further `next()` retries it).
 
 Two views (`config.data.views = 2`, for the SafeCLIP and CleanCLIP defenses):
 each element also carries `image2` / `text2`, an always-augmented second view
@@ -41,10 +48,10 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 import concurrent.futures
+import copy
 import dataclasses
 import json
 import os
-import threading
 from typing import Any
 
 from absl import logging
@@ -55,6 +62,9 @@ from roclip_jax.data import image_ops
 from roclip_jax.data import sources
 from roclip_jax.data import tokenizer as tokenizer_lib
 
+# Raised by `next()` on a training iterator (and by the eval and scoring
+# loaders) when storage fails even after retries; the trainer stops on it.
+StorageError = image_ops.StorageError
 ImageTransform = Callable[[dict[str, Any], np.ndarray], np.ndarray]
 BATCH_KEYS = ("image", "text", "id", "label", "poisoned", "skipped")
 VIEW2_KEYS = ("image2", "text2")  # Added to the batch keys when views == 2.
@@ -63,9 +73,6 @@ _LOG_SKIP_EVERY = 100
 # Tags that separate the random streams derived from config.seed.
 _SHUFFLE_TAG, _IMAGE_AUG_TAG, _TEXT_AUG_TAG = 1, 2, 3
 _IMAGE_VIEW2_TAG, _TEXT_VIEW2_TAG = 4, 5
-# NLTK's WordNet reader (behind EDA) seeks and reads a shared file handle, so
-# concurrent calls from grain's prefetch threads corrupt its reads.
-_EDA_LOCK = threading.Lock()
 
 
 def _derived_seed(*entropy: int, bits: int = 32) -> int:
@@ -90,12 +97,35 @@ def _check_views(views: Any) -> int:
   return int(views)
 
 
-def _decode_record_image(record: dict[str, Any]) -> np.ndarray | None:
-  """Decodes a record's image (`image_bytes` if present, else `image_path`)."""
-  # ArrayRecord sources carry the encoded image itself (`image_bytes`).
-  encoded = record.get("image_bytes")
-  return image_ops.decode_image(
-      encoded if encoded is not None else record["image_path"])
+@dataclasses.dataclass(frozen=True)
+class _IoRetries:
+  """How storage faults are retried (`config.data.io_retries` and
+  `config.data.io_retry_base_seconds`); see `image_ops.call_with_retries`."""
+  retries: int = image_ops.IO_RETRIES
+  base_seconds: float = image_ops.IO_RETRY_BASE_SECONDS
+
+  @classmethod
+  def from_config(cls, data_cfg: Any) -> _IoRetries:
+    return cls(int(data_cfg.get("io_retries", image_ops.IO_RETRIES)),
+               float(data_cfg.get("io_retry_base_seconds",
+                                  image_ops.IO_RETRY_BASE_SECONDS)))
+
+  def read_record(self, source: Any, index: int) -> dict[str, Any]:
+    """`source[index]`; an OSError there (an ArrayRecord reader, a missing
+    shard, a custom source's I/O) is a storage fault, retried."""
+    return image_ops.call_with_retries(
+        lambda: source[index], what=f"record {index} of {source!r}",
+        retries=self.retries, base_seconds=self.base_seconds)
+
+  def decode(self, record: dict[str, Any]) -> np.ndarray | None:
+    """A record's image (`image_bytes` if present, else `image_path`); None
+    for bad data, `StorageError` for a storage fault that outlasts retries."""
+    # ArrayRecord sources carry the encoded image itself (`image_bytes`).
+    encoded = record.get("image_bytes")
+    return image_ops.decode_image(
+        encoded if encoded is not None else record["image_path"],
+        retries=self.retries, retry_base_seconds=self.base_seconds,
+        name=_record_name(record))
 
 
 def _record_name(record: dict[str, Any]) -> str:
@@ -123,13 +153,16 @@ class _ExampleLoader:
   with `_skipped_path`; it never returns None because grain would silently
   drop it and the skip could no longer be counted. With `views=2` it also
   returns `image2` (always image-augmented) and `text2` (always EDA'd).
+  A storage fault raises `StorageError` (after `io_retries`) instead.
   """
 
   def __init__(self, source: Any, *, epoch_length: int,
                image_size: int, context_length: int, seed: int,
                process_index: int, augment_cfg: Any,
-               image_transform: ImageTransform | None, views: int = 1):
+               image_transform: ImageTransform | None, views: int = 1,
+               io_retries: _IoRetries = _IoRetries()):
     self._source = source
+    self._io = io_retries
     self._epoch_length = epoch_length
     self._image_size = image_size
     self._tokenizer = tokenizer_lib.get_tokenizer(context_length)
@@ -163,13 +196,11 @@ class _ExampleLoader:
     entropy = [self._seed, tag, example_id]
     if self._resample_text:
       entropy.append(position // self._epoch_length)
-    with _EDA_LOCK:
-      return eda.eda(caption, np.random.default_rng(entropy),
-                     self._augment_cfg)
+    return eda.eda(caption, np.random.default_rng(entropy), self._augment_cfg)
 
   def __call__(self, position: int, example_index: int) -> dict[str, Any]:
-    record = self._source[example_index]
-    raw = _decode_record_image(record)
+    record = self._io.read_record(self._source, example_index)
+    raw = self._io.decode(record)
     if raw is None:
       return {"_position": position, "_skipped_path": _record_name(record)}
     if self._image_transform is not None:
@@ -221,6 +252,8 @@ class _EpochBatchIterator(grain.DatasetIterator):
     self._batches_emitted = 0
     self._topup_cursor = 0
     self._num_skipped_logged = 0
+    # The state from before a `__next__` that raised, else None.
+    self._failed_at: dict[str, Any] | None = None
 
   def _read(self) -> dict[str, Any]:
     element = next(self._parent)
@@ -258,8 +291,26 @@ class _EpochBatchIterator(grain.DatasetIterator):
 
   def __next__(self) -> dict[str, np.ndarray]:
     self._assert_not_closed()
+    if self._failed_at is not None:
+      # The last call failed part-way: start again from before it, so that
+      # the failed batch is read again whole.
+      self.set_state(self._failed_at)
     if self._batches_emitted >= self._num_epochs * self._steps:
       raise StopIteration
+    # Copied: a parent may hand out (and later change) its own state object.
+    before = copy.deepcopy(self.get_state())
+    try:
+      return self._next_batch()
+    except BaseException:
+      # The failed call consumed part of the batch from the parent, whose own
+      # position cannot be trusted after an error (grain's thread prefetch
+      # has dropped the failed element; a worker iterator is exhausted). So
+      # keep the state from before the call: a checkpoint saved now reads the
+      # failed batch again on resume.
+      self._failed_at = before
+      raise
+
+  def _next_batch(self) -> dict[str, np.ndarray]:
     epoch, step = divmod(self._batches_emitted, self._steps)
     epoch_end = (epoch + 1) * self._epoch_length
     elements: list[dict[str, Any]] = []
@@ -293,6 +344,8 @@ class _EpochBatchIterator(grain.DatasetIterator):
     return batch
 
   def get_state(self) -> dict[str, Any]:
+    if self._failed_at is not None:
+      return copy.deepcopy(self._failed_at)
     return {
         "parent": self._parent.get_state(),
         "next_position": self._next_position,
@@ -305,6 +358,7 @@ class _EpochBatchIterator(grain.DatasetIterator):
     self._next_position = int(state["next_position"])
     self._batches_emitted = int(state["batches_emitted"])
     self._topup_cursor = int(state["topup_cursor"])
+    self._failed_at = None
 
   def __str__(self) -> str:
     return (f"_EpochBatchIterator(batch_size={self._batch_size}, "
@@ -399,7 +453,8 @@ def make_train_data(config: Any, *, process_index: int = 0,
       image_size=config.model.image.image_size,
       context_length=config.model.text.context_length, seed=config.seed,
       process_index=process_index, augment_cfg=config.augment,
-      image_transform=image_transform, views=views)
+      image_transform=image_transform, views=views,
+      io_retries=_IoRetries.from_config(data_cfg))
   dataset = (
       grain.MapDataset.source(host_indices)
       .shuffle(seed=_derived_seed(config.seed, _SHUFFLE_TAG))
@@ -457,8 +512,10 @@ def _read_classes(path: str) -> tuple[list[str], list[str]]:
   return list(classes), list(templates)
 
 
-def _load_eval_image(path: str, size: int) -> np.ndarray | None:
-  image = image_ops.decode_image(path)
+def _load_eval_image(path: str, size: int,
+                     io: _IoRetries) -> np.ndarray | None:
+  image = image_ops.decode_image(path, retries=io.retries,
+                                 retry_base_seconds=io.base_seconds)
   return None if image is None else image_ops.resize_center_crop(image, size)
 
 
@@ -505,16 +562,18 @@ def labelled_split(config: Any, split: str = "test") -> LabelledSplit:
 def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
   """Loads a labelled eval split into memory (CLIP eval preprocessing).
 
-  See `labelled_split` for where the split comes from. Undecodable images are
-  left out and counted in `num_skipped`.
+  See `labelled_split` for where the split comes from. Undecodable and
+  missing images are left out and counted in `num_skipped`; a storage fault
+  raises `StorageError` (after `config.data.io_retries`).
   """
   split_data = labelled_split(config, split)
   source, class_names, templates = split_data.source, split_data.class_names, split_data.templates
   size = config.model.image.image_size
+  io = _IoRetries.from_config(config.data)
   records = [source[i] for i in range(len(source))]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    images = list(pool.map(lambda r: _load_eval_image(r["image_path"], size),
-                           records))
+    images = list(pool.map(
+        lambda r: _load_eval_image(r["image_path"], size, io), records))
   keep = [i for i, image in enumerate(images) if image is not None]
   for i in [i for i, image in enumerate(images) if image is None][:20]:
     logging.warning("Eval split: skipping undecodable image %s",
@@ -577,7 +636,8 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
   collective jitted function. Rows past the end of the slice and rows whose
   image cannot be decoded are invalid: `valid` False, `id` -1 and zeros
   elsewhere; the undecodable ones are counted in the returned iterator's
-  `num_skipped`.
+  `num_skipped`. A storage fault raises `StorageError` (after
+  `config.data.io_retries`; see `image_ops`).
 
   Yields:
     dicts with `image` uint8 [batch_size, S, S, 3], `text` int32
@@ -595,9 +655,11 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
   tokenizer = tokenizer_lib.get_tokenizer(config.model.text.context_length)
   context_length = int(config.model.text.context_length)
 
+  io = _IoRetries.from_config(config.data)
+
   def load(index: int) -> tuple[dict[str, Any], np.ndarray | None]:
-    record = source[int(index)]
-    image = _decode_record_image(record)
+    record = io.read_record(source, int(index))
+    image = io.decode(record)
     if image is not None:
       if image_transform is not None:
         image = image_transform(record, image)

@@ -1,8 +1,11 @@
 """Random-access image-caption sources for grain.
 
 A source returns records `{'id', 'image_path', 'caption', 'label',
-'poisoned'}`; images are decoded later, in the pipeline, so that a corrupt
-file is skipped there (and counted) instead of failing here.
+'poisoned'}`; images are read and decoded later, in the pipeline, so that a
+corrupt or missing file is skipped there (and counted) instead of failing
+here. A source whose `__getitem__` does I/O should raise OSError for a
+storage fault: the pipeline retries it and then stops the run
+(`image_ops.StorageError`) rather than skip the example.
 
 Columns are held as one UTF-8 blob plus offsets rather than as Python lists:
 grain pickles the source into every worker process, and a blob of a

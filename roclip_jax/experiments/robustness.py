@@ -6,12 +6,17 @@ Trains one run per row of `config.experiment.runs` (each a name and config
 overrides applied to the shared base config) in `DIR/<name>`, then prints one
 table (defense x zero-shot, linear probe, backdoor ASR, targeted-poison
 success), writes it to `DIR/results.json` and `DIR/results.md`, and plots ASR
-and zero-shot accuracy over training to `DIR/curves.png`. Runs resume from
-their checkpoints, and a finished run is not trained again.
+and zero-shot accuracy over training to `DIR/curves.png`.
+
+Each row is keyed by its full config (`DIR/<name>/row_config.json`): a row
+whose config is unchanged resumes from its checkpoints, or, once finished, is
+not trained again; a row whose config changed is trained anew, and its old
+directory is moved aside to `DIR/<name>.stale-<hash>` (nothing is deleted).
 """
 from __future__ import annotations
 
 import copy
+import hashlib
 import json
 import os
 import re
@@ -30,6 +35,8 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/robustness_demo.py).", lock_config=False)
 flags.DEFINE_string("workdir", None, "Directory for every run and the results.")
 flags.DEFINE_list("only", [], "Run only these rows (names from config.experiment.runs).")
+flags.DEFINE_list("seeds", [], "Run the whole benchmark once per seed (training and poison seed both set to it), "
+                  "each in DIR/seed_<s>, and write the mean and standard deviation over seeds to DIR/results.md.")
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Column label -> metric key in the final evaluation results.
@@ -51,6 +58,39 @@ def row_config(base: ml_collections.ConfigDict, overrides: dict[str, Any], workd
   return config_lib.override(base, overrides)
 
 
+def config_key(config: ml_collections.ConfigDict) -> str:
+  """A row's identity: its full config, canonically serialised."""
+  return json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
+
+
+def prepare_run_dir(run_dir: str, key: str) -> bool:
+  """Makes `run_dir` hold this config's run; returns whether it already finished.
+
+  A directory written for another config is renamed to `<run_dir>.stale-<hash>`
+  (its checkpoints must not be resumed under the new config; nothing is deleted).
+  """
+  key_file = os.path.join(run_dir, "row_config.json")
+  if os.path.isdir(run_dir) and os.listdir(run_dir):
+    old_key = None
+    if os.path.exists(key_file):
+      with open(key_file) as f:
+        old_key = f.read()
+    if old_key != key:
+      digest = hashlib.sha256((old_key or "").encode()).hexdigest()[:10]
+      stale = f"{run_dir}.stale-{digest}"
+      suffix = 0
+      while os.path.exists(stale if not suffix else f"{stale}.{suffix}"):
+        suffix += 1
+      stale = stale if not suffix else f"{stale}.{suffix}"
+      os.rename(run_dir, stale)
+      logging.warning("%s was trained with another config; moved it to %s and training this row anew.",
+                      run_dir, stale)
+  os.makedirs(run_dir, exist_ok=True)
+  with open(key_file, "w") as f:
+    f.write(key)
+  return os.path.exists(os.path.join(run_dir, "final_results.json"))
+
+
 def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[str, dict[str, Any]]:
   from roclip_jax import train  # Heavy imports after flag parsing.
   results = {}
@@ -61,12 +101,12 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
       continue
     run_dir = os.path.join(workdir, slug(name))
     done_file = os.path.join(run_dir, "final_results.json")
-    if os.path.exists(done_file):
+    run_config = row_config(base, overrides, workdir)
+    if prepare_run_dir(run_dir, config_key(run_config)):
       with open(done_file) as f:
         results[name] = json.load(f)
-      logging.info("%s: already finished, results read from %s", name, done_file)
+      logging.info("%s: already finished with this config, results read from %s", name, done_file)
       continue
-    run_config = row_config(base, overrides, workdir)
     t0 = time.perf_counter()
     out = train.train_and_evaluate(run_config, run_dir)
     if out.get("stopped"):
@@ -79,7 +119,25 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
   return results
 
 
-def format_table(results: dict[str, dict[str, Any]], config: ml_collections.ConfigDict) -> str:
+def collapse_notes(results: dict[str, dict[str, Any]], workdir: str) -> list[str]:
+  """One note per row whose RoCLIP matching epochs tripped the collapse detector (`roclip.collapse_warnings`)."""
+  from roclip_jax import metrics as metrics_lib
+  notes = []
+  for name in results:
+    path = os.path.join(workdir, slug(name))
+    if not os.path.exists(os.path.join(path, "metrics.jsonl")):
+      continue
+    flagged = [r for r in metrics_lib.read_metrics(path) if r.get("kind") == "epoch" and r.get("roclip/collapse_warning")]
+    if flagged:
+      epochs = ", ".join(str(r["epoch"]) for r in flagged)
+      notes.append(f"WARNING {name}: the RoCLIP collapse detector fired in matching epoch(s) {epochs} "
+                   f"(last: {flagged[-1]['roclip/collapse_reasons']}); its low attack success comes with a model "
+                   "trained toward captions that do not describe its images.")
+  return notes
+
+
+def format_table(results: dict[str, dict[str, Any]], config: ml_collections.ConfigDict,
+                 workdir: str | None = None) -> str:
   header = "| run | defense | " + " | ".join(COLUMNS) + " |"
   lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
   for name, res in results.items():
@@ -118,7 +176,20 @@ def format_table(results: dict[str, dict[str, Any]], config: ml_collections.Conf
                    f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
                    f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
                    f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g}).")
+  if workdir is not None:
+    notes.extend(collapse_notes(results, workdir))
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
+
+
+# Panels of curves.png: (metric key, row kind, title). The last three are RoCLIP's matching-epoch
+# diagnostics (docs/roclip.md), drawn for the rows that have them.
+CURVES = (
+    ("backdoor_asr/asr", "eval", "backdoor ASR (%)"),
+    ("zeroshot/top1", "eval", "zero-shot top-1 (%)"),
+    ("roclip/matched_same_class_frac", "epoch", "RoCLIP: images matched to own class (%)"),
+    ("roclip/distinct_match_frac", "epoch", "RoCLIP: distinct pool rows per batch (%)"),
+    ("roclip/match_similarity", "epoch", "RoCLIP: matched-caption cosine (x100)"),
+)
 
 
 def plot_curves(results: dict[str, dict[str, Any]], workdir: str, path: str) -> None:
@@ -127,22 +198,87 @@ def plot_curves(results: dict[str, dict[str, Any]], workdir: str, path: str) -> 
   import matplotlib.pyplot as plt
   from roclip_jax import metrics as metrics_lib
 
-  fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+  fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
   for name in results:
-    rows = [r for r in metrics_lib.read_metrics(os.path.join(workdir, slug(name))) if r.get("kind") == "eval"]
-    for ax, key, title in ((axes[0], "backdoor_asr/asr", "backdoor ASR"), (axes[1], "zeroshot/top1", "zero-shot top-1")):
-      pts = sorted((r["step"], r[key]) for r in rows if key in r)
+    rows = metrics_lib.read_metrics(os.path.join(workdir, slug(name)))
+    for ax, (key, kind, title) in zip(axes, CURVES):
+      pts = sorted((r["step"], r[key]) for r in rows if r.get("kind") == kind and key in r)
       if pts:
         ax.plot([s for s, _ in pts], [100 * v for _, v in pts], marker="o", label=name)
       ax.set_title(title)
       ax.set_xlabel("step")
-      ax.set_ylabel("%")
   for ax in axes:
     ax.grid(alpha=0.3)
-    ax.legend()
+    if ax.get_legend_handles_labels()[0]:
+      ax.legend(fontsize=7)
   fig.tight_layout()
-  fig.savefig(path, dpi=100)
+  fig.savefig(path, dpi=90)
   plt.close(fig)
+
+
+def aggregate_seeds(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str, dict[str, Any]]:
+  """{seed: {row: results}} -> {row: {metric: {"mean", "std", "min", "max", "values"}}} over the seeds that ran it.
+
+  std is the sample standard deviation (ddof=1; 0 for a single seed).
+  """
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  rows: dict[str, dict[str, Any]] = {}
+  for seed in sorted(per_seed):
+    for name, res in per_seed[seed].items():
+      entry = rows.setdefault(name, {"defense": res.get("defense"), "seeds": []})
+      entry["seeds"].append(seed)
+      for key in COLUMNS.values():
+        if res.get(key) is not None:
+          entry.setdefault(key, {"values": []})["values"].append(float(res[key]))
+  for entry in rows.values():
+    for key in COLUMNS.values():
+      if key in entry:
+        values = np.asarray(entry[key]["values"])
+        entry[key].update(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+                          min=float(values.min()), max=float(values.max()))
+  return rows
+
+
+def format_seed_table(summary: dict[str, dict[str, Any]], config: ml_collections.ConfigDict) -> str:
+  header = "| run | defense | seeds | " + " | ".join(f"{c} (mean ± std)" for c in COLUMNS) + " | worst-seed zero-shot |"
+  lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
+  for name, entry in summary.items():
+    cells = []
+    for key in COLUMNS.values():
+      stat = entry.get(key)
+      cells.append("n/a" if stat is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%")
+    zs = entry.get(COLUMNS["zero-shot top-1"])
+    worst = "n/a" if zs is None else f"{100 * zs['min']:.1f}%"
+    seeds = ",".join(str(s) for s in entry["seeds"])
+    lines.append(f"| {name} | {entry.get('defense', '?')} | {seeds} | " + " | ".join(cells) + f" | {worst} |")
+  chance = 100 / config.data.demo.num_classes if config.data.source == "demo" else None
+  note = (f"Mean ± sample standard deviation over seeds (training seed = poison seed = s). "
+          + (f"Zero-shot chance: {chance:.1f}%." if chance else ""))
+  return "\n".join(lines) + "\n\n" + note + "\n"
+
+
+def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -> str:
+  """The benchmark once per seed in `workdir/seed_<s>`; returns the mean ± std table (also written to disk)."""
+  per_seed = {}
+  for seed in seeds:
+    seed_config = config_lib.override(config, {"seed": int(seed), "poison.seed": int(seed)})
+    seed_dir = os.path.join(workdir, f"seed_{seed}")
+    os.makedirs(seed_dir, exist_ok=True)
+    per_seed[int(seed)] = results = run_all(seed_config, seed_dir, only)
+    with open(os.path.join(seed_dir, "results.md"), "w") as f:
+      f.write(format_table(results, seed_config, seed_dir))
+    plot_curves(results, seed_dir, os.path.join(seed_dir, "curves.png"))
+  summary = aggregate_seeds(per_seed)
+  table = format_seed_table(summary, config)
+  notes = []
+  for seed in sorted(per_seed):
+    notes.extend(f"seed {seed}: {n}" for n in collapse_notes(per_seed[seed], os.path.join(workdir, f"seed_{seed}")))
+  table += "".join(n + "\n" for n in notes)
+  with open(os.path.join(workdir, "results.md"), "w") as f:
+    f.write(table)
+  with open(os.path.join(workdir, "results.json"), "w") as f:
+    json.dump({"per_seed": {str(k): v for k, v in per_seed.items()}, "summary": summary}, f, indent=2)
+  return table
 
 
 def main(argv) -> None:
@@ -152,8 +288,12 @@ def main(argv) -> None:
   metrics.quiet_library_logs()
   config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
   os.makedirs(workdir, exist_ok=True)
+  if FLAGS.seeds:
+    print("\n" + run_seeds(config, workdir, FLAGS.seeds, FLAGS.only))
+    print(f"Written: {workdir}/results.md, results.json; per seed: {workdir}/seed_<s>/")
+    return
   results = run_all(config, workdir, FLAGS.only)
-  table = format_table(results, config)
+  table = format_table(results, config, workdir)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table)
   with open(os.path.join(workdir, "results.json"), "w") as f:

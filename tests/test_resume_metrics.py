@@ -1,0 +1,93 @@
+"""Counts and metrics that must be right across resumes and reruns; benchmark rows keyed by config.
+
+* RoCLIP's matching-epoch diagnostics after a resume in the middle of a matching epoch equal an
+  uninterrupted run's (the sums live in the checkpointed train state, not on the host).
+* The skipped-example count carries across a resume (it is a sum over the global batch in the state).
+* Rerunning a finished run writes no second final row and returns the same results.
+* The benchmark reruns a row whose config changed (moving the old one aside) and reuses an unchanged one.
+"""
+import json
+import os
+
+import numpy as np
+import pytest
+
+from roclip_jax import metrics as metrics_lib
+from roclip_jax import train
+from roclip_jax.data import demo
+from roclip_jax.experiments import robustness
+
+from tests.test_train import DEMO, _write_corrupt_csv, tiny_config
+
+
+@pytest.fixture(scope="module")
+def demo_root(tmp_path_factory):
+  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+
+
+def _rows(workdir, kind):
+  return [r for r in metrics_lib.read_metrics(str(workdir)) if r["kind"] == kind]
+
+
+def test_matching_epoch_metrics_are_right_after_a_mid_epoch_resume(demo_root, tmp_path):
+  # 3 steps per epoch; epoch 4 (steps 10..12) is a matching epoch; the split run stops after step 10.
+  overrides = {"max_steps": 12, "checkpoint.every_steps": 1000}
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(tiny_config(demo_root, "roclip", **overrides), str(straight))
+  split = tmp_path / "split"
+  train.train_and_evaluate(tiny_config(demo_root, "roclip", **dict(overrides, max_steps=10)), str(split))
+  train.train_and_evaluate(tiny_config(demo_root, "roclip", **overrides), str(split))
+  want = {r["epoch"]: r for r in _rows(straight, "epoch")}
+  got = {r["epoch"]: r for r in _rows(split, "epoch")}
+  assert sorted(want) == [2, 4] and 4 in got
+  assert want[4]["roclip/matching_steps"] == got[4]["roclip/matching_steps"] == 3
+  for key, value in want[4].items():
+    if key.startswith("roclip/"):
+      np.testing.assert_allclose(got[4][key], value, rtol=1e-6, err_msg=key)
+
+
+def test_skipped_count_carries_across_a_resume(demo_root, tmp_path):
+  csv_path = _write_corrupt_csv(tmp_path)
+  overrides = {"data.source": "csv", "data.csv_path": str(csv_path), "data.batch_size": 8, "num_epochs": 3,
+               "checkpoint.every_steps": 1000}
+  straight = tmp_path / "straight"
+  train.train_and_evaluate(tiny_config(demo_root, **overrides), str(straight))
+  split = tmp_path / "split"
+  train.train_and_evaluate(tiny_config(demo_root, **dict(overrides, max_steps=5)), str(split))
+  train.train_and_evaluate(tiny_config(demo_root, **overrides), str(split))
+  final_straight, final_split = _rows(straight, "eval")[-1], _rows(split, "eval")[-1]
+  assert final_straight["skipped_examples"] >= 4  # Two bad images, read in each of 3 epochs (minus drop_remainder).
+  assert final_split["skipped_examples"] == final_straight["skipped_examples"]
+  assert _rows(split, "train")[-1]["skipped_examples"] == final_straight["skipped_examples"]
+
+
+def test_rerunning_a_finished_run_adds_no_row(demo_root, tmp_path):
+  config = tiny_config(demo_root, max_steps=3)
+  config.evals.zeroshot = dict(type="zeroshot", every_steps=0)
+  workdir = tmp_path / "run"
+  first = train.train_and_evaluate(config, str(workdir))
+  second = train.train_and_evaluate(config, str(workdir))
+  finals = [r for r in _rows(workdir, "eval") if r.get("final")]
+  assert len(finals) == 1 and len(_rows(workdir, "eval")) == 1
+  assert second == first and "zeroshot/top1" in second
+
+
+def test_benchmark_rows_are_keyed_by_their_full_config(tmp_path):
+  base = tiny_config("/nonexistent")
+  run_dir = str(tmp_path / "bench" / "row")
+  key = robustness.config_key(robustness.row_config(base, {"defense": "roclip"}, str(tmp_path)))
+  assert robustness.prepare_run_dir(run_dir, key) is False  # New row.
+  with open(os.path.join(run_dir, "final_results.json"), "w") as f:
+    json.dump({"zeroshot/top1": 0.5}, f)
+  assert robustness.prepare_run_dir(run_dir, key) is True  # Unchanged: reused.
+  changed = robustness.config_key(robustness.row_config(base, {"defense": "roclip", "roclip.k": 3}, str(tmp_path)))
+  assert changed != key
+  assert robustness.prepare_run_dir(run_dir, changed) is False  # Changed: trained anew ...
+  assert not os.path.exists(os.path.join(run_dir, "final_results.json"))
+  stale = [d for d in os.listdir(tmp_path / "bench") if d.startswith("row.stale-")]
+  assert len(stale) == 1  # ... and the old run is kept aside, not deleted.
+  with open(tmp_path / "bench" / stale[0] / "final_results.json") as f:
+    assert json.load(f) == {"zeroshot/top1": 0.5}
+  # A changed value anywhere in the config (not only in the row's overrides) changes the key.
+  base.optim.lr = base.optim.lr * 2
+  assert robustness.config_key(robustness.row_config(base, {"defense": "roclip"}, str(tmp_path))) != key
