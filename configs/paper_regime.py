@@ -7,7 +7,7 @@
       --only=CLIP --workdir=DIR_CAL
 
 The built-in demo data and tiny ViT of `make demo`, with the attack strengths and pool size of
-the paper (ROCLIP.md §4): a BadNets backdoor on at most 0.3% of the pairs and targeted poisoning
+the paper (docs/roclip.md): a BadNets backdoor on at most 0.3% of the pairs and targeted poisoning
 with a few adversarial captions per target, each calibrated on plain CLIP only; a pool of 2% of
 the data; the first matching epoch after the learning-rate warm-up (variant 'robust'; the
 'paper' row keeps the paper's epoch K). Image augmentation is scaled to 32-px images: crops keep
@@ -15,23 +15,13 @@ at least half of the image (a crop of 8% of a 32-px image is 9x9 px, smaller tha
 there) and no blur (SimCLR's CIFAR-10 recipe drops it); every augmented row, the control included,
 uses the same augmentation.
 """
-import importlib.util
-import os
-
-
-def _load_sibling(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
+from roclip_jax import config_lib
 
 
 def get_config(arg=None):
-  from roclip_jax import config_lib  # pylint: disable=import-outside-toplevel
   variant = config_lib.parse_variant(arg, epochs=16, seed=0, poison_seed=0, backdoor=18, targeted=2)
-  c = _load_sibling("robustness_demo").get_config(f"epochs={variant.epochs},seed={variant.seed},"
-                                                  f"poison_seed={variant.poison_seed}")
+  demo = config_lib.sibling_config(__file__, "robustness_demo")
+  c = demo.get_config(f"epochs={variant.epochs},seed={variant.seed},poison_seed={variant.poison_seed}")
   c.poison.backdoor.num_poisons = variant.backdoor  # 18 of 6,000 clean pairs = 0.3%.
   c.poison.targeted.poisons_per_target = variant.targeted
   c.roclip.pool_size = 128  # 2.1% of the 6,160 training pairs (the paper: 21,845 of 1M); >= the batch.

@@ -7,20 +7,9 @@ Every row trains on the same poisoned data from the same seed with the same augm
 fair control (CLIP+aug); each "robust without X" row turns one piece of the robust variant back to
 the paper's choice (docs/roclip.md reads the results).
 """
-import importlib.util
-import os
+from roclip_jax import config_lib
 
-
-def _load_sibling(name):
-  spec = importlib.util.spec_from_file_location(name, os.path.join(os.path.dirname(os.path.abspath(__file__)),
-                                                                   f"{name}.py"))
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-robustness_demo = _load_sibling("robustness_demo")
-
+robustness_demo = config_lib.sibling_config(__file__, "robustness_demo")
 AUG = {"augment.image": True, "augment.text": True}
 
 

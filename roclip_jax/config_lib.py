@@ -43,6 +43,17 @@ def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict
   return ml_collections.ConfigDict(out)
 
 
+def sibling_config(config_file: str, name: str):
+  """The config module `name`.py beside `config_file`, so one experiment file can extend another
+  (ml_collections loads config files by path, not as a package)."""
+  import importlib.util  # pylint: disable=import-outside-toplevel
+  path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
+  spec = importlib.util.spec_from_file_location(name, path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
 def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml_collections.ConfigDict:
   """A copy of `config` with dotted-key overrides, e.g. {'augment.image': True}."""
   config = copy.deepcopy(config)

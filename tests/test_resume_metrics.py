@@ -31,7 +31,9 @@ def _rows(workdir, kind):
 
 def test_matching_epoch_metrics_are_right_after_a_mid_epoch_resume(demo_root, tmp_path):
   # 3 steps per epoch; epoch 4 (steps 10..12) is a matching epoch; the split run stops after step 10.
-  overrides = {"max_steps": 12, "checkpoint.every_steps": 1000}
+  # The robust variant, so its whole step (fresh pool, CSLS, masked duplicates, own-id exclusion) runs
+  # end to end; its 2-step warm-up ends in epoch 1, so matching epochs are 2 and 4 as in the paper.
+  overrides = {"max_steps": 12, "checkpoint.every_steps": 1000, "roclip.variant": "robust"}
   straight = tmp_path / "straight"
   train.train_and_evaluate(tiny_config(demo_root, "roclip", **overrides), str(straight))
   split = tmp_path / "split"
@@ -91,3 +93,21 @@ def test_benchmark_rows_are_keyed_by_their_full_config(tmp_path):
   # A changed value anywhere in the config (not only in the row's overrides) changes the key.
   base.optim.lr = base.optim.lr * 2
   assert robustness.config_key(robustness.row_config(base, {"defense": "roclip"}, str(tmp_path))) != key
+
+
+def test_seed_summary_is_mean_and_sample_std_over_seeds():
+  per_seed = {
+      0: {"CLIP": {"defense": "none", "zeroshot/top1": 0.40, "backdoor_asr/asr": 1.00},
+          "RoCLIP": {"defense": "roclip", "zeroshot/top1": 0.20, "backdoor_asr/asr": 0.00}},
+      1: {"CLIP": {"defense": "none", "zeroshot/top1": 0.50, "backdoor_asr/asr": 0.90},
+          "RoCLIP": {"defense": "roclip", "zeroshot/top1": 0.30, "backdoor_asr/asr": 0.02}},
+      2: {"CLIP": {"defense": "none", "zeroshot/top1": 0.45, "backdoor_asr/asr": 0.95}},
+  }
+  summary = robustness.aggregate_seeds(per_seed)
+  clip = summary["CLIP"]["zeroshot/top1"]
+  assert summary["CLIP"]["seeds"] == [0, 1, 2] and summary["RoCLIP"]["seeds"] == [0, 1]
+  np.testing.assert_allclose([clip["mean"], clip["std"], clip["min"]],
+                             [np.mean([.4, .5, .45]), np.std([.4, .5, .45], ddof=1), .4])
+  assert "linear_probe/top1" not in summary["CLIP"]  # Never measured: no made-up zero.
+  table = robustness.format_seed_table(summary, tiny_config("/nonexistent"))
+  assert "| CLIP | none | 0,1,2 | 45.0 ± 5.0% | n/a | 95.0 ± 5.0% | n/a | 40.0% |" in table

@@ -22,7 +22,6 @@ import pytest
 
 from roclip_jax import config_lib
 from roclip_jax import inspect as inspect_lib
-from roclip_jax import models
 from roclip_jax import train
 from roclip_jax.data import array_record
 from roclip_jax.data import convert
@@ -30,6 +29,7 @@ from roclip_jax.data import demo
 from roclip_jax.data import image_ops
 from roclip_jax.data import pipeline
 from roclip_jax.data import sources
+from tests.test_train import tiny_config as train_tiny_config
 
 FOREVER = float("inf")
 DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, seed=0)
@@ -278,20 +278,10 @@ def demo_root(tmp_path_factory):
 
 
 def tiny_config(demo_root, **overrides):
-  c = config_lib.base_config()
-  c.model = models.preset("tiny")
-  c.model.image.image_size, c.model.image.patch_size = 16, 8
-  c.model.text.context_length = 16
-  c.data.demo.update(dict(DEMO, root=demo_root))
-  c.data.batch_size = 16  # 48 examples -> 3 steps per epoch.
-  c.data.io_retries, c.data.io_retry_base_seconds = 1, 0.0
-  c.num_epochs, c.max_steps = 2, 5
-  c.optim.warmup_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint.every_steps = 100  # Only the fault and the end of a run save.
-  c.progress_bar = False
-  c.evals = ml_collections.ConfigDict()
-  return config_lib.override(c, overrides)
+  """test_train's tiny run, with instant retries; only the fault and the end of a run save."""
+  base = {"data.io_retries": 1, "data.io_retry_base_seconds": 0.0, "num_epochs": 2, "max_steps": 5,
+          "checkpoint.every_steps": 100}
+  return train_tiny_config(demo_root, **dict(base, **overrides))
 
 
 def test_persistent_fault_checkpoints_stops_and_the_rerun_matches(demo_root, tmp_path, monkeypatch, caplog):

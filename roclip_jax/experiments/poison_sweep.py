@@ -83,11 +83,7 @@ def plot_sweep(results: dict[int, dict[str, dict]], clean_pairs: int, path: str)
 
 def main(argv) -> None:
   del argv
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
-  from roclip_jax import metrics  # pylint: disable=import-outside-toplevel
-  metrics.quiet_library_logs()
-  config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  config, workdir = FLAGS.config, robustness.start(FLAGS.workdir)
   results = run_sweep(config, workdir, FLAGS.num_poisons, FLAGS.only)
   clean = num_clean_pairs(config)
   table = format_sweep(results, clean)

@@ -281,13 +281,19 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -
   return table
 
 
+def start(workdir: str) -> str:
+  """Common start of the experiment commands: compile cache, quiet library logs, the absolute workdir."""
+  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
+  from roclip_jax import metrics  # pylint: disable=import-outside-toplevel
+  metrics.quiet_library_logs()
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  return workdir
+
+
 def main(argv) -> None:
   del argv
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
-  from roclip_jax import metrics
-  metrics.quiet_library_logs()
-  config, workdir = FLAGS.config, os.path.abspath(FLAGS.workdir)
-  os.makedirs(workdir, exist_ok=True)
+  config, workdir = FLAGS.config, start(FLAGS.workdir)
   if FLAGS.seeds:
     print("\n" + run_seeds(config, workdir, FLAGS.seeds, FLAGS.only))
     print(f"Written: {workdir}/results.md, results.json; per seed: {workdir}/seed_<s>/")
