@@ -19,10 +19,13 @@ from roclip_jax import config_lib
 
 
 def get_config(arg=None):
-  variant = config_lib.parse_variant(arg, epochs=16, seed=0, poison_seed=0, backdoor=18, targeted=2)
+  variant = config_lib.parse_variant(arg, epochs=16, seed=0, poison_seed=0, backdoor=18, targeted=12)
   demo = config_lib.sibling_config(__file__, "robustness_demo")
   c = demo.get_config(f"epochs={variant.epochs},seed={variant.seed},poison_seed={variant.poison_seed}")
-  c.poison.backdoor.num_poisons = variant.backdoor  # 18 of 6,000 clean pairs = 0.3%.
+  # Calibrated on plain CLIP only (docs/roclip.md): the lowest tested counts where CLIP's backdoor ASR
+  # is >= 80% (6 / 12 / 18 poisons: 1.9% / 41% / 100%) and its targeted success >= 75% (1 / 2 / 4 / 8 / 12
+  # per target: 25% / 12.5% / 25% / 62.5% / 100%). 18 of 6,000 clean pairs = 0.3%, the paper's rate.
+  c.poison.backdoor.num_poisons = variant.backdoor
   c.poison.targeted.poisons_per_target = variant.targeted
   c.roclip.pool_size = 128  # 2.1% of the 6,160 training pairs (the paper: 21,845 of 1M); >= the batch.
   c.augment.crop_scale = (0.5, 1.0)
