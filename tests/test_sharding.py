@@ -218,8 +218,8 @@ def _run_steps(config, mesh_spec, modes, host_state):
   tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
   spec = steps.ModelSpec.create(config.model)
   _, shardings = steps.abstract_train_state(config, mesh, tx)
-  if not steps.uses_pool(config):
-    host_state = host_state.replace(pool=None)
+  if not steps.uses_pool(config):  # No pool, and no RoCLIP counters in the stats.
+    host_state = host_state.replace(pool=None, stats=jax.device_get(steps.init_stats(config)))
   state = jax.device_put(host_state, shardings)
   fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)
   losses = []
