@@ -67,15 +67,22 @@ def assert_trees_bitwise_equal(a, b):
 
 @pytest.mark.parametrize("defense", ["none", "roclip"])
 def test_resume_is_exact(demo_root, tmp_path, defense):
-  """N steps straight == N/2 steps, a restart, N/2 more (params, optimizer, pool: bitwise)."""
-  n = 14  # Crosses a matching epoch (epoch 2 = steps 3..5, epoch 4 = 9..11) for RoCLIP.
+  """N steps straight == 10 steps, a restart, N - 10 more (params, optimizer, pool: bitwise).
+
+  RoCLIP runs its robust variant (fresh pool, CSLS, masked duplicates, own-example exclusion: the
+  whole step end to end; its 2-step warm-up ends in epoch 1, so matching epochs are 2 and 4), and the
+  restart falls inside matching epoch 4 (steps 10..12): that epoch's diagnostics must equal the
+  straight run's, since their sums are checkpointed with the state.
+  """
+  n, cut = 14, 10
+  extra = {"roclip.variant": "robust"} if defense == "roclip" else {}
   straight = tmp_path / "straight"
-  train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n), str(straight))
+  train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n, **extra), str(straight))
   split = tmp_path / "split"
-  first = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n // 2, **{
-      "checkpoint.every_steps": 100}), str(split))
-  assert first["step"] == n // 2
-  second = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n), str(split))
+  first = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=cut, **{
+      "checkpoint.every_steps": 100, **extra}), str(split))
+  assert first["step"] == cut
+  second = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n, **extra), str(split))
   assert second["step"] == n
   a, b = inspect_lib.load(str(straight)), inspect_lib.load(str(split))
   assert a.step == b.step == n
@@ -84,6 +91,10 @@ def test_resume_is_exact(demo_root, tmp_path, defense):
   if defense == "roclip":
     assert_trees_bitwise_equal(a.state.pool, b.state.pool)
     assert int(a.state.pool.ptr) != 0 or (np.asarray(a.state.pool.source_ids) >= 0).any()
+    epochs_a = {r["epoch"]: r for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "epoch"}
+    epochs_b = {r["epoch"]: r for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "epoch"}
+    assert sorted(epochs_a) == [2, 4] and epochs_a[4]["roclip/matching_steps"] == 3
+    assert epochs_b[4] == epochs_a[4]
   # The restarted run logged the same losses as the straight run after the restart.
   la = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "train"}
   lb = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "train"}
