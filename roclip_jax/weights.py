@@ -27,6 +27,10 @@ the ResNet, see `models/`):
 * The transformer MLP activation is not in the weights: HF's config has `hidden_act`; OpenAI's
   models use QuickGELU; open_clip models trained without `-quickgelu` use GELU (pass `act=`, or
   keep the hub's `open_clip_config.json` next to the weights).
+* MLP widths are per tower: HF's `intermediate_size` of each tower config, or the rows of the
+  first block's `mlp.c_fc.weight` in OpenAI layout (open_clip's ViT-bigG-14: 8192 for width 1664).
+  A width of exactly 4 * hidden is stored as `mlp_width=0`, the presets' "4x", so a standard
+  checkpoint loads to the same config as before the field existed.
 * Head counts are not in OpenAI-layout weights either: OpenAI's rule is width // 64 for
   transformers and 32 * width // 64 for the ResNet attention pool (override with `*_heads=`).
   `export_openai` records the full config in the safetensors metadata, and `load_openai` uses it.
@@ -65,8 +69,8 @@ _IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Fields that define the architecture; `dtype`/`remat` are runtime choices.
 ARCHITECTURE_FIELDS = (
     "embed_dim", "act", "image.type", "image.image_size", "image.patch_size", "image.width",
-    "image.layers", "image.heads", "text.vocab_size", "text.context_length", "text.width",
-    "text.layers", "text.heads")
+    "image.layers", "image.heads", "image.mlp_width", "text.vocab_size", "text.context_length",
+    "text.width", "text.layers", "text.heads", "text.mlp_width")
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults, for fields a config.json leaves out.
 _HF_TEXT_DEFAULTS = dict(
@@ -410,14 +414,20 @@ def _read_weights(path: str) -> tuple[dict[str, Array], dict[str, str]]:
 # ------------------------------------------------------------------ configs
 
 
+def _mlp_width_field(mlp_width: int, width: int) -> int:
+  """The config value of a tower's MLP width: 0 (the presets' "4 * width") when it is 4x."""
+  return 0 if int(mlp_width) == 4 * int(width) else int(mlp_width)
+
+
 def _model_config(*, embed_dim: int, image: dict, text_width: int, text_layers: int,
-                  text_heads: int, vocab_size: int, context_length: int,
+                  text_heads: int, text_mlp_width: int, vocab_size: int, context_length: int,
                   act: str) -> ml_collections.ConfigDict:
   from roclip_jax import models  # pylint: disable=g-import-not-at-top
   cfg = presets.clip_config(
       embed_dim=int(embed_dim), image=image, act=act,
       text=presets.text_config(width=int(text_width), layers=int(text_layers),
-                               heads=int(text_heads), context_length=int(context_length)))
+                               heads=int(text_heads), context_length=int(context_length),
+                               mlp_width=_mlp_width_field(text_mlp_width, text_width)))
   cfg.text.vocab_size = int(vocab_size)
   models.validate_config(cfg)
   return cfg
@@ -444,9 +454,6 @@ def _hf_model_config(hf: Mapping[str, Any], source: str) -> ml_collections.Confi
     raise ValueError(f"{source}: the text tower uses {text['hidden_act']!r} and the vision tower "
                      f"{vision['hidden_act']!r}; roclip_jax models use one activation for both.")
   for name, tower in (("text_config", text), ("vision_config", vision)):
-    if tower["intermediate_size"] != 4 * tower["hidden_size"]:
-      raise ValueError(f"{source}: {name}.intermediate_size={tower['intermediate_size']} is not "
-                       f"4 * hidden_size={tower['hidden_size']}; roclip_jax's MLP is 4x wide.")
     if abs(float(tower["layer_norm_eps"]) - layers_lib.LAYER_NORM_EPS) > 1e-12:
       raise ValueError(f"{source}: {name}.layer_norm_eps={tower['layer_norm_eps']} but roclip_jax "
                        f"uses {layers_lib.LAYER_NORM_EPS}.")
@@ -463,9 +470,12 @@ def _hf_model_config(hf: Mapping[str, Any], source: str) -> ml_collections.Confi
       image=presets.vit_image(image_size=int(image_size), patch_size=int(patch_size),
                               width=int(vision["hidden_size"]),
                               layers=int(vision["num_hidden_layers"]),
-                              heads=int(vision["num_attention_heads"])),
+                              heads=int(vision["num_attention_heads"]),
+                              mlp_width=_mlp_width_field(vision["intermediate_size"],
+                                                         vision["hidden_size"])),
       text_width=text["hidden_size"], text_layers=text["num_hidden_layers"],
-      text_heads=text["num_attention_heads"], vocab_size=text["vocab_size"],
+      text_heads=text["num_attention_heads"], text_mlp_width=text["intermediate_size"],
+      vocab_size=text["vocab_size"],
       context_length=text["max_position_embeddings"], act=_check_act(text["hidden_act"], source))
 
 
@@ -497,7 +507,7 @@ def _openai_model_config(tensors: Mapping[str, Array], source: str, *, vision_he
                      f"(it has e.g. {sorted(tensors)[:5]}).")
   def need(name: str) -> Array:
     if name not in tensors:
-      raise ValueError(f"{source} lacks {name}, which an OpenAI CLIP image tower has; the file is "
+      raise ValueError(f"{source} lacks {name}, which an OpenAI CLIP model has; the file is "
                        "incomplete or another architecture.")
     return tensors[name]
 
@@ -508,7 +518,9 @@ def _openai_model_config(tensors: Mapping[str, Array], source: str, *, vision_he
     image = presets.vit_image(
         image_size=patch * grid, patch_size=patch, width=width,
         layers=_count_indices(tensors, "visual.transformer.resblocks."),
-        heads=_heads(width, vision_heads, width // 64, "vision transformer", "vision_heads"))
+        heads=_heads(width, vision_heads, width // 64, "vision transformer", "vision_heads"),
+        mlp_width=_mlp_width_field(
+            need("visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0], width))
   elif "visual.attnpool.positional_embedding" in tensors:
     width = int(need("visual.layer1.0.conv1.weight").shape[0])
     grid = round((tensors["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
@@ -527,6 +539,7 @@ def _openai_model_config(tensors: Mapping[str, Array], source: str, *, vision_he
       text_layers=_count_indices(tensors, "transformer.resblocks."),
       text_heads=_heads(text_width, text_heads, text_width // 64, "text transformer",
                         "text_heads"),
+      text_mlp_width=need("transformer.resblocks.0.mlp.c_fc.weight").shape[0],
       vocab_size=tensors["token_embedding.weight"].shape[0],
       context_length=tensors["positional_embedding"].shape[0], act=_check_act(act, source))
 
@@ -719,6 +732,7 @@ def export_hf(model_cfg: ml_collections.ConfigDict, params: Mapping, out_dir: st
     raise ValueError(f"export_hf: image.type={model_cfg.image.type!r} has no Hugging Face CLIP "
                      "equivalent (HF CLIP has ViT image towers only); use export_openai to write "
                      "OpenAI/open_clip layout instead.")
+  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   tensors = _export_tensors(model_cfg, params, {}, _hf_rules(model_cfg))
   image, text = model_cfg.image, model_cfg.text
   common = dict(hidden_act=model_cfg.act, layer_norm_eps=layers_lib.LAYER_NORM_EPS,
@@ -728,13 +742,13 @@ def export_hf(model_cfg: ml_collections.ConfigDict, params: Mapping, out_dir: st
       logit_scale_init_value=2.6592, initializer_factor=1.0, torch_dtype="float32",
       text_config=dict(
           common, model_type="clip_text_model", vocab_size=int(text.vocab_size),
-          hidden_size=int(text.width), intermediate_size=4 * int(text.width),
+          hidden_size=int(text.width), intermediate_size=models.mlp_width(text),
           num_hidden_layers=int(text.layers), num_attention_heads=int(text.heads),
           max_position_embeddings=int(text.context_length), bos_token_id=49406,
           eos_token_id=49407),
       vision_config=dict(
           common, model_type="clip_vision_model", hidden_size=int(image.width),
-          intermediate_size=4 * int(image.width), num_hidden_layers=int(image.layers),
+          intermediate_size=models.mlp_width(image), num_hidden_layers=int(image.layers),
           num_attention_heads=int(image.heads), image_size=int(image.image_size),
           patch_size=int(image.patch_size), num_channels=3))
   os.makedirs(out_dir, exist_ok=True)
@@ -760,11 +774,21 @@ def export_openai(model_cfg: ml_collections.ConfigDict, params: Mapping, model_s
 
 def architecture_mismatches(loaded: ml_collections.ConfigDict,
                             expected: ml_collections.ConfigDict) -> list[str]:
-  """`'field: expected X, weights have Y'` for every architecture field that differs."""
+  """`'field: expected X, weights have Y'` for every architecture field that differs.
+
+  MLP widths are compared as built (0 or absent = 4 * width), so a config that spells out the 4x
+  width matches a checkpoint whose config leaves it implicit.
+  """
+  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   out = []
   for field in ARCHITECTURE_FIELDS:
     values = []
     for cfg in (expected, loaded):
+      tower, _, name = field.partition(".")
+      if name == "mlp_width":
+        transformer = tower == "text" or cfg.image.get("type") == "vit"
+        values.append(models.mlp_width(cfg[tower]) if transformer else None)
+        continue
       value = cfg
       for part in field.split("."):
         value = value.get(part) if hasattr(value, "get") else None

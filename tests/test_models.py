@@ -247,6 +247,34 @@ def test_resnet_flops_agree_with_xla():
   assert abs(models.flops_per_pair(cfg) - xla_total) / xla_total < 0.03
 
 
+def test_per_tower_mlp_width_sets_shapes_params_and_flops():
+  base = models.preset("tiny")  # width 64 in both towers, 2 layers each; mlp_width 0 = 4x = 256.
+  cfg = models.preset("tiny")
+  cfg.image.mlp_width, cfg.text.mlp_width = 96, 160
+  model = _abstract(cfg)
+  assert model.vision_model.layers[1].mlp.fc1.kernel.shape == (64, 96)
+  assert model.text_model.layers[0].mlp.fc2.kernel.shape == (160, 64)
+  # Per block, fc1 + fc2 hold 2 * D * M weights and M + D biases.
+  per_block = lambda m: 2 * 64 * m + m + 64
+  assert (models.count_params(model) - models.count_params(_abstract(base))
+          == 2 * (per_block(96) - per_block(256)) + 2 * (per_block(160) - per_block(256)))
+  # XLA's count of what the narrower MLPs save, tower by tower (the rest of the graph cancels;
+  # the activation's elementwise FLOPs, which the formula ignores, stay within a few percent).
+  images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, 32), jnp.int32)
+  xla_saved = sum(
+      _xla_flops(base, encode, shape) - _xla_flops(cfg, encode, shape)
+      for encode, shape in ((lambda m, i: m.encode_image(i), images),
+                            (lambda m, t: m.encode_text(t), tokens)))
+  analytic_saved = models.flops_per_pair(base) - models.flops_per_pair(cfg)
+  assert abs(analytic_saved - xla_saved) / xla_saved < 0.05
+  # Spelling out 4 * width builds the same model as the default 0.
+  explicit = models.preset("tiny")
+  explicit.image.mlp_width = explicit.text.mlp_width = 256
+  assert models.flops_per_pair(explicit) == models.flops_per_pair(base)
+  assert models.count_params(_abstract(explicit)) == models.count_params(_abstract(base))
+
+
 # ---------------------------------------------------------------- compute dtype, remat, tree mode
 
 
@@ -355,6 +383,9 @@ _DELETE = object()
     ("tiny-rn", dict(image__image_size=48), "image.image_size"),
     ("tiny-rn", dict(image__patch_size=16), "image.patch_size"),
     ("tiny-rn", dict(image__heads=3), "image.heads"),
+    ("tiny", dict(image__mlp_width=-1), "image.mlp_width"),
+    ("tiny", dict(text__mlp_width=2.5), "text.mlp_width"),
+    ("tiny-rn", dict(image__mlp_width=128), "image.mlp_width"),
 ])
 def test_build_rejects_bad_configs_naming_the_field(name, changes, field):
   with pytest.raises(ValueError, match=f"`{field}`"):

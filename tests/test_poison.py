@@ -1,6 +1,8 @@
 """Tests of data/poison.py: attack determinism and bookkeeping; triggers vs hand-built references."""
+import math
 import pickle
 import re
+import types
 
 import numpy as np
 import pytest
@@ -197,8 +199,8 @@ def test_poison_info_json_round_trip():
 
 
 def test_config_errors_name_the_field():
-  with pytest.raises(ValueError, match="poison.backdoor.trigger='sig'"):
-    poison.validate_config(_cfg(**{"backdoor.trigger": "sig"}))
+  with pytest.raises(ValueError, match="poison.backdoor.trigger='sinusoid'"):
+    poison.validate_config(_cfg(**{"backdoor.trigger": "sinusoid"}))
   with pytest.raises(ValueError, match="Set only one of"):
     poison.validate_config(_cfg(**{"backdoor.rate": 0.1}))
   with pytest.raises(ValueError, match="uint8 HxWx3"):
@@ -358,3 +360,103 @@ def test_image_transform_stamps_only_backdoored_records_and_pickles():
   assert not np.array_equal(stamped, img)
   cfg.backdoor.patch_size = 8  # the transform keeps its own copy of the config
   np.testing.assert_array_equal(transform({"id": 5, "poisoned": 1}, img), stamped)
+
+
+# ------------------------------------------------------------------------------------ SIG
+
+
+def test_sig_trigger_by_hand_on_a_literal_array():
+  # Width 4, one cycle: the offsets are 20*sin(0, pi/2, pi, 3pi/2) = 0, +20, 0, -20 per column.
+  img = np.array([[[0, 100, 250], [250, 0, 100], [7, 8, 9], [10, 30, 255]],
+                  [[1, 2, 3], [235, 236, 240], [200, 201, 202], [19, 20, 21]]], np.uint8)
+  cfg = _cfg(**{"backdoor.trigger": "sig", "backdoor.sig_delta": 20.0,
+                "backdoor.sig_frequency": 1.0})
+  expected = np.array([[[0, 100, 250], [255, 20, 120], [7, 8, 9], [0, 10, 235]],
+                       [[1, 2, 3], [255, 255, 255], [200, 201, 202], [0, 0, 1]]], np.uint8)
+  np.testing.assert_array_equal(poison.apply_trigger(img, cfg, seed=0), expected)
+
+
+def _sig_reference(img: np.ndarray, delta: float, frequency: float) -> np.ndarray:
+  """Barni et al.'s x + delta * sin(2 pi j f / m), pixel by pixel, rounded and clipped to uint8."""
+  height, width, channels = img.shape
+  out = np.zeros_like(img)
+  for i in range(height):
+    for j in range(width):
+      for c in range(channels):
+        value = float(img[i, j, c]) + delta * math.sin(2 * math.pi * j * frequency / width)
+        out[i, j, c] = min(255, max(0, round(value)))
+  return out
+
+
+@pytest.mark.parametrize("delta, frequency", [(20.0, 6.0), (40.0, 2.5), (255.0, 1.0)])
+def test_sig_trigger_matches_the_formula(delta, frequency):
+  img = _image(7, 24, seed=3)  # Uniform pixels: many sit near 0 and 255, so clipping is exercised.
+  cfg = _cfg(**{"backdoor.trigger": "sig", "backdoor.sig_delta": delta,
+                "backdoor.sig_frequency": frequency})
+  out = poison.apply_trigger(img, cfg, seed=0, example_id=5)
+  np.testing.assert_array_equal(out, _sig_reference(img, delta, frequency))
+  assert not np.array_equal(out, img)
+  # No randomness: neither the seed nor the example changes it.
+  np.testing.assert_array_equal(poison.apply_trigger(img, cfg, seed=9, example_id=1), out)
+
+
+def test_sig_defaults_are_barnis_and_old_configs_without_the_fields_still_work():
+  cfg = poison.default_config()
+  assert (cfg.backdoor.sig_delta, cfg.backdoor.sig_frequency) == (20.0, 6.0)
+  img = _image(5, 18, seed=4)
+  # A config saved by a run from before the SIG fields existed: the defaults apply.
+  old = _cfg(**{"backdoor.trigger": "sig"}).to_dict()
+  del old["backdoor"]["sig_delta"], old["backdoor"]["sig_frequency"]
+  old = poison.ml_collections.ConfigDict(old)
+  poison.validate_config(old)
+  np.testing.assert_array_equal(poison.apply_trigger(img, old, seed=0),
+                                _sig_reference(img, 20.0, 6.0))
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("sig_delta", 0.0, r"poison.backdoor.sig_delta=0.0 must lie in \(0, 255\].*use 20"),
+    ("sig_delta", 300.0, r"poison.backdoor.sig_delta=300.0 must lie in \(0, 255\]"),
+    ("sig_frequency", 0.0, r"poison.backdoor.sig_frequency=0.0 must be > 0.*use 6"),
+    ("sig_frequency", -2.0, r"poison.backdoor.sig_frequency=-2.0 must be > 0"),
+])
+def test_sig_config_errors_name_the_value_and_the_fix(field, value, message):
+  with pytest.raises(ValueError, match=message):
+    poison.validate_config(_cfg(**{"backdoor.trigger": "sig", f"backdoor.{field}": value}))
+  config = config_lib.override(config_lib.base_config(), {
+      "poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.trigger": "sig",
+      f"poison.backdoor.{field}": value})
+  with pytest.raises(config_lib.ConfigError, match=f"config.{message}"):
+    config_lib.validate(config)
+
+
+def test_sig_end_to_end_through_the_config_training_transform_and_evaluator():
+  from roclip_jax.evaluators import attack
+  config = config_lib.override(config_lib.base_config(), {
+      "poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.num_poisons": 3,
+      "poison.backdoor.caption_source": "templates", "poison.backdoor.target_class": "cat",
+      "poison.backdoor.trigger": "sig", "poison.backdoor.sig_delta": 30,
+      "poison.backdoor.sig_frequency": 2.0})
+  config_lib.validate(config)
+  source, info = poison.poison_source(_base(), _pool(), config.poison, seed=config.poison.seed)
+  assert info.backdoor_trigger == "sig" and len(info.backdoor_ids) == 3
+  transform = poison.make_image_transform(config.poison, seed=config.poison.seed)
+  img = _image(6, 10, seed=8)
+  expected = _sig_reference(img, 30.0, 2.0)
+  for record in _records(source):
+    out = transform(record, img)
+    if int(record["id"]) in info.backdoor_ids:
+      np.testing.assert_array_equal(out, expected)
+    else:
+      assert out is img
+
+  # The ASR evaluator stamps its test images with the same trigger.
+  eval_set = types.SimpleNamespace(images=np.stack([img, _image(6, 10, seed=9)]),
+                                   labels=np.array([1, 2]), class_names=CLASSES,
+                                   ids=np.array([70, 71]), templates=["{}"])
+  evaluator = attack.BackdoorAsrEvaluator(
+      "bd", every_steps=0, load_split=lambda: eval_set, poison_cfg=config.poison,
+      seed=config.poison.seed, target_class="cat")
+  _, _, clean, triggered, _ = evaluator._data
+  np.testing.assert_array_equal(clean, eval_set.images)
+  np.testing.assert_array_equal(triggered, np.stack([_sig_reference(x, 30.0, 2.0)
+                                                     for x in eval_set.images]))

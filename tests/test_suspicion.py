@@ -73,9 +73,82 @@ def test_scores_match_explicit_loops():
     assert got["pool_top1_similarity"][i] == pytest.approx(top1)
     assert got["pool_margin"][i] == pytest.approx(top1 - own)
   np.testing.assert_array_equal(got["score"], got["pool_margin"])
+  # The density scores read the image embeddings only, with k capped at the n - 1 other examples.
+  density = _brute_local_outlier_scores(img, n - 1)
+  for name in ("k_distance", "slof", "lof"):
+    np.testing.assert_allclose(got[name], density[name], rtol=1e-6)
   without_pool = suspicion.score_examples(img, cap, ids, neighbors=k)
   assert "pool_margin" not in without_pool
   np.testing.assert_array_equal(without_pool["score"], got["caption_atypicality"])
+
+
+def _brute_local_outlier_scores(x, k):
+  """Textbook k-distance, LOF (Breunig et al. 2000) and simplified LOF, point by point, on the full
+  cosine-distance matrix."""
+  n = len(x)
+  unit = x / np.linalg.norm(x, axis=1, keepdims=True)
+  dist = np.zeros((n, n))
+  for p in range(n):
+    for o in range(n):
+      dist[p, o] = max(0.0, 1.0 - float(unit[p] @ unit[o]))
+  neighbours = [sorted((o for o in range(n) if o != p), key=lambda o: dist[p, o])[:k] for p in range(n)]
+  kdist = [dist[p, neighbours[p][-1]] for p in range(n)]
+  lrd = [1.0 / np.mean([max(kdist[o], dist[p, o]) for o in neighbours[p]]) for p in range(n)]
+  return {"k_distance": np.array(kdist),
+          "lof": np.array([np.mean([lrd[o] for o in neighbours[p]]) / lrd[p] for p in range(n)]),
+          "slof": np.array([np.mean([kdist[p] / kdist[o] for o in neighbours[p]]) for p in range(n)])}
+
+
+def _clusters_with_outliers(seed, per_cluster=50, clusters=3, outliers=4, d=8):
+  """Tight clusters around random directions, plus random directions far from all of them (last)."""
+  rng = np.random.default_rng(seed)
+  centers = _unit(rng.normal(size=(clusters, d)))
+  points = [c + 0.05 * rng.normal(size=(per_cluster, d)) for c in centers]
+  points.append(rng.normal(size=(outliers, d)))
+  return np.concatenate(points), np.arange(clusters * per_cluster + outliers) >= clusters * per_cluster
+
+
+@pytest.mark.parametrize("seed", range(2))
+def test_local_outlier_scores_match_brute_force_and_rank_planted_outliers_first(seed):
+  x, planted = _clusters_with_outliers(seed)
+  k = 7
+  # Blocks of 5 rows of 154 similarities: the blocked top-k search is exercised.
+  got = suspicion.local_outlier_scores(x, k, block_elements=5 * len(x))
+  want = _brute_local_outlier_scores(x, k)
+  for name in ("k_distance", "slof", "lof"):
+    np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
+    top = np.argsort(-got[name])[:planted.sum()]
+    assert planted[top].all(), f"{name}: the planted outliers are not the top scores"
+    assert suspicion.auroc(got[name], planted) == 1.0
+  # Inside a tight cluster LOF is about 1; the planted outliers are far sparser than their neighbours.
+  assert np.median(got["lof"][~planted]) == pytest.approx(1.0, abs=0.15)
+  assert got["lof"][planted].min() > 3.0
+  whole = suspicion.local_outlier_scores(x, k, block_elements=1)  # One row per block.
+  for name in got:
+    np.testing.assert_allclose(whole[name], got[name], rtol=1e-12)
+
+
+def test_nearest_neighbors_blocks_agree_with_a_full_sort():
+  rng = np.random.default_rng(3)
+  queries, keys = _unit(rng.normal(size=(11, 4))), _unit(rng.normal(size=(11, 4)))
+  full = queries @ keys.T
+  np.fill_diagonal(full, -np.inf)
+  for block in (1, 11, 30, 10_000):
+    sims, idx = suspicion.nearest_neighbors(queries, keys, 4, block_elements=block)
+    np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :4])
+    np.testing.assert_allclose(sims, -np.sort(-full, axis=1)[:, :4], rtol=1e-12)
+  with pytest.raises(ValueError, match="k=11 neighbours need more than 11 keys"):
+    suspicion.nearest_neighbors(queries, keys, 11)
+
+
+def test_exact_duplicates_get_finite_density_scores():
+  rng = np.random.default_rng(4)
+  x = np.concatenate([np.repeat(rng.normal(size=(1, 6)), 6, axis=0), rng.normal(size=(20, 6))])
+  got = suspicion.local_outlier_scores(x, 3)
+  assert all(np.all(np.isfinite(v)) for v in got.values())
+  # Six copies of one image with k = 3: each one's neighbours are copies, a perfectly dense cluster.
+  np.testing.assert_allclose(got["k_distance"][:6], 0.0, atol=1e-12)
+  np.testing.assert_allclose(got["lof"][:6], 1.0, rtol=1e-5)
 
 
 @pytest.fixture(scope="module")
@@ -102,7 +175,8 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
     rows = list(csv.DictReader(f))
   assert len(rows) == 48 == len({r["id"] for r in rows})
   assert list(rows[0]) == ["rank", "id", "caption", "own_similarity", "mixture_risk", "pool_top1_similarity",
-                           "pool_margin", "caption_atypicality", "score", "poisoned", "poison_code"]
+                           "pool_margin", "caption_atypicality", "k_distance", "slof", "lof", "score",
+                           "poisoned", "poison_code"]
   # mixture_risk: the low component's posterior of a mixture fitted to own_similarity,
   # recomputed with scipy's normal density at the parameters EM converged to.
   from roclip_jax import safeclip
@@ -119,7 +193,8 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
   # The metrics, recomputed from the CSV by brute force.
   labels = [r["poisoned"] == "1" for r in rows]
   for name, column, sign in [("pool_margin", "pool_margin", 1), ("caption_atypicality", "caption_atypicality", 1),
-                             ("own_distance", "own_similarity", -1), ("mixture_risk", "mixture_risk", 1)]:
+                             ("own_distance", "own_similarity", -1), ("mixture_risk", "mixture_risk", 1),
+                             ("k_distance", "k_distance", 1), ("slof", "slof", 1), ("lof", "lof", 1)]:
     values = [sign * float(r[column]) for r in rows]
     m = report.metrics[name]
     assert m["auroc"] == pytest.approx(_brute_auroc(values, labels), abs=1e-9)
@@ -127,9 +202,11 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
     assert m["k"] == 4 and m["precision_at_k"] == m["recall_at_k"] == pytest.approx(
         sum(labels[i] for i in top4) / 4)
   with open(os.path.splitext(out)[0] + ".json") as f:
-    assert json.load(f)["metrics"] == report.metrics
+    saved = json.load(f)
+  assert saved["metrics"] == report.metrics and saved["density_neighbors"] == 16
   text = suspicion.format_metrics(report)
   assert "4 injected poisons" in text and "pool_margin" in text and "AUROC" in text
+  assert all(f"\n{name} " in text for name in ("k_distance", "slof", "lof"))
 
 
 def test_cli_prints_the_metrics_and_writes_the_csv(poisoned_run):

@@ -35,15 +35,14 @@ CAPTIONS = ["a photo of a cat", "two dogs playing on the grass in the park at no
 REL_TOL = 1e-5  # max |ours - reference| / max |reference|, float32
 
 
-def hf_config(act="quick_gelu", **text_overrides):
+def hf_config(act="quick_gelu", vision_overrides=None, **text_overrides):
   text = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
               num_attention_heads=2, max_position_embeddings=CONTEXT, hidden_act=act)
   text.update(text_overrides)
-  return transformers.CLIPConfig(
-      text_config=text,
-      vision_config=dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, image_size=32, patch_size=8, hidden_act=act),
-      projection_dim=32)
+  vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
+                image_size=32, patch_size=8, hidden_act=act)
+  vision.update(vision_overrides or {})
+  return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
 
 
 def randomize_(module: nn.Module, seed: int) -> nn.Module:
@@ -173,11 +172,66 @@ def test_export_hf_round_trip_is_bitwise_and_loads_in_transformers(hf_dir, tmp_p
     np.testing.assert_array_equal(o, r)
 
 
+def test_mlp_widths_other_than_4x_match_transformers_in_both_layouts(tmp_path):
+  # Text MLP 1.5x and vision MLP 200 (not a multiple of the width 64): each tower its own width.
+  hf = randomize_(transformers.CLIPModel(hf_config(
+      "gelu", vision_overrides=dict(intermediate_size=200), intermediate_size=96)), seed=5)
+  hf_path = str(tmp_path / "hf")
+  hf.save_pretrained(hf_path)
+  images, tokens = inputs(seed=2)
+  ref = hf_outputs(hf, images, tokens)
+  model_cfg, params, model_state = weights.load_hf(hf_path)
+  assert (model_cfg.image.mlp_width, model_cfg.text.mlp_width) == (200, 96)
+  assert params["vision_model"]["layers"][1]["mlp"]["fc1"]["kernel"].shape == (64, 200)
+  assert params["text_model"]["layers"][0]["mlp"]["fc2"]["kernel"].shape == (96, 64)
+  for name, o, r in zip(("image", "text", "logits"),
+                        our_outputs(model_cfg, params, model_state, images, tokens), ref):
+    assert_close(o, r, f"HF non-4x MLP {name}")
+
+  # Export: transformers reads the widths back from config.json and computes the same outputs.
+  export = str(tmp_path / "export")
+  weights.export_hf(model_cfg, params, export)
+  with open(os.path.join(export, "config.json")) as f:
+    exported = json.load(f)
+  assert (exported["vision_config"]["intermediate_size"],
+          exported["text_config"]["intermediate_size"]) == (200, 96)
+  reloaded = transformers.CLIPModel.from_pretrained(export).eval()
+  for o, r in zip(hf_outputs(reloaded, images, tokens), ref):
+    np.testing.assert_array_equal(o, r)
+
+  # OpenAI layout: the widths come from the first block's c_fc rows.
+  openai_path = str(tmp_path / "clip.safetensors")
+  safetensors.torch.save_file(hf_to_openai(hf.state_dict()), openai_path)
+  oa_cfg, oa_params, oa_state = weights.load_openai(openai_path, vision_heads=2, text_heads=2,
+                                                    act="gelu")
+  assert oa_cfg.to_dict() == model_cfg.to_dict()
+  for name, o, r in zip(("image", "text", "logits"),
+                        our_outputs(oa_cfg, oa_params, oa_state, images, tokens), ref):
+    assert_close(o, r, f"OpenAI layout non-4x MLP {name}")
+  weights.export_openai(oa_cfg, oa_params, oa_state, str(tmp_path / "export.safetensors"))
+  cfg2, params2, _ = weights.load_openai(str(tmp_path / "export.safetensors"))
+  assert cfg2.to_dict() == oa_cfg.to_dict()
+  assert_trees_bitwise_equal(params2, oa_params)
+
+  # config.init_from compares the widths as built: 0, 4 * width spelled out, and no field at all
+  # (a config saved before the field existed) are the same model; the checkpoint's widths are not.
+  implicit = model_cfg.to_dict()
+  implicit["image"]["mlp_width"] = implicit["text"]["mlp_width"] = 0
+  spelled_out = json.loads(json.dumps(implicit))
+  spelled_out["image"]["mlp_width"] = spelled_out["text"]["mlp_width"] = 4 * 64
+  absent = json.loads(json.dumps(implicit))
+  del absent["image"]["mlp_width"], absent["text"]["mlp_width"]
+  implicit, spelled_out, absent = map(ml_collections.ConfigDict, (implicit, spelled_out, absent))
+  assert weights.architecture_mismatches(implicit, spelled_out) == []
+  assert weights.architecture_mismatches(absent, spelled_out) == []
+  assert weights.architecture_mismatches(model_cfg, absent) == [
+      "model.image.mlp_width: config has 256, the weights have 200",
+      "model.text.mlp_width: config has 256, the weights have 96"]
+
+
 def test_load_hf_rejects_unsupported_configs(tmp_path):
-  model = transformers.CLIPModel(hf_config(intermediate_size=128))
+  model = transformers.CLIPModel(hf_config())
   model.save_pretrained(tmp_path)
-  with pytest.raises(ValueError, match="intermediate_size=128 is not 4 \\* hidden_size=64"):
-    weights.load_hf(str(tmp_path))
   with open(tmp_path / "config.json") as f:
     cfg = json.load(f)
   cfg["model_type"] = "siglip"
@@ -258,8 +312,8 @@ def test_load_openai_infers_the_architecture_like_build_model(hf_dir, tmp_path):
   # Heads follow OpenAI's rule width // 64 when nothing says otherwise.
   assert model_cfg.to_dict() == dict(
       embed_dim=32, act="quick_gelu", dtype="float32", remat=False, remat_policy="full", logit_bias=False,
-      image=dict(type="vit", image_size=32, patch_size=8, width=64, layers=2, heads=1),
-      text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1))
+      image=dict(type="vit", image_size=32, patch_size=8, width=64, layers=2, heads=1, mlp_width=0),
+      text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1, mlp_width=0))
   with pytest.raises(ValueError, match="pass text_heads="):
     weights.load_openai(path, text_heads=3)
 

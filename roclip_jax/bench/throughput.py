@@ -160,16 +160,17 @@ def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int
   """Seconds per training step of Hugging Face's `CLIPModel` (PyTorch, CPU) at the same size and batch."""
   import torch
   import transformers
+  from roclip_jax import models
   model_cfg = config.model
   if model_cfg.image.type != "vit":
     raise ValueError("The PyTorch comparison covers ViT image towers only; use a ViT preset.")
   text, image = model_cfg.text, model_cfg.image
   hf_config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=4 * text.width,
+      text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=models.mlp_width(text),
                        num_hidden_layers=text.layers, num_attention_heads=text.heads,
                        max_position_embeddings=text.context_length, hidden_act=model_cfg.act,
                        projection_dim=model_cfg.embed_dim),
-      vision_config=dict(hidden_size=image.width, intermediate_size=4 * image.width, num_hidden_layers=image.layers,
+      vision_config=dict(hidden_size=image.width, intermediate_size=models.mlp_width(image), num_hidden_layers=image.layers,
                          num_attention_heads=image.heads, image_size=image.image_size, patch_size=image.patch_size,
                          hidden_act=model_cfg.act, projection_dim=model_cfg.embed_dim),
       projection_dim=model_cfg.embed_dim)

@@ -6,11 +6,11 @@ every poisoned example is known by id:
 * **Targeted poisoning** (Carlini & Terzis 2021, RoCLIP `create_poison.ipynb`): pick target images
   from a held-out labelled split, give each an adversarial class, and APPEND (target image, caption)
   pairs whose captions are training captions that mention the adversarial class. `poisoned=2`.
-* **Backdoor** (BadNets / Blended / WaNet, as in CleanCLIP and the RoCLIP author's repo): pick
-  training examples, give them a caption that mentions the target class (or keep it, for the
-  label-consistent variant), and stamp a trigger on their image. They REPLACE the clean examples
-  (same id), `poisoned=1`. The trigger is stamped after decoding by `make_image_transform`, and the
-  evaluator stamps the same trigger (same seed) on test images.
+* **Backdoor** (BadNets / Blended / WaNet, as in CleanCLIP and the RoCLIP author's repo; SIG,
+  Barni et al. 2019): pick training examples, give them a caption that mentions the target class
+  (or keep it, for the label-consistent variant), and stamp a trigger on their image. They REPLACE
+  the clean examples (same id), `poisoned=1`. The trigger is stamped after decoding by
+  `make_image_transform`, and the evaluator stamps the same trigger (same seed) on test images.
 
 Everything random is drawn from `np.random.default_rng([seed, <stream>, ...])`, one stream per
 purpose, so that turning one attack on or off never changes what the other one draws.
@@ -41,7 +41,7 @@ CLEAN = 0
 BACKDOOR = 1
 TARGETED = 2
 
-TRIGGERS = ("patch", "blended", "warped")
+TRIGGERS = ("patch", "blended", "warped", "sig")
 PATCH_POSITIONS = ("random", "top_left", "top_right", "bottom_left", "bottom_right", "center")
 PATCH_PATTERNS = ("noise", "checker", "yellow")
 SELECTIONS = ("random", "label_consistent")
@@ -55,6 +55,9 @@ _MIN_PATCH = 3
 _NOISE_PATCH_BASE = 16
 _CHECKER_CELLS = 4
 _BLEND_BASE = 224
+# SIG (Barni et al. 2019): the paper's amplitude (0-255 scale) and cycles across the image width.
+SIG_DEFAULT_DELTA = 20.0
+SIG_DEFAULT_FREQUENCY = 6.0
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -62,6 +65,8 @@ def default_config() -> ml_collections.ConfigDict:
 
   backdoor.num_poisons / backdoor.rate: set one of them (rate > 0 wins over num_poisons = 0).
   backdoor.patch_size: 0 picks 16/224 of the shorter image side (at least 3 px).
+  backdoor.sig_delta / sig_frequency: amplitude (0-255 scale) and cycles per image width of the
+    `sig` trigger.
   targeted.adversarial_classes: names allowed as adversarial classes; empty = every class name.
   """
   return ml_collections.ConfigDict(dict(
@@ -88,6 +93,8 @@ def default_config() -> ml_collections.ConfigDict:
           alpha=0.2,
           warp_k=4,
           warp_s=0.5,
+          sig_delta=SIG_DEFAULT_DELTA,
+          sig_frequency=SIG_DEFAULT_FREQUENCY,
       ),
   ))
 
@@ -104,6 +111,15 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
     raise ValueError(f"poison.backdoor.alpha={bd.alpha} must lie in [0, 1] (0.2 is the original).")
   if bd.warp_k < 2:
     raise ValueError(f"poison.backdoor.warp_k={bd.warp_k} must be >= 2 (WaNet uses 4).")
+  # .get: configs saved by runs from before the SIG trigger lack these fields.
+  sig_delta = bd.get("sig_delta", SIG_DEFAULT_DELTA)
+  if not 0.0 < sig_delta <= 255.0:
+    raise ValueError(f"poison.backdoor.sig_delta={sig_delta} must lie in (0, 255], the amplitude "
+                     f"on the 0-255 pixel scale (Barni et al. use {SIG_DEFAULT_DELTA:g}).")
+  sig_frequency = bd.get("sig_frequency", SIG_DEFAULT_FREQUENCY)
+  if not sig_frequency > 0.0:
+    raise ValueError(f"poison.backdoor.sig_frequency={sig_frequency} must be > 0 cycles per image "
+                     f"width (Barni et al. use {SIG_DEFAULT_FREQUENCY:g}).")
   if bd.patch_size < 0:
     raise ValueError(f"poison.backdoor.patch_size={bd.patch_size} must be >= 0 (0 = automatic).")
   if bd.num_poisons < 0 or not 0.0 <= bd.rate < 1.0:
@@ -153,6 +169,9 @@ def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, 
     uint8 noise image drawn from the seed at 224x224 and resized nearest to the image.
   * `warped` (WaNet, Nguyen & Tran 2021): see `wanet_displacement`; bilinear resampling of the
     image at the displaced pixel positions, clipped to the image.
+  * `sig` (Barni et al. 2019): see `sig_signal`; the same horizontal sinusoid is added to every
+    row and channel, then rounded and clipped to [0, 255]. It needs no seed. SIG is a clean-label
+    attack in the original: pair it with `selection='label_consistent'` to reproduce that.
   """
   image = _check_image(image)
   bd = cfg.backdoor
@@ -164,6 +183,10 @@ def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, 
     return _to_uint8(mixed)
   if bd.trigger == "warped":
     return warp_image(image, wanet_displacement(cfg, seed, *image.shape[:2]))
+  if bd.trigger == "sig":
+    signal = sig_signal(image.shape[1], bd.get("sig_delta", SIG_DEFAULT_DELTA),
+                        bd.get("sig_frequency", SIG_DEFAULT_FREQUENCY))
+    return _to_uint8(image.astype(np.float64) + signal[None, :, None])
   raise ValueError(f"poison.backdoor.trigger={bd.trigger!r} is not one of {list(TRIGGERS)}.")
 
 
@@ -298,6 +321,18 @@ def wanet_displacement(cfg: ml_collections.ConfigDict, seed: int, height: int,
   dx = s * flow[0] / width * (width - 1) / 2
   dy = s * flow[1] / height * (height - 1) / 2
   return np.stack([dx, dy], axis=-1)
+
+
+def sig_signal(width: int, delta: float, frequency: float) -> np.ndarray:
+  """The SIG trigger's per-column offset [width]: delta * sin(2 pi j frequency / width).
+
+  Barni et al. 2019 ("A new backdoor attack in CNNs by training set corruption without label
+  poisoning"), with j the 0-based column index (so column 0 is unchanged). The frequency counts
+  cycles across the image width, so a raw training image and its resized evaluation copy carry
+  the same pattern relative to their size.
+  """
+  columns = np.arange(width, dtype=np.float64)
+  return delta * np.sin(2.0 * np.pi * columns * frequency / width)
 
 
 def warp_image(image: np.ndarray, displacement: np.ndarray) -> np.ndarray:

@@ -31,6 +31,32 @@ augmentation) and scores it. Higher means more suspicious for every score:
   neighbours, because triggered images cluster together in image space and
   would vouch for each other's target-class captions.
 
+* `lof`, `slof` and `k_distance` (no pool needed): density scores of the
+  example's IMAGE embedding among its `density_neighbors` (k, default 16)
+  nearest training images, after Huang et al., "Detecting Backdoor Samples in
+  Contrastive Language Image Pretraining" (ICLR 2025), who find that backdoored
+  examples sit in sparser local neighbourhoods than their neighbours do. With
+  d(p, o) = 1 - cos(p, o) on the unit-norm embeddings and N_k(p) the k nearest
+  other examples (exactly k, as in scikit-learn; ties at the k-th distance are
+  broken arbitrarily):
+    - `k_distance` = kdist(p) = max_{o in N_k(p)} d(p, o);
+    - `lof` = the Local Outlier Factor (Breunig et al. 2000): with
+      reach(p, o) = max(kdist(o), d(p, o)) and the local reachability density
+      lrd(p) = 1 / (mean_{o in N_k(p)} reach(p, o) + 1e-10),
+      lof(p) = mean_{o in N_k(p)} lrd(o) / lrd(p) (about 1 inside a cluster,
+      > 1 for a point sparser than its neighbours). The 1e-10 (scikit-learn's)
+      keeps exact duplicates finite: a group of more than k identical images is
+      a dense cluster, lof 1;
+    - `slof` = the simplified LOF (Schubert et al. 2014), one of the paper's
+      detectors: the same ratio with lrd replaced by 1 / (kdist + 1e-10), i.e.
+      mean_{o in N_k(p)} kdist(p) / kdist(o), which needs no reachability step.
+  The paper uses Euclidean distance; on unit vectors that is
+  sqrt(2 d(p, o)), so the neighbours and the `k_distance` ranking are the same,
+  only the LOF ratios change. Cosine distance is used because it is the
+  geometry the CLIP loss trains. The paper's best detector, DAO (a
+  dimensionality-aware LOF), is not implemented here. Neighbours are found in
+  row blocks with a top-k, so memory is O(N k) beyond one block.
+
 `score` is `pool_margin` when the run has a pool, else `caption_atypicality`.
 The CSV lists examples from the most to the least suspicious. With the run's
 `poison_info.json`, the report also gives, for every score, precision@k and
@@ -53,8 +79,13 @@ from absl import logging
 import numpy as np
 import scipy.stats
 
-SCORES = ("own_distance", "mixture_risk", "pool_margin", "caption_atypicality")
+SCORES = ("own_distance", "mixture_risk", "pool_margin", "caption_atypicality", "k_distance", "slof", "lof")
 DEFAULT_NEIGHBORS = 10
+DEFAULT_DENSITY_NEIGHBORS = 16  # The k of Huang et al.'s usage example (their README).
+# scikit-learn's guard in the local reachability density: exact duplicates stay finite.
+_DENSITY_EPS = 1e-10
+# Similarities held at once when searching neighbours (float64: 128 MiB).
+_BLOCK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------
@@ -96,9 +127,68 @@ def precision_recall_at_k(scores: np.ndarray, is_positive: np.ndarray, k: int) -
 # Scores (NumPy, on unit-norm embeddings).
 
 
+def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
+                      exclude_self: bool = True,
+                      block_elements: int = _BLOCK_ELEMENTS) -> tuple[np.ndarray, np.ndarray]:
+  """The k keys of highest dot product with each query: (similarities, indices), [N, k] each,
+  most similar first.
+
+  Rows are processed in blocks of about `block_elements` similarities, so memory is O(N k) plus
+  one block, never the full [N, M] matrix. With `exclude_self`, queries and keys are the same
+  examples (row i of each) and key i is never a neighbour of query i.
+  """
+  num_queries, num_keys = len(queries), len(keys)
+  if exclude_self and num_queries != num_keys:
+    raise ValueError(f"exclude_self pairs query i with key i, but there are {num_queries} queries "
+                     f"and {num_keys} keys.")
+  if not 1 <= k <= num_keys - int(exclude_self):
+    raise ValueError(f"k={k} neighbours need more than {num_keys} keys"
+                     f"{' (the query itself excluded)' if exclude_self else ''}.")
+  rows = max(1, block_elements // max(num_keys, 1))
+  similarities = np.empty((num_queries, k), np.float64)
+  indices = np.empty((num_queries, k), np.int64)
+  for start in range(0, num_queries, rows):
+    stop = min(start + rows, num_queries)
+    block = queries[start:stop] @ keys.T  # [rows, M]
+    if exclude_self:
+      block[np.arange(stop - start), np.arange(start, stop)] = -np.inf
+    top = np.argpartition(-block, k - 1, axis=1)[:, :k]
+    top_sims = np.take_along_axis(block, top, axis=1)
+    order = np.argsort(-top_sims, axis=1, kind="stable")
+    similarities[start:stop] = np.take_along_axis(top_sims, order, axis=1)
+    indices[start:stop] = np.take_along_axis(top, order, axis=1)
+  return similarities, indices
+
+
+def local_outlier_scores(embeddings: np.ndarray, k: int = DEFAULT_DENSITY_NEIGHBORS,
+                         block_elements: int = _BLOCK_ELEMENTS) -> dict[str, np.ndarray]:
+  """`k_distance`, `slof` and `lof` of every row (formulas in the module docstring), [N] each.
+
+  Rows are L2-normalised first; distances are cosine distances 1 - cos. k is capped at N - 1.
+  """
+  embeddings = np.asarray(embeddings, np.float64)
+  if embeddings.ndim != 2 or len(embeddings) < 2:
+    raise ValueError(f"local_outlier_scores needs [N >= 2, d] embeddings, got {embeddings.shape}.")
+  if k < 1:
+    raise ValueError(f"density_neighbors={k} must be >= 1 (Huang et al. use 16).")
+  unit = embeddings / np.linalg.norm(embeddings, axis=1, keepdims=True)
+  k = min(k, len(unit) - 1)
+  similarities, neighbors = nearest_neighbors(unit, unit, k, block_elements=block_elements)
+  # Rounding can put identical unit vectors a hair below distance 0.
+  distances = np.maximum(1.0 - similarities, 0.0)  # [N, k], nearest first.
+  k_distance = distances[:, -1]
+  reachability = np.maximum(k_distance[neighbors], distances)
+  lrd = 1.0 / (reachability.mean(axis=1) + _DENSITY_EPS)
+  simple_lrd = 1.0 / (k_distance + _DENSITY_EPS)
+  return {"k_distance": k_distance,
+          "slof": simple_lrd[neighbors].mean(axis=1) / simple_lrd,
+          "lof": lrd[neighbors].mean(axis=1) / lrd}
+
+
 def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarray, *,
                    pool_emb: np.ndarray | None = None, pool_ids: np.ndarray | None = None,
-                   neighbors: int = DEFAULT_NEIGHBORS) -> dict[str, np.ndarray]:
+                   neighbors: int = DEFAULT_NEIGHBORS,
+                   density_neighbors: int = DEFAULT_DENSITY_NEIGHBORS) -> dict[str, np.ndarray]:
   """Every score of the module docstring, one [N] array each (pool scores only with a pool).
 
   Args:
@@ -107,6 +197,7 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
     pool_emb, pool_ids: [M, d] unit rows and [M] source ids of a RoCLIP pool
       (id -1: a random initial row, ignored).
     neighbors: how many nearest captions `caption_atypicality` averages over.
+    density_neighbors: the k of `k_distance`, `slof` and `lof` (nearest images).
   """
   n = len(ids)
   if image_emb.shape != caption_emb.shape or image_emb.shape[0] != n:
@@ -121,12 +212,11 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
   from roclip_jax import safeclip  # Deferred: pulls in jax.
   out["mixture_risk"] = 1.0 - safeclip.fit_gmm(own).posterior_high(own)
 
-  k = min(neighbors, n - 1)
-  cross = image_emb @ caption_emb.T  # [N, N]: image i vs caption j.
-  np.fill_diagonal(cross, -np.inf)  # Not its own caption.
-  nearest = np.argpartition(-cross, k - 1, axis=1)[:, :k]  # [N, k] (order within the k does not matter).
+  # Captions nearest to each image, its own caption excluded.
+  _, nearest = nearest_neighbors(image_emb, caption_emb, min(neighbors, n - 1))
   agreement = np.einsum("nd,nkd->nk", caption_emb, caption_emb[nearest]).mean(axis=1)
   out["caption_atypicality"] = 1.0 - agreement
+  out.update(local_outlier_scores(image_emb, density_neighbors))
 
   if pool_emb is not None:
     if pool_ids is None or len(pool_ids) != len(pool_emb):
@@ -235,7 +325,8 @@ class SuspicionReport:
 
 
 def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_NEIGHBORS,
-                 step: int | None = None) -> SuspicionReport:
+                 step: int | None = None,
+                 density_neighbors: int = DEFAULT_DENSITY_NEIGHBORS) -> SuspicionReport:
   """Scores every training example of the run in `workdir` and writes the ranked CSV to `out`
   (default `workdir/suspicion.csv`) and the metrics next to it (`.json`)."""
   from roclip_jax import inspect as inspect_lib  # Deferred: loads jax.
@@ -249,13 +340,13 @@ def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_
     pool_emb = np.asarray(run.pool.embeddings, np.float32)
     pool_ids = np.asarray(run.pool.source_ids, np.int64)
   scores = score_examples(image_emb, caption_emb, data.ids, pool_emb=pool_emb, pool_ids=pool_ids,
-                          neighbors=neighbors)
+                          neighbors=neighbors, density_neighbors=density_neighbors)
   injected = _injected_poison_ids(workdir)
   is_poisoned = None if injected is None else np.isin(data.ids, sorted(injected))
   order, metrics = rank_and_evaluate(scores, is_poisoned)
 
   columns = [c for c in ("own_similarity", "mixture_risk", "pool_top1_similarity", "pool_margin",
-                         "caption_atypicality", "score")
+                         "caption_atypicality", "k_distance", "slof", "lof", "score")
              if c in scores]
   rows = []
   for rank, i in enumerate(order, start=1):
@@ -274,7 +365,8 @@ def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_
       is_poisoned.sum()), num_skipped=data.num_skipped, csv_path=csv_path)
   with open(os.path.splitext(csv_path)[0] + ".json", "w") as f:
     json.dump({"step": run.step, "num_examples": len(rows), "num_poisons": report.num_poisons,
-               "num_skipped": data.num_skipped, "neighbors": neighbors, "metrics": metrics}, f, indent=1)
+               "num_skipped": data.num_skipped, "neighbors": neighbors,
+               "density_neighbors": density_neighbors, "metrics": metrics}, f, indent=1)
   return report
 
 
@@ -298,6 +390,8 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run to inspect (its --workdir).")
   flags.DEFINE_string("out", None, "Ranked CSV to write (default: WORKDIR/suspicion.csv).")
   flags.DEFINE_integer("neighbors", DEFAULT_NEIGHBORS, "Nearest captions averaged by caption_atypicality.")
+  flags.DEFINE_integer("density_neighbors", DEFAULT_DENSITY_NEIGHBORS,
+                       "Nearest images (k) of the density scores k_distance, slof and lof.")
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
 
 
@@ -306,7 +400,8 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the --workdir of a finished or checkpointed training run.")
-  report = build_report(FLAGS.workdir, FLAGS.out, neighbors=FLAGS.neighbors, step=FLAGS.step)
+  report = build_report(FLAGS.workdir, FLAGS.out, neighbors=FLAGS.neighbors, step=FLAGS.step,
+                        density_neighbors=FLAGS.density_neighbors)
   logging.info("Wrote %s", report.csv_path)
   print(format_metrics(report))
   print(f"Ranked examples: {report.csv_path}")

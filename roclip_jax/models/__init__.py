@@ -8,12 +8,13 @@ from roclip_jax.models.clip import CLIP
 from roclip_jax.models.clip import build
 from roclip_jax.models.clip import count_params
 from roclip_jax.models.clip import flops_per_pair
+from roclip_jax.models.clip import mlp_width
 from roclip_jax.models.clip import validate_config
 from roclip_jax.models.presets import preset
 from roclip_jax.models.presets import preset_names
 from roclip_jax.models.presets import register
 
 __all__ = [
-    "CLIP", "build", "count_params", "flops_per_pair", "validate_config", "preset",
+    "CLIP", "build", "count_params", "flops_per_pair", "mlp_width", "validate_config", "preset",
     "preset_names", "register",
 ]

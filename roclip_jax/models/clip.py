@@ -9,7 +9,10 @@ Model config schema (every field is required by `build`):
   image.layers: int (vit) | 4 ints (resnet)
   image.heads: int                    ViT heads, or attention-pool heads (OpenAI: width*32//64)
   image.patch_size: int               ViT patch side; 0 for resnet
+  image.mlp_width: int (optional)     ViT MLP hidden width; 0 or absent = 4 * width (OpenAI).
+                                      ResNet towers have no transformer MLP: 0 or absent.
   text.vocab_size, text.context_length, text.width, text.layers, text.heads: int
+  text.mlp_width: int (optional)      text MLP hidden width; 0 or absent = 4 * width (OpenAI)
   act: 'quick_gelu' | 'gelu'          transformer MLP activation
   dtype: 'float32' | 'bfloat16'       compute dtype; parameters are always float32
   remat: bool                         recompute each transformer block in the backward pass
@@ -41,6 +44,15 @@ SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP (Zhai et al. 2023): t' = ln 1
 SIGLIP_INIT_LOGIT_BIAS = -10.0  # ... and b = -10, so training starts from "every pair is negative".
 
 
+def mlp_width(tower_cfg: ml_collections.ConfigDict) -> int:
+  """The MLP hidden width of a transformer tower (`model.image` of a ViT, or `model.text`).
+
+  0 or a missing field (configs saved before the field existed) mean OpenAI's 4 * width.
+  """
+  explicit = tower_cfg.get("mlp_width", 0)
+  return int(explicit) if explicit else 4 * int(tower_cfg.width)
+
+
 def _remat(model_cfg: ml_collections.ConfigDict) -> bool | str:
   """False, or the remat policy name for `layers.apply_blocks`."""
   return model_cfg.get("remat_policy", "full") if model_cfg.remat else False
@@ -61,8 +73,8 @@ class CLIP(nnx.Module):
     if image.type == "vit":
       self.vision_model = vit_lib.VisionTransformer(
           image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-          layers=image.layers, heads=image.heads, act=model_cfg.act, dtype=dtype,
-          remat=_remat(model_cfg), rngs=rngs)
+          layers=image.layers, heads=image.heads, mlp_width=mlp_width(image), act=model_cfg.act,
+          dtype=dtype, remat=_remat(model_cfg), rngs=rngs)
       self.visual_projection = nnx.Linear(
           image.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
           kernel_init=jax.nn.initializers.normal(image.width ** -0.5), rngs=rngs)
@@ -74,8 +86,8 @@ class CLIP(nnx.Module):
       self.visual_projection = None
     self.text_model = text_lib.TextTransformer(
         vocab_size=text.vocab_size, context_length=text.context_length, width=text.width,
-        layers=text.layers, heads=text.heads, act=model_cfg.act, dtype=dtype,
-        remat=_remat(model_cfg), rngs=rngs)
+        layers=text.layers, heads=text.heads, mlp_width=mlp_width(text), act=model_cfg.act,
+        dtype=dtype, remat=_remat(model_cfg), rngs=rngs)
     self.text_projection = nnx.Linear(
         text.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
         kernel_init=jax.nn.initializers.normal(text.width ** -0.5), rngs=rngs)
@@ -123,6 +135,13 @@ def _positive_int(cfg: Any, path: str) -> int:
   return int(value)
 
 
+def _optional_mlp_width(cfg: Any, tower: str) -> None:
+  value = cfg[tower].get("mlp_width", 0)
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
+    raise ValueError(f"model config `{tower}.mlp_width`={value!r} must be a non-negative int "
+                     "(0 = 4 * width, as in OpenAI's CLIP).")
+
+
 def _divisible(cfg: Any, width_path: str, heads_path: str) -> None:
   width, heads = _positive_int(cfg, width_path), _positive_int(cfg, heads_path)
   if width % heads:
@@ -148,6 +167,7 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
           f"`image.patch_size`={patch_size}; choose sizes where the patches tile the image.")
     _positive_int(model_cfg, "image.layers")
     _divisible(model_cfg, "image.width", "image.heads")
+    _optional_mlp_width(model_cfg, "image")
   else:
     if patch_size != 0:
       raise ValueError(
@@ -167,9 +187,14 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"model config `image.width`={width} must be even and 32*width divisible by "
           f"`image.heads`={heads} (OpenAI uses heads = width*32//64).")
+    if model_cfg.image.get("mlp_width", 0):
+      raise ValueError(
+          f"model config `image.mlp_width`={model_cfg.image.mlp_width!r} must be 0 (or absent) for "
+          "image.type='resnet', which has no transformer MLP; set text.mlp_width for the text tower.")
   for name in ("vocab_size", "context_length", "layers"):
     _positive_int(model_cfg, f"text.{name}")
   _divisible(model_cfg, "text.width", "text.heads")
+  _optional_mlp_width(model_cfg, "text")
   act = _field(model_cfg, "act")
   if act not in layers_lib.ACTIVATIONS:
     raise ValueError(
@@ -208,7 +233,8 @@ def flops_per_pair(model_cfg: ml_collections.ConfigDict) -> float:
   """Analytic forward FLOPs for one image-text pair, counting a multiply-add as 2 FLOPs.
 
   image tower (`vit_flops` / `resnet_flops`) + visual projection 2*width*embed (ViT)
-  + text tower (`text_flops`, full context) + text projection 2*text_width*embed.
+  + text tower (`text_flops`, full context) + text projection 2*text_width*embed, with each
+  tower's MLP width (`mlp_width`).
   Only matmuls and convolutions are counted, as in open_clip's model profile: ViT-B/32 at 224 with a
   77-token, 512-wide text tower gives 8.82e9 + 5.96e9 = 14.78e9. A training step costs about 3x.
   """
@@ -217,11 +243,12 @@ def flops_per_pair(model_cfg: ml_collections.ConfigDict) -> float:
   if image.type == "vit":
     image_flops = vit_lib.vit_flops(
         image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-        layers=image.layers) + 2 * image.width * model_cfg.embed_dim
+        layers=image.layers, mlp_width=mlp_width(image)) + 2 * image.width * model_cfg.embed_dim
   else:
     image_flops = resnet_lib.resnet_flops(
         image_size=image.image_size, layers=tuple(image.layers), width=image.width,
         output_dim=model_cfg.embed_dim)
   text_flops = text_lib.text_flops(
-      context_length=text.context_length, width=text.width, layers=text.layers)
+      context_length=text.context_length, width=text.width, layers=text.layers,
+      mlp_width=mlp_width(text))
   return float(image_flops + text_flops + 2 * text.width * model_cfg.embed_dim)

@@ -134,19 +134,25 @@ class MultiHeadAttention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  """Two-layer feed-forward block `fc2(act(fc1(x)))` with hidden size 4*width."""
+  """Two-layer feed-forward block `fc2(act(fc1(x)))` with hidden size `mlp_width`.
+
+  `mlp_width` None means OpenAI's 4 * width; other CLIP-family models differ (ViT-bigG-14:
+  8192 for width 1664; SigLIP So400m: 4304 for 1152).
+  """
 
   def __init__(
-      self, width: int, *, act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32,
-      fc1_std: float | None = None, fc2_std: float | None = None, rngs: nnx.Rngs):
+      self, width: int, *, mlp_width: int | None = None, act: str = "quick_gelu",
+      dtype: jnp.dtype = jnp.float32, fc1_std: float | None = None, fc2_std: float | None = None,
+      rngs: nnx.Rngs):
     self.act = act
     activation_by_name(act)  # fail at construction, not at the first call
+    hidden = 4 * width if mlp_width is None else mlp_width
     init = lambda std: torch_default_init() if std is None else jax.nn.initializers.normal(std)
     self.fc1 = nnx.Linear(
-        width, 4 * width, dtype=dtype, param_dtype=jnp.float32, kernel_init=init(fc1_std),
+        width, hidden, dtype=dtype, param_dtype=jnp.float32, kernel_init=init(fc1_std),
         bias_init=jax.nn.initializers.zeros, rngs=rngs)
     self.fc2 = nnx.Linear(
-        4 * width, width, dtype=dtype, param_dtype=jnp.float32, kernel_init=init(fc2_std),
+        hidden, width, dtype=dtype, param_dtype=jnp.float32, kernel_init=init(fc2_std),
         bias_init=jax.nn.initializers.zeros, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
@@ -157,8 +163,9 @@ class ResidualAttentionBlock(nnx.Module):
   """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
   def __init__(
-      self, width: int, heads: int, *, layers_in_stack: int, act: str = "quick_gelu",
-      causal: bool = False, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+      self, width: int, heads: int, *, layers_in_stack: int, mlp_width: int | None = None,
+      act: str = "quick_gelu", causal: bool = False, dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs):
     """Builds one block with OpenAI CLIP's `initialize_parameters` stds.
 
     Args:
@@ -166,6 +173,7 @@ class ResidualAttentionBlock(nnx.Module):
       heads: attention heads (must divide width).
       layers_in_stack: depth of the whole stack; scales the output-projection std
         (width**-0.5 * (2*layers)**-0.5) so the residual stream's variance stays bounded.
+      mlp_width: hidden width of the MLP (None: 4 * width).
       act: 'quick_gelu' or 'gelu'.
       causal: mask future positions (text tower).
       dtype: matmul compute dtype.
@@ -179,7 +187,8 @@ class ResidualAttentionBlock(nnx.Module):
     self.self_attn = MultiHeadAttention(
         width, heads, dtype=dtype, in_proj_std=attn_std, out_proj_std=proj_std, rngs=rngs)
     self.layer_norm2 = LayerNorm(width, rngs=rngs)
-    self.mlp = MLP(width, act=act, dtype=dtype, fc1_std=fc_std, fc2_std=proj_std, rngs=rngs)
+    self.mlp = MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, fc1_std=fc_std,
+                   fc2_std=proj_std, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x), causal=self.causal).astype(x.dtype)
@@ -193,11 +202,12 @@ def _apply_block(block: ResidualAttentionBlock, x: jax.Array) -> jax.Array:
 
 def make_blocks(
     width: int, layers: int, heads: int, *, act: str, causal: bool, dtype: jnp.dtype,
-    rngs: nnx.Rngs) -> nnx.List:
+    rngs: nnx.Rngs, mlp_width: int | None = None) -> nnx.List:
   """A stack of `layers` independent ResidualAttentionBlocks (no shared submodules)."""
   return nnx.List([
       ResidualAttentionBlock(
-          width, heads, layers_in_stack=layers, act=act, causal=causal, dtype=dtype, rngs=rngs)
+          width, heads, layers_in_stack=layers, mlp_width=mlp_width, act=act, causal=causal,
+          dtype=dtype, rngs=rngs)
       for _ in range(layers)
   ])
 

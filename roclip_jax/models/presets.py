@@ -40,11 +40,12 @@ def preset(name: str) -> ml_collections.ConfigDict:
   return _PRESETS[name]()
 
 
-def text_config(*, width: int, layers: int, heads: int,
-                context_length: int = 77) -> ml_collections.ConfigDict:
+def text_config(*, width: int, layers: int, heads: int, context_length: int = 77,
+                mlp_width: int = 0) -> ml_collections.ConfigDict:
+  """`mlp_width` 0: 4 * width, which follows `width` when a config changes it."""
   return ml_collections.ConfigDict(dict(
       vocab_size=VOCAB_SIZE, context_length=context_length, width=width, layers=layers,
-      heads=heads))
+      heads=heads, mlp_width=mlp_width))
 
 
 def clip_config(*, embed_dim: int, image: dict, text: ml_collections.ConfigDict,
@@ -56,9 +57,11 @@ def clip_config(*, embed_dim: int, image: dict, text: ml_collections.ConfigDict,
       remat_policy="full", logit_bias=logit_bias))
 
 
-def vit_image(*, image_size: int, patch_size: int, width: int, layers: int, heads: int) -> dict:
+def vit_image(*, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+              mlp_width: int = 0) -> dict:
+  """`mlp_width` 0: 4 * width, as in `text_config`."""
   return dict(type="vit", image_size=image_size, patch_size=patch_size, width=width,
-              layers=layers, heads=heads)
+              layers=layers, heads=heads, mlp_width=mlp_width)
 
 
 def resnet_image(*, image_size: int, layers: Sequence[int], width: int, heads: int) -> dict:

@@ -19,8 +19,8 @@ class TextTransformer(nnx.Module):
 
   def __init__(
       self, *, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
-      act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32, remat: bool = False,
-      rngs: nnx.Rngs):
+      mlp_width: int | None = None, act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32,
+      remat: bool = False, rngs: nnx.Rngs):
     self.vocab_size = vocab_size
     self.context_length = context_length
     self.dtype = jnp.dtype(dtype)
@@ -31,7 +31,8 @@ class TextTransformer(nnx.Module):
     self.position_embedding = nnx.Param(
         0.01 * jax.random.normal(rngs.params(), (context_length, width)))
     self.layers = layers_lib.make_blocks(
-        width, layers, heads, act=act, causal=True, dtype=self.dtype, rngs=rngs)
+        width, layers, heads, mlp_width=mlp_width, act=act, causal=True, dtype=self.dtype,
+        rngs=rngs)
     self.final_layer_norm = layers_lib.LayerNorm(width, rngs=rngs)
 
   def token_features(self, tokens: jax.Array) -> jax.Array:
@@ -59,11 +60,16 @@ class TextTransformer(nnx.Module):
     return jnp.take_along_axis(features, eot_position[:, None, None], axis=1)[:, 0]
 
 
-def text_flops(*, context_length: int, width: int, layers: int) -> float:
+def text_flops(*, context_length: int, width: int, layers: int,
+               mlp_width: int | None = None) -> float:
   """Forward FLOPs of one caption (projection excluded), 2 per multiply-add.
 
-  Per block 24*L*D^2 (q, k, v, out and the 4x MLP) + 4*L^2*D (QK^T and AV), over the full context
-  L (padding included: the tower runs on all positions). Embedding lookups cost no FLOPs; norms,
-  softmax and activations are ignored.
+  Per block 8*L*D^2 (q, k, v, out) + 4*L*D*M (the MLP of hidden width M; 24*L*D^2 in all with
+  M = 4D) + 4*L^2*D (QK^T and AV), over the full context L (padding included: the tower runs on
+  all positions). Embedding lookups cost no FLOPs; norms, softmax and activations are ignored.
+  `mlp_width` None means 4 * width.
   """
-  return float(layers * (24 * context_length * width ** 2 + 4 * context_length ** 2 * width))
+  length = context_length
+  mlp_width = 4 * width if mlp_width is None else mlp_width
+  return float(layers * (8 * length * width ** 2 + 4 * length * width * mlp_width
+                         + 4 * length ** 2 * width))

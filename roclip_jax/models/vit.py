@@ -18,8 +18,8 @@ class VisionTransformer(nnx.Module):
 
   def __init__(
       self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-      act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32, remat: bool = False,
-      rngs: nnx.Rngs):
+      mlp_width: int | None = None, act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32,
+      remat: bool = False, rngs: nnx.Rngs):
     if patch_size <= 0 or image_size % patch_size:
       raise ValueError(
           f"image_size={image_size} is not divisible by patch_size={patch_size}; "
@@ -40,7 +40,8 @@ class VisionTransformer(nnx.Module):
         scale * jax.random.normal(rngs.params(), (grid * grid + 1, width)))
     self.pre_layrnorm = layers_lib.LayerNorm(width, rngs=rngs)
     self.layers = layers_lib.make_blocks(
-        width, layers, heads, act=act, causal=False, dtype=self.dtype, rngs=rngs)
+        width, layers, heads, mlp_width=mlp_width, act=act, causal=False, dtype=self.dtype,
+        rngs=rngs)
     self.post_layernorm = layers_lib.LayerNorm(width, rngs=rngs)
 
   def __call__(self, images: jax.Array) -> jax.Array:
@@ -61,16 +62,19 @@ class VisionTransformer(nnx.Module):
     return self.post_layernorm(x[:, 0].astype(jnp.float32))
 
 
-def vit_flops(*, image_size: int, patch_size: int, width: int, layers: int) -> float:
+def vit_flops(*, image_size: int, patch_size: int, width: int, layers: int,
+              mlp_width: int | None = None) -> float:
   """Forward FLOPs of one image through the tower (projection excluded), 2 per multiply-add.
 
   Counts only matmuls/convolutions: patch conv N*(3*p*p)*D, then per block
-  24*T*D^2 (q,k,v,out: 4*T*D^2 MACs; MLP: 8*T*D^2 MACs) + 4*T^2*D (QK^T and AV), with
-  N = (image_size/p)^2 patches and T = N + 1 tokens. LayerNorm, softmax, GELU and adds are ignored
-  (they are < 1% at these sizes), matching open_clip's profile.
+  8*T*D^2 (q,k,v,out: 4*T*D^2 MACs) + 4*T*D*M (MLP of hidden width M: 2*T*D*M MACs; with
+  M = 4D that makes 24*T*D^2 in all) + 4*T^2*D (QK^T and AV), with N = (image_size/p)^2 patches
+  and T = N + 1 tokens. LayerNorm, softmax, GELU and adds are ignored (they are < 1% at these
+  sizes), matching open_clip's profile. `mlp_width` None means 4 * width.
   """
   patches = (image_size // patch_size) ** 2
   tokens = patches + 1
+  mlp_width = 4 * width if mlp_width is None else mlp_width
   patch_conv = 2 * patches * 3 * patch_size * patch_size * width
-  per_block = 24 * tokens * width ** 2 + 4 * tokens ** 2 * width
+  per_block = 8 * tokens * width ** 2 + 4 * tokens * width * mlp_width + 4 * tokens ** 2 * width
   return float(patch_conv + layers * per_block)
