@@ -1,22 +1,36 @@
 """The headline benchmark: CLIP vs RoCLIP, SafeCLIP and CleanCLIP on the same poisoned demo data.
 
   python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --workdir=DIR
+  python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --seeds=0,1,2 --workdir=DIR
+  # Calibration of the attacks on plain CLIP only (docs/roclip.md):
+  python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py:backdoor=12,targeted=2 \
+      --only=CLIP --workdir=DIR_CAL
 
-Every run trains the tiny ViT CLIP from the same seed on the same poisoned
-copy of the built-in demo set (a backdoor and a targeted-poisoning attack at
-once), and is evaluated on the clean held-out split.
+Every run trains the tiny ViT CLIP from the same seed on the same poisoned copy of the built-in
+demo set (24 "<colour> <shape>" classes), with a backdoor and a targeted-poisoning attack at once,
+and is evaluated on the clean held-out split. The paper's regime (docs/roclip.md): each attack at
+the lowest tested strength where plain CLIP's success is high (calibrated on CLIP only), a pool of
+2% of the data, and SimCLR-style augmentation made label-preserving for this data: crops keep at
+least half of the 32-px image (a crop of 8% is 9x9 px, smaller than most objects), no blur
+(SimCLR's CIFAR-10 recipe drops it), and no hue jitter or grayscale (the classes are colours; a
+grey "red circle" is no longer one). Every augmented row, the fair control included, uses the same
+augmentation.
 """
 from roclip_jax import config_lib
 from roclip_jax import models
 
 
 def get_config(arg=None):
-  variant = config_lib.parse_variant(arg, epochs=16, seed=0, poison_seed=0)
+  variant = config_lib.parse_variant(arg, epochs=16, seed=0, poison_seed=0, backdoor=18, targeted=12)
   c = config_lib.base_config()
   c.seed = variant.seed
   c.model = models.preset("tiny")
   c.num_epochs = variant.epochs
   c.data.source = "demo"
+  c.augment.crop_scale = (0.5, 1.0)
+  c.augment.blur_p = 0.0
+  c.augment.hue = 0.0
+  c.augment.grayscale_p = 0.0
   c.data.batch_size = 128
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
@@ -24,16 +38,16 @@ def get_config(arg=None):
   c.checkpoint.every_steps = 200
   c.progress_bar = True
 
-  # The attacks (ROCLIP.md §4), both on the same training set.
+  # The attacks (docs/roclip.md), both on the same training set. BadNets: a fixed 8x8 noise patch
+  # (one ViT patch) in the bottom-right corner on `backdoor` pairs whose captions mention the target.
+  # Calibrated on plain CLIP only: the lowest tested counts where CLIP's backdoor ASR is >= 80%
+  # (6 / 12 / 18 poisons: 1.9% / 41% / 100%) and its targeted success >= 75% (1 / 2 / 4 / 8 / 12 per
+  # target: 25% / 12.5% / 25% / 62.5% / 100%). 18 of 6,000 clean pairs = 0.3%, the paper's rate.
   c.poison.enabled = True
   c.poison.seed = variant.poison_seed
   c.poison.backdoor.enabled = True
   c.poison.backdoor.target_class = "blue star"
-  # BadNets: a fixed 8x8 noise patch in the bottom-right corner (one ViT patch)
-  # on 150 of the 6,000 training pairs (2.5%), captions mentioning the target.
-  # (A 6-px patch at a random position on 100 pairs did not take: ASR 2.3% on
-  # plain CLIP, so the demo uses the stronger attack.)
-  c.poison.backdoor.num_poisons = 150
+  c.poison.backdoor.num_poisons = variant.backdoor
   c.poison.backdoor.trigger = "patch"
   c.poison.backdoor.patch_size = 8
   c.poison.backdoor.pattern = "noise"
@@ -41,10 +55,10 @@ def get_config(arg=None):
   c.poison.backdoor.caption_source = "train"
   c.poison.targeted.enabled = True
   c.poison.targeted.num_targets = 8
-  c.poison.targeted.poisons_per_target = 20
+  c.poison.targeted.poisons_per_target = variant.targeted
 
   # RoCLIP (used by the rows that turn it on).
-  c.roclip.pool_size = 1024
+  c.roclip.pool_size = 128  # 2.1% of the ~6,000 training pairs (the paper: 21,845 of 1M); >= the batch.
   c.roclip.k = 2
   # SafeCLIP: the spec's 5 + 1 warm-up epochs of 32, scaled to 16 epochs; its learning rates
   # relative to the demo's lr as the spec's are to the paper's (in_lr = lr, filter_lr = lr / 100).
@@ -73,8 +87,6 @@ def get_config(arg=None):
       # Our variant beyond the paper (docs/roclip.md): later start, fresh pool, CSLS, masked duplicates.
       ("RoCLIP (robust)", {"defense": "roclip", "roclip.variant": "robust", "augment.image": True,
                            "augment.text": True}),
-      # The pool matching alone, to separate its effect from the augmentations'.
-      ("RoCLIP (paper) w/o aug", {"defense": "roclip", "roclip.variant": "paper"}),
       ("SafeCLIP", {"defense": "safeclip", "augment.image": True, "augment.text": True}),
       # Post-hoc: 10 epochs of CleanCLIP fine-tuning (CleanCLIP's README count) of the CLIP row,
       # at a tenth of the pre-training lr.

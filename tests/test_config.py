@@ -16,7 +16,7 @@ def load_config(name, arg=None):
   return module.get_config(arg)
 
 
-@pytest.mark.parametrize("name", ["demo", "vitb32", "rn50", "robustness_demo"])
+@pytest.mark.parametrize("name", ["demo", "vitb32", "rn50", "robustness_demo", "roclip_ablation"])
 def test_shipped_configs_are_valid(name):
   config = load_config(name)
   if config.data.source == "csv":
@@ -41,6 +41,22 @@ def test_every_benchmark_row_is_a_valid_config(tmp_path):
     if row.defense == "cleanclip":
       assert row.init_from == str(clip_run)
   assert set(defenses.values()) == {"none", "roclip", "safeclip", "cleanclip"}
+
+
+def test_poison_sweep_loads_beside_the_benchmark_and_tabulates_rates():
+  """The sweep shares the benchmark's flags (importing both once raised DuplicateFlagError)."""
+  from roclip_jax.experiments import poison_sweep, robustness
+  config = load_config("robustness_demo", "backdoor=6")
+  assert config.poison.backdoor.num_poisons == 6
+  clean = poison_sweep.num_clean_pairs(config)
+  assert clean == 24 * 250
+  results = {6: {"CLIP": {"backdoor_asr/asr": 0.25, "zeroshot/top1": 0.5}},
+             36: {"CLIP": {"backdoor_asr/asr": 1.0, "zeroshot/top1": 0.4}, "CLIP+aug": {}}}
+  table = poison_sweep.format_sweep(results, clean).splitlines()
+  assert table[0] == "| run | ASR @ 6 (0.10%) | ASR @ 36 (0.60%) |"
+  assert table[2] == "| CLIP | 25.0% (zs 50.0%) | 100.0% (zs 40.0%) |"
+  assert table[3] == "| CLIP+aug | n/a | n/a |"
+  assert robustness.FLAGS["num_poisons"].default == ["6", "12", "18", "36"]
 
 
 @pytest.mark.parametrize("field,value,message", [

@@ -1,6 +1,6 @@
 """ASR against poison rate: the benchmark's rows retrained at several backdoor poison counts.
 
-  python -m roclip_jax.experiments.poison_sweep --config=configs/paper_regime.py --workdir=DIR \
+  python -m roclip_jax.experiments.poison_sweep --config=configs/robustness_demo.py --workdir=DIR \
       --num_poisons=6,12,18,36,72 --only='CLIP,CLIP+aug,RoCLIP (paper),RoCLIP (robust)'
 
 For each count n, every selected row of `config.experiment.runs` is trained with
@@ -16,17 +16,13 @@ import os
 from absl import app
 from absl import flags
 import ml_collections
-from ml_collections import config_flags
 
 from roclip_jax import config_lib
 from roclip_jax.experiments import robustness
 
 FLAGS = flags.FLAGS
-config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/paper_regime.py).", lock_config=False)
-flags.DEFINE_string("workdir", None, "Directory for every run and the sweep's results.")
+# --config, --workdir and --only are the benchmark's own flags (defined by `robustness`).
 flags.DEFINE_list("num_poisons", ["6", "12", "18", "36"], "Backdoor poison counts to train at.")
-flags.DEFINE_list("only", [], "Rows to run (names from config.experiment.runs); all if empty.")
-flags.mark_flags_as_required(["config", "workdir"])
 
 
 def num_clean_pairs(config: ml_collections.ConfigDict) -> int:
@@ -36,7 +32,7 @@ def num_clean_pairs(config: ml_collections.ConfigDict) -> int:
 
 def run_sweep(config: ml_collections.ConfigDict, workdir: str, counts, only=()) -> dict[int, dict[str, dict]]:
   results = {}
-  for n in counts:
+  for n in sorted(int(c) for c in counts):
     sweep_config = config_lib.override(config, {"poison.backdoor.num_poisons": int(n)})
     results[int(n)] = robustness.run_all(sweep_config, os.path.join(workdir, f"backdoor_{n}"), only)
   return results
@@ -83,6 +79,8 @@ def plot_sweep(results: dict[int, dict[str, dict]], clean_pairs: int, path: str)
 
 def main(argv) -> None:
   del argv
+  if FLAGS.seeds:
+    raise app.UsageError("The sweep runs one seed: set it with --config=FILE:seed=S,poison_seed=S, not --seeds.")
   config, workdir = FLAGS.config, robustness.start(FLAGS.workdir)
   results = run_sweep(config, workdir, FLAGS.num_poisons, FLAGS.only)
   clean = num_clean_pairs(config)
