@@ -3,9 +3,9 @@
   python -m roclip_jax.main --config=configs/rn50.py:defense=roclip \
       --config.data.csv_path=/data/cc3m/train.csv --workdir=gs://bucket/rn50_roclip
 
-Hyper-parameters follow the released RoCLIP code (ROCLIP.md §3) except the
-learning rate: 5e-4 (CyCLIP/CleanCLIP and the dev parser default) instead of
-the release's 5e-5, which under-trains at this batch size.
+Hyper-parameters follow the released RoCLIP code (docs/methods.md, section 2)
+except the learning rate: 5e-4 (CyCLIP/CleanCLIP and the dev parser default)
+instead of the release's 5e-5, which under-trains at this batch size.
 """
 from roclip_jax import config_lib
 from roclip_jax import models

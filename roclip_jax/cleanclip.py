@@ -1,4 +1,4 @@
-"""CleanCLIP (Bansal, Singhi et al., ICCV 2023; ROCLIP.md §6.2): fine-tune away a backdoor.
+"""CleanCLIP (Bansal, Singhi et al., ICCV 2023; docs/methods.md, section 6): fine-tune away a backdoor.
 
 A post-hoc defense: start from a trained, possibly poisoned model
 (`config.init_from`: a run's workdir or imported weights) and fine-tune it on

@@ -122,7 +122,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   c.defense = "none"
   c.roclip = ml_collections.ConfigDict()
-  c.roclip.pool_size = 21845  # The original code's default (ROCLIP.md §1.2).
+  c.roclip.pool_size = 21845  # The original code's default (docs/methods.md, section 4).
   c.roclip.k = 2  # A matching epoch every k epochs (the paper: epochs k, 2k, ...).
   c.roclip.shard_pool = False
   c.roclip.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
@@ -137,7 +137,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.roclip.mask_duplicates = ml_collections.config_dict.placeholder(bool)
   c.roclip.exclude_own = ml_collections.config_dict.placeholder(bool)  # Never match a row of the image's own example.
 
-  # SafeCLIP (ROCLIP.md §6.1; roclip_jax/safeclip.py). Epoch counts are the spec's defaults.
+  # SafeCLIP (docs/methods.md, section 5; roclip_jax/safeclip.py). Defaults: SafeCLIP's published ones.
   c.safeclip = ml_collections.ConfigDict()
   c.safeclip.inmodal_warmup = 5  # Epochs of unimodal nearest-neighbour contrastive learning.
   c.safeclip.multimodal_warmup = 1  # Then epochs of cross-augmented CLIP loss at `filter_lr`.
@@ -149,7 +149,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.safeclip.max_ratio = 0.85  # ... up to this.
   c.safeclip.num_examples = 0  # Set by the trainer: the size of the per-example safe mask.
 
-  # CleanCLIP fine-tuning (ROCLIP.md §6.2; roclip_jax/cleanclip.py), from config.init_from.
+  # CleanCLIP fine-tuning (docs/methods.md, section 6; roclip_jax/cleanclip.py), from config.init_from.
   c.cleanclip = ml_collections.ConfigDict()
   c.cleanclip.clip_weight = 1.0  # lambda_1, on the cross-modal (CLIP or SigLIP) loss.
   c.cleanclip.inmodal_weight = 1.0  # lambda_2, on the in-modal InfoNCE of (x, aug(x)).
@@ -313,7 +313,7 @@ def _validate_loss_and_lock(config: ml_collections.ConfigDict) -> None:
   if lock not in LOCKS:
     _fail("optim.lock", f"{lock!r} is not a tower.", "use '' (train both towers), 'image' or 'text'.")
   if lock == "image" and config.defense == "roclip":
-    # A matching step trains only the image tower (ROCLIP.md §1.4): locked, every
+    # A matching step trains only the image tower (docs/roclip.md, section 1): locked, every
     # matching epoch would train nothing but the logit scale.
     _fail("optim.lock", "is 'image' with defense='roclip', whose matching steps train only the image tower.",
           "lock the text tower instead (optim.lock='text'), or use defense='none' for a locked-image (LiT) model.")

@@ -5,7 +5,8 @@ hosts). Under `jax.jit` with batch-sharded inputs, GSPMD inserts the
 all-gather of the embeddings and its exact transpose in the backward pass, so
 each example's negatives are the whole global batch and gradients flow through
 the gather. (The original PyTorch code gathers without gradient and relies on
-DDP averaging; the two agree up to a constant factor, ROCLIP.md §1.1.)
+DDP averaging; the two agree up to a constant factor: docs/methods.md,
+section 1.)
 
 The SigLIP loss is the exception: it is chunked over the devices by hand
 (`jax.shard_map` + a ring of `ppermute`s), so that no device holds more than a

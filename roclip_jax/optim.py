@@ -11,8 +11,8 @@ import optax
 def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: int) -> optax.Schedule:
   """Linear warm-up from 0 to `lr` over `warmup_steps`, then cosine to 0 at `total_steps`.
 
-  The original code's schedule is shifted by one epoch (ROCLIP.md §3 quirks);
-  this one starts at step 0, on purpose.
+  The original code's schedule is shifted by one epoch (docs/methods.md,
+  section 2); this one starts at step 0, on purpose.
   """
   warmup = min(int(optim_cfg.warmup_steps), max(total_steps - 1, 0))
   if optim_cfg.schedule == "constant":

@@ -1,18 +1,20 @@
 """The RoCLIP defense: a pool of recent caption embeddings and top-1 matching.
 
-Everything RoCLIP adds to CLIP training lives in this file (ROCLIP.md §1):
+Everything RoCLIP adds to CLIP training lives in this file (the method:
+docs/roclip.md, section 1; the pool's mechanics: docs/methods.md, section 4):
 
 * `Pool`: a FIFO ring buffer of M x d L2-normalised, stop-gradient text
   embeddings, held on device inside the train state, so it is sharded, donated
   and checkpointed with the model (the original code loses it on resume).
-  It starts as random unit vectors, as lightly's memory bank does.
+  It starts as random unit vectors (the authors' code keeps lightly's raw
+  random rows, of norm ~sqrt(d): docs/methods.md, section 4).
 * `nearest_captions`: each image embedding finds its cosine top-1 row of the
   pool. With a sharded pool every device searches its own rows, then a
   cross-device reduction picks the global winner; the pool is never gathered.
 * `enqueue`: writes the current batch's caption embeddings after the query, so
   an image never matches its own caption.
 * `matching_loss`: the InfoNCE loss with the matched caption in place of the
-  image's own caption, in both directions (§1.4).
+  image's own caption, in both directions.
 * `is_matching_epoch`: epoch e (from 1) is a matching epoch iff e % K == 0.
 
 Sharded layout: with `shard_pool`, row block s of the pool lives on batch shard
@@ -126,8 +128,9 @@ def is_matching_epoch(epoch: int, k: int, first_epoch: int | None = None) -> boo
 
 
 def init_pool(key: jax.Array, size: int, dim: int) -> Pool:
-  """Random unit vectors (lightly's initialisation): the first ~M/B matching
-  steps match partly against noise, as in the original."""
+  """Random unit vectors: the first ~M/B matching steps match partly against
+  noise, as in the original (whose lightly bank keeps the rows unnormalised,
+  norm ~sqrt(d), a quirk not reproduced: docs/methods.md, section 4)."""
   emb = losses.l2_normalize(jax.random.normal(key, (size, dim), jnp.float32))
   return Pool(
       embeddings=emb,
@@ -144,7 +147,7 @@ def pool_shardings(mesh: Mesh, shard_pool: bool) -> Pool:
 
 
 def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array, mask_duplicates: bool = False):
-  """L_RoCLIP (§1.4): InfoNCE of images against their matched captions.
+  """L_RoCLIP (docs/roclip.md, section 1): InfoNCE of images against their matched captions.
 
   The own caption does not appear; the matched rows are constants, so only the
   image tower and the logit scale get gradients.
@@ -273,8 +276,9 @@ def enqueue(pool: Pool, ztxt: jax.Array, ids: jax.Array, poisoned: jax.Array, me
 
   `fifo='ring'` wraps around; `fifo='lightly'` reproduces the original memory
   bank, which writes only the rows that fit before the end, drops the rest of
-  the batch and resets the pointer to 0 (ROCLIP.md §1.2). `labels` (the
-  examples' class labels, -1 where unknown) are recorded for the diagnostics.
+  the batch and resets the pointer to 0 (docs/methods.md, section 4). `labels`
+  (the examples' class labels, -1 where unknown) are recorded for the
+  diagnostics.
   """
   if fifo not in FIFO_MODES:
     raise ValueError(f"roclip.fifo={fifo!r}; expected one of {FIFO_MODES}.")

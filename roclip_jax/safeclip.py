@@ -1,4 +1,6 @@
-"""SafeCLIP ("Better Safe than Sorry", Yang, Gao, Mirzasoleiman, ICML 2024; ROCLIP.md §6.1), in one file.
+"""SafeCLIP ("Better Safe than Sorry", Yang, Gao, Mirzasoleiman, ICML 2024), in one file.
+
+The method as implemented and its deviations from SafeCLIP's code: docs/methods.md, section 5.
 
 A run goes through three phases, by epoch (1-based):
 

@@ -1,10 +1,10 @@
 """Train state and the jitted train step, shared by every defense.
 
 One step function, parametrised by `StepMode`: a plain CLIP step, a RoCLIP
-matching step (ROCLIP.md §1.4) optionally writing the pool, a SafeCLIP phase
-(`safeclip.py`) or a CleanCLIP fine-tuning step (`cleanclip.py`). The trainer
-compiles one step per mode it needs and picks one on the host per epoch.
-Nothing here reads a value back to the host.
+matching step (docs/roclip.md, section 1) optionally writing the pool, a
+SafeCLIP phase (`safeclip.py`) or a CleanCLIP fine-tuning step
+(`cleanclip.py`). The trainer compiles one step per mode it needs and picks one
+on the host per epoch. Nothing here reads a value back to the host.
 
 Scale: parameters and Adam moments are placed by `sharding.py`'s rules (FSDP
 over the `fsdp` mesh axis) and GSPMD inserts the gathers; `grad_accum_steps`
@@ -208,7 +208,10 @@ def pair_loss(config: ml_collections.ConfigDict, mesh: Mesh):
 
 
 def _matching_loss(config, mesh, zimg, match: roclip.Match, scalars):
-  """RoCLIP's matching loss (§1.4) with the configured pair loss: matched captions replace the positives."""
+  """RoCLIP's matching loss with the configured pair loss: matched captions replace the positives.
+
+  The method: docs/roclip.md, section 1.
+  """
   if config.get("loss", "clip") == "clip":
     return roclip.matching_loss(zimg, match, scalars["logit_scale"], roclip_settings(config).mask_duplicates)
   return pair_loss(config, mesh)(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
@@ -242,7 +245,7 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
   if mode.match:
     # Matching step: captions only feed the pool, so the text tower runs
     # forward only; its gradient is exactly zero (AdamW still applies momentum
-    # and weight decay to it, as the original does, ROCLIP.md §1.4).
+    # and weight decay to it, as the original does: docs/methods.md, section 4).
     text_model = spec.merge(state.params, state.model_state)
     ztxt = jax.lax.stop_gradient(losses.l2_normalize(text_model.encode_text(tokens)))
 

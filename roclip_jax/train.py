@@ -45,7 +45,7 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
   source = sources.make_source(config.data, split="train")
   poison_info, image_transform = None, None
   if config.poison.enabled:
-    # Targets come from the held-out labelled split, as in the paper (§4.1).
+    # Targets come from the held-out labelled split (docs/attacks_and_metrics.md, section 2).
     held_out = pipeline.labelled_split(config, split="test")
     records = [held_out.source[i] for i in range(len(held_out.source))]
     targets = poison_lib.TargetPool.from_records(records, held_out.class_names)
@@ -118,7 +118,7 @@ def dry_run(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
 
 
 class SafeSplitter:
-  """SafeCLIP's per-epoch split (ROCLIP.md §6.1): every training example's own-caption cosine,
+  """SafeCLIP's per-epoch split (docs/methods.md, section 5): every training example's own-caption cosine,
   a Gaussian mixture, the new safe mask into the state. One explicit host round trip per epoch."""
 
   def __init__(self, config, spec, mesh, train_data, state_shardings: steps_lib.TrainState):

@@ -57,7 +57,7 @@ def _setup(config):
 
 
 def _np_matching_loss(zimg, pool, scale):
-  """ROCLIP.md §1.4 in NumPy: brute-force NN caption replaces the positive in both directions."""
+  """docs/roclip.md, section 1, in NumPy: brute-force NN caption replaces the positive in both directions."""
   zimg = zimg.astype(np.float64)
   nn = pool[np.argmax(zimg @ pool.T, axis=1)].astype(np.float64)
   logits = scale * zimg @ nn.T

@@ -1,4 +1,4 @@
-"""RoCLIP's SimCLR-style image augmentation (ROCLIP.md §2.1), on the host and on device.
+"""RoCLIP's SimCLR-style image augmentation (docs/methods.md, section 3.1), on host and device.
 
 The original (`utils/augment_image.py`, torchvision on PIL images) applies, in this order:
 

@@ -1,4 +1,4 @@
-"""EDA caption augmentation (Wei & Zou 2019) as RoCLIP uses it (ROCLIP.md §2.2).
+"""EDA caption augmentation (Wei & Zou 2019) as RoCLIP uses it (docs/methods.md, section 3.2).
 
 `eda(caption, rng, cfg)` cleans the caption (lowercase, letters and spaces only), then applies ONE
 of four operations, picked uniformly:

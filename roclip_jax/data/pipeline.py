@@ -191,8 +191,8 @@ class _ExampleLoader:
   def _eda_caption(self, caption: str, tag: int, example_id: int,
                    position: int) -> str:
     from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
-    # One fixed EDA version per caption for the whole run (ROCLIP.md
-    # §2.2), unless resampling per epoch was asked for.
+    # One fixed EDA version per caption for the whole run (docs/methods.md,
+    # section 3.2), unless resampling per epoch was asked for.
     entropy = [self._seed, tag, example_id]
     if self._resample_text:
       entropy.append(position // self._epoch_length)

@@ -1,4 +1,4 @@
-"""Reproducible poisoning and backdoor attacks on the training data (ROCLIP.md §4).
+"""Reproducible poisoning and backdoor attacks on the training data (docs/attacks_and_metrics.md).
 
 Two attacks, both a pure function of (clean data, config, seed), so that a run can be repeated and
 every poisoned example is known by id:
@@ -533,7 +533,10 @@ def _matching(captions: Sequence[str], name: str) -> np.ndarray:
 
 def _targeted(table: _CleanTable, pool: TargetPool, cfg: ml_collections.ConfigDict, seed: int,
               first_new_id: int) -> tuple[list[PoisonTarget], list[dict[str, Any]]]:
-  """Targets, adversarial classes and the appended poison records (ROCLIP.md §4.1)."""
+  """Targets, adversarial classes and the appended poison records.
+
+  The attack: docs/attacks_and_metrics.md, section 2.
+  """
   tc = cfg.targeted
   rng = np.random.default_rng([seed, _STREAM_TARGETED])
   labelled = np.flatnonzero(pool.labels >= 0)
@@ -584,7 +587,10 @@ def _targeted(table: _CleanTable, pool: TargetPool, cfg: ml_collections.ConfigDi
 
 def _backdoor(table: _CleanTable, class_names: Sequence[str] | None,
               cfg: ml_collections.ConfigDict, seed: int) -> dict[int, str | None]:
-  """Base index -> new caption (None: kept) of the backdoored examples (ROCLIP.md §4.2)."""
+  """Base index -> new caption (None: kept) of the backdoored examples.
+
+  The attack: docs/attacks_and_metrics.md, section 3.
+  """
   bd = cfg.backdoor
   rng = np.random.default_rng([seed, _STREAM_BACKDOOR])
   num = round(bd.rate * len(table.ids)) if bd.rate > 0 else bd.num_poisons

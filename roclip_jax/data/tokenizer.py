@@ -13,7 +13,7 @@ Sequence layout follows open_clip: `[SOT] + tokens + [EOT]`, zero-padded to
 `context_length`. Over-long texts are truncated so that EOT is always the last
 token, which matters because the text tower pools at the argmax token id (EOT
 is the largest id). This differs from CyCLIP / the RoCLIP code, whose
-truncation can cut EOT off (ROCLIP.md §2.2).
+truncation can cut EOT off (docs/methods.md, section 3.3).
 """
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
 """Attack success: targeted-poisoning success rate and backdoor attack success rate (ASR).
 
-Both classify with the zero-shot prompt ensemble over the eval set's class names (ROCLIP.md §4,
-RoCLIP's `verify_with_template_full.py`: 80 templates, top-1 success, top-k also recorded).
+Both classify with the zero-shot prompt ensemble over the eval set's class names
+(docs/attacks_and_metrics.md, sections 7-8; RoCLIP's `verify_with_template_full.py`: 80
+templates, top-1 success, top-k also recorded).
 """
 from __future__ import annotations
 

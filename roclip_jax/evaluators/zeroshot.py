@@ -1,7 +1,8 @@
-"""Zero-shot classification with a prompt ensemble (ROCLIP.md §5.2; CLIP's protocol).
+"""Zero-shot classification with a prompt ensemble (CLIP's protocol).
 
 Class embedding = normalise(mean over templates of normalise(encode_texts(template.format(c)))).
 Logits = cosine between the normalised image embedding and each class embedding (no scale).
+The protocol as implemented: docs/attacks_and_metrics.md, section 4.
 """
 from __future__ import annotations
 
