@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 WORKDIR ?= workdirs/robustness_demo
 TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
+# Test worker processes (pytest-xdist); 0 runs the suite in this process.
+TEST_WORKERS ?= 2
 
 .PHONY: install demo train-demo test bench clean
 
@@ -31,7 +33,7 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 	touch $@
 
 test: install $(VENV)/.installed-test
-	$(TEST_ENV) $(PY) -m pytest -q
+	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean:
 	rm -rf workdirs .pytest_cache .cache

@@ -60,8 +60,8 @@ def get_config(arg=None):
   # RoCLIP (used by the rows that turn it on).
   c.roclip.pool_size = 128  # 2.1% of the ~6,000 training pairs (the paper: 21,845 of 1M); >= the batch.
   c.roclip.k = 2
-  # SafeCLIP: the spec's 5 + 1 warm-up epochs of 32, scaled to 16 epochs; its learning rates
-  # relative to the demo's lr as the spec's are to the paper's (in_lr = lr, filter_lr = lr / 100).
+  # SafeCLIP: its published 5 + 1 warm-up epochs of 32, scaled to 16 epochs; its learning rates
+  # relative to the demo's lr as the published ones are to the paper's (in_lr = lr, filter_lr = lr / 100).
   c.safeclip.inmodal_warmup = 2
   c.safeclip.multimodal_warmup = 1
   c.safeclip.in_lr = c.optim.lr

@@ -126,11 +126,12 @@ def base_config() -> ml_collections.ConfigDict:
   c.roclip.k = 2  # A matching epoch every k epochs (the paper: epochs k, 2k, ...).
   c.roclip.shard_pool = False
   c.roclip.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
-  # 'paper': the published method, exactly. 'robust': our variant that does not collapse on small
-  # data (docs/roclip.md): matching starts after the lr warm-up on a pool written every step,
-  # hubness-aware (CSLS) matching, and images matched to the same caption are not each other's
-  # negatives. The knobs below, left unset (None), take the variant's value; set one to ablate it.
-  c.roclip.variant = "paper"
+  # 'robust' (the default): our variant that does not collapse on small data (docs/roclip.md,
+  # sections 4 and 6): matching starts after the lr warm-up on a pool written every step,
+  # hubness-aware (CSLS) matching, images matched to the same caption are not each other's
+  # negatives, and never a row of the image's own example. 'paper': the published method, exactly.
+  # The knobs below, left unset (None), take the variant's value; set one to ablate it.
+  c.roclip.variant = "robust"
   c.roclip.first_epoch = ml_collections.config_dict.placeholder(int)  # First matching epoch.
   c.roclip.update_pool_every_step = ml_collections.config_dict.placeholder(bool)  # Also write the pool in CLIP epochs.
   c.roclip.csls_k = ml_collections.config_dict.placeholder(int)  # 0: cosine top-1; > 0: CSLS over k neighbours.
@@ -342,7 +343,7 @@ def _validate_two_view_defenses(config: ml_collections.ConfigDict) -> None:
             "use a bank at least as large as the batch.")
     if not 0 < s.threshold < 1 or not 0 < s.max_ratio <= 1 or s.ratio_step < 0:
       _fail("safeclip.threshold", "must lie in (0, 1), max_ratio in (0, 1] and ratio_step >= 0.",
-            "use the spec's 0.9, 0.85 and 0.01.")
+            "use SafeCLIP's published 0.9, 0.85 and 0.01.")
     if min(s.in_lr, s.filter_lr) <= 0:
       _fail("safeclip.in_lr", "and safeclip.filter_lr must be positive.", "use e.g. 5e-4 and 5e-6.")
   else:

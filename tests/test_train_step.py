@@ -25,6 +25,7 @@ def _config(shard_pool=False, defense="roclip"):
   c.defense = defense
   c.data.batch_size = B
   c.roclip.pool_size = 64
+  c.roclip.variant = "paper"  # The NumPy reference below is the paper's cosine top-1 matching.
   c.roclip.shard_pool = shard_pool
   c.optim.warmup_steps = 0
   return c

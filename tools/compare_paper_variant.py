@@ -2,8 +2,10 @@
 
   python tools/compare_paper_variant.py --revision=c29582e [--steps=100]
 
-Trains `make demo`'s "RoCLIP (paper)" row (configs/robustness_demo.py, defense=roclip, image
-augmentation; text augmentation off so that the revisions' WordNet sources cannot differ) for
+Trains the "RoCLIP (paper)" row of configs/robustness_demo.py (defense=roclip, variant='paper',
+image augmentation; text augmentation off so that the revisions' WordNet sources cannot differ),
+with the attacks, pool and augmentation pinned to the values `make demo` had at c29582e (so that
+both revisions train the same experiment however the benchmark's config has changed since), for
 `--steps` steps — matching epoch 2 starts at step 49 — once with the working tree and once with
 `git worktree` at `--revision`, each in its own process, and compares every array of the final
 params, optimizer state and pool. Prints how many are bitwise equal; exits 1 on any difference.
@@ -32,8 +34,15 @@ module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
 config = module.get_config()
 del config.experiment
-config = config_lib.override(config, {"defense": "roclip", "augment.image": True, "max_steps": steps,
-                                      "progress_bar": False, "data.demo.root": out + ".data"})
+config = config_lib.override(config, {
+    "defense": "roclip", "augment.image": True, "max_steps": steps, "progress_bar": False,
+    "data.demo.root": out + ".data",
+    # make demo's experiment at c29582e, whatever the revision's benchmark config says now.
+    "poison.backdoor.num_poisons": 150, "poison.targeted.poisons_per_target": 20,
+    "roclip.pool_size": 1024, "augment.crop_scale": (0.08, 1.0), "augment.blur_p": 1.0,
+    "augment.hue": 0.1, "augment.grayscale_p": 0.2})
+if "variant" in config.roclip:  # Revisions before the robust variant have no such field.
+  config.roclip.variant = "paper"
 config.evals = ml_collections.ConfigDict()
 train.train_and_evaluate(config, out + ".run")
 state = inspect_lib.load(out + ".run").state
