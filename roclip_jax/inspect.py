@@ -3,7 +3,7 @@
   run = roclip_jax.inspect.load("workdirs/demo")        # latest checkpoint
   emb = run.encode_images(images_uint8)                  # [N, d], unit rows
   probs = run.zero_shot(images_uint8, ["red circle", "blue star"])
-  run.config, run.step, run.params, run.pool             # the pool is in the checkpoint too
+  run.config, run.step, run.params, run.pool             # the defense's state is in the checkpoint too
 
 Images are uint8 [N, S, S, 3] at the model's resolution (see
 `roclip_jax.data.image_ops.resize_center_crop` for the eval preprocessing).
@@ -12,18 +12,15 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
-import json
-import os
 from typing import Any
 
 import jax
 import ml_collections
 import numpy as np
 
-from roclip_jax import checkpoint as checkpoint_lib
 from roclip_jax import encoder as encoder_lib
-from roclip_jax import optim
-from roclip_jax import sharding as sharding_lib
+from roclip_jax import metrics as metrics_lib
+from roclip_jax import runs
 from roclip_jax import steps as steps_lib
 
 
@@ -40,8 +37,14 @@ class Run:
     return self.state.params
 
   @property
+  def defense_state(self):
+    """The defense's device state (`TrainState.defense`): RoCLIP's pool, SafeCLIP's banks and mask, or None."""
+    return self.state.defense
+
+  @property
   def pool(self):
-    return self.state.pool
+    """RoCLIP's caption pool (a `defenses.roclip.Pool`), or None for runs of other defenses."""
+    return self.state.defense if self.config.defense == "roclip" else None
 
   def encode_images(self, images: np.ndarray) -> np.ndarray:
     return self.encoder.encode_images(images)
@@ -61,7 +64,6 @@ class Run:
     return probs / probs.sum(axis=1, keepdims=True)
 
   def metrics(self) -> list[dict[str, Any]]:
-    from roclip_jax import metrics as metrics_lib
     return metrics_lib.read_metrics(self.workdir)
 
 
@@ -71,23 +73,7 @@ def _normalize(x: np.ndarray) -> np.ndarray:
 
 def load(workdir: str, step: int | None = None) -> Run:
   """Restores the run in `workdir` at `step` (default: the latest checkpoint)."""
-  config_path = os.path.join(workdir, "config.json")
-  if not os.path.exists(config_path):
-    raise FileNotFoundError(f"{config_path} not found: is {workdir!r} the --workdir of a training run?")
-  with open(config_path) as f:
-    config = ml_collections.ConfigDict(json.load(f))
-  mesh = sharding_lib.make_mesh([("data", -1)])
-  tx, _ = optim.make_optimizer(config.optim, total_steps=1)  # The schedule does not shape the state.
-  abstract, shardings = steps_lib.abstract_train_state(config, mesh, tx)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, max_to_keep=1000,
-                                     async_save=False)
-  try:
-    step = ckpt.latest_step() if step is None else step
-    if step is None:
-      raise FileNotFoundError(f"No checkpoint under {ckpt.directory}.")
-    state = ckpt.restore_state(step, checkpoint_lib.abstract_with_shardings(abstract, shardings))
-  finally:
-    ckpt.close()
+  config, state = runs.restore(workdir, step)
   spec = steps_lib.ModelSpec.create(config.model)
   encoder = encoder_lib.Encoder(spec, state.params, state.model_state, context_length=config.model.text.context_length)
   return Run(config=config, step=int(jax.device_get(state.step)), state=state, encoder=encoder, workdir=workdir)

@@ -66,7 +66,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
-  dry_run_devices = FLAGS.config.get("dry_run_devices", 0) if FLAGS.config.get("dry_run", False) else 0
+  dry_run_devices = FLAGS.config.dry_run_devices if FLAGS.config.dry_run else 0
   if dry_run_devices:
     _use_fake_cpu_devices(dry_run_devices)  # One process, many fake devices: no distributed init.
   else:

@@ -68,7 +68,7 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
       )
   )
   tx = optax.chain(*parts)
-  lock = optim_cfg.get("lock", "")
+  lock = optim_cfg["lock"]
   if lock:
     tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
                                lambda params: lock_labels(params, lock))

@@ -2,8 +2,9 @@
 
 Reads top to bottom: setup -> mesh -> data (and poisoning) -> model, optimizer
 and state -> steps -> restore -> evaluators -> loop -> final evaluation.
-The defense only changes which compiled step runs in which epoch (and, for
-SafeCLIP, adds a safe/risky split of the data at the start of some epochs).
+The defense (`config.defense`, a `defenses.Defense`) decides which compiled
+step runs in which epoch, which records are trained on, and host-side work at
+epoch boundaries; this file names none of them (docs/architecture.md).
 """
 from __future__ import annotations
 
@@ -19,14 +20,13 @@ import ml_collections
 import numpy as np
 
 from roclip_jax import checkpoint as checkpoint_lib
-from roclip_jax import cleanclip
 from roclip_jax import config_lib
+from roclip_jax import defenses
 from roclip_jax import encoder as encoder_lib
 from roclip_jax import evaluators as evaluators_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import optim
-from roclip_jax import roclip
-from roclip_jax import safeclip
+from roclip_jax import runs
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
 from roclip_jax import weights as weights_lib
@@ -38,10 +38,11 @@ from roclip_jax.data import sources
 def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = None):
   """The (possibly poisoned) training data of this host, and the poison record.
 
-  CleanCLIP fine-tunes on the clean records only (`cleanclip.clean_subset`);
-  the poison record is still returned, for the attack evaluators.
+  The defense picks the records it trains on (`Defense.train_records`, e.g. a
+  clean subset) and the views it reads; the poison record is always
+  returned, for the attack evaluators.
   """
-  config = config_lib.override(config, {"data.views": steps_lib.num_views(config)})
+  defense = defenses.from_config(config)
   source = sources.make_source(config.data, split="train")
   poison_info, image_transform = None, None
   if config.poison.enabled:
@@ -54,13 +55,10 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
     if workdir is not None and jax.process_index() == 0:
       with open(os.path.join(workdir, "poison_info.json"), "w") as f:
         f.write(poison_info.to_json())
-  if config.defense == "cleanclip":
-    source = cleanclip.clean_subset(source, config.cleanclip.num_clean_examples, config.cleanclip.subset_seed)
-    logging.info("CleanCLIP: fine-tuning on %d clean examples", len(source))
-    image_transform = None  # No poisoned record is left to stamp a trigger on.
+  source, image_transform = defense.train_records(source, image_transform)
   train_data = pipeline.make_train_data(
       config, process_index=jax.process_index(), process_count=jax.process_count(),
-      image_transform=image_transform, source=source,
+      image_transform=image_transform, source=source, views=defense.views,
   )
   return train_data, poison_info
 
@@ -74,16 +72,14 @@ def load_init_weights(config: ml_collections.ConfigDict, state_shardings: steps_
   path = config.init_from
   if not config_lib.is_run_dir(path):
     return weights_lib.load_for_training(path, config.model, state_shardings.params, state_shardings.model_state)
-  from roclip_jax import inspect as inspect_lib  # pylint: disable=g-import-not-at-top
-  run = inspect_lib.load(path)
-  mismatches = weights_lib.architecture_mismatches(run.config.model, config.model)
-  if mismatches or jax.tree.structure(run.state.params) != jax.tree.structure(state_shardings.params):
+  run_config, run_state = runs.restore(path)
+  mismatches = weights_lib.architecture_mismatches(run_config.model, config.model)
+  if mismatches or jax.tree.structure(run_state.params) != jax.tree.structure(state_shardings.params):
     what = "; ".join(mismatches) or "different parameters"
     raise ValueError(f"config.init_from={path!r} is a run of another architecture ({what}). Fix: set "
                      "config.model to that run's model (its config.json), or start from another run.")
-  place = lambda x, sharding: jax.device_put(x, sharding)
-  return (jax.tree.map(place, run.state.params, state_shardings.params),
-          jax.tree.map(place, run.state.model_state, state_shardings.model_state))
+  return (runs.place(run_state.params, state_shardings.params),
+          runs.place(run_state.model_state, state_shardings.model_state))
 
 
 def make_encoder(config, spec, state: steps_lib.TrainState) -> encoder_lib.Encoder:
@@ -117,76 +113,6 @@ def dry_run(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   return results
 
 
-class SafeSplitter:
-  """SafeCLIP's per-epoch split (docs/methods.md, section 5): every training example's own-caption cosine,
-  a Gaussian mixture, the new safe mask into the state. One explicit host round trip per epoch."""
-
-  def __init__(self, config, spec, mesh, train_data, state_shardings: steps_lib.TrainState):
-    self._config, self._mesh, self._data = config, mesh, train_data
-    self._shardings = state_shardings.safeclip
-    self._similarity = safeclip.make_similarity_fn(spec, mesh)
-    self._transform = None
-    if config.poison.enabled:
-      self._transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
-    self._first_split_epoch = config.safeclip.inmodal_warmup + config.safeclip.multimodal_warmup + 1
-    self._poisoned = None  # Which ids carry a poison, to report how many the split lets through.
-    if config.poison.enabled:
-      source = train_data.source
-      self._poisoned = np.asarray([int(source[i].get("poisoned", 0)) > 0 for i in range(len(source))])
-
-  def split(self, state: steps_lib.TrainState, epoch: int) -> tuple[steps_lib.TrainState, dict[str, Any]]:
-    t0 = time.perf_counter()
-    batches = pipeline.scoring_batches(
-        self._config, self._data.source, batch_size=self._data.local_batch_size, image_transform=self._transform,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    sims = safeclip.dataset_similarities(self._similarity, state.params, state.model_state, batches, self._mesh,
-                                         self._data.num_examples)
-    first = epoch == self._first_split_epoch
-    previous = float(jax.device_get(state.safeclip.ratio))
-    split = safeclip.split_dataset(sims, first_split=first, previous_ratio=previous, cfg=self._config.safeclip)
-    state = state.replace(safeclip=safeclip.place_split(state.safeclip, split, self._shardings))
-    row = {"epoch": epoch, "safeclip/safe_ratio": split.ratio, "safeclip/gmm_low_mean": float(split.gmm.means[0]),
-           "safeclip/gmm_high_mean": float(split.gmm.means[1]), "safeclip/split_seconds": time.perf_counter() - t0,
-           "safeclip/unscored": int(np.sum(~np.isfinite(sims)))}
-    if self._poisoned is not None and self._poisoned.any():  # Poisons let into the safe set (ideally none).
-      row["safeclip/poisons_in_safe_frac"] = float(np.mean(split.safe[self._poisoned]))
-    logging.info("SafeCLIP split for epoch %d: %s", epoch, row)
-    return state, row
-
-
-class MatchingMonitor:
-  """RoCLIP's per-matching-epoch diagnostics and collapse detector (`roclip.epoch_diagnostics`).
-
-  The sums live in the train state (`stats`), so they are global over hosts
-  and survive a mid-epoch resume; this reads them once per matching epoch.
-  """
-
-  def __init__(self, config: ml_collections.ConfigDict, steps_per_epoch: int):
-    self._batch_size = config.data.batch_size
-    self._num_classes = None
-    if config.data.source == "demo":  # Labels and their count are known: judge same-class matches too.
-      self._num_classes = int(config.data.demo.num_classes)
-    self._warned_epochs: list[int] = []
-
-  def end_of_epoch(self, epoch: int, state: steps_lib.TrainState) -> dict[str, Any]:
-    sums = {k[len("roclip/"):]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
-    row = dict(roclip.epoch_diagnostics(sums, self._batch_size), epoch=epoch)
-    warnings = roclip.collapse_warnings(row, self._num_classes)
-    row["roclip/collapse_warning"] = bool(warnings)
-    if warnings:
-      row["roclip/collapse_reasons"] = "; ".join(warnings)
-    if warnings:
-      self._warned_epochs.append(epoch)
-      logging.warning(
-          "RoCLIP matching epoch %d looks like a COLLAPSE: %s. The model is being trained toward captions that do "
-          "not describe its images; its accuracy will fall toward chance while the attack success rate looks "
-          "good. Fix: config.roclip.variant='robust' (docs/roclip.md), a later config.roclip.first_epoch, or a "
-          "smaller learning rate.", epoch, "; ".join(warnings))
-    else:
-      logging.info("Matching epoch %d: %s", epoch, row)
-    return row
-
-
 def final_results(workdir: str, step: int) -> dict[str, Any] | None:
   """The final evaluation row a finished run wrote at `step`, or None."""
   path = os.path.join(workdir, "metrics.jsonl")
@@ -209,7 +135,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   os.makedirs(workdir, exist_ok=True)
   mesh = sharding_lib.make_mesh(config.mesh)
   config_lib.validate(config, sharding_lib.num_batch_shards(mesh))
-  if config.get("dry_run", False):
+  if config.dry_run:
     return dry_run(config, mesh)
   is_main = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(workdir)
@@ -217,26 +143,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --------------------------------------------------------------- data
   train_data, poison_info = build_train_data(config, workdir)
-  if config.defense == "safeclip":  # Sizes the per-example safe mask of the state.
-    config = config_lib.override(config, {"safeclip.num_examples": train_data.num_examples})
-  if is_main:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
   steps_per_epoch = train_data.steps_per_epoch  # >= 1: make_train_data rejects smaller sources.
+  defense = defenses.from_config(config, num_examples=train_data.num_examples)
+  if is_main:
+    runs.write(workdir, config, {"num_examples": train_data.num_examples, "steps_per_epoch": steps_per_epoch,
+                                 "defense": defense.describe()})
   total_steps = config.num_epochs * steps_per_epoch
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
-  logging.info("%d examples, %d steps per epoch, %d epochs, %d steps", train_data.num_examples, steps_per_epoch,
-               config.num_epochs, total_steps)
+  logging.info("%d examples, %d steps per epoch, %d epochs, %d steps; defense: %s", train_data.num_examples,
+               steps_per_epoch, config.num_epochs, total_steps, defense.describe())
 
   # ----------------------------------------------- model, optimizer, state
-  schedule = None
-  if config.defense == "safeclip":
-    schedule = safeclip.learning_rate_schedule(config, steps_per_epoch, total_steps)
+  schedule = defense.learning_rate_schedule(steps_per_epoch, total_steps)
   tx, schedule = optim.make_optimizer(config.optim, total_steps, schedule=schedule)
   spec = steps_lib.ModelSpec.create(config.model)
-  abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx)
+  abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx, defense)
   train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings,
-                                           steps_per_epoch=steps_per_epoch)
+                                           steps_per_epoch=steps_per_epoch, defense=defense)
 
   # ------------------------------------------------------------ restore
   ckpt = checkpoint_lib.Checkpointer(
@@ -248,31 +171,32 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     target = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
     state = ckpt.restore(latest, target, train_data.iterator)
   else:
-    state = steps_lib.create_train_state(config, mesh, tx, state_shardings)
-    if config.get("init_from"):  # Pretrained weights; the optimizer state stays freshly initialised.
+    state = steps_lib.create_train_state(config, mesh, tx, state_shardings, defense)
+    if config.init_from:  # Pretrained weights; the optimizer state stays freshly initialised.
       params, model_state = load_init_weights(config, state_shardings)
       state = state.replace(params=params, model_state=model_state)
       logging.info("Initialised the model from %s", config.init_from)
   start_step = int(jax.device_get(state.step))
 
   evaluators = evaluators_lib.from_config(config, poison_info=poison_info)
-  splitter = SafeSplitter(config, spec, mesh, train_data, state_shardings) if config.defense == "safeclip" else None
+  hooks = defense.epoch_hooks(defenses.RunContext(config=config, spec=spec, mesh=mesh, train_data=train_data,
+                                                  state_shardings=state_shardings, steps_per_epoch=steps_per_epoch))
 
   # --------------------------------------------------------------- loop
   progress = metrics_lib.Progress(last_step, start_step, config.data.batch_size,
                                   enabled=is_main and config.progress_bar)
   stop = checkpoint_lib.StopSignal(first_step=start_step)
   step_metrics = None  # The last step's device metrics: checked for NaN before each save.
-  matching_monitor = MatchingMonitor(config, steps_per_epoch) if steps_lib.uses_pool(config) else None
   step = start_step
   data_iter = iter(train_data.iterator)
   try:
     while step < last_step:
       epoch = step // steps_per_epoch + 1
-      mode = steps_lib.mode_for_epoch(config, epoch, steps_per_epoch)
-      if splitter is not None and mode == "safe_split" and step % steps_per_epoch == 0:
-        state, split_row = splitter.split(state, epoch)
-        writer.write(step, split_row, kind="epoch")
+      mode = defense.kind_for_epoch(epoch, steps_per_epoch)
+      if step % steps_per_epoch == 0:
+        state, epoch_row = hooks.start_epoch(state, epoch, mode)
+        if epoch_row is not None:
+          writer.write(step, epoch_row, kind="epoch")
       try:
         local_batch = next(data_iter)
       except pipeline.StorageError:
@@ -296,8 +220,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         rate = progress.update(step, loss=f"{host_metrics['loss']:.3f}", epoch=epoch)
         writer.write(step, dict(host_metrics, epoch=epoch, mode=mode, pairs_per_sec=rate))
 
-      if matching_monitor is not None and mode == "match" and (step % steps_per_epoch == 0 or step == last_step):
-        writer.write(step, matching_monitor.end_of_epoch(epoch, state), kind="epoch")
+      if step % steps_per_epoch == 0 or step == last_step:
+        epoch_row = hooks.end_epoch(state, epoch, mode)
+        if epoch_row is not None:
+          writer.write(step, epoch_row, kind="epoch")
 
       periodic = [ev for ev in evaluators if step != last_step and ev.is_due(step, last_step)]
       if periodic:

@@ -23,7 +23,7 @@ from roclip_jax.evaluators import common
 from roclip_jax.evaluators import datasets
 from roclip_jax.evaluators import linear_probe
 from roclip_jax.evaluators import retrieval
-from roclip_jax.evaluators import templates as templates_lib
+from roclip_jax.data import templates as templates_lib
 from roclip_jax.evaluators import zeroshot
 
 SIDE = 8

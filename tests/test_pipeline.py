@@ -527,17 +527,17 @@ def _demo_rows(demo_root):
 
 
 def test_views_must_be_one_or_two(demo_root):
-  with pytest.raises(ValueError, match=r"config\.data\.views=3.*1.*2"):
-    pipeline.make_train_data(make_config(demo_root, views=3))
+  with pytest.raises(ValueError, match=r"views=3.*1.*2"):
+    pipeline.make_train_data(make_config(demo_root), views=3)
   assert pipeline.batch_keys(1) == pipeline.BATCH_KEYS
   assert pipeline.batch_keys(2) == pipeline.BATCH_KEYS + ("image2", "text2")
 
 
 def test_one_view_batches_have_no_second_view(demo_root):
-  # An explicit views=1 is the same as a config without the field.
+  # An explicit views=1 is the same as the default.
   old = collect(pipeline.make_train_data(make_config(demo_root)).iterator, 2)
   new = collect(pipeline.make_train_data(
-      make_config(demo_root, views=1)).iterator, 2)
+      make_config(demo_root), views=1).iterator, 2)
   assert_batches_equal(old, new)
   assert set(new[0]) == set(pipeline.BATCH_KEYS)
 
@@ -545,10 +545,10 @@ def test_one_view_batches_have_no_second_view(demo_root):
 def test_two_views_plain_first_view_augmented_second(demo_root):
   from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
   aug = _augment_config(image=False, text=False)
-  config = make_config(demo_root, num_epochs=2, views=2, augment=aug)
+  config = make_config(demo_root, num_epochs=2, augment=aug)
   one_view = collect(pipeline.make_train_data(
       make_config(demo_root, num_epochs=2, augment=aug)).iterator)
-  data = pipeline.make_train_data(config)
+  data = pipeline.make_train_data(config, views=2)
   full = collect(data.iterator)
   assert len(full) == 2 * data.steps_per_epoch
   for batch in full:
@@ -602,8 +602,8 @@ def test_two_augmented_views_differ_and_share_the_transform(demo_root):
   def paint_label_zero_white(record, image):
     return np.full_like(image, 255) if record["label"] == 0 else image
 
-  config = make_config(demo_root, num_epochs=2, views=2, augment=aug)
-  data = pipeline.make_train_data(config,
+  config = make_config(demo_root, num_epochs=2, augment=aug)
+  data = pipeline.make_train_data(config, views=2,
                                   image_transform=paint_label_zero_white)
   full = collect(data.iterator)
   images = np.concatenate([b["image"] for b in full])
@@ -632,9 +632,9 @@ def test_two_views_survive_top_up(tmp_path):
       tmp_path, num_valid=6, num_missing=4, truncated=False,
       empty_caption=False)
   config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
-                       num_epochs=2, views=2,
+                       num_epochs=2,
                        augment=_augment_config(image=False, text=False))
-  full = collect(pipeline.make_train_data(config).iterator)
+  full = collect(pipeline.make_train_data(config, views=2).iterator)
   assert len(full) == 2 * 2
   for batch in full:
     assert batch["image2"].shape == (4, 16, 16, 3)

@@ -9,7 +9,7 @@ import pytest
 
 from roclip_jax import config_lib
 from roclip_jax.data import poison
-from roclip_jax.evaluators import templates as templates_lib
+from roclip_jax.data import templates as templates_lib
 
 CLASSES = ("cat", "dog", "bird", "mushroom", "ice cream")
 

@@ -129,7 +129,7 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_is_ex
   assert a.step == b.step == MAX_STEPS
   assert_trees_bitwise_equal(a.state.params, b.state.params)
   assert_trees_bitwise_equal(a.state.opt_state, b.state.opt_state)
-  assert_trees_bitwise_equal(a.state.pool, b.state.pool)
+  assert_trees_bitwise_equal(a.state.defense, b.state.defense)
   losses = [{r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(w)) if r["kind"] == "train"}
             for w in (killed, straight)]
   assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, MAX_STEPS + 1))

@@ -5,7 +5,7 @@ from hypothesis import given, settings, strategies as st
 import numpy as np
 import pytest
 
-from roclip_jax import roclip
+from roclip_jax.defenses import roclip
 from roclip_jax import sharding
 
 MESH = None

@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from roclip_jax import cleanclip
+from roclip_jax.defenses import cleanclip
 from roclip_jax import config_lib
 from roclip_jax import inspect as inspect_lib
 from roclip_jax import metrics as metrics_lib
-from roclip_jax import roclip
-from roclip_jax import safeclip
+from roclip_jax.defenses import roclip
+from roclip_jax.defenses import safeclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import train
 from tests.test_train import assert_trees_bitwise_equal, demo_root, tiny_config  # noqa: F401 (fixture)
@@ -234,7 +234,7 @@ def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
   a, b = inspect_lib.load(str(straight)), inspect_lib.load(str(split))
   assert a.step == b.step == n
   assert_trees_bitwise_equal(a.state.params, b.state.params)
-  assert_trees_bitwise_equal(a.state.safeclip, b.state.safeclip)
+  assert_trees_bitwise_equal(a.state.defense, b.state.defense)
 
   rows = metrics_lib.read_metrics(str(straight))
   modes = {r["step"]: r["mode"] for r in rows if r["kind"] == "train"}
@@ -245,7 +245,7 @@ def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
   # Later splits grow the safe fraction by ratio_step from the first one.
   assert splits[1]["safeclip/safe_ratio"] == pytest.approx(min(0.85, splits[0]["safeclip/safe_ratio"] + 0.01))
   # The stored mask holds round(ratio * N) safe examples of the 48.
-  assert int(np.sum(np.asarray(a.state.safeclip.safe))) == round(splits[-1]["safeclip/safe_ratio"] * 48)
+  assert int(np.sum(np.asarray(a.state.defense.safe))) == round(splits[-1]["safeclip/safe_ratio"] * 48)
   la = {r["step"]: r["loss"] for r in rows if r["kind"] == "train"}
   lb = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "train"}
   assert la == lb

@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
+from roclip_jax import defenses
 from roclip_jax import config_lib
 from roclip_jax import models
 from roclip_jax import optim
-from roclip_jax import roclip
+from roclip_jax.defenses import roclip
 from roclip_jax import sharding
 from roclip_jax import steps
 from tests.test_train_step import random_batch
@@ -218,8 +219,8 @@ def _run_steps(config, mesh_spec, modes, host_state):
   tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
   spec = steps.ModelSpec.create(config.model)
   _, shardings = steps.abstract_train_state(config, mesh, tx)
-  if not steps.uses_pool(config):  # No pool, and no RoCLIP counters in the stats.
-    host_state = host_state.replace(pool=None, stats=jax.device_get(steps.init_stats(config)))
+  if config.defense != "roclip":  # No pool, and no RoCLIP counters in the stats.
+    host_state = host_state.replace(defense=None, stats=jax.device_get(steps.init_stats(config)))
   state = jax.device_put(host_state, shardings)
   fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)
   losses = []
@@ -240,7 +241,7 @@ def mesh_runs(initial_state):
 def test_train_steps_agree_on_fsdp_data_and_single_device_meshes(mesh_runs, initial_state):
   losses, params, state = mesh_runs["fsdp"]
   assert state.params["text_model"]["token_embedding"].sharding.spec == P("fsdp")
-  assert int(state.pool.ptr) == 32  # Both steps enqueued their 16 captions.
+  assert int(state.defense.ptr) == 32  # Both steps enqueued their 16 captions.
   for other in ("data", "single"):
     np.testing.assert_allclose(losses, mesh_runs[other][0], rtol=1e-5)
     for path, a in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -266,18 +267,18 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
   state = jax.device_put(initial_state, shardings)
   batch = sharding.global_batch(random_batch(batch=32), mesh)
   for mode_name in ("clip", "match"):
-    mode = steps.StepMode(kind="roclip_match" if mode_name == "match" else "clip")
+    kind = defenses.from_config(config).step_kinds()[mode_name]
     results = []
     for accum in (1, 4):
       c = config.copy_and_resolve_references()
       c.grad_accum_steps = accum
       with jax.set_mesh(mesh):
         loss, aux, grads, _ = jax.jit(
-            lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, mode=mode))(state, batch)
+            lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind))(state, batch)
       results.append((float(loss), jax.device_get(grads), aux))
     (l1, g1, a1), (l4, g4, a4) = results
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(a4["ztxt"]), np.asarray(a1["ztxt"]), atol=1e-5)
+    np.testing.assert_allclose(np.asarray(a4["z"]["text"]), np.asarray(a1["z"]["text"]), atol=1e-5)
     largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(g1))
     for path, a in jax.tree_util.tree_flatten_with_path(g1)[0]:
       b = g4

@@ -6,6 +6,7 @@ import ml_collections
 import numpy as np
 import pytest
 
+from roclip_jax import defenses
 from roclip_jax import config_lib
 from roclip_jax import losses
 from roclip_jax import models
@@ -132,15 +133,15 @@ def test_train_step_siglip_loss_equals_numpy_on_the_step_embeddings(match):
   state = steps.create_train_state(config, mesh, tx, shardings)
   host = _batch(np.random.default_rng(0))
   batch = sharding.global_batch(host, mesh)
-  mode = steps.StepMode(kind="roclip_match" if match else "clip", enqueue=match)
-  run = lambda cfg: jax.jit(lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=cfg, mode=mode))
+  kind = defenses.from_config(config).step_kinds()["match" if match else "clip"]
+  run = lambda cfg: jax.jit(lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=cfg, kind=kind))
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = run(config)(state, batch)
     accum = ml_collections.ConfigDict(config.to_dict())
     accum.grad_accum_steps = 2
     loss2, _, grads2, _ = run(accum)(state, batch)
-  zimg = np.asarray(jax.device_get(aux["zimg"]))
-  ztxt = np.asarray(jax.device_get(aux["match"].embeddings if match else aux["ztxt"]))
+  zimg = np.asarray(jax.device_get(aux["z"]["image"]))
+  ztxt = np.asarray(jax.device_get(aux["match"].embeddings if match else aux["z"]["text"]))
   params = jax.device_get(state.params)
   want, (_, _, g_t, g_b), _ = _np_siglip(zimg, ztxt, params["logit_scale"], params["logit_bias"])
   np.testing.assert_allclose(loss, want, rtol=1e-5)

@@ -179,7 +179,7 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
                            "poisoned", "poison_code"]
   # mixture_risk: the low component's posterior of a mixture fitted to own_similarity,
   # recomputed with scipy's normal density at the parameters EM converged to.
-  from roclip_jax import safeclip
+  from roclip_jax.defenses import safeclip
   own = np.array([float(r["own_similarity"]) for r in rows])
   gmm = safeclip.fit_gmm(own)
   low, high = (w * scipy.stats.norm.pdf(own, m, np.sqrt(v)) for w, m, v in zip(gmm.weights, gmm.means, gmm.variances))

@@ -92,8 +92,8 @@ def test_resume_is_exact(demo_root, tmp_path, defense):
   assert_trees_bitwise_equal(a.state.params, b.state.params)
   assert_trees_bitwise_equal(a.state.opt_state, b.state.opt_state)
   if defense == "roclip":
-    assert_trees_bitwise_equal(a.state.pool, b.state.pool)
-    assert int(a.state.pool.ptr) != 0 or (np.asarray(a.state.pool.source_ids) >= 0).any()
+    assert_trees_bitwise_equal(a.state.defense, b.state.defense)
+    assert int(a.state.defense.ptr) != 0 or (np.asarray(a.state.defense.source_ids) >= 0).any()
     epochs_a = {r["epoch"]: r for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "epoch"}
     epochs_b = {r["epoch"]: r for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "epoch"}
     assert sorted(epochs_a) == [2, 4] and epochs_a[4]["roclip/matching_steps"] == 3
@@ -108,7 +108,7 @@ def test_roclip_pool_survives_checkpoint_bitwise(demo_root, tmp_path):
   config = tiny_config(demo_root, "roclip", max_steps=6)
   train.train_and_evaluate(config, str(tmp_path))
   run = inspect_lib.load(str(tmp_path))
-  pool = run.state.pool
+  pool = run.state.defense
   # Epoch 2 (steps 4..6) is a matching epoch: its 3 batches of 16 went into the
   # 32-row ring, which now holds the last 32 of them (48 distinct examples per epoch).
   assert int(pool.ptr) == (3 * 16) % 32
@@ -116,7 +116,7 @@ def test_roclip_pool_survives_checkpoint_bitwise(demo_root, tmp_path):
   assert (ids >= 0).all() and len(set(ids.tolist())) == 32
   # Restoring the same step again gives the identical pool.
   again = inspect_lib.load(str(tmp_path), step=run.step)
-  assert_trees_bitwise_equal(pool, again.state.pool)
+  assert_trees_bitwise_equal(pool, again.state.defense)
 
 
 def _main_cmd(workdir, demo_root, max_steps):

@@ -5,10 +5,11 @@ import ml_collections
 import numpy as np
 import pytest
 
+from roclip_jax import defenses
 from roclip_jax import config_lib
 from roclip_jax import models
 from roclip_jax import optim
-from roclip_jax import roclip
+from roclip_jax.defenses import roclip
 from roclip_jax import sharding
 from roclip_jax import steps
 from roclip_jax.data import image_ops
@@ -73,15 +74,15 @@ def test_matching_loss_matches_numpy_and_text_gradient_is_zero(shard_pool):
   config = _config(shard_pool)
   mesh, tx, schedule, spec, shardings, state = _setup(config)
   batch = sharding.global_batch(random_batch(), mesh)
-  mode = steps.step_modes(config)["match"]
+  kind = defenses.from_config(config).step_kinds()["match"]
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = jax.jit(
-        lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, mode=mode))(state, batch)
+        lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, kind=kind))(state, batch)
   # Independent reference: image embeddings from the model, the rest in NumPy.
   model = spec.merge(jax.device_get(state.params), jax.device_get(state.model_state))
   zimg = np.array(model.encode_image(image_ops.normalize(jnp.asarray(random_batch()["image"])), train=True))
   zimg /= np.linalg.norm(zimg, axis=1, keepdims=True)
-  pool = np.asarray(state.pool.embeddings)
+  pool = np.asarray(state.defense.embeddings)
   expected = _np_matching_loss(zimg, pool, np.exp(float(state.params["logit_scale"])))
   np.testing.assert_allclose(float(loss), expected, rtol=2e-5)
   np.testing.assert_array_equal(np.asarray(aux["match"].index), np.argmax(zimg @ pool.T, axis=1))
@@ -105,9 +106,9 @@ def test_matching_step_leaves_text_tower_unchanged_without_decay_and_fills_pool(
     np.testing.assert_array_equal(a, b)
   assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(before["vision_model"]),
                                              jax.tree.leaves(after["vision_model"])))
-  ids = np.asarray(state.pool.source_ids)
+  ids = np.asarray(state.defense.source_ids)
   np.testing.assert_array_equal(ids[:B], np.arange(B))  # Enqueued after the query, in batch order.
-  assert int(state.pool.ptr) == B
+  assert int(state.defense.ptr) == B
   stats = jax.device_get(state.stats)  # The epoch's matching sums, kept in the state.
   assert float(stats["roclip/poisoned_in_batch"]) == 4.0 and float(stats["roclip/steps"]) == 1.0
   assert float(stats["roclip/poisoned_matched_clean"]) == 0.0  # Every row is still random init: none is "clean".

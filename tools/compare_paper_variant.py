@@ -46,7 +46,8 @@ if "variant" in config.roclip:  # Revisions before the robust variant have no su
 config.evals = ml_collections.ConfigDict()
 train.train_and_evaluate(config, out + ".run")
 state = inspect_lib.load(out + ".run").state
-leaves = jax.tree.leaves((state.params, state.opt_state, state.pool.embeddings, state.pool.source_ids))
+pool = state.defense if hasattr(state, "defense") else state.pool  # The field's name before the Defense interface.
+leaves = jax.tree.leaves((state.params, state.opt_state, pool.embeddings, pool.source_ids))
 np.savez(out, *[np.asarray(x) for x in leaves])
 '''
 

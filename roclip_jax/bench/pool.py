@@ -19,6 +19,11 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from roclip_jax import optim
+from roclip_jax import sharding
+from roclip_jax import steps
+from roclip_jax.defenses import roclip
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/vitb32.py", "Model/train config whose step is timed.")
 flags.DEFINE_list("pool_sizes", ["21845", "65536", "262144"], "Pool sizes M.")
@@ -40,7 +45,6 @@ def _time(fn, *args, repeats: int) -> float:
 
 
 def time_lookup(mesh, size: int, dim: int, batch: int, shard_pool: bool, repeats: int) -> float:
-  from roclip_jax import roclip, sharding
   pool = jax.device_put(roclip.init_pool(jax.random.key(0), size, dim), roclip.pool_shardings(mesh, shard_pool))
   z = jax.random.normal(jax.random.key(1), (batch, dim))
   z = jax.device_put(z / jnp.linalg.norm(z, axis=1, keepdims=True), sharding.batch_sharding(mesh))
@@ -56,7 +60,6 @@ def time_lookup(mesh, size: int, dim: int, batch: int, shard_pool: bool, repeats
 
 
 def time_step(config, mesh, batch: int, repeats: int) -> float:
-  from roclip_jax import optim, sharding, steps
   config = config.copy_and_resolve_references()
   config.defense = "none"
   config.data.batch_size = batch
@@ -86,7 +89,6 @@ def time_step(config, mesh, batch: int, repeats: int) -> float:
 
 def main(argv) -> None:
   del argv
-  from roclip_jax import sharding
   mesh = sharding.make_mesh([("data", -1)])
   config = FLAGS.config
   device = jax.devices()[0]

@@ -31,6 +31,14 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from roclip_jax import config_lib
+from roclip_jax import models
+from roclip_jax import optim
+from roclip_jax import sharding
+from roclip_jax import steps
+from roclip_jax.data import image_ops
+from roclip_jax.defenses import roclip
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/vitb32.py", "Experiment config whose train step is timed.")
 flags.DEFINE_string("preset", None, "Replace config.model by this preset (keeping dtype/remat), e.g. 'tiny'.")
@@ -108,7 +116,6 @@ class JaxResult:
 
 def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) -> JaxResult:
   """Compiles and times the CLIP and RoCLIP matching steps, and the pool lookup alone."""
-  from roclip_jax import optim, roclip, sharding, steps
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000)
   spec = steps.ModelSpec.create(config.model)
@@ -141,7 +148,7 @@ def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) 
       match = roclip.nearest_captions(pool, z, mesh, shard_pool)
       return match.index, roclip.enqueue(pool, z, ids, poisoned, mesh, shard_pool, config.roclip.fifo)
 
-    lookup_s = seconds_per_call(lambda: lookup(holder["state"].pool, zimg, batch["id"], batch["poisoned"]),
+    lookup_s = seconds_per_call(lambda: lookup(holder["state"].defense, zimg, batch["id"], batch["poisoned"]),
                                 steps_timed, warmup)
 
   stats = jax.devices()[0].memory_stats() or {}
@@ -160,7 +167,6 @@ def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int
   """Seconds per training step of Hugging Face's `CLIPModel` (PyTorch, CPU) at the same size and batch."""
   import torch
   import transformers
-  from roclip_jax import models
   model_cfg = config.model
   if model_cfg.image.type != "vit":
     raise ValueError("The PyTorch comparison covers ViT image towers only; use a ViT preset.")
@@ -180,7 +186,6 @@ def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int
   optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
                                 weight_decay=o.weight_decay)
   batch = synthetic_batch(config, config.data.batch_size)
-  from roclip_jax.data import image_ops
   pixels = torch.from_numpy(np.ascontiguousarray(image_ops.normalize(batch["image"]).transpose(0, 3, 1, 2)))
   tokens = torch.from_numpy(batch["text"].astype(np.int64))
 
@@ -196,7 +201,6 @@ def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int
 
 def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int | None) -> ml_collections.ConfigDict:
   """The config to time: RoCLIP on (for the matching step), optional model preset and batch."""
-  from roclip_jax import config_lib, models, sharding
   config = base.copy_and_resolve_references()
   if preset:
     dtype, remat = config.model.dtype, config.model.remat
@@ -215,7 +219,6 @@ def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from roclip_jax import models
   config = bench_config(FLAGS.config, FLAGS.preset, FLAGS.batch)
   devices = jax.devices()
   device = devices[0]

@@ -164,6 +164,18 @@ def decode_image(path_or_bytes: str | os.PathLike[str] | bytes, *,
                            retries=retries, base_seconds=retry_base_seconds)
 
 
+def as_rgb_uint8(image: Any) -> np.ndarray:
+  """An in-memory image (e.g. a TFDS feature) as uint8 RGB [H, W, 3]; grayscale is repeated to RGB."""
+  image = np.asarray(image)
+  if image.ndim == 2:
+    image = image[..., None]
+  if image.ndim == 3 and image.shape[-1] == 1:
+    image = np.repeat(image, 3, axis=-1)
+  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
+    raise ValueError(f"Expected a uint8 RGB or grayscale image, got {image.dtype} {image.shape}.")
+  return image
+
+
 def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   """CLIP eval preprocessing: shorter side to `size` (bicubic), centre crop.
 

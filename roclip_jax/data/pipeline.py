@@ -35,7 +35,7 @@ Guarantees the trainer relies on:
   so a checkpoint saved then reads the failed batch again on resume (and a
   further `next()` retries it).
 
-Two views (`config.data.views = 2`, for the SafeCLIP and CleanCLIP defenses):
+Two views (`views=2`, for defenses whose steps read a second view, e.g. SafeCLIP and CleanCLIP):
 each element also carries `image2` / `text2`, an always-augmented second view
 made from the same decoded and `image_transform`-ed raw image and the same
 caption, with random streams of their own. View 1 (`image` / `text`) is
@@ -58,6 +58,9 @@ from absl import logging
 import grain
 import numpy as np
 
+from roclip_jax.data import augment
+from roclip_jax.data import demo
+from roclip_jax.data import eda
 from roclip_jax.data import image_ops
 from roclip_jax.data import sources
 from roclip_jax.data import tokenizer as tokenizer_lib
@@ -84,31 +87,47 @@ def _derived_seed(*entropy: int, bits: int = 32) -> int:
 
 
 def batch_keys(views: int = 1) -> tuple[str, ...]:
-  """The keys of a training batch for `config.data.views` = `views`."""
+  """The keys of a training batch with `views` views per example."""
   return BATCH_KEYS + (VIEW2_KEYS if views == 2 else ())
 
 
 def _check_views(views: Any) -> int:
   if views not in (1, 2):
     raise ValueError(
-        f"config.data.views={views!r} is not supported; set it to 1 (one "
+        f"views={views!r} is not supported; set it to 1 (one "
         "view per example) or 2 (an extra augmented view `image2`/`text2`, "
         "for SafeCLIP and CleanCLIP).")
   return int(views)
 
 
 @dataclasses.dataclass(frozen=True)
-class _IoRetries:
-  """How storage faults are retried (`config.data.io_retries` and
-  `config.data.io_retry_base_seconds`); see `image_ops.call_with_retries`."""
+class ImageReader:
+  """The one decode -> preprocess path: training, evaluation, SafeCLIP's scoring pass and the
+  suspicion report all read images through it.
+
+  `decode(record)` reads the record's image (`image_bytes` from ArrayRecord
+  shards, an in-memory `image` array from TFDS, else the file `image_path`),
+  decodes it and applies `image_transform(record, image)` (the backdoor
+  trigger) if given; `eval_image(record)` then applies CLIP's eval
+  preprocessing (`image_ops.resize_center_crop` to `image_size`); training
+  augments the decoded image instead, when asked to. Bad data (a missing
+  file, undecodable bytes) gives None, which callers count as skipped; a
+  storage fault is retried (`retries` times, from `base_seconds`, see
+  `image_ops.call_with_retries`) and then raises `StorageError`.
+  """
+  image_size: int = 0  # For `eval_image`.
+  image_transform: ImageTransform | None = None
   retries: int = image_ops.IO_RETRIES
   base_seconds: float = image_ops.IO_RETRY_BASE_SECONDS
 
   @classmethod
-  def from_config(cls, data_cfg: Any) -> _IoRetries:
-    return cls(int(data_cfg.get("io_retries", image_ops.IO_RETRIES)),
-               float(data_cfg.get("io_retry_base_seconds",
-                                  image_ops.IO_RETRY_BASE_SECONDS)))
+  def from_config(cls, config: Any, image_transform: ImageTransform | None = None,
+                  image_size: int | None = None) -> ImageReader:
+    """Retries from `config.data.io_retries` / `io_retry_base_seconds`, size from the model."""
+    size = int(config.model.image.image_size) if image_size is None else int(image_size)
+    # The defaults are image_ops' constants, which config_lib's defaults are too.
+    return cls(size, image_transform, int(config.data.get("io_retries", image_ops.IO_RETRIES)),
+               float(config.data.get("io_retry_base_seconds", image_ops.IO_RETRY_BASE_SECONDS)))
 
   def read_record(self, source: Any, index: int) -> dict[str, Any]:
     """`source[index]`; an OSError there (an ArrayRecord reader, a missing
@@ -118,14 +137,24 @@ class _IoRetries:
         retries=self.retries, base_seconds=self.base_seconds)
 
   def decode(self, record: dict[str, Any]) -> np.ndarray | None:
-    """A record's image (`image_bytes` if present, else `image_path`); None
-    for bad data, `StorageError` for a storage fault that outlasts retries."""
-    # ArrayRecord sources carry the encoded image itself (`image_bytes`).
-    encoded = record.get("image_bytes")
-    return image_ops.decode_image(
-        encoded if encoded is not None else record["image_path"],
-        retries=self.retries, retry_base_seconds=self.base_seconds,
-        name=_record_name(record))
+    """The record's image, uint8 [H, W, 3], with `image_transform` applied; None for bad data."""
+    if record.get("image") is not None:
+      image = image_ops.as_rgb_uint8(record["image"])
+    else:
+      # ArrayRecord sources carry the encoded image itself (`image_bytes`).
+      encoded = record.get("image_bytes")
+      image = image_ops.decode_image(
+          encoded if encoded is not None else record["image_path"],
+          retries=self.retries, retry_base_seconds=self.base_seconds,
+          name=_record_name(record))
+    if image is not None and self.image_transform is not None:
+      image = self.image_transform(record, image)
+    return image
+
+  def eval_image(self, record: dict[str, Any]) -> np.ndarray | None:
+    """`decode`, then CLIP's eval preprocessing to `image_size`."""
+    image = self.decode(record)
+    return None if image is None else image_ops.resize_center_crop(image, self.image_size)
 
 
 def _record_name(record: dict[str, Any]) -> str:
@@ -160,9 +189,10 @@ class _ExampleLoader:
                image_size: int, context_length: int, seed: int,
                process_index: int, augment_cfg: Any,
                image_transform: ImageTransform | None, views: int = 1,
-               io_retries: _IoRetries = _IoRetries()):
+               reader: ImageReader = ImageReader()):
     self._source = source
-    self._io = io_retries
+    # Decodes and stamps the trigger; the size is this loader's (augmentation or eval crop).
+    self._reader = dataclasses.replace(reader, image_size=image_size, image_transform=image_transform)
     self._epoch_length = epoch_length
     self._image_size = image_size
     self._tokenizer = tokenizer_lib.get_tokenizer(context_length)
@@ -175,14 +205,12 @@ class _ExampleLoader:
     self._augment_text = bool(augment_cfg.get("text", False))
     self._resample_text = bool(
         augment_cfg.get("text_resample_per_epoch", False))
-    self._image_transform = image_transform
     self._views = _check_views(views)
     self._image2_key = _derived_seed(seed, _IMAGE_VIEW2_TAG, process_index,
                                      bits=64)
 
   def _augmented_image(self, raw: np.ndarray, key: int,
                        position: int) -> np.ndarray:
-    from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
     # Keyed by stream position: differs across epochs, fixed on resume.
     rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
     return augment.augment_image(raw, rng, self._augment_cfg,
@@ -190,7 +218,6 @@ class _ExampleLoader:
 
   def _eda_caption(self, caption: str, tag: int, example_id: int,
                    position: int) -> str:
-    from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
     # One fixed EDA version per caption for the whole run (docs/methods.md,
     # section 3.2), unless resampling per epoch was asked for.
     entropy = [self._seed, tag, example_id]
@@ -199,12 +226,10 @@ class _ExampleLoader:
     return eda.eda(caption, np.random.default_rng(entropy), self._augment_cfg)
 
   def __call__(self, position: int, example_index: int) -> dict[str, Any]:
-    record = self._io.read_record(self._source, example_index)
-    raw = self._io.decode(record)
+    record = self._reader.read_record(self._source, example_index)
+    raw = self._reader.decode(record)
     if raw is None:
       return {"_position": position, "_skipped_path": _record_name(record)}
-    if self._image_transform is not None:
-      raw = self._image_transform(record, raw)
     if self._augment_image:
       image = self._augmented_image(raw, self._image_key, position)
     else:
@@ -396,7 +421,7 @@ class TrainData:
 def make_train_data(config: Any, *, process_index: int = 0,
                     process_count: int = 1,
                     image_transform: ImageTransform | None = None,
-                    source: Any | None = None) -> TrainData:
+                    source: Any | None = None, views: int = 1) -> TrainData:
   """Builds this host's training iterator.
 
   Args:
@@ -412,12 +437,12 @@ def make_train_data(config: Any, *, process_index: int = 0,
       'label', 'poisoned'})
       to read instead of `sources.make_source(config.data)`, e.g. a
       poisoned wrapper around it. Must be picklable when using workers.
+    views: views of each example per batch, 1 or 2 (the defense's `views`).
 
   Returns:
     `TrainData`; batches are dicts with `image` uint8 [b, S, S, 3], `text`
     int32 [b, L], `id` int64, `label` int64, `poisoned` int8 and `skipped`
-    int32, each [b] (b = local batch size). With `config.data.views = 2`
-    (default 1) they also hold `image2` uint8 [b, S, S, 3] and `text2` int32
+    int32, each [b] (b = local batch size). With `views = 2` they also hold `image2` uint8 [b, S, S, 3] and `text2` int32
     [b, L]: a second view of the same example, always image-augmented and
     EDA-augmented (from the same `image_transform`-ed raw image), whatever
     `augment.image` / `augment.text` say; `batch_keys(views)` lists the keys.
@@ -428,7 +453,7 @@ def make_train_data(config: Any, *, process_index: int = 0,
         f"config.data.batch_size={data_cfg.batch_size} is not divisible by "
         f"the {process_count} processes; pick a multiple of {process_count}.")
   local_batch_size = data_cfg.batch_size // process_count
-  views = _check_views(data_cfg.get("views", 1))
+  views = _check_views(views)
   num_epochs = int(config.num_epochs)
   if local_batch_size < 1 or num_epochs < 1:
     raise ValueError(f"config.data.batch_size={data_cfg.batch_size} and "
@@ -454,7 +479,7 @@ def make_train_data(config: Any, *, process_index: int = 0,
       context_length=config.model.text.context_length, seed=config.seed,
       process_index=process_index, augment_cfg=config.augment,
       image_transform=image_transform, views=views,
-      io_retries=_IoRetries.from_config(data_cfg))
+      reader=ImageReader.from_config(config))
   dataset = (
       grain.MapDataset.source(host_indices)
       .shuffle(seed=_derived_seed(config.seed, _SHUFFLE_TAG))
@@ -504,19 +529,11 @@ def _read_classes(path: str) -> tuple[list[str], list[str]]:
   if not classes or not all(isinstance(c, str) for c in classes):
     raise ValueError(f"{path} needs a non-empty list of strings under "
                      '"classes" (class names in label order).')
-  from roclip_jax.data import demo  # pylint: disable=g-import-not-at-top
   templates = spec.get("templates") or list(demo.TEMPLATES)
   if not all(isinstance(t, str) and "{}" in t for t in templates):
     raise ValueError(f'{path}: every entry of "templates" must be a string '
                      "with a '{}' placeholder for the class name.")
   return list(classes), list(templates)
-
-
-def _load_eval_image(path: str, size: int,
-                     io: _IoRetries) -> np.ndarray | None:
-  image = image_ops.decode_image(path, retries=io.retries,
-                                 retry_base_seconds=io.base_seconds)
-  return None if image is None else image_ops.resize_center_crop(image, size)
 
 
 @dataclasses.dataclass
@@ -568,12 +585,10 @@ def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
   """
   split_data = labelled_split(config, split)
   source, class_names, templates = split_data.source, split_data.class_names, split_data.templates
-  size = config.model.image.image_size
-  io = _IoRetries.from_config(config.data)
+  reader = ImageReader.from_config(config)
   records = [source[i] for i in range(len(source))]
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
-    images = list(pool.map(
-        lambda r: _load_eval_image(r["image_path"], size, io), records))
+    images = list(pool.map(reader.eval_image, records))
   keep = [i for i, image in enumerate(images) if image is not None]
   for i in [i for i, image in enumerate(images) if image is None][:20]:
     logging.warning("Eval split: skipping undecodable image %s",
@@ -655,16 +670,11 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
   tokenizer = tokenizer_lib.get_tokenizer(config.model.text.context_length)
   context_length = int(config.model.text.context_length)
 
-  io = _IoRetries.from_config(config.data)
+  reader = ImageReader.from_config(config, image_transform)
 
   def load(index: int) -> tuple[dict[str, Any], np.ndarray | None]:
-    record = io.read_record(source, int(index))
-    image = io.decode(record)
-    if image is not None:
-      if image_transform is not None:
-        image = image_transform(record, image)
-      image = image_ops.resize_center_crop(image, size)
-    return record, image
+    record = reader.read_record(source, int(index))
+    return record, reader.eval_image(record)
 
   def generate() -> Iterator[dict[str, np.ndarray]]:
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:

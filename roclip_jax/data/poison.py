@@ -26,7 +26,7 @@ from typing import Any, Protocol
 import ml_collections
 import numpy as np
 
-from roclip_jax.evaluators import templates as templates_lib
+from roclip_jax.data import templates as templates_lib
 
 # Independent random streams (the second entry of the seed sequence).
 _STREAM_TARGETED = 1

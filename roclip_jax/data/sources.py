@@ -22,7 +22,9 @@ from typing import Any, TYPE_CHECKING
 from absl import logging
 import numpy as np
 
-if TYPE_CHECKING:
+from roclip_jax.data import demo
+
+if TYPE_CHECKING:  # array_record (the optional ArrayRecord dependency) is imported on use.
   from roclip_jax.data.array_record import ArrayRecordSource
 
 VALID_SOURCES = ("demo", "csv", "array_record")
@@ -181,14 +183,13 @@ def make_source(data_cfg: Any,
   """
   kind = data_cfg.source
   if kind == "demo":
-    from roclip_jax.data import demo  # pylint: disable=g-import-not-at-top
     root = demo.ensure_demo_dataset(data_cfg.demo)
     if split not in ("train", "test"):
       raise ValueError(f"The demo dataset has splits 'train' and 'test', "
                        f"not {split!r}.")
     return CsvSource(os.path.join(root, f"{split}.csv"))
   if kind == "array_record" and split == "train":
-    from roclip_jax.data import array_record  # pylint: disable=g-import-not-at-top
+    from roclip_jax.data import array_record  # pylint: disable=g-import-not-at-top (optional dependency)
     return array_record.ArrayRecordSource.from_pattern(
         data_cfg.get("array_record_pattern", ""))
   if kind in ("csv", "array_record"):

@@ -22,12 +22,12 @@ from __future__ import annotations
 import functools
 import importlib
 import inspect
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import ml_collections
 
-if TYPE_CHECKING:  # importing jax here would weigh on `data.poison`, which grain workers unpickle
-  from roclip_jax.evaluators.common import Evaluator
+from roclip_jax.evaluators import datasets
+from roclip_jax.evaluators.common import Evaluator
 
 # type -> "module:Class" under roclip_jax.evaluators, imported on use.
 _TYPES = {
@@ -71,8 +71,6 @@ def from_config(config: ml_collections.ConfigDict, *,
     poison_info: the `PoisonInfo` of this run's training data; `targeted_poison` needs it and
       `backdoor_asr` takes the attack seed and target class from it when given.
   """
-  from roclip_jax.evaluators import datasets  # deferred: pulls in the data pipeline
-
   @functools.cache
   def load(split: str, **data_fields) -> Any:
     return datasets.load_eval_set(config, data_fields.pop("dataset"), split, **data_fields)

@@ -12,9 +12,10 @@ from collections.abc import Callable, Sequence
 import ml_collections
 import numpy as np
 
+from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
 from roclip_jax.evaluators import common
-from roclip_jax.evaluators import templates as templates_lib
+from roclip_jax.data import templates as templates_lib
 from roclip_jax.evaluators import zeroshot
 
 # (image path, side) -> uint8 [side, side, 3] eval-preprocessed image.
@@ -23,12 +24,11 @@ LoadImage = Callable[[str, int], np.ndarray]
 
 def load_eval_image(path: str, size: int) -> np.ndarray:
   """Decodes a file and applies CLIP's eval preprocessing (shorter side to `size`, centre crop)."""
-  from roclip_jax.data import image_ops  # deferred: only needed when a target image is read
-  image = image_ops.decode_image(path)
+  image = pipeline.ImageReader(size).eval_image({"image_path": path})
   if image is None:
     raise ValueError(f"Cannot decode target image {path!r}; the targeted-poisoning evaluator needs "
                      "the held-out images the poisons were made from.")
-  return image_ops.resize_center_crop(image, size)
+  return image
 
 
 def _class_index(name: str, class_names: Sequence[str], evaluator: str, what: str) -> int:

@@ -1,7 +1,7 @@
 """Eval data for the evaluators: the demo/CSV split, any TFDS dataset, or an image folder.
 
-All three return a `roclip_jax.data.pipeline.EvalSet` (images eval-preprocessed to the model's
-image size with CLIP's resize + centre crop). An evaluator config chooses with `dataset=`:
+All three return a `roclip_jax.data.pipeline.EvalSet` (images read and eval-preprocessed to the
+model's image size by `pipeline.ImageReader`, the path training and scoring use too). An evaluator config chooses with `dataset=`:
 
 * `'demo'`: the pipeline's `make_eval_arrays(config, split)` (the demo dataset, or
   `config.data.eval_csv` + `config.data.classes_json`).
@@ -22,9 +22,8 @@ from typing import Any
 
 import numpy as np
 
-from roclip_jax.data import image_ops
 from roclip_jax.data import pipeline
-from roclip_jax.evaluators import templates as templates_lib
+from roclip_jax.data import templates as templates_lib
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png")
 DATASET_KINDS = ("demo", "tfds:<name>", "folder:<path>")
@@ -52,17 +51,6 @@ def _subset(num: int, max_examples: int) -> np.ndarray:
   return np.sort(np.random.default_rng(0).choice(num, size=max_examples, replace=False))
 
 
-def _as_rgb(image: np.ndarray) -> np.ndarray:
-  image = np.asarray(image)
-  if image.ndim == 2:
-    image = image[..., None]
-  if image.ndim == 3 and image.shape[-1] == 1:
-    image = np.repeat(image, 3, axis=-1)
-  if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"Expected a uint8 RGB or grayscale image, got {image.dtype} {image.shape}.")
-  return image
-
-
 def from_tfds(name: str, split: str, *, image_size: int, data_dir: str = "",
               image_key: str = "image", label_key: str = "label",
               max_examples: int = 0) -> pipeline.EvalSet:
@@ -79,10 +67,11 @@ def from_tfds(name: str, split: str, *, image_size: int, data_dir: str = "",
                      "class names.")
   class_names = [_class_name(n) for n in features[label_key].names]
   indices = _subset(len(source), max_examples)
+  reader = pipeline.ImageReader(image_size)
   images, labels = [], []
   for i in indices:
     example = source[int(i)]
-    images.append(image_ops.resize_center_crop(_as_rgb(example[image_key]), image_size))
+    images.append(reader.eval_image({"image": example[image_key]}))
     labels.append(int(example[label_key]))
   labels = np.asarray(labels, np.int64)
   return pipeline.EvalSet(images=np.stack(images), labels=labels,
@@ -107,13 +96,9 @@ def from_folder(root: str, *, image_size: int, max_examples: int = 0) -> pipelin
     raise ValueError(f"No {'/'.join(IMAGE_EXTENSIONS)} image in the class folders of {root!r}; "
                      "expected <root>/<class_name>/<image>.")
   indices = _subset(len(paths), max_examples)
-
-  def load(i):
-    image = image_ops.decode_image(paths[i])
-    return None if image is None else image_ops.resize_center_crop(image, image_size)
-
+  reader = pipeline.ImageReader(image_size)
   with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as threads:
-    images = list(threads.map(load, indices))
+    images = list(threads.map(lambda i: reader.eval_image({"image_path": paths[i]}), indices))
   keep = [k for k, image in enumerate(images) if image is not None]
   if not keep:
     raise ValueError(f"No image under {root!r} could be decoded.")

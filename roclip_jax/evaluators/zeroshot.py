@@ -12,7 +12,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from roclip_jax.evaluators import common
-from roclip_jax.evaluators import templates as templates_lib
+from roclip_jax.data import templates as templates_lib
 
 
 def class_embeddings(encoder: common.Encoder, class_names: Sequence[str],

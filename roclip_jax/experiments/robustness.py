@@ -26,10 +26,14 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+import jax
 import ml_collections
 from ml_collections import config_flags
+import numpy as np
 
 from roclip_jax import config_lib
+from roclip_jax import metrics as metrics_lib
+from roclip_jax import train
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/robustness_demo.py).", lock_config=False)
@@ -92,7 +96,6 @@ def prepare_run_dir(run_dir: str, key: str) -> bool:
 
 
 def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[str, dict[str, Any]]:
-  from roclip_jax import train  # Heavy imports after flag parsing.
   results = {}
   base = copy.deepcopy(config)
   del base.experiment
@@ -121,7 +124,6 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
 
 def collapse_notes(results: dict[str, dict[str, Any]], workdir: str) -> list[str]:
   """One note per row whose RoCLIP matching epochs tripped the collapse detector (`roclip.collapse_warnings`)."""
-  from roclip_jax import metrics as metrics_lib
   notes = []
   for name in results:
     path = os.path.join(workdir, slug(name))
@@ -196,7 +198,6 @@ def plot_curves(results: dict[str, dict[str, Any]], workdir: str, path: str) -> 
   import matplotlib
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
-  from roclip_jax import metrics as metrics_lib
 
   fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
   for name in results:
@@ -221,7 +222,6 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str,
 
   std is the sample standard deviation (ddof=1; 0 for a single seed).
   """
-  import numpy as np  # pylint: disable=import-outside-toplevel
   rows: dict[str, dict[str, Any]] = {}
   for seed in sorted(per_seed):
     for name, res in per_seed[seed].items():
@@ -283,9 +283,9 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -
 
 def start(workdir: str) -> str:
   """Common start of the experiment commands: compile cache, quiet library logs, the absolute workdir."""
-  os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
-  from roclip_jax import metrics  # pylint: disable=import-outside-toplevel
-  metrics.quiet_library_logs()
+  if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, when set, wins.
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
+  metrics_lib.quiet_library_logs()
   workdir = os.path.abspath(workdir)
   os.makedirs(workdir, exist_ok=True)
   return workdir

@@ -13,8 +13,9 @@ from roclip_jax.models.clip import validate_config
 from roclip_jax.models.presets import preset
 from roclip_jax.models.presets import preset_names
 from roclip_jax.models.presets import register
+from roclip_jax.models.spec import ModelSpec
 
 __all__ = [
-    "CLIP", "build", "count_params", "flops_per_pair", "mlp_width", "validate_config", "preset",
+    "CLIP", "ModelSpec", "build", "count_params", "flops_per_pair", "mlp_width", "validate_config", "preset",
     "preset_names", "register",
 ]

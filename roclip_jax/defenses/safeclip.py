@@ -1,4 +1,5 @@
-"""SafeCLIP ("Better Safe than Sorry", Yang, Gao, Mirzasoleiman, ICML 2024), in one file.
+"""SafeCLIP ("Better Safe than Sorry", Yang, Gao, Mirzasoleiman, ICML 2024), in one file
+(`config.defense = 'safeclip'`).
 
 The method as implemented and its deviations from SafeCLIP's code: docs/methods.md, section 5.
 
@@ -16,8 +17,8 @@ A run goes through three phases, by epoch (1-based):
 A poisoned pair is a mismatch, so after the warm-ups its cosine sits in the
 low component and it never teaches the model its image-caption association.
 
-Every step needs two augmented views of each example (`config.data.views=2`,
-set by the trainer). Pieces:
+Every step needs two augmented views of each example (`SafeClip.views = 2`).
+Pieces:
 
 * `SafeState`: each modality's bank (a `roclip.Pool` ring buffer of view-1
   embeddings, queried before it is written) and the per-example safe mask,
@@ -26,6 +27,7 @@ set by the trainer). Pieces:
 * `step_loss`: the loss of each phase, on global-batch embeddings.
 * `fit_gmm` / `select_safe`: the split, in NumPy on the host.
 * `dataset_similarities`: the jitted pass over the training data that feeds it.
+* `SafeClip`: the defense class; `SafeSplitter`: its per-epoch split hook.
 
 Differences from the original code, on purpose: the risky examples' unimodal
 loss and the safe examples' CLIP loss share one step over the same batch
@@ -38,8 +40,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 import dataclasses
+import time
 from typing import Any
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
@@ -50,9 +54,13 @@ import optax
 
 from roclip_jax import losses
 from roclip_jax import optim
-from roclip_jax import roclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax.data import image_ops
+from roclip_jax.data import pipeline
+from roclip_jax.data import poison as poison_lib
+from roclip_jax.defenses import base
+from roclip_jax.defenses import roclip
+from roclip_jax.errors import config_error
 
 PHASES = ("unimodal", "cross_clip", "safe_split")
 # Masked logits: finite, so an all-masked row gives a finite (and unused) value and no NaN gradient.
@@ -76,12 +84,12 @@ def phase_for_epoch(cfg: ml_collections.ConfigDict, epoch: int) -> str:
   return "safe_split"
 
 
-def init_state(key: jax.Array, cfg: ml_collections.ConfigDict, dim: int) -> SafeState:
+def init_state(key: jax.Array, cfg: ml_collections.ConfigDict, dim: int, num_examples: int) -> SafeState:
   image_key, text_key = jax.random.split(key)
   return SafeState(
       image_bank=roclip.init_pool(image_key, cfg.bank_size, dim),
       text_bank=roclip.init_pool(text_key, cfg.bank_size, dim),
-      safe=jnp.zeros((max(int(cfg.num_examples), 1),), jnp.int8),
+      safe=jnp.zeros((max(int(num_examples), 1),), jnp.int8),
       ratio=jnp.zeros((), jnp.float32),
   )
 
@@ -335,3 +343,131 @@ def place_split(state: SafeState, split: Split, shardings: SafeState) -> SafeSta
   put = lambda value, sharding: jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
   return state.replace(safe=put(mask, shardings.safe), ratio=put(ratio, shardings.ratio))
 
+
+
+# ----------------------------------------------------------------------------
+# The defense.
+
+TWO_VIEWS = dict(image_views=("image", "image2"), text_views=("text", "text2"), gather=True)
+
+
+class SafeClip(base.Defense):
+  """SafeCLIP: one two-view step kind per phase; the split runs on the host before each 'safe_split' epoch."""
+  name = "safeclip"
+  config_block = "safeclip"
+  views = 2
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    # docs/methods.md, section 5. Defaults: SafeCLIP's published ones.
+    c = ml_collections.ConfigDict()
+    c.inmodal_warmup = 5  # Epochs of unimodal nearest-neighbour contrastive learning.
+    c.multimodal_warmup = 1  # Then epochs of cross-augmented CLIP loss at `filter_lr`.
+    c.in_lr = 5e-4  # Peak lr of the unimodal warm-up (warm-up + cosine over those epochs).
+    c.filter_lr = 5e-6  # Constant lr of the CLIP warm-up.
+    c.bank_size = 256  # Rows of each modality's nearest-neighbour bank.
+    c.threshold = 0.9  # First split: safe = GMM posterior of the high-mean component >= this.
+    c.ratio_step = 0.01  # Later splits: the safe fraction grows by this per epoch ...
+    c.max_ratio = 0.85  # ... up to this.
+    return c
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
+    del num_batch_shards
+    s = config.safeclip
+    if config.loss != "clip":
+      raise config_error("loss", f"is {config.loss!r} with defense='safeclip', whose safe/risky split masks an "
+                         "InfoNCE loss.", "use config.loss='clip' with SafeCLIP.")
+    if s.inmodal_warmup < 0 or s.multimodal_warmup < 0:
+      raise config_error("safeclip.inmodal_warmup", "and safeclip.multimodal_warmup must be >= 0.",
+                         "use e.g. 5 and 1.")
+    if s.inmodal_warmup + s.multimodal_warmup >= config.num_epochs:
+      raise config_error("safeclip.inmodal_warmup", f"+ multimodal_warmup = {s.inmodal_warmup + s.multimodal_warmup} "
+                         f"leaves no epoch of the {config.num_epochs} for the safe/risky split.",
+                         "train for more epochs or shorten the warm-ups.")
+    if s.bank_size < config.data.batch_size:
+      raise config_error("safeclip.bank_size", f"{s.bank_size} is smaller than the global batch "
+                         f"{config.data.batch_size}.", "use a bank at least as large as the batch.")
+    if not 0 < s.threshold < 1 or not 0 < s.max_ratio <= 1 or s.ratio_step < 0:
+      raise config_error("safeclip.threshold", "must lie in (0, 1), max_ratio in (0, 1] and ratio_step >= 0.",
+                         "use SafeCLIP's published 0.9, 0.85 and 0.01.")
+    if min(s.in_lr, s.filter_lr) <= 0:
+      raise config_error("safeclip.in_lr", "and safeclip.filter_lr must be positive.", "use e.g. 5e-4 and 5e-6.")
+
+  def init_state(self, key: jax.Array) -> SafeState:
+    return init_state(jax.random.fold_in(key, 1), self.config.safeclip, self.config.model.embed_dim,
+                      self.num_examples)
+
+  def state_shardings(self, mesh: Mesh) -> SafeState:
+    return state_shardings(mesh)
+
+  def learning_rate_schedule(self, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
+    return learning_rate_schedule(self.config, steps_per_epoch, total_steps)
+
+  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
+    del steps_per_epoch
+    return {phase: base.StepKind(phase, **TWO_VIEWS) for phase in PHASES}
+
+  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
+    del steps_per_epoch
+    return phase_for_epoch(self.config.safeclip, epoch)
+
+  def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
+    del pair_loss  # SafeCLIP's losses are InfoNCE by construction (validate checks config.loss).
+    ids = jax.lax.with_sharding_constraint(batch["id"], NamedSharding(mesh, P()))
+    return step_loss(kind.name, z, state, ids, scalars["logit_scale"])
+
+  def update_state(self, kind, state, z, aux, batch, mesh):
+    del kind, aux
+    return write_banks(state, {"image": z["image"], "text": z["text"]}, batch["id"], batch["poisoned"], mesh)
+
+  def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
+    del kind, z, step, steps_per_epoch
+    metrics = {f"safeclip/{k}": aux[k] for k in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch")
+               if k in aux}
+    if "safe" in aux:  # A safe_split step: the batch's poisons that got the CLIP loss.
+      metrics["safeclip/poisoned_in_safe"] = jnp.sum(aux["safe"] & (batch["poisoned"] > 0)).astype(jnp.float32)
+    return stats, metrics
+
+  def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
+    return SafeSplitter(context)
+
+
+class SafeSplitter(base.EpochHooks):
+  """SafeCLIP's per-epoch split (docs/methods.md, section 5): every training example's own-caption cosine,
+  a Gaussian mixture, the new safe mask into the state. One explicit host round trip per epoch."""
+
+  def __init__(self, context: base.RunContext):
+    config = context.config
+    self._config, self._mesh, self._data = config, context.mesh, context.train_data
+    self._shardings = context.state_shardings.defense
+    self._similarity = make_similarity_fn(context.spec, context.mesh)
+    self._transform = None
+    if config.poison.enabled:
+      self._transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
+    self._first_split_epoch = config.safeclip.inmodal_warmup + config.safeclip.multimodal_warmup + 1
+    self._poisoned = None  # Which ids carry a poison, to report how many the split lets through.
+    if config.poison.enabled:
+      source = self._data.source
+      self._poisoned = np.asarray([int(source[i].get("poisoned", 0)) > 0 for i in range(len(source))])
+
+  def start_epoch(self, state: Any, epoch: int, kind: str) -> tuple[Any, dict[str, Any] | None]:
+    if kind != "safe_split":
+      return state, None
+    t0 = time.perf_counter()
+    batches = pipeline.scoring_batches(
+        self._config, self._data.source, batch_size=self._data.local_batch_size, image_transform=self._transform,
+        process_index=jax.process_index(), process_count=jax.process_count())
+    sims = dataset_similarities(self._similarity, state.params, state.model_state, batches, self._mesh,
+                                self._data.num_examples)
+    first = epoch == self._first_split_epoch
+    previous = float(jax.device_get(state.defense.ratio))
+    split = split_dataset(sims, first_split=first, previous_ratio=previous, cfg=self._config.safeclip)
+    state = state.replace(defense=place_split(state.defense, split, self._shardings))
+    row = {"epoch": epoch, "safeclip/safe_ratio": split.ratio, "safeclip/gmm_low_mean": float(split.gmm.means[0]),
+           "safeclip/gmm_high_mean": float(split.gmm.means[1]), "safeclip/split_seconds": time.perf_counter() - t0,
+           "safeclip/unscored": int(np.sum(~np.isfinite(sims)))}
+    if self._poisoned is not None and self._poisoned.any():  # Poisons let into the safe set (ideally none).
+      row["safeclip/poisons_in_safe_frac"] = float(np.mean(split.safe[self._poisoned]))
+    logging.info("SafeCLIP split for epoch %d: %s", epoch, row)
+    return state, row

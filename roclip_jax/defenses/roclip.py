@@ -1,7 +1,8 @@
-"""The RoCLIP defense: a pool of recent caption embeddings and top-1 matching.
+"""The RoCLIP defense (`config.defense = 'roclip'`): a pool of recent caption embeddings and top-1 matching.
 
 Everything RoCLIP adds to CLIP training lives in this file (the method:
-docs/roclip.md, section 1; the pool's mechanics: docs/methods.md, section 4):
+docs/roclip.md, section 1; the pool's mechanics: docs/methods.md, section 4),
+ending with the `RoClip` defense class that plugs it into the generic step:
 
 * `Pool`: a FIFO ring buffer of M x d L2-normalised, stop-gradient text
   embeddings, held on device inside the train state, so it is sharded, donated
@@ -27,14 +28,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from typing import Any
 
+from absl import logging
 import flax
 import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+import ml_collections
 
 from roclip_jax import losses
 from roclip_jax import sharding as sharding_lib
+from roclip_jax.defenses import base
+from roclip_jax.errors import config_error
 
 FIFO_MODES = ("ring", "lightly")
 
@@ -98,11 +104,11 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0) -> Setting
   a random one (the schedule the paper itself has at 1M pairs, where the
   warm-up ends inside epoch 1).
   """
-  variant = cfg.get("variant", "paper")
+  variant = cfg.variant
   if variant not in VARIANTS:
     raise ValueError(f"roclip.variant={variant!r} is unknown; use one of {VARIANTS}.")
   knobs = dict(VARIANT_DEFAULTS[variant])
-  for name in knobs:
+  for name in knobs:  # Unset (None or absent) knobs take the variant's value.
     if cfg.get(name) is not None:
       knobs[name] = cfg.get(name)
   k = int(cfg.k)
@@ -419,3 +425,174 @@ def collapse_warnings(row: dict[str, float], num_classes: int | None = None,
       found.append(f"random matches: {100 * same:.1f}% of images matched a caption of their own class "
                    f"(chance {100 * chance:.1f}%, threshold {thresholds.same_class_over_chance:g}x chance)")
   return found
+
+
+# ----------------------------------------------------------------------------
+# The defense.
+
+
+class RoClip(base.Defense):
+  """RoCLIP: CLIP epochs that also write the pool, and every k-th epoch a matching epoch.
+
+  Step kinds: 'clip' (the pair loss; writes the pool too when the settings say
+  so) and 'match' (each image's positive is its nearest pool caption; the text
+  tower runs forward only, to write the pool).
+  """
+  name = "roclip"
+  config_block = "roclip"
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.pool_size = 21845  # The original code's default (docs/methods.md, section 4).
+    c.k = 2  # A matching epoch every k epochs (the paper: epochs k, 2k, ...).
+    c.shard_pool = False
+    c.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
+    # 'robust' (the default): our variant that does not collapse on small data (docs/roclip.md,
+    # sections 4 and 6): matching starts after the lr warm-up on a pool written every step,
+    # hubness-aware (CSLS) matching, images matched to the same caption are not each other's
+    # negatives, and never a row of the image's own example. 'paper': the published method, exactly.
+    # The knobs below, left unset (None), take the variant's value; set one to ablate it.
+    c.variant = "robust"
+    c.first_epoch = ml_collections.config_dict.placeholder(int)  # First matching epoch.
+    c.update_pool_every_step = ml_collections.config_dict.placeholder(bool)  # Also write the pool in CLIP epochs.
+    c.csls_k = ml_collections.config_dict.placeholder(int)  # 0: cosine top-1; > 0: CSLS over k neighbours.
+    c.mask_duplicates = ml_collections.config_dict.placeholder(bool)
+    c.exclude_own = ml_collections.config_dict.placeholder(bool)  # Never match a row of the image's own example.
+    return c
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
+    r, b = config.roclip, config.data.batch_size
+    if r.k < 2:
+      raise config_error("roclip.k", f"is {r.k}; with k=1 every epoch is a matching epoch and the text tower never "
+                         "trains.", "use k >= 2 (the original uses 2 or 3).")
+    if r.variant not in VARIANTS:
+      raise config_error("roclip.variant", f"{r.variant!r} is unknown.", f"use one of {VARIANTS}.")
+    if r.first_epoch is not None and r.first_epoch < 1:
+      raise config_error("roclip.first_epoch", f"is {r.first_epoch}; epochs count from 1.",
+                         "use 1 or more, or leave it unset.")
+    if r.csls_k is not None and r.csls_k < 0:
+      raise config_error("roclip.csls_k", f"is {r.csls_k}.",
+                         "use 0 (cosine top-1) or a positive neighbourhood size such as 10.")
+    if r.fifo not in FIFO_MODES:
+      raise config_error("roclip.fifo", f"{r.fifo!r} is unknown.", "use 'ring' or 'lightly'.")
+    if r.pool_size < b:
+      raise config_error("roclip.pool_size", f"{r.pool_size} is smaller than the global batch {b}.",
+                         "use a pool at least as large as the batch (the original: 21845 for batch 512).")
+    if r.shard_pool and r.pool_size % num_batch_shards:
+      lo = r.pool_size // num_batch_shards * num_batch_shards
+      raise config_error("roclip.pool_size", f"{r.pool_size} is not divisible by the {num_batch_shards} batch "
+                         "shards, which a sharded pool needs.",
+                         f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.")
+    if config.optim["lock"] == "image":
+      # A matching step trains only the image tower (docs/roclip.md, section 1): locked, every
+      # matching epoch would train nothing but the logit scale.
+      raise config_error("optim.lock", "is 'image' with defense='roclip', whose matching steps train only the image "
+                         "tower.", "lock the text tower instead (optim.lock='text'), or use defense='none' for a "
+                         "locked-image (LiT) model.")
+
+  def settings(self, steps_per_epoch: int = 1) -> Settings:
+    return settings(self.config.roclip, steps_per_epoch=steps_per_epoch,
+                    warmup_steps=self.config.optim.warmup_steps)
+
+  def describe(self) -> str:
+    s = self.settings()
+    return (f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, k={s.k}, csls_k={s.csls_k}, "
+            f"pool every step={s.pool_every_step})")
+
+  # State: the pool.
+  def init_state(self, key: jax.Array) -> Pool:
+    return init_pool(key, self.config.roclip.pool_size, self.config.model.embed_dim)
+
+  def state_shardings(self, mesh: Mesh) -> Pool:
+    return pool_shardings(mesh, self.config.roclip.shard_pool)
+
+  def init_stats(self) -> dict[str, jax.Array]:
+    return {f"roclip/{k}": jnp.zeros((), jnp.float32) for k in DIAGNOSTIC_SUMS}
+
+  # Steps.
+  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
+    every_step = self.settings(steps_per_epoch).pool_every_step
+    return {"clip": base.StepKind("clip", options=(("enqueue", every_step),)),
+            "match": base.StepKind("match", text_grad=False, options=(("enqueue", True),))}
+
+  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
+    s = self.settings(steps_per_epoch)
+    return "match" if is_matching_epoch(epoch, s.k, s.first_epoch) else "clip"
+
+  def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
+    if kind.name != "match":
+      return pair_loss(z["image"], z["text"], scalars)
+    # Matching step: the matched pool rows replace the positives (docs/roclip.md, section 1). The
+    # captions only feed the pool, so the text tower ran forward only; its gradient is exactly zero
+    # (AdamW still applies momentum and weight decay to it, as the original does: docs/methods.md, section 4).
+    rc = self.settings()
+    zimg = z["image"]
+    match = nearest_captions(state, zimg, mesh, self.config.roclip.shard_pool, rc.csls_k,
+                             batch["id"] if rc.exclude_own else None)
+    if self.config.loss == "clip":
+      loss, aux = matching_loss(zimg, match, scalars["logit_scale"], rc.mask_duplicates)
+    else:
+      loss, aux = pair_loss(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
+    return loss, dict(aux, match=match)
+
+  def update_state(self, kind, state, z, aux, batch, mesh):
+    if not kind.option("enqueue"):
+      return state
+    return enqueue(state, z["text"], batch["id"], batch["poisoned"], mesh, self.config.roclip.shard_pool,
+                   self.config.roclip.fifo, labels=batch.get("label"))
+
+  def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
+    # The epoch's matching diagnostics: zeroed by the epoch's first step, so the sums in a checkpoint
+    # taken mid-epoch cover exactly the steps before it.
+    stats = dict(stats)
+    first_of_epoch = step % steps_per_epoch == 0
+    for key in DIAGNOSTIC_SUMS:
+      stats[f"roclip/{key}"] = jnp.where(first_of_epoch, 0.0, stats[f"roclip/{key}"])
+    metrics = {}
+    if kind.name == "match":
+      labels = batch.get("label", jnp.full_like(batch["id"], -1))
+      step_diag = step_diagnostics(z["image"], z["text"], aux["match"], labels, batch["poisoned"])
+      for key, value in step_diag.items():
+        stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
+      metrics = {"roclip/match_similarity": step_diag["match_similarity"],
+                 "roclip/distinct_matches": step_diag["distinct_matches"]}
+    return stats, metrics
+
+  def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
+    return MatchingMonitor(context.config)
+
+
+class MatchingMonitor(base.EpochHooks):
+  """RoCLIP's per-matching-epoch diagnostics and collapse detector (`epoch_diagnostics`).
+
+  The sums live in the train state (`stats`), so they are global over hosts
+  and survive a mid-epoch resume; this reads them once per matching epoch.
+  """
+
+  def __init__(self, config: ml_collections.ConfigDict):
+    self._batch_size = config.data.batch_size
+    self._num_classes = None
+    if config.data.source == "demo":  # Labels and their count are known: judge same-class matches too.
+      self._num_classes = int(config.data.demo.num_classes)
+    self._warned_epochs: list[int] = []
+
+  def end_epoch(self, state: Any, epoch: int, kind: str) -> dict[str, Any] | None:
+    if kind != "match":
+      return None
+    sums = {k[len("roclip/"):]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
+    row = dict(epoch_diagnostics(sums, self._batch_size), epoch=epoch)
+    warnings = collapse_warnings(row, self._num_classes)
+    row["roclip/collapse_warning"] = bool(warnings)
+    if warnings:
+      row["roclip/collapse_reasons"] = "; ".join(warnings)
+      self._warned_epochs.append(epoch)
+      logging.warning(
+          "RoCLIP matching epoch %d looks like a COLLAPSE: %s. The model is being trained toward captions that do "
+          "not describe its images; its accuracy will fall toward chance while the attack success rate looks "
+          "good. Fix: config.roclip.variant='robust' (docs/roclip.md), a later config.roclip.first_epoch, or a "
+          "smaller learning rate.", epoch, "; ".join(warnings))
+    else:
+      logging.info("Matching epoch %d: %s", epoch, row)
+    return row

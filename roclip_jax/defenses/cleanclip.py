@@ -1,4 +1,5 @@
-"""CleanCLIP (Bansal, Singhi et al., ICCV 2023; docs/methods.md, section 6): fine-tune away a backdoor.
+"""CleanCLIP (Bansal, Singhi et al., ICCV 2023; docs/methods.md, section 6): fine-tune away a backdoor
+(`config.defense = 'cleanclip'`).
 
 A post-hoc defense: start from a trained, possibly poisoned model
 (`config.init_from`: a run's workdir or imported weights) and fine-tune it on
@@ -13,7 +14,7 @@ among the global batch (CleanCLIP's `--inmodal`). Self-supervision within each
 modality pulls the trigger's features apart from the target class's.
 
 The pipeline's view 1 is the plain example and view 2 its augmentation
-(`config.data.views=2` with `augment.image/text` off). Our image augmentation
+(`CleanClip.views = 2`, with `augment.image/text` off). Our image augmentation
 is RoCLIP's SimCLR-style one (`data/augment.py`), not CleanCLIP's AutoAugment.
 
 The clean data: `clean_subset` keeps the training source's records that are
@@ -25,11 +26,14 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
+from absl import logging
 import jax
 import ml_collections
 import numpy as np
 
 from roclip_jax import losses
+from roclip_jax.defenses import base
+from roclip_jax.errors import config_error
 
 
 def step_loss(z: dict[str, jax.Array], scalars: dict[str, jax.Array], cfg: ml_collections.ConfigDict,
@@ -69,3 +73,55 @@ def clean_subset(source: Any, num_examples: int, seed: int) -> SubsetSource:
                        f"{clean.size} clean records; lower it, or use 0 for all of them.")
     clean = np.sort(np.random.default_rng([seed, 0xC1EA]).choice(clean, size=num_examples, replace=False))
   return SubsetSource(source, clean)
+
+
+class CleanClip(base.Defense):
+  """CleanCLIP fine-tuning: one two-view step kind on the clean subset, starting from `config.init_from`."""
+  name = "cleanclip"
+  config_block = "cleanclip"
+  views = 2
+
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict:
+    c = ml_collections.ConfigDict()
+    c.clip_weight = 1.0  # lambda_1, on the cross-modal (CLIP or SigLIP) loss.
+    c.inmodal_weight = 1.0  # lambda_2, on the in-modal InfoNCE of (x, aug(x)).
+    # The defender's clean set: this many examples known to be clean, drawn from the training
+    # source with the poisoned records removed (0 = all clean ones).
+    c.num_clean_examples = 0
+    c.subset_seed = 0
+    return c
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
+    del num_batch_shards
+    c = config.cleanclip
+    if not config.init_from:
+      raise config_error("init_from", "is empty but defense='cleanclip' fine-tunes an already trained model.",
+                         "point config.init_from at a run's workdir, a Hugging Face CLIP directory or an OpenAI "
+                         "weights file.")
+    if c.clip_weight < 0 or c.inmodal_weight < 0 or c.clip_weight + c.inmodal_weight == 0:
+      raise config_error("cleanclip.clip_weight", "and cleanclip.inmodal_weight must be >= 0 and not both 0.",
+                         "use CleanCLIP's 1.0 and 1.0.")
+    if c.num_clean_examples < 0:
+      raise config_error("cleanclip.num_clean_examples", f"is {c.num_clean_examples}.",
+                         "use 0 (every clean example) or more.")
+
+  def train_records(self, source: Any, image_transform: Any) -> tuple[Any, Any]:
+    del image_transform  # No poisoned record is left to stamp a trigger on.
+    source = clean_subset(source, self.config.cleanclip.num_clean_examples, self.config.cleanclip.subset_seed)
+    logging.info("CleanCLIP: fine-tuning on %d clean examples", len(source))
+    return source, None
+
+  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
+    del steps_per_epoch
+    return {"cleanclip": base.StepKind("cleanclip", image_views=("image", "image2"), text_views=("text", "text2"),
+                                       gather=True)}
+
+  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
+    del epoch, steps_per_epoch
+    return "cleanclip"
+
+  def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
+    del kind, state, batch, mesh
+    return step_loss(z, scalars, self.config.cleanclip, pair_loss)

@@ -1,0 +1,202 @@
+"""The interface every defense implements (docs/architecture.md, "Adding a defense").
+
+A defense is one training objective, in the spirit of open_clip's training
+tasks: plain CLIP, RoCLIP, SafeCLIP and CleanCLIP are each one `Defense`
+subclass in one module of this package, registered by name
+(`defenses.register`). The generic step (`steps.py`) and loop (`train.py`)
+only call the methods below; they never name a defense.
+
+What a defense decides:
+
+* its config block (`config_block`, `default_config`) and `validate`;
+* the training records it sees (`train_records`: CleanCLIP's clean subset) and
+  how many views of each example its steps read (`views`);
+* its device state (`init_state`, `state_shardings`), held in
+  `TrainState.defense`, donated and checkpointed with the model, and its
+  running counters (`init_stats`);
+* the step kinds it compiles (`step_kinds`) and which one runs in an epoch
+  (`kind_for_epoch`);
+* the loss of a step kind from the batch's unit embeddings (`loss`), the state
+  update after the optimizer step (`update_state`: RoCLIP's pool, SafeCLIP's
+  banks) and its step metrics (`update_stats`);
+* host-side epoch hooks (`epoch_hooks`: SafeCLIP's split, RoCLIP's matching
+  monitor) and an optional learning-rate schedule.
+
+The generic step encodes the views a step kind names, so gradient
+accumulation (`steps._accumulated_loss_and_grads`) works for every defense:
+the loss only ever sees embeddings.
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar
+
+import jax
+from jax.sharding import Mesh
+import ml_collections
+import optax
+
+
+@dataclasses.dataclass(frozen=True)
+class StepKind:
+  """What one compiled step of a defense computes; static (it is baked into the jitted step).
+
+  The generic step encodes `image_views` with the image tower and `text_views`
+  with the text tower (batch keys, e.g. 'image' and 'image2'), then calls the
+  defense's `loss` with the unit embeddings under the same keys.
+  """
+  name: str
+  image_views: tuple[str, ...] = ("image",)
+  text_views: tuple[str, ...] = ("text",)
+  # False: the text tower runs forward only and gets an exactly zero gradient (RoCLIP's matching
+  # step, whose positives are pool rows; the captions only feed the pool).
+  text_grad: bool = True
+  # Gather the embeddings to every device before the loss (one all-gather of all views at once):
+  # for losses that look up per-example state or compare every example with the whole batch.
+  gather: bool = False
+  # Free-form static options of the defense for this kind (e.g. RoCLIP's pool write), as
+  # (key, value) pairs so the kind stays hashable.
+  options: tuple[tuple[str, Any], ...] = ()
+
+  def option(self, key: str, default: Any = None) -> Any:
+    return dict(self.options).get(key, default)
+
+  @property
+  def views(self) -> tuple[str, ...]:
+    return self.image_views + self.text_views
+
+
+@dataclasses.dataclass(frozen=True)
+class RunContext:
+  """What host-side epoch hooks may use: built once by the trainer after the data and state."""
+  config: ml_collections.ConfigDict
+  spec: Any  # steps.ModelSpec
+  mesh: Mesh
+  train_data: Any  # pipeline.TrainData
+  state_shardings: Any  # steps.TrainState of shardings
+  steps_per_epoch: int
+
+
+class EpochHooks:
+  """Host-side work at epoch boundaries. Both return a row for metrics.jsonl (kind 'epoch') or None.
+
+  `start_epoch` runs before the first step of an epoch (not when a run resumes
+  mid-epoch) and may replace the train state; `end_epoch` runs after an epoch's
+  last step (or the run's last step).
+  """
+
+  def start_epoch(self, state: Any, epoch: int, kind: str) -> tuple[Any, dict[str, Any] | None]:
+    del epoch, kind
+    return state, None
+
+  def end_epoch(self, state: Any, epoch: int, kind: str) -> dict[str, Any] | None:
+    del state, epoch, kind
+    return None
+
+
+class Defense:
+  """Plain CLIP training; subclasses override what their method changes.
+
+  Args:
+    config: the whole experiment config (a defense reads its own block and the shared fields).
+    num_examples: training examples of the run (0 when unknown, e.g. in a dry run); sizes
+      per-example state such as SafeCLIP's safe mask.
+  """
+  name: ClassVar[str] = ""
+  config_block: ClassVar[str | None] = None  # The config field holding `default_config()`, if any.
+  views: ClassVar[int] = 1  # Views of each example the pipeline delivers (2: 'image2', 'text2' too).
+  # Whether `grad_accum_steps` > 1 is exact for this defense's losses; the generic embedding-cache
+  # accumulation is exact for any loss of the batch's embeddings, so only a loss that is not a
+  # function of them (or has per-micro-batch side effects) sets this False.
+  supports_grad_accum: ClassVar[bool] = True
+
+  def __init__(self, config: ml_collections.ConfigDict, *, num_examples: int = 0):
+    self.config = config
+    self.num_examples = int(num_examples)
+
+  # ------------------------------------------------------------------ config
+  @classmethod
+  def default_config(cls) -> ml_collections.ConfigDict | None:
+    """The defaults of `config.<config_block>`; the one place they are written."""
+    return None
+
+  @classmethod
+  def validate(cls, config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
+    """Raises `errors.ConfigError` for settings this defense cannot run with."""
+    del config, num_batch_shards
+
+  # -------------------------------------------------------------------- data
+  def train_records(self, source: Any, image_transform: Any) -> tuple[Any, Any]:
+    """The records this defense trains on and the image transform still needed (the trigger stamp)."""
+    return source, image_transform
+
+  # ------------------------------------------------------------------- state
+  def init_state(self, key: jax.Array) -> Any:
+    """Device state in `TrainState.defense` (a pytree, or None); `key` is the defense's own."""
+    del key
+    return None
+
+  def state_shardings(self, mesh: Mesh) -> Any:
+    """Shardings with the structure of `init_state`'s result."""
+    del mesh
+    return None
+
+  def init_stats(self) -> dict[str, jax.Array]:
+    """Running counters of the defense in `TrainState.stats` (summed on device, checkpointed)."""
+    return {}
+
+  def learning_rate_schedule(self, steps_per_epoch: int, total_steps: int) -> optax.Schedule | None:
+    """A schedule replacing `config.optim`'s, or None to keep it."""
+    del steps_per_epoch, total_steps
+    return None
+
+  # ------------------------------------------------------------------- steps
+  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, StepKind]:
+    """The step kinds a run may need, by name (the name is logged as the row's `mode`)."""
+    del steps_per_epoch
+    return {"clip": StepKind("clip")}
+
+  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
+    """The step kind of 1-based `epoch`: a key of `step_kinds`."""
+    del epoch, steps_per_epoch
+    return "clip"
+
+  def loss(self, kind: StepKind, z: dict[str, jax.Array], scalars: dict[str, jax.Array], state: Any,
+           batch: dict[str, jax.Array], mesh: Mesh, pair_loss) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss of a `kind` step and its auxiliary outputs.
+
+    Args:
+      kind: the step kind.
+      z: unit embeddings [B, d] of every view `kind` names, by batch key.
+      scalars: the loss's own parameters ('logit_scale', and 'logit_bias' with SigLIP).
+      state: `TrainState.defense` before the step.
+      batch: the global batch ('id', 'poisoned', 'label', ...).
+      mesh: the device mesh.
+      pair_loss: the configured cross-modal loss, `fn(zimg, ztxt, scalars) -> (loss, aux)`.
+    Returns: the scalar loss and aux; aux has 'batch_accuracy' and may have the parts in
+      `steps.LOSS_PARTS`, which become metrics.
+    """
+    del kind, state, batch, mesh
+    return pair_loss(z["image"], z["text"], scalars)
+
+  def update_state(self, kind: StepKind, state: Any, z: dict[str, jax.Array], aux: dict[str, jax.Array],
+                   batch: dict[str, jax.Array], mesh: Mesh) -> Any:
+    """`TrainState.defense` after the step; `z` are the step's embeddings (stop-gradient)."""
+    del kind, z, aux, batch, mesh
+    return state
+
+  def update_stats(self, kind: StepKind, stats: dict[str, jax.Array], z: dict[str, jax.Array],
+                   aux: dict[str, jax.Array], batch: dict[str, jax.Array], step: jax.Array,
+                   steps_per_epoch: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+    """The defense's counters after the step and its extra step metrics."""
+    del kind, z, aux, batch, step, steps_per_epoch
+    return stats, {}
+
+  # -------------------------------------------------------------------- host
+  def epoch_hooks(self, context: RunContext) -> EpochHooks:
+    del context
+    return EpochHooks()
+
+  def describe(self) -> str:
+    """One line for the log."""
+    return self.name
