@@ -161,3 +161,12 @@ def test_default_size_generates_quickly(tmp_path):
   assert elapsed < 20, f"default demo generation took {elapsed:.1f}s"
   assert len(_read_rows(root, "train")) == 24 * 250
   assert len(_read_rows(root, "test")) == 24 * 50
+
+
+def test_possible_captions_hold_every_drawn_caption():
+  # The tokenizer's test corpus claims to be every caption the generator can write.
+  possible = set(demo.possible_captions())
+  rng = np.random.default_rng(0)
+  for i in range(1500):
+    _, caption = demo.draw_example(i % len(demo.CLASS_NAMES), 8, rng)
+    assert caption in possible, caption

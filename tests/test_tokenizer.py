@@ -1,4 +1,4 @@
-"""Tokenizer: IDs equal OpenAI CLIP's, layout, truncation, pickling."""
+"""Tokenizer: IDs equal OpenAI CLIP's and a Rust BPE's on every demo caption, layout, truncation, pickling."""
 import pickle
 import string
 
@@ -8,6 +8,8 @@ from hypothesis import strategies as st
 import numpy as np
 import pytest
 
+from roclip_jax.bench import tokenizer as bench_tokenizer
+from roclip_jax.data import demo
 from roclip_jax.data import tokenizer as tokenizer_lib
 
 SOT, EOT = 49406, 49407
@@ -30,6 +32,53 @@ def hf_tokenizer():
   vocab = tokenizer_lib.build_vocab(merges)
   return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)},
                        merges=merges)
+
+
+@pytest.fixture(scope="module")
+def fast_tokenizer():
+  """The benchmark's tokenizer on `CLIPTokenizerFast`: an independent BPE and pre-tokenizer (Rust)."""
+  return bench_tokenizer.FastTokenizer(77)
+
+
+# Beyond the demo's vocabulary: what OpenAI's cleaning and pre-tokenisation must get right.
+HARD_CAPTIONS = [
+    "",
+    "   ",
+    "\t\n  A  photo\n\nof   a CAT\t",
+    "naïve café résumé Ångström façade",
+    "<b>cafe&#769;</b> <i>A&#778;ngstr&ouml;m</i>",  # Stays decomposed: no NFC after unescaping.
+    "cafÃ© mojibake",  # ftfy repairs it.
+    "emoji 🙂👍🏽 family 👩‍👩‍👧 flag 🇫🇷",
+    "fish &amp;amp; chips &lt;3 &quot;quoted&quot; &#39;single&#39; &copy; &nbsp;x",
+    "it's don't we'll I'M they've she'd you're O'Neil's",
+    "digits 0123456789, 3.14159, 1,000,000 and 2nd/3rd 42nd",
+    "ＦＵＬＬ ｗｉｄｔｈ and ﬁ ligature",
+    "日本語のテキスト 中文字符 한국어 Ελληνικά ΣΟΦΟΣ İstanbul",
+    "\x00control\x1b[31mred\x1b[0m\r\nline",
+    "non\u00a0breaking\u2003em\u200bzero-width",
+    "a.<|endoftext|>b <|startoftext|> x<|endoftext|>",
+    "!!!??? ... --- *** ###",
+    "word " * 120,  # Truncated at the context length.
+    "supercalifragilisticexpialidocious " * 30,
+]
+
+
+def test_same_ids_as_a_rust_bpe_on_every_demo_and_eval_caption(tok, fast_tokenizer):
+  corpus = demo.possible_captions() + bench_tokenizer.zero_shot_prompts() + HARD_CAPTIONS
+  np.testing.assert_array_equal(tok(corpus), fast_tokenizer(corpus))
+
+
+@pytest.mark.parametrize("text", HARD_CAPTIONS)
+def test_same_ids_as_a_rust_bpe_on_hard_captions_one_at_a_time(tok, fast_tokenizer, text):
+  np.testing.assert_array_equal(tok(text), fast_tokenizer(text))
+  assert tok.encode(text) == fast_tokenizer.encode(text)
+
+
+def test_over_long_caption_is_cut_before_eot(tok):
+  ids = tok.encode("word " * 120)
+  assert len(ids) == 120
+  out = tok("word " * 120)[0]
+  np.testing.assert_array_equal(out, [SOT] + ids[:75] + [EOT])
 
 
 # IDs produced by OpenAI's `clip.tokenize` (and open_clip's).

@@ -233,6 +233,17 @@ def draw_example(label: int, size: int,
   return pixels, " ".join(caption.split())
 
 
+def possible_captions() -> list[str]:
+  """Every caption `draw_example` can write, sorted (the tokenizer's test and benchmark corpus)."""
+  size_words = _SMALL_WORDS + _MEDIUM_WORDS + _LARGE_WORDS
+  positions = [phrase for row in _POSITION_PHRASES for phrase in row]
+  captions = {
+      " ".join(template.format(name=name, size=size, pos=pos, bg=background).split())
+      for template in CAPTION_TEMPLATES for name in CLASS_NAMES for size in size_words
+      for pos in positions for background in BACKGROUNDS}
+  return sorted(captions)
+
+
 # --------------------------------------------------------------- the files
 
 
