@@ -404,3 +404,19 @@ def test_string_column_round_trips_unicode_and_empty_strings():
 def test_metadata_rejects_columns_of_different_lengths():
   with pytest.raises(ValueError, match="one length"):
     metadata_lib.Metadata(ids=np.arange(3), captions=["a", "b"], labels=np.zeros(3), poisoned=np.zeros(3))
+
+
+@pytest.mark.parametrize("name", ["cat", "ice cream", "kite (bird of prey)", "ü", "dog", "s", "Cat"])
+def test_caption_search_equals_the_per_caption_search(name):
+  rng = np.random.default_rng(0)
+  words = ["cat", "cats", "Cat.", "dog", "ice", "cream", "ice cream", "kite (bird of prey)", "über", "ü", "s",
+           "concatenate", "(cat)", "", "\n", "x"]
+  # Captions ending in "cat" next to ones starting with "s": a join without separators would see "cats";
+  # "an ice" next to "cream cone": a join by spaces would see "ice cream".
+  captions = ["".join(rng.choice(words, rng.integers(0, 6)).tolist()) if i % 3 else
+              " ".join(rng.choice(words, rng.integers(0, 6)).tolist()) for i in range(3000)]
+  captions += ["a cat", "s and more", "", "cat", "s", "an ice", "cream cone"]
+  expected = [i for i, c in enumerate(captions) if poison.mentions(name).search(c)]
+  got = poison.CaptionSearch(metadata_lib.StringColumn(captions)).matching(name)
+  assert got.dtype == np.int64 and got.tolist() == expected
+  assert poison.CaptionSearch([]).matching(name).tolist() == []

@@ -17,8 +17,9 @@ Inputs (`--format`, inferred from `--input` when left out):
 Output in `--output_dir`: `shard-00000-of-00042.array_record` (`group_size:1`; record format in
 `array_record.py`: JSON header + JPEG with the shorter side resized down to `--image_size`,
 quality 95), its caption index `shard-00000-of-00042.index.npz` (ids, captions, labels, poisoned
-flags: what poisoning and the defenses read instead of the images), one `.json` of stats per shard, `plan.json` (the arguments that define the shards)
-and `summary.json` (written / skipped / failed items, with the failed ids and reasons).
+flags: what poisoning and the defenses read instead of the images), one `.json` of stats per shard,
+`plan.json` (the arguments that define the shards) and `summary.json` (written / skipped / failed
+items, with the failed ids and reasons).
 
 Failed items (a missing file, a corrupt image, no caption) are left out and listed in the summary;
 the rest of the shard is kept. A shard is written under a temporary name and renamed when complete,

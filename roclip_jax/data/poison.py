@@ -541,7 +541,47 @@ def _matching(captions: Sequence[str], name: str) -> np.ndarray:
   return np.array([i for i, c in enumerate(captions) if pattern.search(c)], np.int64)
 
 
-def _targeted(table: metadata_lib.Metadata, pool: TargetPool, cfg: ml_collections.ConfigDict, seed: int,
+class CaptionSearch:
+  """Which captions mention a class name: `_matching`'s answer from one regex scan over all captions.
+
+  The captions are joined once, separated by NUL (not a word character, never in a class name), so
+  that a whole-phrase match can neither span two captions nor see a neighbour's letters in its
+  lookarounds: the captions with a match are exactly those `mentions(name).search` matches. On
+  millions of captions one scan takes seconds where a Python loop over the captions takes minutes,
+  and the attacks scan once per target plus once for the backdoor.
+  """
+
+  _SEPARATOR = "\x00"
+  _CHUNK = 65536
+
+  def __init__(self, captions: Sequence[str]):
+    self._captions = captions
+    self._text: str | None = None
+    self._starts: np.ndarray | None = None
+
+  def _join(self) -> None:
+    n = len(self._captions)
+    lengths = np.empty(n, np.int64)
+    chunks, captions = [], iter(self._captions)
+    for start in range(0, n, self._CHUNK):
+      part = [next(captions) for _ in range(min(self._CHUNK, n - start))]
+      lengths[start:start + len(part)] = [len(c) for c in part]
+      chunks.append(self._SEPARATOR.join(part))
+    self._text = self._SEPARATOR.join(chunks)
+    self._starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+
+  def matching(self, name: str) -> np.ndarray:
+    """Positions (ascending, int64) of the captions that `mentions(name)` matches."""
+    if not name.strip() or self._SEPARATOR in name:
+      return _matching(self._captions, name)  # The join's guarantee needs a non-empty NUL-free name.
+    if self._text is None:
+      self._join()
+    found = np.fromiter((m.start() for m in mentions(name).finditer(self._text)), np.int64)
+    return np.unique(np.searchsorted(self._starts, found, side="right") - 1).astype(np.int64)
+
+
+def _targeted(table: metadata_lib.Metadata, search: CaptionSearch, pool: TargetPool,
+              cfg: ml_collections.ConfigDict, seed: int,
               first_new_id: int) -> tuple[list[PoisonTarget], list[dict[str, Any]]]:
   """Targets, adversarial classes and the appended poison records.
 
@@ -573,7 +613,7 @@ def _targeted(table: metadata_lib.Metadata, pool: TargetPool, cfg: ml_collection
           "allow more classes in poison.targeted.adversarial_classes or lower num_targets.")
     adversarial = candidates[int(rng.integers(len(candidates)))]
     used.add(adversarial)
-    matches = _matching(table.captions, adversarial)
+    matches = search.matching(adversarial)
     if matches.size < tc.poisons_per_target:
       raise ValueError(
           f"Only {matches.size} training captions mention {adversarial!r} but "
@@ -595,7 +635,7 @@ def _targeted(table: metadata_lib.Metadata, pool: TargetPool, cfg: ml_collection
   return targets, records
 
 
-def _backdoor(table: metadata_lib.Metadata, class_names: Sequence[str] | None,
+def _backdoor(table: metadata_lib.Metadata, search: CaptionSearch, class_names: Sequence[str] | None,
               cfg: ml_collections.ConfigDict, seed: int) -> dict[int, str | None]:
   """Base position -> new caption (None: kept) of the backdoored examples.
 
@@ -605,7 +645,7 @@ def _backdoor(table: metadata_lib.Metadata, class_names: Sequence[str] | None,
   rng = np.random.default_rng([seed, _STREAM_BACKDOOR])
   num = round(bd.rate * len(table.ids)) if bd.rate > 0 else bd.num_poisons
   mentioning = np.zeros(len(table.ids), bool)
-  mentioning[_matching(table.captions, bd.target_class)] = True
+  mentioning[search.matching(bd.target_class)] = True
   if bd.selection == "label_consistent":
     candidates = np.flatnonzero(mentioning)
     what = f"examples whose caption mentions {bd.target_class!r}"
@@ -695,14 +735,15 @@ def poison_source(base_source: RecordSource, held_out: TargetPool | Any | None,
   if len(np.unique(table.ids)) != len(table.ids):
     raise ValueError("The clean source has duplicate ids; poisoned examples are tracked by id.")
 
+  search = CaptionSearch(table.captions)
   targets, appended = [], []
   if use_targeted:
     first_new_id = int(table.ids.max()) + 1 if len(table.ids) else 0
-    targets, appended = _targeted(table, target_pool, cfg, seed, first_new_id)
+    targets, appended = _targeted(table, search, target_pool, cfg, seed, first_new_id)
   replaced = {}
   if use_backdoor:
     replaced = {int(table.ids[i]): caption
-                for i, caption in _backdoor(table, _class_names_of(held_out), cfg, seed).items()}
+                for i, caption in _backdoor(table, search, _class_names_of(held_out), cfg, seed).items()}
 
   info = dataclasses.replace(
       clean,
