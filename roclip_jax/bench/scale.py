@@ -22,6 +22,7 @@ image bytes; the full pass grows with the image bytes.
 """
 from __future__ import annotations
 
+import concurrent.futures
 import io
 import multiprocessing
 import os
@@ -126,8 +127,8 @@ def _task(kind: str, directory: str, rate: float) -> dict[str, Any]:
 
 def _in_fresh_process(kind: str, directory: str, rate: float) -> dict[str, Any]:
   context = multiprocessing.get_context("spawn")  # A fresh process: its peak RSS is this task's alone.
-  with context.Pool(1) as pool:
-    return pool.apply(_task, (kind, directory, rate))
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    return pool.submit(_task, kind, directory, rate).result()
 
 
 def _disk_mib(directory: str, suffix: str) -> float:
