@@ -34,7 +34,7 @@ import numpy as np
 
 from roclip_jax.data import demo
 from roclip_jax.data import tokenizer as tokenizer_lib
-from roclip_jax.evaluators import templates
+from roclip_jax.data import templates
 
 _OPEN_CAPTIONS = flags.DEFINE_integer("open_captions", 10_000, "Captions in the open-vocabulary corpus.")
 _REPEATS = flags.DEFINE_integer("repeats", 3, "Warm timings per case; the best is printed.")

@@ -16,13 +16,21 @@ Inputs (`--format`, inferred from `--input` when left out):
 
 Output in `--output_dir`: `shard-00000-of-00042.array_record` (`group_size:1`; record format in
 `array_record.py`: JSON header + JPEG with the shorter side resized down to `--image_size`,
-quality 95), one `.json` of stats per shard, `plan.json` (the arguments that define the shards)
-and `summary.json` (written / skipped / failed items, with the failed ids and reasons).
+quality 95), its caption index `shard-00000-of-00042.index.npz` (ids, captions, labels, poisoned
+flags: what poisoning and the defenses read instead of the images), one `.json` of stats per shard,
+`plan.json` (the arguments that define the shards) and `summary.json` (written / skipped / failed
+items, with the failed ids and reasons).
 
 Failed items (a missing file, a corrupt image, no caption) are left out and listed in the summary;
 the rest of the shard is kept. A shard is written under a temporary name and renamed when complete,
 so a killed run leaves only whole shards: rerunning the same command skips them. Shards are
 converted in parallel by `--workers` processes.
+
+Shards converted before the caption index existed get it from
+
+  python -m roclip_jax.data.convert --index_only --output_dir=/data/cc3m_ar
+
+(reads each shard once; a resumed conversion also writes the missing indexes of finished shards).
 """
 from __future__ import annotations
 
@@ -200,13 +208,46 @@ def _atomic_write_text(path: str, text: str) -> None:
   os.replace(tmp, path)
 
 
+class ShardWriter:
+  """Writes one shard and its caption index under temporary names; `finish` renames them.
+
+  Order on `finish`: index, stats, shard, so a shard file that exists always has both.
+  """
+
+  def __init__(self, path: str):
+    from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+    self.path = path
+    self._tmp = f"{path}.tmp-{os.getpid()}"
+    self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
+    self._headers: list[dict[str, Any]] = []  # Captions etc. only: a few bytes per record.
+
+  def write(self, *, source_id: int, caption: str, image_bytes: bytes, origin: str = "", label: int = -1,
+            poisoned: int = 0) -> None:
+    self._writer.write(array_record.encode_record(
+        source_id=source_id, caption=caption, image_bytes=image_bytes, origin=origin, label=label,
+        poisoned=poisoned))
+    self._headers.append({"id": source_id, "caption": caption, "label": label, "poisoned": poisoned})
+
+  @property
+  def num_written(self) -> int:
+    return len(self._headers)
+
+  def close(self) -> None:
+    self._writer.close()
+
+  def finish(self, stats_path: str | None = None, stats: dict[str, Any] | None = None) -> None:
+    self._writer.close()
+    array_record.ShardIndex.from_headers(self._headers).save(array_record.index_path(self.path))
+    if stats_path is not None:
+      _atomic_write_text(stats_path, json.dumps(stats))
+    os.replace(self._tmp, self.path)
+
+
 def convert_shard(task: ShardTask) -> dict[str, Any]:
-  """Writes one shard (tmp name + rename) and its stats file; returns the stats."""
-  from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+  """Writes one shard, its caption index and its stats file (tmp names + rename); returns the stats."""
   start = time.perf_counter()
-  tmp = f"{task.path}.tmp-{os.getpid()}"
-  writer = ArrayRecordWriter(tmp, "group_size:1")
-  written, failures = 0, []
+  writer = ShardWriter(task.path)
+  failures = []
   try:
     for source_id, origin, data, caption, label, poisoned, reason in _items(task):
       jpeg = resize_to_jpeg(data, task.image_size, task.quality) if reason is None else None
@@ -215,17 +256,13 @@ def convert_shard(task: ShardTask) -> dict[str, Any]:
       if reason is not None:
         failures.append({"id": source_id, "origin": origin, "reason": reason})
         continue
-      writer.write(array_record.encode_record(
-          source_id=source_id, caption=caption, image_bytes=jpeg, origin=origin, label=label,
-          poisoned=poisoned))
-      written += 1
+      writer.write(source_id=source_id, caption=caption, image_bytes=jpeg, origin=origin, label=label,
+                   poisoned=poisoned)
   finally:
     writer.close()
-  stats = {"shard": os.path.basename(task.path), "written": written, "failures": failures,
+  stats = {"shard": os.path.basename(task.path), "written": writer.num_written, "failures": failures,
            "seconds": round(time.perf_counter() - start, 3)}
-  # Stats first, shard last: a shard file that exists always has its stats.
-  _atomic_write_text(task.stats_path, json.dumps(stats))
-  os.replace(tmp, task.path)
+  writer.finish(task.stats_path, stats)
   return stats
 
 
@@ -407,6 +444,12 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
         todo.append(task)
       else:
         all_stats.append(done)
+    # Finished shards of a conversion from before the caption index existed: index them now.
+    todo_paths = {t.path for t in todo}
+    written = array_record.write_indexes([t.path for t in tasks if t.path not in todo_paths],
+                                         progress=progress)
+    if written:
+      logging.info("Wrote the missing caption indexes of %d finished shards.", written)
     shards_skipped = len(all_stats)
     todo_items = sum(t.num_items for t in todo)
     if fmt == "csv":
@@ -438,6 +481,16 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
   return summary
 
 
+def index_shards(shards: str, *, overwrite: bool = False, progress: bool = True) -> tuple[int, int]:
+  """Writes the caption index of every shard of `shards` (a directory or glob) that lacks one.
+
+  For shard sets converted before the index existed: reads each such shard once. `overwrite`
+  rewrites every index. Returns (indexes written, shards).
+  """
+  paths = array_record.shard_paths(shards)
+  return array_record.write_indexes(paths, overwrite=overwrite, progress=progress), len(paths)
+
+
 # --------------------------------------------------------------------- CLI
 
 def _define_flags() -> None:
@@ -454,12 +507,23 @@ def _define_flags() -> None:
   flags.DEFINE_string("caption_key", "caption", "CSV: caption column.")
   flags.DEFINE_string("delimiter", "", "CSV: delimiter ('' = ',' or tab for .tsv).")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
+  flags.DEFINE_bool("index_only", False, "Convert nothing: write the caption index (*.index.npz) of "
+                    "every shard in --output_dir that lacks one, reading each such shard once.")
+  flags.DEFINE_bool("overwrite_index", False, "With --index_only: rewrite every index.")
 
 
 def main(argv: Sequence[str]) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   f = flags.FLAGS
+  if f.index_only:
+    if not f.output_dir:
+      raise app.UsageError("--index_only needs --output_dir (the shards' directory or a glob).")
+    start = time.perf_counter()
+    written, total = index_shards(f.output_dir, overwrite=f.overwrite_index, progress=f.progress)
+    print(f"Wrote {written} caption index(es) for {total} shards in {f.output_dir} "
+          f"({total - written} already had one); {time.perf_counter() - start:.1f}s.")
+    return
   if not f.input or not f.output_dir:
     raise app.UsageError("--input and --output_dir are required.")
   summary = convert(

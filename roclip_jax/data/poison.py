@@ -12,6 +12,10 @@ every poisoned example is known by id:
   the clean examples (same id), `poisoned=1`. The trigger is stamped after decoding by
   `make_image_transform`, and the evaluator stamps the same trigger (same seed) on test images.
 
+The attacks decide which examples to poison and their new captions from the training source's
+metadata (ids, captions, labels: `data/metadata.py`), never its images; `PoisonedSource` then applies
+the decision lazily, as each record is read.
+
 Everything random is drawn from `np.random.default_rng([seed, <stream>, ...])`, one stream per
 purpose, so that turning one attack on or off never changes what the other one draws.
 """
@@ -26,6 +30,7 @@ from typing import Any, Protocol
 import ml_collections
 import numpy as np
 
+from roclip_jax.data import metadata as metadata_lib
 from roclip_jax.data import templates as templates_lib
 
 # Independent random streams (the second entry of the seed sequence).
@@ -478,12 +483,15 @@ class PoisonInfo:
 class PoisonedSource:
   """The clean source with some records replaced (backdoor) and some appended (targeted).
 
-  Random access and picklable, like the source it wraps, so grain can shuffle and shard it.
+  Lazy: the base's records are read only when asked for, and a backdoored record gets its new
+  caption and `poisoned=1` as it is read, looked up by its id. What it holds is proportional to the
+  number of poisons, not to the source. Random access and picklable, like the source it wraps, so
+  grain can shuffle and shard it; `metadata()` describes it without reading an image.
   """
 
   def __init__(self, base: RecordSource, replaced: Mapping[int, str | None],
                appended: Sequence[Mapping[str, Any]]):
-    """`replaced`: base index -> new caption (None keeps the caption); `appended`: new records."""
+    """`replaced`: example id -> new caption (None keeps the caption); `appended`: new records."""
     self._base = base
     self._num_base = len(base)
     self._replaced = {int(k): v for k, v in replaced.items()}
@@ -499,31 +507,33 @@ class PoisonedSource:
     if index >= self._num_base:
       return dict(self._appended[index - self._num_base])
     record = dict(self._base[index])
-    if index in self._replaced:
-      caption = self._replaced[index]
+    example_id = int(record["id"])
+    if example_id in self._replaced:
+      caption = self._replaced[example_id]
       if caption is not None:
         record["caption"] = caption
       record["poisoned"] = np.int8(BACKDOOR)
     return record
 
+  def metadata(self) -> metadata_lib.Metadata:
+    """The poisoned source's ids, captions, labels and poisoned flags, from the base's metadata."""
+    base = metadata_lib.metadata_of(self._base)
+    positions = np.flatnonzero(np.isin(base.ids, np.fromiter(self._replaced, np.int64)))
+    poisoned = base.poisoned.copy()
+    poisoned[positions] = BACKDOOR
+    new_captions = {int(i): self._replaced[int(base.ids[i])] for i in positions}
+    captions = metadata_lib.CaptionOverlay(
+        base.captions, {i: c for i, c in new_captions.items() if c is not None},
+        [str(r["caption"]) for r in self._appended])
+    appended = lambda key, dtype: np.array([int(r[key]) for r in self._appended], dtype)
+    return metadata_lib.Metadata(
+        ids=np.concatenate([base.ids, appended("id", np.int64)]), captions=captions,
+        labels=np.concatenate([base.labels, appended("label", np.int64)]),
+        poisoned=np.concatenate([poisoned, appended("poisoned", np.int8)]))
+
   def __repr__(self) -> str:
     return (f"PoisonedSource(base={self._num_base}, replaced={len(self._replaced)}, "
             f"appended={len(self._appended)})")
-
-
-@dataclasses.dataclass(frozen=True)
-class _CleanTable:
-  """The columns of the clean source the attacks need."""
-  ids: np.ndarray
-  captions: list[str]
-  labels: np.ndarray
-
-
-def _read_table(base: RecordSource) -> _CleanTable:
-  rows = [base[i] for i in range(len(base))]
-  return _CleanTable(ids=np.array([int(r["id"]) for r in rows], np.int64),
-                     captions=[str(r["caption"]) for r in rows],
-                     labels=np.array([int(r["label"]) for r in rows], np.int64))
 
 
 def _matching(captions: Sequence[str], name: str) -> np.ndarray:
@@ -531,7 +541,47 @@ def _matching(captions: Sequence[str], name: str) -> np.ndarray:
   return np.array([i for i, c in enumerate(captions) if pattern.search(c)], np.int64)
 
 
-def _targeted(table: _CleanTable, pool: TargetPool, cfg: ml_collections.ConfigDict, seed: int,
+class CaptionSearch:
+  """Which captions mention a class name: `_matching`'s answer from one regex scan over all captions.
+
+  The captions are joined once, separated by NUL (not a word character, never in a class name), so
+  that a whole-phrase match can neither span two captions nor see a neighbour's letters in its
+  lookarounds: the captions with a match are exactly those `mentions(name).search` matches. On
+  millions of captions one scan takes seconds where a Python loop over the captions takes minutes,
+  and the attacks scan once per target plus once for the backdoor.
+  """
+
+  _SEPARATOR = "\x00"
+  _CHUNK = 65536
+
+  def __init__(self, captions: Sequence[str]):
+    self._captions = captions
+    self._text: str | None = None
+    self._starts: np.ndarray | None = None
+
+  def _join(self) -> None:
+    n = len(self._captions)
+    lengths = np.empty(n, np.int64)
+    chunks, captions = [], iter(self._captions)
+    for start in range(0, n, self._CHUNK):
+      part = [next(captions) for _ in range(min(self._CHUNK, n - start))]
+      lengths[start:start + len(part)] = [len(c) for c in part]
+      chunks.append(self._SEPARATOR.join(part))
+    self._text = self._SEPARATOR.join(chunks)
+    self._starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
+
+  def matching(self, name: str) -> np.ndarray:
+    """Positions (ascending, int64) of the captions that `mentions(name)` matches."""
+    if not name.strip() or self._SEPARATOR in name:
+      return _matching(self._captions, name)  # The join's guarantee needs a non-empty NUL-free name.
+    if self._text is None:
+      self._join()
+    found = np.fromiter((m.start() for m in mentions(name).finditer(self._text)), np.int64)
+    return np.unique(np.searchsorted(self._starts, found, side="right") - 1).astype(np.int64)
+
+
+def _targeted(table: metadata_lib.Metadata, search: CaptionSearch, pool: TargetPool,
+              cfg: ml_collections.ConfigDict, seed: int,
               first_new_id: int) -> tuple[list[PoisonTarget], list[dict[str, Any]]]:
   """Targets, adversarial classes and the appended poison records.
 
@@ -563,7 +613,7 @@ def _targeted(table: _CleanTable, pool: TargetPool, cfg: ml_collections.ConfigDi
           "allow more classes in poison.targeted.adversarial_classes or lower num_targets.")
     adversarial = candidates[int(rng.integers(len(candidates)))]
     used.add(adversarial)
-    matches = _matching(table.captions, adversarial)
+    matches = search.matching(adversarial)
     if matches.size < tc.poisons_per_target:
       raise ValueError(
           f"Only {matches.size} training captions mention {adversarial!r} but "
@@ -585,9 +635,9 @@ def _targeted(table: _CleanTable, pool: TargetPool, cfg: ml_collections.ConfigDi
   return targets, records
 
 
-def _backdoor(table: _CleanTable, class_names: Sequence[str] | None,
+def _backdoor(table: metadata_lib.Metadata, search: CaptionSearch, class_names: Sequence[str] | None,
               cfg: ml_collections.ConfigDict, seed: int) -> dict[int, str | None]:
-  """Base index -> new caption (None: kept) of the backdoored examples.
+  """Base position -> new caption (None: kept) of the backdoored examples.
 
   The attack: docs/attacks_and_metrics.md, section 3.
   """
@@ -595,7 +645,7 @@ def _backdoor(table: _CleanTable, class_names: Sequence[str] | None,
   rng = np.random.default_rng([seed, _STREAM_BACKDOOR])
   num = round(bd.rate * len(table.ids)) if bd.rate > 0 else bd.num_poisons
   mentioning = np.zeros(len(table.ids), bool)
-  mentioning[_matching(table.captions, bd.target_class)] = True
+  mentioning[search.matching(bd.target_class)] = True
   if bd.selection == "label_consistent":
     candidates = np.flatnonzero(mentioning)
     what = f"examples whose caption mentions {bd.target_class!r}"
@@ -615,13 +665,28 @@ def _backdoor(table: _CleanTable, class_names: Sequence[str] | None,
   if bd.caption_source == "templates":
     pool = [t.format(bd.target_class) for t in templates_lib.OPENAI_IMAGENET_TEMPLATES]
   else:
-    pool = [table.captions[i] for i in np.flatnonzero(mentioning)]
-    if not pool:
+    # Positions, not strings: only the `num` drawn captions are ever decoded.
+    mentioning_positions = np.flatnonzero(mentioning)
+    if not mentioning_positions.size:
       raise ValueError(f"No training caption mentions {bd.target_class!r}, so "
                        "poison.backdoor.caption_source='train' has nothing to draw from; use "
                        "'templates' or another target_class.")
+    pool = _PositionedCaptions(table.captions, mentioning_positions)
   picks = rng.integers(len(pool), size=num)
   return {int(i): pool[p] for i, p in zip(chosen, picks)}
+
+
+class _PositionedCaptions:
+  """The captions at some positions of a caption column, as a sequence (decoded when indexed)."""
+
+  def __init__(self, captions: Sequence[str], positions: np.ndarray):
+    self._captions, self._positions = captions, positions
+
+  def __len__(self) -> int:
+    return len(self._positions)
+
+  def __getitem__(self, index: int) -> str:
+    return self._captions[int(self._positions[int(index)])]
 
 
 def _class_names_of(held_out: Any) -> tuple[str, ...] | None:
@@ -665,22 +730,25 @@ def poison_source(base_source: RecordSource, held_out: TargetPool | Any | None,
   if not (use_targeted or use_backdoor):
     return base_source, clean
   target_pool = _as_target_pool(held_out) if use_targeted else None
-  table = _read_table(base_source)
+  # Captions, labels and ids only: no image is read (data/metadata.py).
+  table = metadata_lib.metadata_of(base_source)
   if len(np.unique(table.ids)) != len(table.ids):
     raise ValueError("The clean source has duplicate ids; poisoned examples are tracked by id.")
 
+  search = CaptionSearch(table.captions)
   targets, appended = [], []
   if use_targeted:
     first_new_id = int(table.ids.max()) + 1 if len(table.ids) else 0
-    targets, appended = _targeted(table, target_pool, cfg, seed, first_new_id)
+    targets, appended = _targeted(table, search, target_pool, cfg, seed, first_new_id)
   replaced = {}
   if use_backdoor:
-    replaced = _backdoor(table, _class_names_of(held_out), cfg, seed)
+    replaced = {int(table.ids[i]): caption
+                for i, caption in _backdoor(table, search, _class_names_of(held_out), cfg, seed).items()}
 
   info = dataclasses.replace(
       clean,
       targeted_ids=tuple(int(r["id"]) for r in appended),
-      backdoor_ids=tuple(sorted(int(table.ids[i]) for i in replaced)),
+      backdoor_ids=tuple(sorted(replaced)),
       targets=tuple(targets),
       backdoor_target_class=cfg.backdoor.target_class if use_backdoor else None,
       backdoor_trigger=cfg.backdoor.trigger if use_backdoor else None)

@@ -23,29 +23,13 @@ from absl import logging
 import numpy as np
 
 from roclip_jax.data import demo
+from roclip_jax.data import metadata as metadata_lib
 
 if TYPE_CHECKING:  # array_record (the optional ArrayRecord dependency) is imported on use.
   from roclip_jax.data.array_record import ArrayRecordSource
 
 VALID_SOURCES = ("demo", "csv", "array_record")
 POISONED_KEY = "poisoned"  # Optional CSV column written by poisoning tools.
-
-
-class _StringColumn:
-  """An immutable list of strings stored compactly (blob + offsets)."""
-
-  def __init__(self, values: Sequence[str]):
-    encoded = [v.encode("utf-8") for v in values]
-    self._offsets = np.zeros(len(encoded) + 1, np.int64)
-    np.cumsum([len(e) for e in encoded], out=self._offsets[1:])
-    self._blob = b"".join(encoded)
-
-  def __len__(self) -> int:
-    return len(self._offsets) - 1
-
-  def __getitem__(self, index: int) -> str:
-    start, stop = self._offsets[index], self._offsets[index + 1]
-    return self._blob[start:stop].decode("utf-8")
 
 
 def _raise_for_column(path: str, key: str, config_name: str,
@@ -79,8 +63,8 @@ class CsvSource:
         image_root or os.path.dirname(self.path))
     paths, captions, labels, poisoned, bad_lines = self._parse(
         image_key, caption_key, label_key, delimiter)
-    self._paths = _StringColumn(paths)
-    self._captions = _StringColumn(captions)
+    self._paths = metadata_lib.StringColumn(paths)
+    self._captions = metadata_lib.StringColumn(captions)
     self._labels = np.asarray(labels, np.int64)
     self._poisoned = np.asarray(poisoned, np.int8)
     self.num_bad_rows = len(bad_lines)
@@ -154,6 +138,11 @@ class CsvSource:
 
   def caption(self, index: int) -> str:
     return self._captions[index]
+
+  def metadata(self) -> metadata_lib.Metadata:
+    """Ids, captions, labels and poisoned flags of every row, from the parsed columns (no image read)."""
+    return metadata_lib.Metadata(ids=np.arange(len(self), dtype=np.int64), captions=self._captions,
+                                 labels=self._labels, poisoned=self._poisoned)
 
   def __repr__(self) -> str:
     return f"CsvSource({self.path!r}, rows={len(self)})"
