@@ -172,7 +172,7 @@ def _block_top_k(queries, query_tags, key_blocks, key_tags, key_valid, *, k: int
   `key_blocks` [num_blocks, C, d] is scanned one [C, d] block at a time, so the largest
   intermediate is one [B, C] similarity block. Key j is skipped for query i when it is not
   `key_valid` or when `query_tags[i] == key_tags[j]`; a query with fewer than k allowed keys
-  gets -inf similarities and index -1 in the empty places.
+  gets -inf similarities in the empty places (their indices are meaningless; the caller drops them).
   """
   import jax  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
@@ -182,7 +182,7 @@ def _block_top_k(queries, query_tags, key_blocks, key_tags, key_valid, *, k: int
   def merge(best, block_inputs):
     best_sims, best_indices = best
     keys, tags, valid, offset = block_inputs
-    # HIGHEST: a GPU would otherwise round the float32 inputs to TF32 and pick other neighbours.
+    # HIGHEST: at default precision a GPU may round the float32 inputs to TF32 (~1e-3) and pick other neighbours.
     sims = jnp.matmul(queries, keys.T, precision=jax.lax.Precision.HIGHEST)
     allowed = valid[None, :] & (query_tags[:, None] != tags[None, :])
     block_sims, block_indices = jax.lax.top_k(jnp.where(allowed, sims, -jnp.inf), per_block)
@@ -573,6 +573,9 @@ def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_
 
   if block_size < 1 or batch_size < 1:
     raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be >= 1.")
+  if batch_size % jax.local_device_count():
+    raise ValueError(f"batch_size={batch_size} must be a multiple of the {jax.local_device_count()} local devices "
+                     "(each host's batch is split over them); pass --batch_size accordingly.")
   run = inspect_lib.load(workdir, step=step)
   source, transform = training_source(run.config)
   batches = pipeline.scoring_batches(run.config, source, batch_size=batch_size, image_transform=transform,
