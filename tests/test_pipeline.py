@@ -663,7 +663,8 @@ def test_scoring_batches_cover_host_slices_in_order(demo_root):
       assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
           "image": (np.uint8, (4, 8, 8, 3)), "text": (np.int32, (4, 16)),
           "id": (np.int64, (4,)), "poisoned": (np.int8, (4,)),
-          "valid": (np.bool_, (4,))}
+          "valid": (np.bool_, (4,)), "caption": (np.object_, (4,))}
+      assert (batch["caption"][~batch["valid"]] == "").all()
     valid = np.concatenate([b["valid"] for b in batches])
     ids = np.concatenate([b["id"] for b in batches])
     expected = list(range(host, 32, 3))
@@ -682,6 +683,7 @@ def test_scoring_batches_cover_host_slices_in_order(demo_root):
             batch["image"][i], np.asarray(Image.fromarray(pixels).resize(
                 (8, 8), Image.Resampling.BICUBIC)))
         np.testing.assert_array_equal(batch["text"][i], tok(row["caption"])[0])
+        assert batch["caption"][i] == row["caption"]
     seen.append(set(ids[valid].tolist()))
   assert sum(len(s) for s in seen) == 32 and set().union(*seen) == set(range(32))
 

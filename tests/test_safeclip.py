@@ -280,8 +280,9 @@ def test_cleanclip_fine_tunes_a_run_on_clean_data_only(demo_root, tmp_path):
 
   # The suspicion report screens the poisoned set the starting model saw, not the clean subset.
   from roclip_jax.experiments import suspicion
-  screened = suspicion.load_training_set(config)
-  assert len(screened.ids) == 48 and set(info.poisoned_ids) <= set(screened.ids.tolist())
+  screened, _ = suspicion.training_source(config)
+  screened_ids = {int(screened[i]["id"]) for i in range(len(screened))}
+  assert len(screened) == 48 and set(info.poisoned_ids) <= screened_ids
 
   out = train.train_and_evaluate(config, str(tmp_path / "cleanclip"))
   assert out["step"] == 2

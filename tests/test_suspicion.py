@@ -112,8 +112,8 @@ def _clusters_with_outliers(seed, per_cluster=50, clusters=3, outliers=4, d=8):
 def test_local_outlier_scores_match_brute_force_and_rank_planted_outliers_first(seed):
   x, planted = _clusters_with_outliers(seed)
   k = 7
-  # Blocks of 5 rows of 154 similarities: the blocked top-k search is exercised.
-  got = suspicion.local_outlier_scores(x, k, block_elements=5 * len(x))
+  # Blocks of 5 queries against 5 keys (154 rows: 31 blocks, the last one short): the blocked top-k is exercised.
+  got = suspicion.local_outlier_scores(x, k, block_size=5)
   want = _brute_local_outlier_scores(x, k)
   for name in ("k_distance", "slof", "lof"):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
@@ -123,7 +123,7 @@ def test_local_outlier_scores_match_brute_force_and_rank_planted_outliers_first(
   # Inside a tight cluster LOF is about 1; the planted outliers are far sparser than their neighbours.
   assert np.median(got["lof"][~planted]) == pytest.approx(1.0, abs=0.15)
   assert got["lof"][planted].min() > 3.0
-  whole = suspicion.local_outlier_scores(x, k, block_elements=1)  # One row per block.
+  whole = suspicion.local_outlier_scores(x, k, block_size=1)  # One row per block.
   for name in got:
     np.testing.assert_allclose(whole[name], got[name], rtol=1e-12)
 
@@ -133,8 +133,8 @@ def test_nearest_neighbors_blocks_agree_with_a_full_sort():
   queries, keys = _unit(rng.normal(size=(11, 4))), _unit(rng.normal(size=(11, 4)))
   full = queries @ keys.T
   np.fill_diagonal(full, -np.inf)
-  for block in (1, 11, 30, 10_000):
-    sims, idx = suspicion.nearest_neighbors(queries, keys, 4, block_elements=block)
+  for block in (1, 3, 11, 10_000):
+    sims, idx = suspicion.nearest_neighbors(queries, keys, 4, block_size=block)
     np.testing.assert_array_equal(idx, np.argsort(-full, axis=1)[:, :4])
     np.testing.assert_allclose(sims, -np.sort(-full, axis=1)[:, :4], rtol=1e-12)
   with pytest.raises(ValueError, match="k=11 neighbours need more than 11 keys"):
@@ -149,6 +149,105 @@ def test_exact_duplicates_get_finite_density_scores():
   # Six copies of one image with k = 3: each one's neighbours are copies, a perfectly dense cluster.
   np.testing.assert_allclose(got["k_distance"][:6], 0.0, atol=1e-12)
   np.testing.assert_allclose(got["lof"][:6], 1.0, rtol=1e-5)
+
+
+def _dense_scores(img, cap, ids, pool, pool_ids, neighbors, density_neighbors):
+  """The report's scores as they were computed before streaming: full [N, N] and [N, M] float64
+  matrices, full sorts. (mixture_risk reuses safeclip.fit_gmm, tested in test_safeclip.)"""
+  from roclip_jax import safeclip
+  img, cap, pool = img.astype(np.float64), cap.astype(np.float64), pool.astype(np.float64)
+  own = np.sum(img * cap, axis=1)
+  out = {"own_similarity": own, "own_distance": 1 - own,
+         "mixture_risk": 1 - safeclip.fit_gmm(own).posterior_high(own)}
+  cross = img @ cap.T
+  np.fill_diagonal(cross, -np.inf)
+  nearest = np.argsort(-cross, axis=1, kind="stable")[:, :neighbors]
+  out["caption_atypicality"] = 1 - np.array([np.mean(cap[nearest[i]] @ cap[i]) for i in range(len(ids))])
+  out.update(_brute_local_outlier_scores(img, density_neighbors))
+  to_pool = img @ pool.T
+  to_pool[(pool_ids[None, :] < 0) | (ids[:, None] == pool_ids[None, :])] = -np.inf
+  top1 = to_pool.max(axis=1)
+  out["pool_top1_similarity"] = np.where(np.isfinite(top1), top1, np.nan)
+  out["pool_margin"] = out["pool_top1_similarity"] - own
+  out["score"] = out["pool_margin"]
+  return out
+
+
+@pytest.fixture(scope="module")
+def streaming_case():
+  """Random embeddings (well separated: a float32 search cannot tie) and a pool holding some examples'
+  own captions (three rows of example 7's) and random initial rows."""
+  rng = np.random.default_rng(7)
+  n, m, d = 300, 40, 16
+  # float32, as the embedding pass stores them: both computations then start from the same numbers.
+  img, cap, pool = (_unit(rng.normal(size=(rows, d))).astype(np.float32) for rows in (n, n, m))
+  ids = np.arange(n) * 3  # Ids need not be row indices.
+  pool_ids = rng.choice(ids[1:], m)
+  pool_ids[:5] = -1
+  pool_ids[5:8] = ids[7]
+  labels = rng.random(n) < 0.1
+  dense = _dense_scores(img, cap, ids, pool, pool_ids, neighbors=10, density_neighbors=16)
+  return img, cap, ids, pool, pool_ids, labels, dense
+
+
+# Blocks larger than N (one block), not dividing N = 300 (64: 5 blocks, the last one of 44), and tiny (7).
+@pytest.mark.parametrize("block_size", [4096, 64, 7])
+def test_streaming_scores_and_metrics_equal_the_dense_computation(streaming_case, block_size):
+  img, cap, ids, pool, pool_ids, labels, dense = streaming_case
+  got = suspicion.score_examples(img, cap, ids, pool_emb=pool, pool_ids=pool_ids, neighbors=10, density_neighbors=16,
+                                 block_size=block_size)
+  assert sorted(got) == sorted(dense)
+  # The neighbours are found in float32 on device and their similarities recomputed in float64, so the
+  # scores agree with the float64 reference to float64 rounding (summation order), not float32's.
+  for name, want in dense.items():
+    np.testing.assert_allclose(got[name], want, rtol=1e-9, atol=1e-12, err_msg=name)
+  got_order, got_metrics = suspicion.rank_and_evaluate(got, labels)
+  want_order, want_metrics = suspicion.rank_and_evaluate(dense, labels)
+  np.testing.assert_array_equal(got_order, want_order)
+  assert got_metrics.keys() == want_metrics.keys() == set(suspicion.SCORES)
+  for name, want in want_metrics.items():
+    assert got_metrics[name] == pytest.approx(want, abs=1e-12), name
+    assert got_metrics[name]["auroc"] == pytest.approx(_brute_auroc(dense[name], labels), abs=1e-12), name
+
+
+def test_block_size_smaller_than_n_and_not_dividing_it_gives_the_same_result(streaming_case):
+  img, cap, ids, pool, pool_ids, _, _ = streaming_case
+  one_block = suspicion.score_examples(img, cap, ids, pool_emb=pool, pool_ids=pool_ids, block_size=len(ids))
+  for block_size in (41, 299):  # 300 = 7 * 41 + 13 = 299 + 1.
+    blocked = suspicion.score_examples(img, cap, ids, pool_emb=pool, pool_ids=pool_ids, block_size=block_size)
+    for name, want in one_block.items():
+      np.testing.assert_array_equal(blocked[name], want, err_msg=f"{name}, block_size={block_size}")
+  sims, idx = suspicion.nearest_neighbors(img, cap, 5, block_size=41)
+  full = img @ cap.T
+  np.fill_diagonal(full, -np.inf)
+  np.testing.assert_array_equal(idx, np.argsort(-full, axis=1, kind="stable")[:, :5])
+  with pytest.raises(ValueError, match="block_size=0"):
+    suspicion.nearest_neighbors(img, cap, 5, block_size=0)
+
+
+def test_nearest_neighbors_with_tags_skips_own_and_invalid_keys():
+  rng = np.random.default_rng(5)
+  queries, keys = _unit(rng.normal(size=(6, 3))), _unit(rng.normal(size=(9, 3)))
+  query_tags, key_tags = np.array([0, 1, 2, 3, 4, 5]), np.array([0, 0, 1, 2, 9, 9, 3, 4, 5])
+  key_valid = np.array([True] * 8 + [False])
+  sims, idx = suspicion.nearest_neighbors(queries, keys, 3, exclude_self=False, query_tags=query_tags,
+                                          key_tags=key_tags, key_valid=key_valid, block_size=2)
+  for i in range(6):
+    allowed = [j for j in range(9) if key_valid[j] and key_tags[j] != query_tags[i]]
+    want = sorted(allowed, key=lambda j: -float(queries[i] @ keys[j]))[:3]
+    assert idx[i].tolist() == want
+    np.testing.assert_allclose(sims[i], [queries[i] @ keys[j] for j in want], rtol=1e-12)
+  # No allowed key at all: -inf and index -1.
+  sims, idx = suspicion.nearest_neighbors(queries[:1], keys[:2], 1, exclude_self=False, query_tags=query_tags[:1],
+                                          key_tags=key_tags[:2])
+  assert sims[0, 0] == -np.inf and idx[0, 0] == -1
+  # In the report: an example whose only pool rows are its own captions gets no pool_margin (NaN).
+  ids = np.arange(6)
+  got = suspicion.score_examples(queries, queries[::-1].copy(), ids, pool_emb=keys[:3], pool_ids=np.array([0, -1, 0]),
+                                 neighbors=2, density_neighbors=2)
+  assert np.isnan(got["pool_margin"][0]) and np.isfinite(got["pool_margin"][1:]).all()
+  np.testing.assert_allclose(got["pool_top1_similarity"][1:], np.maximum(queries[1:] @ keys[0], queries[1:] @ keys[2]),
+                             rtol=1e-12)
 
 
 @pytest.fixture(scope="module")
@@ -214,7 +313,8 @@ def test_cli_prints_the_metrics_and_writes_the_csv(poisoned_run):
   cmd = [sys.executable, "-m", "roclip_jax.experiments.suspicion"]
   missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
   assert missing.returncode != 0 and "--workdir is required" in missing.stderr
-  done = subprocess.run(cmd + [f"--workdir={poisoned_run}"], env=env, capture_output=True, text=True, timeout=300)
+  done = subprocess.run(cmd + [f"--workdir={poisoned_run}", "--block_size=7"], env=env, capture_output=True, text=True,
+                        timeout=300)
   assert done.returncode == 0, done.stderr[-3000:]
   assert "precision@k" in done.stdout and "caption_atypicality" in done.stdout
   assert os.path.exists(os.path.join(poisoned_run, "suspicion.csv"))

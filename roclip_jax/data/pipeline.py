@@ -656,8 +656,9 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
 
   Yields:
     dicts with `image` uint8 [batch_size, S, S, 3], `text` int32
-    [batch_size, L], `id` int64, `poisoned` int8 and `valid` bool, each
-    [batch_size].
+    [batch_size, L], `id` int64, `poisoned` int8, `valid` bool and
+    `caption` (the untokenized strings, "" where invalid; a NumPy object
+    array), each [batch_size].
   """
   if batch_size < 1:
     raise ValueError(f"scoring_batches needs batch_size >= 1, got "
@@ -686,6 +687,7 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
             "id": np.full((batch_size,), -1, np.int64),
             "poisoned": np.zeros((batch_size,), np.int8),
             "valid": np.zeros((batch_size,), bool),
+            "caption": np.full((batch_size,), "", object),
         }
         captions, rows = [], []
         for row, (record, image) in enumerate(pool.map(load, chunk)):
@@ -699,6 +701,7 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
           batch["id"][row] = record["id"]
           batch["poisoned"][row] = record["poisoned"]
           batch["valid"][row] = True
+          batch["caption"][row] = str(record["caption"])
           captions.append(record["caption"])
           rows.append(row)
         if captions:
