@@ -720,7 +720,7 @@ def test_load_pretrained_siglip_without_tokenizer_files_takes_token_ids(siglip_d
   broken = tmp_path / "broken"
   shutil.copytree(path, broken)
   (broken / "spiece.model").write_bytes(b"not a sentencepiece model")
-  with pytest.raises(ValueError, match="could not be read with transformers' AutoTokenizer.*sentencepiece"):
+  with pytest.raises(ValueError, match="(?s)could not be read with transformers' AutoTokenizer.*sentencepiece"):
     inspect_lib.load_pretrained(str(broken), batch_size=8)
   # A caller-supplied tokenizer is used as given.
   run = inspect_lib.load_pretrained(path, batch_size=8, tokenizer=lambda texts: tokens[:len(texts)])
