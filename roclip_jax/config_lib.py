@@ -255,8 +255,12 @@ def _validate_loss_and_lock(config: ml_collections.ConfigDict, known_losses: tup
     _fail("model.logit_bias", "is False but config.loss='siglip' needs the learnable logit bias.",
           "set --config.model.logit_bias=True (or use config.loss='clip').")
   if config.model.logit_bias and config.init_from and not is_run_dir(config.init_from):
-    # OpenAI/HF checkpoints carry no bias, and weights.load_for_training expects the exact tree.
-    _fail("init_from", "is set but model.logit_bias=True: pretrained CLIP weights have no logit bias to load.",
-          "train the SigLIP model from scratch (init_from=''), or use config.loss='clip' with logit_bias=False.")
+    # OpenAI/HF CLIP checkpoints carry no bias. Imported SigLIP weights do, but the training pipeline
+    # tokenizes with CLIP's BPE and normalises with CLIP's constants, not what SigLIP was trained on.
+    _fail("init_from", "is set but model.logit_bias=True: pretrained CLIP weights have no logit bias to load, "
+          "and fine-tuning imported SigLIP weights is not supported (the training pipeline feeds CLIP's "
+          "tokens and image normalisation).",
+          "train the SigLIP model from scratch (init_from=''), use config.loss='clip' with logit_bias=False, "
+          "or open SigLIP weights for evaluation with roclip_jax.inspect.load_pretrained.")
   if config.optim["lock"] not in LOCKS:
     _fail("optim.lock", f"{config.optim['lock']!r} is not a tower.", "use '' (train both towers), 'image' or 'text'.")

@@ -5,7 +5,7 @@ function per tower no matter how many examples come in.
 """
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,19 +16,41 @@ from roclip_jax.data import image_ops
 from roclip_jax.data import tokenizer as tokenizer_lib
 
 
-class Encoder:
-  """Encodes images (uint8, eval-preprocessed) and texts with fixed params."""
+Tokenizer = Callable[[list[str]], np.ndarray]  # captions -> int token ids [N, context_length]
 
-  def __init__(self, spec, params, model_state, *, context_length: int, batch_size: int = 256):
+
+class Encoder:
+  """Encodes images (uint8, eval-preprocessed) and texts with fixed params.
+
+  Defaults: our OpenAI BPE tokenizer and CLIP's image mean/std. Imported checkpoints of other
+  families (SigLIP: SentencePiece, mean = std = 0.5) pass their own `tokenizer` and `image_mean`/
+  `image_std`; `tokenizer=False` means there is none, and only `encode_tokens` takes text.
+  """
+
+  def __init__(self, spec, params, model_state, *, context_length: int, batch_size: int = 256,
+               tokenizer: Tokenizer | None | bool = None, image_mean: Sequence[float] | None = None,
+               image_std: Sequence[float] | None = None,
+               missing_tokenizer_hint: str = "pass a tokenizer to the Encoder"):
     self._params = params
     self._model_state = model_state
     self._batch_size = batch_size
-    self._tokenizer = tokenizer_lib.get_tokenizer(context_length)
+    self._context_length = context_length
+    self._missing_tokenizer_hint = missing_tokenizer_hint
+    if tokenizer is None:
+      tokenizer = tokenizer_lib.get_tokenizer(context_length)
+    self._tokenizer = tokenizer or None
+    if (image_mean is None) != (image_std is None):
+      raise ValueError("Encoder: pass both image_mean and image_std, or neither (CLIP's).")
+    if image_mean is None:
+      normalize = image_ops.normalize  # CLIP's constants, the exact arithmetic training uses.
+    else:
+      mean, std = np.asarray(image_mean, np.float32), np.asarray(image_std, np.float32)
+      normalize = lambda images: (images.astype(np.float32) / 255.0 - mean) / std
 
     @jax.jit
     def image_features(params, model_state, images):
       model = spec.merge(params, model_state)
-      return model.encode_image(image_ops.normalize(images), train=False)
+      return model.encode_image(normalize(images), train=False)
 
     @jax.jit
     def text_features(params, model_state, tokens):
@@ -59,5 +81,15 @@ class Encoder:
     return np.asarray(losses.l2_normalize(jnp.asarray(self.image_features(images))))
 
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
-    tokens = self._tokenizer(list(texts))
-    return np.asarray(losses.l2_normalize(jnp.asarray(self._batched(self._text_fn, tokens))))
+    if self._tokenizer is None:
+      raise ValueError(f"This model has no tokenizer for text, so texts cannot be encoded; "
+                       f"{self._missing_tokenizer_hint}, or call encode_tokens with token ids.")
+    return self.encode_tokens(self._tokenizer(list(texts)))
+
+  def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+    """Integer token ids [N, context_length] (as the model's tokenizer pads them) -> unit rows."""
+    tokens = np.asarray(tokens)
+    if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.shape[1] != self._context_length:
+      raise ValueError(f"tokens must be integer ids [N, {self._context_length}] (padded to the model's "
+                       f"context length); got {tokens.dtype}{list(tokens.shape)}.")
+    return np.asarray(losses.l2_normalize(jnp.asarray(self._batched(self._text_fn, tokens.astype(np.int32)))))

@@ -2,6 +2,7 @@
 
   model_cfg, params, model_state = weights.load_any("/ckpt/clip-vit-base-patch32")  # HF directory
   model_cfg, params, model_state = weights.load_openai("/ckpt/RN50.safetensors")     # OpenAI layout
+  model_cfg, params, model_state = weights.load_hf_siglip("/ckpt/siglip-base-patch16-224")  # HF SiglipModel
   model = steps.ModelSpec.create(model_cfg).merge(params, model_state)
   weights.export_hf(model_cfg, params, "/out/hf")                        # ViT models only
   weights.export_openai(model_cfg, params, model_state, "/out/clip.safetensors")  # ViT or ResNet
@@ -19,7 +20,11 @@ the ResNet, see `models/`):
 * OpenAI's fused `attn.in_proj_weight` [3W, W] / `in_proj_bias` [3W] split into q, k, v (in order).
 * LayerNorm / BatchNorm `weight` -> `scale`; BatchNorm `running_mean`/`running_var` -> model state
   `mean`/`var` (`num_batches_tracked` is dropped).
-* `logit_scale` is the log of the inverse temperature in all three layouts.
+* `logit_scale` is the log of the inverse temperature in all layouts (HF SigLIP stores it, and its
+  `logit_bias`, with shape [1]; ours are scalars).
+* SigLIP (`load_hf_siglip`): `vision_model.head.*` is the attention-pooling head (`models/vit.py`),
+  its `attention.in_proj_*` is torch's fused MultiheadAttention q, k, v (split like OpenAI's);
+  `text_model.head` (a Linear with bias) is our `text_projection`; there is no visual projection.
 * Text pooling. Our text tower pools at the argmax token id (EOT 49407 is the largest id and our
   tokenizer pads with 0). HF pools at argmax id when `eos_token_id == 2` (old configs) and at the
   first `eos_token_id` position otherwise; on [SOT] ... [EOT] 0-padded rows both are the EOT
@@ -70,7 +75,14 @@ _IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
 ARCHITECTURE_FIELDS = (
     "embed_dim", "act", "image.type", "image.image_size", "image.patch_size", "image.width",
     "image.layers", "image.heads", "image.mlp_width", "text.vocab_size", "text.context_length",
-    "text.width", "text.layers", "text.heads", "text.mlp_width")
+    "text.width", "text.layers", "text.heads", "text.mlp_width",
+    # Optional (models.OPTIONAL_DEFAULTS): compared with their defaults filled in.
+    "image.pool", "image.patch_bias", "image.pre_norm", "text.causal", "text.pool", "text.proj_bias",
+    "layer_norm_eps", "logit_bias")
+HF_SIGLIP_TYPE = "siglip"
+# Hugging Face `hidden_act` names -> ours (the tanh GELU has two HF names).
+_HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
+                   "gelu_new": "gelu_tanh"}
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults, for fields a config.json leaves out.
 _HF_TEXT_DEFAULTS = dict(
@@ -80,6 +92,15 @@ _HF_TEXT_DEFAULTS = dict(
 _HF_VISION_DEFAULTS = dict(
     hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
     num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+# transformers' SiglipTextConfig / SiglipVisionConfig defaults (google/siglip-base-patch16-224).
+_HF_SIGLIP_TEXT_DEFAULTS = dict(
+    vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+    num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6, projection_size=None)
+_HF_SIGLIP_VISION_DEFAULTS = dict(
+    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
+    num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6, vision_use_head=True)
 
 
 # ----------------------------------------------------------------- tensor rules
@@ -89,7 +110,8 @@ _HF_VISION_DEFAULTS = dict(
 class _Rule:
   """One checkpoint tensor <-> one leaf of our trees.
 
-  kind: 'same' (copied), 'linear' ([out, in] <-> [in, out]) or 'conv' (OIHW <-> HWIO).
+  kind: 'same' (copied), 'linear' ([out, in] <-> [in, out]), 'conv' (OIHW <-> HWIO) or 'scalar'
+  (HF SigLIP's [1]-shaped logit scale and bias <-> our 0-d ones).
   """
   torch_name: str
   path: Path
@@ -100,11 +122,13 @@ _TO_FLAX: dict[str, Callable[[Array], Array]] = {
     "same": lambda a: a,
     "linear": lambda a: a.T,
     "conv": lambda a: a.transpose(2, 3, 1, 0),
+    "scalar": lambda a: a.reshape(()),
 }
 _TO_TORCH: dict[str, Callable[[Array], Array]] = {
     "same": lambda a: a,
     "linear": lambda a: a.T,
     "conv": lambda a: a.transpose(3, 2, 0, 1),
+    "scalar": lambda a: a.reshape((1,)),
 }
 
 
@@ -163,6 +187,31 @@ def _hf_rules(cfg: ml_collections.ConfigDict) -> list[_Rule]:
       *_layer_norm(f"{t}.final_layer_norm", (t, "final_layer_norm")),
       *_linear("text_projection", ("text_projection",), bias=False),
       _Rule("logit_scale", ("params", "logit_scale")),
+  ]
+
+
+def _hf_siglip_rules(cfg: ml_collections.ConfigDict) -> list[_Rule]:
+  """HF `SiglipModel` names; the head's fused q, k, v are split first (`_split_siglip_head`)."""
+  v, t, head = "vision_model", "text_model", "vision_model.head"
+  return [
+      *_conv(f"{v}.embeddings.patch_embedding", (v, "patch_embedding")),
+      _Rule(f"{v}.embeddings.patch_embedding.bias", ("params", v, "patch_embedding", "bias")),
+      _Rule(f"{v}.embeddings.position_embedding.weight", ("params", v, "position_embedding")),
+      *_blocks(f"{v}.encoder.layers", v, cfg.image.layers, openai=False),
+      *_layer_norm(f"{v}.post_layernorm", (v, "post_layernorm")),
+      _Rule(f"{head}.probe", ("params", v, "head", "probe")),
+      *[rule for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+        for rule in _linear(f"{head}.attention.{proj}", (v, "head", "attention", proj))],
+      *_layer_norm(f"{head}.layernorm", (v, "head", "layernorm")),
+      *_linear(f"{head}.mlp.fc1", (v, "head", "mlp", "fc1")),
+      *_linear(f"{head}.mlp.fc2", (v, "head", "mlp", "fc2")),
+      _Rule(f"{t}.embeddings.token_embedding.weight", ("params", t, "token_embedding")),
+      _Rule(f"{t}.embeddings.position_embedding.weight", ("params", t, "position_embedding")),
+      *_blocks(f"{t}.encoder.layers", t, cfg.text.layers, openai=False),
+      *_layer_norm(f"{t}.final_layer_norm", (t, "final_layer_norm")),
+      *_linear(f"{t}.head", ("text_projection",)),
+      _Rule("logit_scale", ("params", "logit_scale"), "scalar"),
+      _Rule("logit_bias", ("params", "logit_bias"), "scalar"),
   ]
 
 
@@ -285,8 +334,8 @@ def _assemble(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Array]
   if unused:
     raise ValueError(
         f"{source}: {len(unused)} tensor(s) have no place in a standard CLIP model, e.g. "
-        f"{unused[:5]}. This architecture variant (SigLIP, CoCa, a HF text tower, ...) is not "
-        "supported by roclip_jax.")
+        f"{unused[:5]}. This architecture variant (CoCa, a HF text tower, ...) is not supported by "
+        "roclip_jax (SigLIP is: a Hugging Face SiglipModel directory loads with load_hf_siglip).")
   unfilled = [p for p in expected if p not in values]
   if unfilled:  # Only reachable if the rules and models/ disagree.
     raise AssertionError(f"weights.py leaves {[_path_name(p) for p in unfilled[:5]]} unset.")
@@ -445,7 +494,8 @@ def _hf_model_config(hf: Mapping[str, Any], source: str) -> ml_collections.Confi
   if hf.get("model_type") != "clip":
     raise ValueError(
         f"{source} is a {hf.get('model_type')!r} config, not a CLIPModel (model_type 'clip'); "
-        "only two-tower CLIP checkpoints (both towers + projections) can be loaded.")
+        "only two-tower CLIP checkpoints (both towers + projections) can be loaded here "
+        "(a SiglipModel, model_type 'siglip', loads with load_hf_siglip or load_any).")
   # Old configs carry `*_config_dict`, which transformers merges over `*_config`.
   text = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {}), **(hf.get("text_config_dict") or {})}
   vision = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {}),
@@ -477,6 +527,65 @@ def _hf_model_config(hf: Mapping[str, Any], source: str) -> ml_collections.Confi
       text_heads=text["num_attention_heads"], text_mlp_width=text["intermediate_size"],
       vocab_size=text["vocab_size"],
       context_length=text["max_position_embeddings"], act=_check_act(text["hidden_act"], source))
+
+
+def hf_siglip_model_config(hf: Any, source: str = "SiglipConfig") -> ml_collections.ConfigDict:
+  """Our model config (`presets.siglip_config`) from a HF `SiglipModel` config.
+
+  Args:
+    hf: a `transformers.SiglipConfig`, or its dict (a `config.json`); fields it leaves out take
+      transformers' defaults (google/siglip-base-patch16-224's).
+    source: what to name in errors.
+  """
+  if hasattr(hf, "to_dict"):
+    hf = hf.to_dict()
+  if hf.get("model_type") != HF_SIGLIP_TYPE:
+    raise ValueError(
+        f"{source} is a {hf.get('model_type')!r} config, not a SiglipModel (model_type 'siglip'); "
+        "load CLIP checkpoints with load_hf (or load_any). SigLIP 2 / NaFlex models are not supported.")
+  text = {**_HF_SIGLIP_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
+  vision = {**_HF_SIGLIP_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
+  acts = {name: _HF_ACTIVATIONS.get(tower["hidden_act"]) for name, tower in
+          (("text_config", text), ("vision_config", vision))}
+  for name, act in acts.items():
+    if act is None:
+      tower = text if name == "text_config" else vision
+      raise ValueError(f"{source}: {name}.hidden_act={tower['hidden_act']!r} is not supported; roclip_jax "
+                       f"maps {sorted(_HF_ACTIVATIONS)}.")
+  if acts["text_config"] != acts["vision_config"]:
+    raise ValueError(f"{source}: the text tower uses {text['hidden_act']!r} and the vision tower "
+                     f"{vision['hidden_act']!r}; roclip_jax models use one activation for both.")
+  if float(text["layer_norm_eps"]) != float(vision["layer_norm_eps"]):
+    raise ValueError(f"{source}: text_config.layer_norm_eps={text['layer_norm_eps']} differs from "
+                     f"vision_config.layer_norm_eps={vision['layer_norm_eps']}; roclip_jax models use one epsilon.")
+  if not vision["vision_use_head"]:
+    raise ValueError(f"{source}: vision_config.vision_use_head=False leaves the image tower without a pooled "
+                     "embedding (no attention-pooling head); only two-tower SigLIP models can be loaded.")
+  if vision["num_channels"] != 3:
+    raise ValueError(f"{source}: vision_config.num_channels={vision['num_channels']}; only RGB (3) is supported.")
+  image_size, patch_size = vision["image_size"], vision["patch_size"]
+  if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
+    if len(set(image_size)) != 1 or len(set(patch_size)) != 1:
+      raise ValueError(f"{source}: non-square image_size/patch_size are not supported.")
+    image_size, patch_size = image_size[0], patch_size[0]
+  width = int(vision["hidden_size"])
+  projection = text["projection_size"] if text["projection_size"] is not None else text["hidden_size"]
+  if int(projection) != width:
+    raise ValueError(f"{source}: text_config.projection_size={projection} differs from the vision width "
+                     f"{width}; SigLIP compares the text head's output with the pooled image feature, so "
+                     "they must be equal.")
+  from roclip_jax import models  # pylint: disable=g-import-not-at-top
+  cfg = presets.siglip_config(
+      image_size=int(image_size), patch_size=int(patch_size), width=width,
+      layers=int(vision["num_hidden_layers"]), heads=int(vision["num_attention_heads"]),
+      mlp_width=_mlp_width_field(vision["intermediate_size"], width),
+      text_width=int(text["hidden_size"]), text_layers=int(text["num_hidden_layers"]),
+      text_heads=int(text["num_attention_heads"]),
+      text_mlp_width=_mlp_width_field(text["intermediate_size"], text["hidden_size"]),
+      vocab_size=int(text["vocab_size"]), context_length=int(text["max_position_embeddings"]),
+      act=acts["text_config"], layer_norm_eps=float(text["layer_norm_eps"]))
+  models.validate_config(cfg)
+  return cfg
 
 
 def _count_indices(tensors: Mapping[str, Array], prefix: str) -> int:
@@ -578,6 +687,21 @@ def _split_fused_qkv(tensors: dict[str, Array]) -> dict[str, Array]:
   return out
 
 
+def _split_siglip_head(tensors: dict[str, Array]) -> dict[str, Array]:
+  """HF SigLIP's `head.attention.in_proj_{weight,bias}` (torch MultiheadAttention) -> q, k, v."""
+  out = {}
+  for name, value in tensors.items():
+    match = re.fullmatch(r"(vision_model\.head\.attention)\.in_proj_(weight|bias)", name)
+    if match is None:
+      out[name] = value
+      continue
+    if value.shape[0] % 3:
+      raise ValueError(f"{name} has {value.shape[0]} rows, not a multiple of 3 (q, k, v).")
+    for part, chunk in zip(("q_proj", "k_proj", "v_proj"), np.split(value, 3, axis=0)):
+      out[f"{match.group(1)}.{part}.{match.group(2)}"] = chunk
+  return out
+
+
 def _fuse_qkv(tensors: dict[str, Array]) -> dict[str, Array]:
   """The inverse of `_split_fused_qkv`."""
   out = {}
@@ -603,17 +727,44 @@ def load_hf(path_or_dir: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
   Returns:
     (model_cfg, params, model_state): our model config (float32, no remat) and float32 numpy trees.
   """
+  directory, config_path, hf_config = _read_hf_config(path_or_dir, "load_hf", "CLIPModel")
+  model_cfg = _hf_model_config(hf_config, config_path)
+  tensors = _read_hf_tensors(path_or_dir, directory)
+  params, model_state = _assemble(model_cfg, tensors, _hf_rules(model_cfg), directory)
+  return model_cfg, params, model_state
+
+
+def load_hf_siglip(path_or_dir: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """Loads a Hugging Face `SiglipModel` directory (config.json + model.safetensors), as `load_hf`.
+
+  The model config comes from `hf_siglip_model_config` (layout: `presets.siglip_config`), with
+  `logit_bias=True` and the checkpoint's learned logit scale and bias. Text must be tokenized with
+  the checkpoint's own SentencePiece tokenizer, padded to `text.context_length` (see
+  `inspect.load_pretrained`); images normalised with its processor's mean/std (0.5, 0.5 for SigLIP).
+  """
+  directory, config_path, hf_config = _read_hf_config(path_or_dir, "load_hf_siglip", "SiglipModel")
+  model_cfg = hf_siglip_model_config(hf_config, config_path)
+  tensors = _split_siglip_head(_read_hf_tensors(path_or_dir, directory))
+  params, model_state = _assemble(model_cfg, tensors, _hf_siglip_rules(model_cfg), directory)
+  return model_cfg, params, model_state
+
+
+def _read_hf_config(path_or_dir: str, caller: str, architecture: str) -> tuple[str, str, dict]:
+  """(directory, config.json path, its contents) of a HF model directory or a weights file in one."""
   if not os.path.exists(path_or_dir):
-    raise FileNotFoundError(f"{path_or_dir!r} does not exist; pass a Hugging Face CLIP directory "
+    raise FileNotFoundError(f"{path_or_dir!r} does not exist; pass a Hugging Face {architecture} directory "
                             "(config.json + model.safetensors).")
   directory = path_or_dir if os.path.isdir(path_or_dir) else os.path.dirname(path_or_dir)
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist; load_hf needs a Hugging Face model "
-                            "directory as written by CLIPModel.save_pretrained.")
+    raise FileNotFoundError(f"{config_path} does not exist; {caller} needs a Hugging Face model "
+                            f"directory as written by {architecture}.save_pretrained.")
   with open(config_path, encoding="utf-8") as f:
-    model_cfg = _hf_model_config(json.load(f), config_path)
+    return directory, config_path, json.load(f)
 
+
+def _read_hf_tensors(path_or_dir: str, directory: str) -> dict[str, Array]:
+  """Every tensor of a HF model directory (single, sharded or PyTorch weights), or of one file in it."""
   if os.path.isfile(path_or_dir):
     weight_files = [path_or_dir]
   elif os.path.isfile(os.path.join(directory, HF_WEIGHTS)):
@@ -630,8 +781,24 @@ def load_hf(path_or_dir: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
   tensors: dict[str, Array] = {}
   for weight_file in weight_files:
     tensors.update(_read_weights(weight_file)[0])
-  params, model_state = _assemble(model_cfg, tensors, _hf_rules(model_cfg), directory)
-  return model_cfg, params, model_state
+  return tensors
+
+
+def hf_model_type(directory: str) -> str | None:
+  """`model_type` of the HF `config.json` in `directory` ('clip', 'siglip', ...), None without one."""
+  config_path = os.path.join(directory, "config.json")
+  if not os.path.isfile(config_path):
+    return None
+  with open(config_path, encoding="utf-8") as f:
+    return json.load(f).get("model_type")
+
+
+def _load_hf_any(path_or_dir: str) -> tuple[ml_collections.ConfigDict, dict, dict]:
+  """`load_hf_siglip` for a SiglipModel directory, `load_hf` (which names other types) otherwise."""
+  directory = path_or_dir if os.path.isdir(path_or_dir) else os.path.dirname(path_or_dir)
+  if hf_model_type(directory) == HF_SIGLIP_TYPE:
+    return load_hf_siglip(path_or_dir)
+  return load_hf(path_or_dir)
 
 
 def load_openai(path: str, *, vision_heads: int | None = None, text_heads: int | None = None,
@@ -685,7 +852,7 @@ def _weight_files(directory: str) -> list[str]:
 def load_any(path: str, **openai_kwargs: Any) -> tuple[ml_collections.ConfigDict, dict, dict]:
   """Loads CLIP weights from whatever `path` holds.
 
-  * A directory with a `config.json` of model_type 'clip' -> `load_hf`.
+  * A directory with a `config.json` of model_type 'clip' -> `load_hf`; 'siglip' -> `load_hf_siglip`.
   * A directory with one weights file (e.g. an open_clip hub snapshot with
     `open_clip_config.json` + `open_clip_model.safetensors`) -> that file, as below.
   * A weights file whose tensors are in HF layout (`text_model.*`) -> `load_hf` on its directory;
@@ -694,7 +861,7 @@ def load_any(path: str, **openai_kwargs: Any) -> tuple[ml_collections.ConfigDict
   if os.path.isdir(path):
     config_path = os.path.join(path, "config.json")
     if os.path.isfile(config_path):
-      return load_hf(path)
+      return _load_hf_any(path)
     files = _weight_files(path)
     if len(files) > 1:  # E.g. an open_clip hub snapshot with both formats: prefer safetensors.
       files = [f for f in files if f.endswith(".safetensors")] or files
@@ -704,8 +871,8 @@ def load_any(path: str, **openai_kwargs: Any) -> tuple[ml_collections.ConfigDict
                        "point at the weights file itself.")
     path = files[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r} does not exist; pass a Hugging Face CLIP directory or an "
-                            "OpenAI/open_clip weights file (.safetensors/.pt/.bin).")
+    raise FileNotFoundError(f"{path!r} does not exist; pass a Hugging Face CLIP or SigLIP directory or "
+                            "an OpenAI/open_clip weights file (.safetensors/.pt/.bin).")
   if not path.endswith(WEIGHT_SUFFIXES):
     raise ValueError(f"{path} is not a weights file; expected one of {WEIGHT_SUFFIXES} or a "
                      "Hugging Face directory.")
@@ -716,7 +883,7 @@ def load_any(path: str, **openai_kwargs: Any) -> tuple[ml_collections.ConfigDict
     tensors, metadata = _read_weights(path)  # A pickle cannot list names without reading it.
     names = list(tensors)
   if any(n.startswith(("text_model.", "vision_model.")) for n in names):
-    return load_hf(path)
+    return _load_hf_any(path)
   if path.endswith(".safetensors"):
     return load_openai(path, **openai_kwargs)
   return _load_openai(path, tensors, metadata, **openai_kwargs)
@@ -728,6 +895,7 @@ def export_hf(model_cfg: ml_collections.ConfigDict, params: Mapping, out_dir: st
   ViT image towers only: Hugging Face has no CLIP ResNet; use `export_openai` for those. No
   tokenizer files are written (our tokenizer is OpenAI's BPE; copy an HF CLIP tokenizer's files).
   """
+  _refuse_non_clip_layout(model_cfg, "export_hf")
   if model_cfg.image.type != "vit":
     raise ValueError(f"export_hf: image.type={model_cfg.image.type!r} has no Hugging Face CLIP "
                      "equivalent (HF CLIP has ViT image towers only); use export_openai to write "
@@ -766,10 +934,25 @@ def export_openai(model_cfg: ml_collections.ConfigDict, params: Mapping, model_s
   """
   if not out_path.endswith(".safetensors"):
     raise ValueError(f"export_openai writes safetensors; name the file *.safetensors, not {out_path}.")
+  _refuse_non_clip_layout(model_cfg, "export_openai")
   tensors = _fuse_qkv(_export_tensors(model_cfg, params, model_state, _openai_rules(model_cfg)))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
   safetensors_np.save_file(tensors, out_path,
                            metadata={"format": "pt", METADATA_KEY: model_cfg.to_json()})
+
+
+def _refuse_non_clip_layout(model_cfg: ml_collections.ConfigDict, caller: str) -> None:
+  """CLIP layouts only: the exports have no names for SigLIP's head, biases or pooling."""
+  from roclip_jax import models  # pylint: disable=g-import-not-at-top
+  differ = [f"{path}={models.option(model_cfg, path)!r}" for path, default in models.OPTIONAL_DEFAULTS.items()
+            if path not in ("layer_norm_eps", "logit_bias") and models.option(model_cfg, path) != default]
+  eps = models.option(model_cfg, "layer_norm_eps")
+  if eps != layers_lib.LAYER_NORM_EPS:
+    differ.append(f"layer_norm_eps={eps!r}")
+  if differ:
+    raise ValueError(f"{caller}: the model is not in CLIP's layout ({', '.join(differ)}); only CLIP "
+                     "models can be exported (SigLIP models have no export here; keep the original "
+                     "Hugging Face directory).")
 
 
 def architecture_mismatches(loaded: ml_collections.ConfigDict,
@@ -785,6 +968,9 @@ def architecture_mismatches(loaded: ml_collections.ConfigDict,
     values = []
     for cfg in (expected, loaded):
       tower, _, name = field.partition(".")
+      if field in models.OPTIONAL_DEFAULTS:
+        values.append(models.option(cfg, field))
+        continue
       if name == "mlp_width":
         transformer = tower == "text" or cfg.image.get("type") == "vit"
         values.append(models.mlp_width(cfg[tower]) if transformer else None)

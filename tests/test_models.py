@@ -386,6 +386,17 @@ _DELETE = object()
     ("tiny", dict(image__mlp_width=-1), "image.mlp_width"),
     ("tiny", dict(text__mlp_width=2.5), "text.mlp_width"),
     ("tiny-rn", dict(image__mlp_width=128), "image.mlp_width"),
+    ("tiny", dict(image__pool="avg"), "image.pool"),
+    ("tiny", dict(image__patch_bias=1), "image.patch_bias"),
+    ("tiny", dict(image__pre_norm="no"), "image.pre_norm"),
+    ("tiny", dict(text__causal=0), "text.causal"),
+    ("tiny", dict(text__pool="first"), "text.pool"),
+    ("tiny", dict(text__proj_bias="yes"), "text.proj_bias"),
+    ("tiny", dict(layer_norm_eps=0.0), "layer_norm_eps"),
+    ("tiny", dict(act="gelu_pytorch_tanh"), "act"),
+    ("tiny-siglip", dict(embed_dim=32), "embed_dim"),
+    ("tiny-rn", dict(image__pool="map"), "image.pool"),
+    ("tiny-rn", dict(image__patch_bias=True), "image.patch_bias"),
 ])
 def test_build_rejects_bad_configs_naming_the_field(name, changes, field):
   with pytest.raises(ValueError, match=f"`{field}`"):
@@ -414,3 +425,93 @@ def test_registry_adds_presets_and_refuses_duplicates():
   l14 = models.preset("ViT-L/14")
   assert (l14.embed_dim, l14.image.width, l14.image.layers, l14.image.heads, l14.text.width,
           l14.text.heads) == (768, 1024, 24, 16, 768, 12)
+
+
+# ---------------------------------------------------------------- SigLIP's layout (image.pool='map', ...)
+
+
+def test_clip_defaults_spelled_out_build_the_same_model_bit_for_bit(tiny, images, tokens):
+  """The optional fields' defaults are today's CLIP layout: same parameters, same outputs."""
+  cfg = models.preset("tiny")
+  cfg.image.update(dict(pool="cls", patch_bias=False, pre_norm=True))
+  cfg.text.update(dict(causal=True, pool="eot", proj_bias=False))
+  cfg.layer_norm_eps = 1e-5
+  explicit = models.build(cfg, rngs=nnx.Rngs(0))
+  for a, b in zip(jax.tree.leaves(nnx.state(explicit)), jax.tree.leaves(nnx.state(tiny))):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  for a, b in zip(_encode(explicit, images, tokens), _encode(tiny, images, tokens)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+def test_tanh_gelu_is_the_tanh_formula():
+  x = np.linspace(-4, 4, 9)
+  expected = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  np.testing.assert_allclose(layers_lib.activation_by_name("gelu_tanh")(jnp.asarray(x)), expected, atol=1e-6)
+
+
+def _np_gelu_tanh(x):
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _np_attend(q_in, kv_in, attn, heads):
+  """Multi-head attention in NumPy from the module's kernels (no mask)."""
+  def proj(x, name):
+    layer = getattr(attn, name)
+    return x @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
+  batch, width = q_in.shape[0], q_in.shape[-1]
+  dh = width // heads
+  split = lambda t: t.reshape(batch, t.shape[1], heads, dh).transpose(0, 2, 1, 3)
+  q, k, v = split(proj(q_in, "q_proj")), split(proj(kv_in, "k_proj")), split(proj(kv_in, "v_proj"))
+  logits = q @ k.transpose(0, 1, 3, 2) / math.sqrt(dh)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  out = (weights @ v).transpose(0, 2, 1, 3).reshape(batch, -1, width)
+  return proj(out, "out_proj")
+
+
+def test_attention_pooling_head_matches_numpy():
+  """SigLIP's MAP head: probe attends to the tokens, then x + mlp(layernorm(x)), eps 1e-6."""
+  cfg = models.preset("tiny-siglip")
+  head = models.build(cfg, rngs=nnx.Rngs(3)).vision_model.head
+  tokens = np.random.default_rng(4).normal(size=(2, 16, 64)).astype(np.float32)
+  probe = np.broadcast_to(np.asarray(head.probe[...]), (2, 1, 64))
+  x = _np_attend(probe, tokens, head.attention, heads=2)
+  ln = _np_layer_norm(x, np.asarray(head.layernorm.scale[...]), np.asarray(head.layernorm.bias[...]), 1e-6)
+  hidden = _np_gelu_tanh(ln @ np.asarray(head.mlp.fc1.kernel[...]) + np.asarray(head.mlp.fc1.bias[...]))
+  expected = (x + hidden @ np.asarray(head.mlp.fc2.kernel[...]) + np.asarray(head.mlp.fc2.bias[...]))[:, 0]
+  np.testing.assert_allclose(np.asarray(head(jnp.asarray(tokens))), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_siglip_layout_shapes_pooling_and_bidirectional_text(images):
+  cfg = models.preset("tiny-siglip")
+  model = models.build(cfg, rngs=nnx.Rngs(0))
+  vision = model.vision_model
+  assert not hasattr(vision, "class_embedding") and vision.pre_layrnorm is None
+  assert vision.position_embedding.shape == (16, 64)  # (32 / 8)^2 patches, no class token
+  assert vision.patch_embedding.bias.shape == (64,) and model.visual_projection is None
+  assert model.text_projection.bias.shape == (64,) and model.logit_bias.shape == ()
+  img, _ = _encode(model, images, jnp.ones((BATCH, 32), jnp.int32))
+  assert img.shape == (BATCH, 64) and img.dtype == jnp.float32
+  # Bidirectional attention: position 0 sees later tokens (a causal mask would hide them); the
+  # pooled feature is the last position's, a padding position for short captions.
+  tokens = np.full((2, 32), 1, np.int32)
+  tokens[:, :5] = [[7, 8, 9, 10, 11], [12, 8, 9, 10, 11]]
+  features = np.asarray(model.text_model.token_features(jnp.asarray(tokens)))
+  later = tokens.copy()
+  later[:, 10] = 3
+  changed = np.asarray(model.text_model.token_features(jnp.asarray(later)))
+  assert np.abs(changed[0, 0] - features[0, 0]).max() > 1e-3  # Position 0 sees position 10.
+  pooled = np.asarray(model.text_model(jnp.asarray(tokens)))
+  np.testing.assert_array_equal(pooled, features[:, -1])
+
+
+def test_siglip_b16_param_count_and_flops_agree_with_transformers_and_xla():
+  cfg = models.preset("SigLIP-B/16")
+  # transformers' SiglipModel(SiglipConfig()), google/siglip-base-patch16-224's shape: 203,155,970
+  # parameters (its [1]-shaped logit scale and bias are our two scalars).
+  assert models.count_params(_abstract(cfg)) == 203_155_970
+  images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
+  tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
+  xla_total = (_xla_flops(cfg, lambda m, i: m.encode_image(i), images)
+               + _xla_flops(cfg, lambda m, t: m.encode_text(t), tokens))
+  assert abs(models.flops_per_pair(cfg) - xla_total) / xla_total < 0.02

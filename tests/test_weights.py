@@ -8,6 +8,7 @@ from collections import OrderedDict
 import json
 import math
 import os
+import shutil
 
 import jax
 import ml_collections
@@ -514,3 +515,235 @@ def test_train_init_from_loads_weights_and_checks_the_architecture(tmp_path):
   config.init_from = str(tmp_path / "missing")
   with pytest.raises(config_lib.ConfigError, match="init_from"):
     train.train_and_evaluate(config, str(tmp_path / "run_missing"))
+
+
+# ---------------------------------------------------------------- Hugging Face SigLIP
+
+SIGLIP_VOCAB, SIGLIP_PAD = 1000, 1  # SigLIP's tokenizer pads (and ends captions) with id 1.
+SIGLIP_WORDS = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "cat", "dog", "bird", "red", "small", "."]
+
+
+def siglip_config(**vision_overrides):
+  """Text and vision towers of different widths, heads and non-4x MLPs (vision 200 = 3.125x, text 2x)."""
+  text = dict(vocab_size=SIGLIP_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+              num_attention_heads=2, max_position_embeddings=CONTEXT, projection_size=64,
+              pad_token_id=SIGLIP_PAD, bos_token_id=2, eos_token_id=SIGLIP_PAD)
+  vision = dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
+                image_size=32, patch_size=8)
+  vision.update(vision_overrides)
+  return transformers.SiglipConfig(text_config=text, vision_config=vision)
+
+
+def random_siglip(seed=6):
+  model = randomize_(transformers.SiglipModel(siglip_config()), seed=seed)
+  with torch.no_grad():
+    model.logit_scale.fill_(math.log(10.0))
+    model.logit_bias.fill_(-2.5)  # Not 0, so a dropped bias would show in the logits.
+  return model
+
+
+@pytest.fixture(scope="module")
+def siglip_dir(tmp_path_factory):
+  model = random_siglip()
+  path = tmp_path_factory.mktemp("hf_siglip")
+  model.save_pretrained(path)
+  return str(path), model
+
+
+def siglip_tokens(seed=0):
+  """Random ids, rows ending in SigLIP's pad id at different lengths (one row not padded at all)."""
+  rng = np.random.default_rng(seed)
+  tokens = rng.integers(2, SIGLIP_VOCAB, size=(3, CONTEXT)).astype(np.int32)
+  tokens[0, 5:] = SIGLIP_PAD
+  tokens[1, 11:] = SIGLIP_PAD
+  return tokens
+
+
+def siglip_hf_outputs(model, images, tokens):
+  with torch.no_grad():
+    pixels = torch.from_numpy(images.transpose(0, 3, 1, 2).copy())
+    ids = torch.from_numpy(tokens.astype(np.int64))
+    image = model.get_image_features(pixel_values=pixels).pooler_output.numpy()
+    text = model.get_text_features(input_ids=ids).pooler_output.numpy()
+    logits = model(input_ids=ids, pixel_values=pixels).logits_per_image.numpy()
+  return image, text, logits
+
+
+def siglip_our_outputs(model_cfg, params, model_state, images, tokens):
+  model = ModelSpec.create(model_cfg).merge(params, model_state)
+  image = np.asarray(model.encode_image(images))
+  text = np.asarray(model.encode_text(tokens))
+  zi = image / np.linalg.norm(image, axis=1, keepdims=True)
+  zt = text / np.linalg.norm(text, axis=1, keepdims=True)
+  logits = np.exp(np.asarray(params["logit_scale"])) * zi @ zt.T + np.asarray(params["logit_bias"])
+  return image, text, logits
+
+
+def test_load_hf_siglip_matches_transformers(siglip_dir):
+  path, hf = siglip_dir
+  model_cfg, params, model_state = weights.load_hf_siglip(path)
+  assert (model_cfg.embed_dim, model_cfg.act, model_cfg.layer_norm_eps, model_cfg.logit_bias) == (
+      64, "gelu_tanh", 1e-6, True)
+  assert (model_cfg.image.pool, model_cfg.image.patch_bias, model_cfg.image.pre_norm,
+          model_cfg.image.heads, model_cfg.image.mlp_width) == ("map", True, False, 4, 200)
+  assert (model_cfg.text.causal, model_cfg.text.pool, model_cfg.text.proj_bias, model_cfg.text.width,
+          model_cfg.text.mlp_width, model_cfg.text.vocab_size) == (False, "last", True, 48, 96, SIGLIP_VOCAB)
+  assert params["logit_bias"].shape == () and float(params["logit_bias"]) == -2.5
+  images, tokens = inputs(seed=4)[0], siglip_tokens()
+  ref = siglip_hf_outputs(hf, images, tokens)
+  for source in (path, os.path.join(path, weights.HF_WEIGHTS)):  # load_any dispatches on model_type.
+    loaded = weights.load_any(source)
+    assert loaded[0].to_dict() == model_cfg.to_dict()
+    for name, o, r in zip(("image embeddings", "text embeddings", "logits_per_image (with bias)"),
+                          siglip_our_outputs(*loaded, images, tokens), ref):
+      assert_close(o, r, f"HF SigLIP {name}")
+
+
+def test_siglip_config_from_transformers_config_and_the_b16_preset():
+  hf = siglip_config()
+  from_object = weights.hf_siglip_model_config(hf)
+  assert from_object.to_dict() == weights.hf_siglip_model_config(hf.to_dict()).to_dict()
+  # transformers' defaults are google/siglip-base-patch16-224's architecture.
+  assert weights.hf_siglip_model_config(transformers.SiglipConfig()).to_dict() == (
+      models.preset("SigLIP-B/16").to_dict())
+
+
+@pytest.mark.parametrize("change, message", [
+    (dict(vision_config=dict(vision_use_head=False)), "vision_use_head=False"),
+    (dict(text_config=dict(projection_size=32)), "projection_size=32 differs from the vision width 64"),
+    (dict(text_config=dict(hidden_act="relu")), "hidden_act='relu' is not supported"),
+    (dict(vision_config=dict(layer_norm_eps=1e-5)), "layer_norm_eps"),
+    (dict(model_type="clip"), "not a SiglipModel"),
+])
+def test_hf_siglip_config_refusals_name_the_field(change, message):
+  hf = siglip_config().to_dict()
+  for key, value in change.items():
+    if isinstance(value, dict):
+      hf[key].update(value)
+    else:
+      hf[key] = value
+  with pytest.raises(ValueError, match=message):
+    weights.hf_siglip_model_config(hf, "test config")
+
+
+def test_siglip_dirs_are_refused_by_the_clip_loader_and_exports(siglip_dir, tmp_path):
+  path, _ = siglip_dir
+  with pytest.raises(ValueError, match="not a CLIPModel.*load_hf_siglip"):
+    weights.load_hf(path)
+  model_cfg, params, model_state = weights.load_hf_siglip(path)
+  with pytest.raises(ValueError, match="export_hf: the model is not in CLIP's layout.*image.pool='map'"):
+    weights.export_hf(model_cfg, params, str(tmp_path / "hf"))
+  with pytest.raises(ValueError, match="export_openai: the model is not in CLIP's layout"):
+    weights.export_openai(model_cfg, params, model_state, str(tmp_path / "x.safetensors"))
+
+
+def test_load_for_training_accepts_siglip_and_names_architecture_differences(siglip_dir):
+  path, _ = siglip_dir
+  model_cfg, params, _ = weights.load_hf_siglip(path)
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  shardings = jax.tree.map(lambda _: device, params)
+  placed, state = weights.load_for_training(path, model_cfg, shardings, {})
+  assert_trees_bitwise_equal(jax.tree.map(np.asarray, placed), params)
+  assert state == {}
+  clip_cfg = models.preset("tiny")
+  with pytest.raises(ValueError, match="model.image.pool: config has 'cls', the weights have 'map'.*"
+                                       "model.logit_bias: config has False, the weights have True"):
+    weights.load_for_training(path, clip_cfg, shardings, {})
+
+
+# ------------------------------------------------------- inspect.load_pretrained
+
+
+def word_tokenizer_files(directory):
+  """A SigLIP-style tokenizer (pad = eos = 1) saved as HF files, built offline with `tokenizers`."""
+  import tokenizers
+  from tokenizers import models as tok_models, pre_tokenizers
+  tok = tokenizers.Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(SIGLIP_WORDS)}, unk_token="<unk>"))
+  tok.pre_tokenizer = pre_tokenizers.Whitespace()
+  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="</s>", unk_token="<unk>",
+                                       eos_token="</s>").save_pretrained(directory)
+  return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
+
+
+def uint8_images(seed, size=32, n=4):
+  return np.random.default_rng(seed).integers(0, 256, size=(n, size, size, 3), dtype=np.uint8)
+
+
+def softmax(x):
+  e = np.exp(x - x.max(axis=1, keepdims=True))
+  return e / e.sum(axis=1, keepdims=True)
+
+
+def unit(x):
+  return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+CLASSES = ["cat", "dog", "bird", "red cat", "small dog"]
+
+
+def test_load_pretrained_siglip_encodes_and_classifies_like_transformers(tmp_path):
+  hf = random_siglip(seed=7)
+  path = str(tmp_path / "siglip")
+  hf.save_pretrained(path)
+  hf_tokenizer = word_tokenizer_files(path)
+  run = inspect_lib.load_pretrained(path, batch_size=8)
+  assert "padded to max_length=16" in run.tokenization
+  images = uint8_images(seed=8)
+  prompts = [f"a photo of a {c}." for c in CLASSES]
+  ids = hf_tokenizer(prompts, padding="max_length", max_length=CONTEXT, return_tensors="np")["input_ids"]
+  assert (ids[:, -1] == SIGLIP_PAD).all()
+  # SigLIP's processor maps pixels to [-1, 1] (mean = std = 0.5), here written out independently.
+  pixels = (images.astype(np.float32) / 255.0 - 0.5) / 0.5
+  ref_image, ref_text, ref_logits = siglip_hf_outputs(hf, pixels, ids)
+  assert_close(run.encode_images(images), unit(ref_image), "load_pretrained SigLIP image embeddings")
+  assert_close(run.encode_texts(prompts), unit(ref_text), "load_pretrained SigLIP text embeddings")
+  probs = run.zero_shot(images, CLASSES)
+  assert_close(probs, softmax(ref_logits), "load_pretrained SigLIP zero-shot probabilities")
+  np.testing.assert_array_equal(probs.argmax(axis=1), ref_logits.argmax(axis=1))
+  assert run.config.model.image.pool == "map" and run.config.init_from == path
+
+
+def test_load_pretrained_siglip_without_tokenizer_files_takes_token_ids(siglip_dir, tmp_path):
+  path, hf = siglip_dir
+  run = inspect_lib.load_pretrained(path, batch_size=8)
+  assert run.tokenization == "none"
+  with pytest.raises(ValueError, match="no tokenizer.*tokenizer_config.json.*encode_tokens"):
+    run.encode_texts(["a photo of a cat."])
+  with pytest.raises(ValueError, match="no tokenizer"):
+    run.zero_shot(uint8_images(seed=1), CLASSES)
+  tokens = siglip_tokens(seed=3)
+  _, ref_text, _ = siglip_hf_outputs(hf, inputs()[0], tokens)
+  assert_close(run.encode_tokens(tokens), unit(ref_text), "load_pretrained SigLIP encode_tokens")
+  with pytest.raises(ValueError, match=r"integer ids \[N, 16\]"):
+    run.encode_tokens(tokens[:, :8])
+  # Tokenizer files that cannot be read (here: a corrupt spiece.model) give an error with the fixes.
+  broken = tmp_path / "broken"
+  shutil.copytree(path, broken)
+  (broken / "spiece.model").write_bytes(b"not a sentencepiece model")
+  with pytest.raises(ValueError, match="(?s)could not be read with transformers' AutoTokenizer.*sentencepiece"):
+    inspect_lib.load_pretrained(str(broken), batch_size=8)
+  # A caller-supplied tokenizer is used as given.
+  run = inspect_lib.load_pretrained(path, batch_size=8, tokenizer=lambda texts: tokens[:len(texts)])
+  assert_close(run.encode_texts(["x", "y", "z"]), unit(ref_text), "load_pretrained SigLIP tokenizer=")
+
+
+def test_load_pretrained_clip_dir_and_openai_file_match_transformers(hf_dir, tmp_path):
+  path, hf = hf_dir
+  images = uint8_images(seed=9)
+  prompts = [f"a photo of a {c}." for c in CLASSES]
+  tokens = tokenizer_lib.get_tokenizer(CONTEXT)(prompts)
+  mean, std = np.float32([0.48145466, 0.4578275, 0.40821073]), np.float32([0.26862954, 0.26130258, 0.27577711])
+  pixels = ((images.astype(np.float32) / 255.0 - mean) / std).astype(np.float32)
+  ref_image, ref_text, _ = hf_outputs(hf, pixels, tokens)
+  ref_logits = np.exp(float(hf.logit_scale.detach())) * unit(ref_image) @ unit(ref_text).T
+  openai_path = str(tmp_path / "clip.safetensors")
+  safetensors.torch.save_file(hf_to_openai(hf.state_dict()), openai_path)
+  act = hf.config.text_config.hidden_act
+  for run in (inspect_lib.load_pretrained(path, batch_size=8),
+              inspect_lib.load_pretrained(openai_path, batch_size=8, vision_heads=2, text_heads=2, act=act)):
+    assert "OpenAI BPE" in run.tokenization
+    assert_close(run.encode_images(images), unit(ref_image), f"load_pretrained CLIP [{act}] image")
+    assert_close(run.encode_texts(prompts), unit(ref_text), f"load_pretrained CLIP [{act}] text")
+    probs = run.zero_shot(images, CLASSES)
+    assert_close(probs, softmax(ref_logits), f"load_pretrained CLIP [{act}] zero-shot")
+    np.testing.assert_array_equal(probs.argmax(axis=1), ref_logits.argmax(axis=1))

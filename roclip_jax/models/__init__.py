@@ -5,10 +5,12 @@
   img, txt = model(images_nhwc, tokens, train=True)   # float32, un-normalised
 """
 from roclip_jax.models.clip import CLIP
+from roclip_jax.models.clip import OPTIONAL_DEFAULTS
 from roclip_jax.models.clip import build
 from roclip_jax.models.clip import count_params
 from roclip_jax.models.clip import flops_per_pair
 from roclip_jax.models.clip import mlp_width
+from roclip_jax.models.clip import option
 from roclip_jax.models.clip import validate_config
 from roclip_jax.models.presets import preset
 from roclip_jax.models.presets import preset_names
@@ -16,6 +18,6 @@ from roclip_jax.models.presets import register
 from roclip_jax.models.spec import ModelSpec
 
 __all__ = [
-    "CLIP", "ModelSpec", "build", "count_params", "flops_per_pair", "mlp_width", "validate_config", "preset",
-    "preset_names", "register",
+    "CLIP", "ModelSpec", "OPTIONAL_DEFAULTS", "build", "count_params", "flops_per_pair", "mlp_width", "option",
+    "validate_config", "preset", "preset_names", "register",
 ]

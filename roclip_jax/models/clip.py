@@ -11,15 +11,30 @@ Model config schema (every field is required by `build`):
   image.patch_size: int               ViT patch side; 0 for resnet
   image.mlp_width: int (optional)     ViT MLP hidden width; 0 or absent = 4 * width (OpenAI).
                                       ResNet towers have no transformer MLP: 0 or absent.
+  image.pool: str (optional, ViT)     'cls' (default): class token, post-LN, linear projection (CLIP);
+                                      'map': no class token, post-LN on every token, then SigLIP's
+                                      attention-pooling head; no projection, so embed_dim = width.
+  image.patch_bias: bool (optional)   ViT patch embedding with a bias (SigLIP); default False
+  image.pre_norm: bool (optional)     ViT layer norm before the blocks (CLIP's ln_pre); default True
   text.vocab_size, text.context_length, text.width, text.layers, text.heads: int
   text.mlp_width: int (optional)      text MLP hidden width; 0 or absent = 4 * width (OpenAI)
-  act: 'quick_gelu' | 'gelu'          transformer MLP activation
+  text.causal: bool (optional)        causal attention mask (CLIP, default True); False = SigLIP's
+                                      bidirectional attention
+  text.pool: str (optional)           'eot' (default): feature at the argmax token id (CLIP's EOT);
+                                      'last': the last position (SigLIP, captions padded to the context)
+  text.proj_bias: bool (optional)     text projection with a bias (SigLIP's text head); default False
+  act: 'quick_gelu' | 'gelu' | 'gelu_tanh'  transformer MLP activation ('gelu_tanh': SigLIP's
+                                      gelu_pytorch_tanh)
+  layer_norm_eps: float (optional)    epsilon of every layer norm; default 1e-5 (CLIP), SigLIP 1e-6
   dtype: 'float32' | 'bfloat16'       compute dtype; parameters are always float32
   remat: bool                         recompute each transformer block in the backward pass
   remat_policy: str (optional)        what a rematted block keeps: 'full' (nothing, default),
                                       'dots_saveable', 'dots_no_batch_saveable'
   logit_bias: bool (optional)         add SigLIP's learnable logit bias b (init -10) and start the
                                       logit scale at ln 10; default False (OpenAI/HF layout)
+
+The optional fields' defaults (`OPTIONAL_DEFAULTS`) are the CLIP layout, so configs written before a
+field existed build the same model with the same initial weights.
 """
 from __future__ import annotations
 
@@ -42,6 +57,22 @@ COMPUTE_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 INIT_LOGIT_SCALE = math.log(1 / 0.07)  # CLIP: temperature 0.07
 SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP (Zhai et al. 2023): t' = ln 10 ...
 SIGLIP_INIT_LOGIT_BIAS = -10.0  # ... and b = -10, so training starts from "every pair is negative".
+# Optional architecture fields and the value a config without them means (CLIP's layout).
+OPTIONAL_DEFAULTS = {
+    "image.pool": "cls", "image.patch_bias": False, "image.pre_norm": True, "text.causal": True,
+    "text.pool": "eot", "text.proj_bias": False, "layer_norm_eps": layers_lib.LAYER_NORM_EPS,
+    "logit_bias": False,
+}
+
+
+def option(model_cfg: ml_collections.ConfigDict, path: str) -> Any:
+  """The value of an optional field of `OPTIONAL_DEFAULTS` ('image.pool', ...), or its default."""
+  value = model_cfg
+  for part in path.split("."):
+    if not hasattr(value, "get") or part not in value:
+      return OPTIONAL_DEFAULTS[path]
+    value = value[part]
+  return value
 
 
 def mlp_width(tower_cfg: ml_collections.ConfigDict) -> int:
@@ -69,15 +100,22 @@ class CLIP(nnx.Module):
     """Builds the towers from a config already checked by `validate_config` (see `build`)."""
     dtype = COMPUTE_DTYPES[model_cfg.dtype]
     image, text = model_cfg.image, model_cfg.text
+    eps = float(option(model_cfg, "layer_norm_eps"))
     self.image_type = image.type
     if image.type == "vit":
+      pool = option(model_cfg, "image.pool")
       self.vision_model = vit_lib.VisionTransformer(
           image_size=image.image_size, patch_size=image.patch_size, width=image.width,
           layers=image.layers, heads=image.heads, mlp_width=mlp_width(image), act=model_cfg.act,
-          dtype=dtype, remat=_remat(model_cfg), rngs=rngs)
-      self.visual_projection = nnx.Linear(
-          image.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
-          kernel_init=jax.nn.initializers.normal(image.width ** -0.5), rngs=rngs)
+          dtype=dtype, remat=_remat(model_cfg), pool=pool,
+          patch_bias=option(model_cfg, "image.patch_bias"), pre_norm=option(model_cfg, "image.pre_norm"),
+          layer_norm_eps=eps, rngs=rngs)
+      if pool == "map":
+        self.visual_projection = None  # SigLIP: the pooling head's output is the image embedding.
+      else:
+        self.visual_projection = nnx.Linear(
+            image.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
+            kernel_init=jax.nn.initializers.normal(image.width ** -0.5), rngs=rngs)
     else:
       # OpenAI: the attention pool's c_proj already maps to embed_dim; no separate projection.
       self.vision_model = resnet_lib.ModifiedResNet(
@@ -87,10 +125,12 @@ class CLIP(nnx.Module):
     self.text_model = text_lib.TextTransformer(
         vocab_size=text.vocab_size, context_length=text.context_length, width=text.width,
         layers=text.layers, heads=text.heads, mlp_width=mlp_width(text), act=model_cfg.act,
-        dtype=dtype, remat=_remat(model_cfg), rngs=rngs)
+        dtype=dtype, remat=_remat(model_cfg), causal=option(model_cfg, "text.causal"),
+        pool=option(model_cfg, "text.pool"), layer_norm_eps=eps, rngs=rngs)
     self.text_projection = nnx.Linear(
-        text.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
-        kernel_init=jax.nn.initializers.normal(text.width ** -0.5), rngs=rngs)
+        text.width, model_cfg.embed_dim, use_bias=option(model_cfg, "text.proj_bias"),
+        param_dtype=jnp.float32, kernel_init=jax.nn.initializers.normal(text.width ** -0.5),
+        bias_init=jax.nn.initializers.zeros, rngs=rngs)
     # The bias exists only for the sigmoid loss; without it the parameter tree is
     # OpenAI's, so weight import and parameter counts are unchanged.
     with_bias = bool(model_cfg.get("logit_bias", False))
@@ -104,12 +144,15 @@ class CLIP(nnx.Module):
 
     `train` only matters for the ResNet: it uses batch BN statistics and updates the running ones.
     """
-    if self.visual_projection is None:
+    if self.image_type == "resnet":
       return self.vision_model(images, train=train).astype(jnp.float32)
+    if self.visual_projection is None:  # SigLIP's attention-pooled tower.
+      return self.vision_model(images).astype(jnp.float32)
     return self.visual_projection(self.vision_model(images)).astype(jnp.float32)
 
   def encode_text(self, tokens: jax.Array) -> jax.Array:
-    """Integer tokens [B, L] (0-padded, EOT = max id) -> f32 [B, embed_dim], un-normalised."""
+    """Integer tokens [B, L] (0-padded, EOT = max id; SigLIP: padded to the context with its pad
+    token) -> f32 [B, embed_dim], un-normalised."""
     return self.text_projection(self.text_model(tokens)).astype(jnp.float32)
 
   def __call__(self, images: jax.Array, tokens: jax.Array, *,
@@ -142,6 +185,14 @@ def _optional_mlp_width(cfg: Any, tower: str) -> None:
                      "(0 = 4 * width, as in OpenAI's CLIP).")
 
 
+def _optional_choice(cfg: Any, path: str, choices: tuple[Any, ...], hint: str) -> Any:
+  """An optional field (`OPTIONAL_DEFAULTS`) that must be one of `choices`, of the same type (1 is no bool)."""
+  value = option(cfg, path)
+  if not any(type(value) is type(choice) and value == choice for choice in choices):
+    raise ValueError(f"model config `{path}`={value!r} must be one of {choices} ({hint}).")
+  return value
+
+
 def _divisible(cfg: Any, width_path: str, heads_path: str) -> None:
   width, heads = _positive_int(cfg, width_path), _positive_int(cfg, heads_path)
   if width % heads:
@@ -168,6 +219,15 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
     _positive_int(model_cfg, "image.layers")
     _divisible(model_cfg, "image.width", "image.heads")
     _optional_mlp_width(model_cfg, "image")
+    pool = _optional_choice(model_cfg, "image.pool", vit_lib.POOLS,
+                            "'cls': CLIP's class token; 'map': SigLIP's attention-pooling head")
+    _optional_choice(model_cfg, "image.patch_bias", (False, True), "True: SigLIP's patch embedding bias")
+    _optional_choice(model_cfg, "image.pre_norm", (True, False), "False: no layer norm before the blocks, as SigLIP")
+    if pool == "map" and model_cfg.embed_dim != model_cfg.image.width:
+      raise ValueError(
+          f"model config `embed_dim`={model_cfg.embed_dim} must equal `image.width`={model_cfg.image.width} "
+          "with image.pool='map': SigLIP's pooling head has no projection, its output is the embedding. "
+          "Set embed_dim to the image width (the text projection maps to it).")
   else:
     if patch_size != 0:
       raise ValueError(
@@ -191,10 +251,22 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"model config `image.mlp_width`={model_cfg.image.mlp_width!r} must be 0 (or absent) for "
           "image.type='resnet', which has no transformer MLP; set text.mlp_width for the text tower.")
+    for path in ("image.pool", "image.patch_bias", "image.pre_norm"):
+      if option(model_cfg, path) != OPTIONAL_DEFAULTS[path]:
+        raise ValueError(f"model config `{path}`={option(model_cfg, path)!r} applies to ViT towers only; "
+                         f"remove it (or set {OPTIONAL_DEFAULTS[path]!r}) for image.type='resnet'.")
   for name in ("vocab_size", "context_length", "layers"):
     _positive_int(model_cfg, f"text.{name}")
   _divisible(model_cfg, "text.width", "text.heads")
   _optional_mlp_width(model_cfg, "text")
+  _optional_choice(model_cfg, "text.causal", (True, False), "False: SigLIP's bidirectional text attention")
+  _optional_choice(model_cfg, "text.pool", text_lib.POOLS,
+                   "'eot': the argmax token id, CLIP; 'last': the last position, SigLIP")
+  _optional_choice(model_cfg, "text.proj_bias", (False, True), "True: SigLIP's text head bias")
+  eps = option(model_cfg, "layer_norm_eps")
+  if isinstance(eps, bool) or not isinstance(eps, (float, int)) or not 0 < eps < 1:
+    raise ValueError(f"model config `layer_norm_eps`={eps!r} must be a float in (0, 1), e.g. 1e-5 (CLIP) "
+                     "or 1e-6 (SigLIP).")
   act = _field(model_cfg, "act")
   if act not in layers_lib.ACTIVATIONS:
     raise ValueError(
@@ -232,7 +304,7 @@ def count_params(model: nnx.Module) -> int:
 def flops_per_pair(model_cfg: ml_collections.ConfigDict) -> float:
   """Analytic forward FLOPs for one image-text pair, counting a multiply-add as 2 FLOPs.
 
-  image tower (`vit_flops` / `resnet_flops`) + visual projection 2*width*embed (ViT)
+  image tower (`vit_flops` / `resnet_flops`) + visual projection 2*width*embed (ViT, pool 'cls')
   + text tower (`text_flops`, full context) + text projection 2*text_width*embed, with each
   tower's MLP width (`mlp_width`).
   Only matmuls and convolutions are counted, as in open_clip's model profile: ViT-B/32 at 224 with a
@@ -241,9 +313,12 @@ def flops_per_pair(model_cfg: ml_collections.ConfigDict) -> float:
   validate_config(model_cfg)
   image, text = model_cfg.image, model_cfg.text
   if image.type == "vit":
+    pool = option(model_cfg, "image.pool")
     image_flops = vit_lib.vit_flops(
         image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-        layers=image.layers, mlp_width=mlp_width(image)) + 2 * image.width * model_cfg.embed_dim
+        layers=image.layers, mlp_width=mlp_width(image), pool=pool)
+    if pool == "cls":
+      image_flops += 2 * image.width * model_cfg.embed_dim
   else:
     image_flops = resnet_lib.resnet_flops(
         image_size=image.image_size, layers=tuple(image.layers), width=image.width,

@@ -31,9 +31,15 @@ def exact_gelu(x: jax.Array) -> jax.Array:
   return jax.nn.gelu(x, approximate=False)
 
 
+def tanh_gelu(x: jax.Array) -> jax.Array:
+  """The tanh approximation of GELU: Hugging Face's "gelu_pytorch_tanh" (SigLIP) and "gelu_new"."""
+  return jax.nn.gelu(x, approximate=True)
+
+
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     "quick_gelu": quick_gelu,
     "gelu": exact_gelu,
+    "gelu_tanh": tanh_gelu,
 }
 
 
@@ -50,16 +56,15 @@ def torch_default_init() -> Initializer:
 
 
 class LayerNorm(nnx.LayerNorm):
-  """LayerNorm (eps 1e-5) computed in float32 and cast back to the input dtype.
+  """LayerNorm (eps 1e-5 as in CLIP; SigLIP uses 1e-6) computed in float32, cast back to the input dtype.
 
   Mirrors OpenAI's fp16-safe `LayerNorm` subclass: the statistics of a bfloat16 residual stream are
   taken in float32, while the stream itself keeps its compute dtype.
   """
 
-  def __init__(self, num_features: int, *, rngs: nnx.Rngs):
+  def __init__(self, num_features: int, *, epsilon: float = LAYER_NORM_EPS, rngs: nnx.Rngs):
     super().__init__(
-        num_features, epsilon=LAYER_NORM_EPS, dtype=jnp.float32, param_dtype=jnp.float32,
-        rngs=rngs)
+        num_features, epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # pytype: disable=signature-mismatch
     return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
@@ -123,14 +128,21 @@ class MultiHeadAttention(nnx.Module):
     self.out_proj = linear(out_proj_std)
 
   def __call__(self, x: jax.Array, *, causal: bool = False) -> jax.Array:
-    """[B, L, width] -> [B, L, width]."""
-    batch, length, _ = x.shape
-    split = lambda t: t.reshape(batch, length, self.heads, self.head_dim)
-    q = split(self.q_proj(x)) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
-    k = split(self.k_proj(x))
-    v = split(self.v_proj(x))
+    """Self-attention: [B, L, width] -> [B, L, width]."""
+    return self.attend(x, x, causal=causal)
+
+  def attend(self, queries: jax.Array, tokens: jax.Array, *, causal: bool = False) -> jax.Array:
+    """`queries` [B, Lq, width] attend to `tokens` [B, Lk, width] -> [B, Lq, width].
+
+    Cross-attention is what SigLIP's attention-pooling head does with its learned probe.
+    """
+    batch = queries.shape[0]
+    split = lambda t: t.reshape(batch, t.shape[1], self.heads, self.head_dim)
+    q = split(self.q_proj(queries)) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    k = split(self.k_proj(tokens))
+    v = split(self.v_proj(tokens))
     out = dot_product_attention(q, k, v, causal=causal)
-    return self.out_proj(out.reshape(batch, length, self.width))
+    return self.out_proj(out.reshape(batch, queries.shape[1], self.width))
 
 
 class MLP(nnx.Module):
@@ -165,7 +177,7 @@ class ResidualAttentionBlock(nnx.Module):
   def __init__(
       self, width: int, heads: int, *, layers_in_stack: int, mlp_width: int | None = None,
       act: str = "quick_gelu", causal: bool = False, dtype: jnp.dtype = jnp.float32,
-      rngs: nnx.Rngs):
+      layer_norm_eps: float = LAYER_NORM_EPS, rngs: nnx.Rngs):
     """Builds one block with OpenAI CLIP's `initialize_parameters` stds.
 
     Args:
@@ -177,16 +189,17 @@ class ResidualAttentionBlock(nnx.Module):
       act: 'quick_gelu' or 'gelu'.
       causal: mask future positions (text tower).
       dtype: matmul compute dtype.
+      layer_norm_eps: epsilon of both layer norms.
       rngs: parameter RNG streams.
     """
     attn_std = width ** -0.5
     proj_std = width ** -0.5 * (2 * layers_in_stack) ** -0.5
     fc_std = (2 * width) ** -0.5
     self.causal = causal
-    self.layer_norm1 = LayerNorm(width, rngs=rngs)
+    self.layer_norm1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.self_attn = MultiHeadAttention(
         width, heads, dtype=dtype, in_proj_std=attn_std, out_proj_std=proj_std, rngs=rngs)
-    self.layer_norm2 = LayerNorm(width, rngs=rngs)
+    self.layer_norm2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.mlp = MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, fc1_std=fc_std,
                    fc2_std=proj_std, rngs=rngs)
 
@@ -202,12 +215,12 @@ def _apply_block(block: ResidualAttentionBlock, x: jax.Array) -> jax.Array:
 
 def make_blocks(
     width: int, layers: int, heads: int, *, act: str, causal: bool, dtype: jnp.dtype,
-    rngs: nnx.Rngs, mlp_width: int | None = None) -> nnx.List:
+    rngs: nnx.Rngs, mlp_width: int | None = None, layer_norm_eps: float = LAYER_NORM_EPS) -> nnx.List:
   """A stack of `layers` independent ResidualAttentionBlocks (no shared submodules)."""
   return nnx.List([
       ResidualAttentionBlock(
           width, heads, layers_in_stack=layers, mlp_width=mlp_width, act=act, causal=causal,
-          dtype=dtype, rngs=rngs)
+          dtype=dtype, layer_norm_eps=layer_norm_eps, rngs=rngs)
       for _ in range(layers)
   ])
 

@@ -69,6 +69,28 @@ def resnet_image(*, image_size: int, layers: Sequence[int], width: int, heads: i
               layers=tuple(layers), heads=heads)
 
 
+def siglip_config(*, image_size: int, patch_size: int, width: int, layers: int, heads: int,
+                  text_width: int, text_layers: int, text_heads: int, vocab_size: int,
+                  context_length: int, mlp_width: int = 0, text_mlp_width: int = 0,
+                  act: str = "gelu_tanh", layer_norm_eps: float = 1e-6) -> ml_collections.ConfigDict:
+  """SigLIP's two towers (Zhai et al. 2023; HF `SiglipModel`) in this schema.
+
+  ViT without class token or pre-LN, patch bias, attention-pooling head and no image projection (so
+  `embed_dim` = `width`); bidirectional text tower pooled at the last position, with a biased head
+  into the image width; learnable logit bias. `mlp_width` 0: 4 * width.
+  """
+  image = vit_image(image_size=image_size, patch_size=patch_size, width=width, layers=layers,
+                    heads=heads, mlp_width=mlp_width)
+  image.update(pool="map", patch_bias=True, pre_norm=False)
+  text = text_config(width=text_width, layers=text_layers, heads=text_heads,
+                     context_length=context_length, mlp_width=text_mlp_width)
+  text.vocab_size = vocab_size
+  text.update(dict(causal=False, pool="last", proj_bias=True))
+  cfg = clip_config(embed_dim=width, image=image, text=text, act=act, logit_bias=True)
+  cfg.layer_norm_eps = float(layer_norm_eps)
+  return cfg
+
+
 def _tiny_text() -> ml_collections.ConfigDict:
   return text_config(width=64, layers=2, heads=2, context_length=32)
 
@@ -120,3 +142,16 @@ def _vit_l14() -> ml_collections.ConfigDict:
       embed_dim=768,
       image=vit_image(image_size=224, patch_size=14, width=1024, layers=24, heads=16),
       text=text_config(width=768, layers=12, heads=12))
+
+
+@register("tiny-siglip")
+def _tiny_siglip() -> ml_collections.ConfigDict:
+  return siglip_config(image_size=32, patch_size=8, width=64, layers=2, heads=2, text_width=64,
+                       text_layers=2, text_heads=2, vocab_size=VOCAB_SIZE, context_length=32)
+
+
+# google/siglip-base-patch16-224 (transformers' SiglipConfig defaults): 32,000 SentencePiece tokens.
+@register("SigLIP-B/16")
+def _siglip_b16() -> ml_collections.ConfigDict:
+  return siglip_config(image_size=224, patch_size=16, width=768, layers=12, heads=12, text_width=768,
+                       text_layers=12, text_heads=12, vocab_size=32000, context_length=64)
