@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 import dataclasses
+import json
+import os
 from typing import Any
 
 import jax

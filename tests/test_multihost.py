@@ -150,7 +150,7 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(demo_
   np.testing.assert_allclose(float(optax.global_norm(restored.params)), rows_multi[-1]["param_norm"], rtol=1e-6)
   for a, b in zip(jax.tree.leaves(restored.params), jax.tree.leaves(reference.params)):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-4, atol=2e-5)
-  np.testing.assert_array_equal(np.asarray(restored.defense.source_ids), np.asarray(reference.defense.source_ids))
+  np.testing.assert_array_equal(np.asarray(restored.pool.source_ids), np.asarray(reference.pool.source_ids))
   grain_states = set(os.listdir(multi / "checkpoints" / str(MAX_STEPS) / "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= grain_states  # Each host's input position.
 

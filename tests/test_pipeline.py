@@ -58,11 +58,11 @@ def assert_batches_equal(a, b):
       np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
-def assert_resumes_exactly(config, full, after):
+def assert_resumes_exactly(config, full, after, views=1):
   """A fresh iterator restored from another's state after `after` batches continues `full` exactly."""
-  first = pipeline.make_train_data(config).iterator
+  first = pipeline.make_train_data(config, views=views).iterator
   head = collect(first, after)
-  resumed = pipeline.make_train_data(config).iterator
+  resumed = pipeline.make_train_data(config, views=views).iterator
   resumed.set_state(first.get_state())
   assert_batches_equal(head + collect(resumed), full)
 
@@ -587,11 +587,11 @@ def test_two_views_plain_first_view_augmented_second(demo_root):
   assert all(np.array_equal(texts2[0][i], texts2[1][i]) for i in range(32))
 
   # Deterministic across fresh iterators, and resumes exactly.
-  assert_batches_equal(collect(pipeline.make_train_data(config).iterator), full)
-  first = pipeline.make_train_data(config).iterator
+  assert_batches_equal(collect(pipeline.make_train_data(config, views=2).iterator), full)
+  first = pipeline.make_train_data(config, views=2).iterator
   head = collect(first, 5)
   state = json.loads(json.dumps(first.get_state()))
-  resumed = pipeline.make_train_data(config).iterator
+  resumed = pipeline.make_train_data(config, views=2).iterator
   resumed.set_state(state)
   assert_batches_equal(head + collect(resumed), full)
 
@@ -640,7 +640,7 @@ def test_two_views_survive_top_up(tmp_path):
     assert batch["image2"].shape == (4, 16, 16, 3)
     assert batch["text2"].shape == (4, 16)
     assert not set(batch["id"].tolist()) & bad_ids
-  assert_resumes_exactly(config, full, after=1)
+  assert_resumes_exactly(config, full, after=1, views=2)
 
 
 # --------------------------------------------------------------- scoring

@@ -154,7 +154,7 @@ def test_exact_duplicates_get_finite_density_scores():
 def _dense_scores(img, cap, ids, pool, pool_ids, neighbors, density_neighbors):
   """The report's scores as they were computed before streaming: full [N, N] and [N, M] float64
   matrices, full sorts. (mixture_risk reuses safeclip.fit_gmm, tested in test_safeclip.)"""
-  from roclip_jax import safeclip
+  from roclip_jax.defenses import safeclip
   img, cap, pool = img.astype(np.float64), cap.astype(np.float64), pool.astype(np.float64)
   own = np.sum(img * cap, axis=1)
   out = {"own_similarity": own, "own_distance": 1 - own,

@@ -159,7 +159,7 @@ class ImageReader:
 
 def _record_name(record: dict[str, Any]) -> str:
   """How a log line names a record: its image path, ArrayRecord origin, or id."""
-  return record.get("image_path", record.get("origin", f"record {record['id']}"))
+  return record.get("image_path", record.get("origin", f"record {record.get('id', '?')}"))
 
 
 def host_example_indices(num_examples: int, process_index: int,

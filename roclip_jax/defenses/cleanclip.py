@@ -29,9 +29,9 @@ from typing import Any, Callable
 from absl import logging
 import jax
 import ml_collections
-import numpy as np
 
 from roclip_jax import losses
+from roclip_jax.data import metadata as metadata_lib
 from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
 
@@ -49,30 +49,11 @@ def step_loss(z: dict[str, jax.Array], scalars: dict[str, jax.Array], cfg: ml_co
   return loss, dict(aux, loss_cross=cross, loss_inmodal=inmodal)
 
 
-class SubsetSource:
-  """Some records of a source, by index; random access and picklable like the source."""
-
-  def __init__(self, base: Any, indices: np.ndarray):
-    self._base = base
-    self._indices = np.asarray(indices, np.int64)
-
-  def __len__(self) -> int:
-    return len(self._indices)
-
-  def __getitem__(self, index: int) -> dict[str, Any]:
-    return self._base[int(self._indices[int(index)])]
-
-
-def clean_subset(source: Any, num_examples: int, seed: int) -> SubsetSource:
+def clean_subset(source: Any, num_examples: int, seed: int) -> metadata_lib.SubsetSource:
   """The records of `source` with `poisoned == 0`; with `num_examples` > 0, a seeded sample of
-  that many (in source order). Records keep their ids."""
-  clean = np.asarray([i for i in range(len(source)) if int(source[i].get("poisoned", 0)) == 0], np.int64)
-  if num_examples:
-    if num_examples > clean.size:
-      raise ValueError(f"cleanclip.num_clean_examples={num_examples} but the training source has only "
-                       f"{clean.size} clean records; lower it, or use 0 for all of them.")
-    clean = np.sort(np.random.default_rng([seed, 0xC1EA]).choice(clean, size=num_examples, replace=False))
-  return SubsetSource(source, clean)
+  that many (in source order). Records keep their ids. Decided from the source's metadata
+  (`data/metadata.py`), so no image is read."""
+  return metadata_lib.clean_subset(source, num_examples, seed)
 
 
 class CleanClip(base.Defense):

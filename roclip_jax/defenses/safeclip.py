@@ -56,6 +56,7 @@ from roclip_jax import losses
 from roclip_jax import optim
 from roclip_jax import sharding as sharding_lib
 from roclip_jax.data import image_ops
+from roclip_jax.data import metadata as metadata_lib
 from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
 from roclip_jax.defenses import base
@@ -447,9 +448,8 @@ class SafeSplitter(base.EpochHooks):
       self._transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
     self._first_split_epoch = config.safeclip.inmodal_warmup + config.safeclip.multimodal_warmup + 1
     self._poisoned = None  # Which ids carry a poison, to report how many the split lets through.
-    if config.poison.enabled:
-      source = self._data.source
-      self._poisoned = np.asarray([int(source[i].get("poisoned", 0)) > 0 for i in range(len(source))])
+    if config.poison.enabled:  # From the metadata: no image is read.
+      self._poisoned = metadata_lib.poisoned_flags(self._data.source)
 
   def start_epoch(self, state: Any, epoch: int, kind: str) -> tuple[Any, dict[str, Any] | None]:
     if kind != "safe_split":

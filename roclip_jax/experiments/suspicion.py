@@ -101,8 +101,20 @@ from typing import Any
 from absl import app
 from absl import flags
 from absl import logging
+import jax
+import jax.numpy as jnp
 import numpy as np
 import scipy.stats
+
+from roclip_jax import inspect as inspect_lib
+from roclip_jax import losses
+from roclip_jax import sharding as sharding_lib
+from roclip_jax import steps as steps_lib
+from roclip_jax import train
+from roclip_jax.data import image_ops
+from roclip_jax.data import pipeline
+from roclip_jax.data import poison as poison_lib
+from roclip_jax.defenses import safeclip
 
 SCORES = ("own_distance", "mixture_risk", "pool_margin", "caption_atypicality", "k_distance", "slof", "lof")
 DEFAULT_NEIGHBORS = 10
@@ -162,7 +174,6 @@ def precision_recall_at_k(scores: np.ndarray, is_positive: np.ndarray, k: int) -
 @functools.cache
 def _block_top_k_fn():
   """`_block_top_k` jitted, with k static (built on first use: importing this module needs no jax)."""
-  import jax  # pylint: disable=g-import-not-at-top
   return jax.jit(_block_top_k, static_argnames=("k",))
 
 
@@ -174,8 +185,6 @@ def _block_top_k(queries, query_tags, key_blocks, key_tags, key_valid, *, k: int
   `key_valid` or when `query_tags[i] == key_tags[j]`; a query with fewer than k allowed keys
   gets -inf similarities in the empty places (their indices are meaningless; the caller drops them).
   """
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   num_blocks, block, _ = key_blocks.shape
   per_block = min(k, block)
 
@@ -224,7 +233,6 @@ def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
   are equal; keys with `key_valid` False are never neighbours. Places for which no key is allowed
   hold similarity -inf and index -1.
   """
-  import jax  # pylint: disable=g-import-not-at-top  # Deferred: the metrics need no jax.
   queries, keys = np.asarray(queries), np.asarray(keys)
   num_queries, num_keys = len(queries), len(keys)
   if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
@@ -351,7 +359,6 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
     raise ValueError(f"neighbors={neighbors} must be >= 1.")
   own = np.sum(image_emb.astype(np.float64) * caption_emb.astype(np.float64), axis=1)
   out = {"own_similarity": own, "own_distance": 1.0 - own}
-  from roclip_jax import safeclip  # Deferred: pulls in jax.
   out["mixture_risk"] = 1.0 - safeclip.fit_gmm(own).posterior_high(own)
 
   # Captions nearest to each image, its own caption excluded.
@@ -412,8 +419,6 @@ def rank_and_evaluate(scores: dict[str, np.ndarray],
 def training_source(config: Any) -> tuple[Any, Any]:
   """The run's training source, rebuilt with the same poisons (by seed), and the image transform
   that stamps the backdoor trigger where the trainer stamped it (None without poisoning)."""
-  from roclip_jax import train  # Deferred: pulls in the whole trainer.
-  from roclip_jax.data import poison as poison_lib
 
   config = copy.deepcopy(config)
   config.data.num_workers = 0  # Only the source is needed; start no worker processes.
@@ -441,10 +446,7 @@ def make_embedding_fn(spec: Any, mesh: Any):
   """Jitted `fn(params, model_state, image_u8, tokens, ids, codes) -> (image_emb, caption_emb, ids, codes)`
   on a global batch (eval mode, unit rows). Every output is replicated, so every host reads back the
   whole global batch, as in SafeCLIP's scoring pass (`safeclip.make_similarity_fn`)."""
-  import jax  # pylint: disable=g-import-not-at-top
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-  from roclip_jax import losses  # pylint: disable=g-import-not-at-top
-  from roclip_jax.data import image_ops  # pylint: disable=g-import-not-at-top
   replicated = NamedSharding(mesh, P())
 
   def embed(params, model_state, images, tokens, ids, codes):
@@ -458,7 +460,6 @@ def make_embedding_fn(spec: Any, mesh: Any):
 def _gather_captions(local: np.ndarray) -> np.ndarray:
   """Every host's [B] caption strings, concatenated in process order (the order in which
   `sharding.global_batch` lays out the hosts' rows): UTF-8 bytes padded to the longest."""
-  import jax  # pylint: disable=g-import-not-at-top
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -474,9 +475,6 @@ def _gather_captions(local: np.ndarray) -> np.ndarray:
 def embed_training_set(run: Any, batches: Iterable[dict[str, np.ndarray]]) -> EmbeddedTrainingSet:
   """Encodes `batches` (this host's `pipeline.scoring_batches`; every host must yield as many),
   one batch at a time: images never outlive their batch. Every host gets every example."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from roclip_jax import sharding as sharding_lib  # pylint: disable=g-import-not-at-top
-  from roclip_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
 
   mesh = sharding_lib.make_mesh([("data", -1)])  # The mesh `inspect.load` restored the state on.
   embed = make_embedding_fn(steps_lib.ModelSpec.create(run.config.model), mesh)
@@ -521,7 +519,6 @@ def _injected_poison_ids(workdir: str) -> set[int] | None:
   path = os.path.join(workdir, "poison_info.json")
   if not os.path.exists(path):
     return None
-  from roclip_jax.data import poison as poison_lib
   with open(path) as f:
     return set(poison_lib.PoisonInfo.from_json(f.read()).poisoned_ids)
 
@@ -567,9 +564,6 @@ def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_
   """Scores every training example of the run in `workdir` and writes the ranked CSV to `out`
   (default `workdir/suspicion.csv`) and the metrics next to it (`.json`); on a multi-host run
   every host takes part and process 0 writes."""
-  import jax  # pylint: disable=g-import-not-at-top
-  from roclip_jax import inspect as inspect_lib  # Deferred: loads jax.
-  from roclip_jax.data import pipeline
 
   if block_size < 1 or batch_size < 1:
     raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be >= 1.")
