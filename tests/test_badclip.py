@@ -209,3 +209,42 @@ def test_a_rewritten_patch_file_is_read_again(tmp_path):
   poison.save_patch_file(str(path), np.full((3, 3, 3), 255, np.uint8), {})
   out = poison.apply_trigger(image, cfg, seed=0)
   np.testing.assert_array_equal(out[:3, :3], 255)
+
+
+# ------------------------------------------------------------------------ the CLI, end to end
+
+
+def test_cli_writes_a_patch_that_a_poisoned_source_records(surrogate, tmp_path):
+  """Imported weights as the surrogate, a tiny demo config: the file, its metadata, the poison info."""
+  import types
+  from roclip_jax import config_lib
+  from roclip_jax import weights
+  from roclip_jax.data import demo
+  demo_params = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=SIZE, seed=0)
+  root = demo.ensure_demo_dataset(dict(demo_params, root=str(tmp_path / "demo")))
+  weights.export_hf(surrogate.model_config, surrogate.params, str(tmp_path / "hf"))
+  config = config_lib.base_config()
+  config.model = _tiny_model_config()
+  config.data.demo.update(dict(demo_params, root=root))
+  config.data.batch_size = 16
+  config.poison.backdoor.update(dict(target_class="blue triangle", patch_size=SIDE, position="top_left"))
+  out = tmp_path / "patch.npz"
+  flag_values = types.SimpleNamespace(
+      config=config, surrogate=str(tmp_path / "hf"), out=str(out), target_class=None, position=None,
+      patch_size=None, steps=4, lr=None, batch_size=8, seed=2, image_weight=None, num_images=20, templates=None)
+  badclip.main(["badclip"], flag_values)
+
+  patch, meta = poison.load_patch_file(str(out))
+  assert patch.shape == (SIDE, SIDE, 3)
+  assert meta["target_class"] == "blue triangle" and meta["position"] == "top_left"
+  assert (meta["steps"], meta["batch_size"], meta["seed"], meta["num_images"]) == (4, 8, 2, 20)
+  assert meta["num_target_images"] == 4  # The held-out split's images of the target class.
+  assert meta["surrogate"].startswith("weights ")
+  config.poison.enabled = config.poison.backdoor.enabled = True
+  config.poison.backdoor.update(dict(trigger="optimized", patch_file=str(out), num_poisons=3))
+  config_lib.validate(config)
+  from roclip_jax import train
+  _, info = train.build_train_data(config, str(tmp_path))
+  with open(tmp_path / "poison_info.json") as f:
+    recorded = json.load(f)["backdoor_patch"]
+  assert recorded == info.backdoor_patch and recorded["metadata"] == meta
