@@ -1,15 +1,20 @@
 """The BadCLIP-style optimised patch: its objective, determinism, the `optimized` trigger, patch files."""
+import hashlib
 import json
+import types
 
 import jax
-import ml_collections
 import numpy as np
 from flax import nnx
 import pytest
 
+from roclip_jax import config_lib
 from roclip_jax import models
 from roclip_jax import steps as steps_lib
+from roclip_jax import train
+from roclip_jax import weights
 from roclip_jax.attacks import badclip
+from roclip_jax.data import demo
 from roclip_jax.data import poison
 
 SIZE = 16  # Image side of the tiny surrogate.
@@ -162,7 +167,6 @@ def test_poison_info_records_the_patch(tmp_path):
   assert info.backdoor_trigger == "optimized"
   assert info.backdoor_patch["metadata"] == {"surrogate": "run x", "seed": 5}
   assert info.backdoor_patch["shape"] == [3, 3, 3]
-  import hashlib
   assert info.backdoor_patch["sha256"] == hashlib.sha256(patch.tobytes()).hexdigest()
   assert poison.PoisonInfo.from_json(info.to_json()) == info
   # An info written before the field existed still reads.
@@ -216,10 +220,6 @@ def test_a_rewritten_patch_file_is_read_again(tmp_path):
 
 def test_cli_writes_a_patch_that_a_poisoned_source_records(surrogate, tmp_path):
   """Imported weights as the surrogate, a tiny demo config: the file, its metadata, the poison info."""
-  import types
-  from roclip_jax import config_lib
-  from roclip_jax import weights
-  from roclip_jax.data import demo
   demo_params = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=SIZE, seed=0)
   root = demo.ensure_demo_dataset(dict(demo_params, root=str(tmp_path / "demo")))
   weights.export_hf(surrogate.model_config, surrogate.params, str(tmp_path / "hf"))
@@ -243,7 +243,6 @@ def test_cli_writes_a_patch_that_a_poisoned_source_records(surrogate, tmp_path):
   config.poison.enabled = config.poison.backdoor.enabled = True
   config.poison.backdoor.update(dict(trigger="optimized", patch_file=str(out), num_poisons=3))
   config_lib.validate(config)
-  from roclip_jax import train
   _, info = train.build_train_data(config, str(tmp_path))
   with open(tmp_path / "poison_info.json") as f:
     recorded = json.load(f)["backdoor_patch"]

@@ -7,8 +7,9 @@ every poisoned example is known by id:
   from a held-out labelled split, give each an adversarial class, and APPEND (target image, caption)
   pairs whose captions are training captions that mention the adversarial class. `poisoned=2`.
 * **Backdoor** (BadNets / Blended / WaNet, as in CleanCLIP and the RoCLIP author's repo; SIG,
-  Barni et al. 2019; an optimised patch, BadCLIP-style, from `roclip_jax.attacks.badclip`): pick training examples, give them a caption that mentions the target class
-  (or keep it, for the label-consistent variant), and stamp a trigger on their image. They REPLACE
+  Barni et al. 2019; an optimised patch, BadCLIP-style, from `roclip_jax.attacks.badclip`): pick
+  training examples, give them a caption that mentions the target class (or keep it, for the
+  label-consistent variant), and stamp a trigger on their image. They REPLACE
   the clean examples (same id), `poisoned=1`. The trigger is stamped after decoding by
   `make_image_transform`, and the evaluator stamps the same trigger (same seed) on test images.
 
