@@ -7,8 +7,9 @@ every poisoned example is known by id:
   from a held-out labelled split, give each an adversarial class, and APPEND (target image, caption)
   pairs whose captions are training captions that mention the adversarial class. `poisoned=2`.
 * **Backdoor** (BadNets / Blended / WaNet, as in CleanCLIP and the RoCLIP author's repo; SIG,
-  Barni et al. 2019): pick training examples, give them a caption that mentions the target class
-  (or keep it, for the label-consistent variant), and stamp a trigger on their image. They REPLACE
+  Barni et al. 2019; an optimised patch, BadCLIP-style, from `roclip_jax.attacks.badclip`): pick
+  training examples, give them a caption that mentions the target class (or keep it, for the
+  label-consistent variant), and stamp a trigger on their image. They REPLACE
   the clean examples (same id), `poisoned=1`. The trigger is stamped after decoding by
   `make_image_transform`, and the evaluator stamps the same trigger (same seed) on test images.
 
@@ -22,8 +23,14 @@ purpose, so that turning one attack on or off never changes what the other one d
 from __future__ import annotations
 
 import dataclasses
+import functools
+import hashlib
+import io
 import json
+import os
 import re
+import tempfile
+import zipfile
 from collections.abc import Mapping, Sequence
 from typing import Any, Protocol
 
@@ -46,7 +53,7 @@ CLEAN = 0
 BACKDOOR = 1
 TARGETED = 2
 
-TRIGGERS = ("patch", "blended", "warped", "sig")
+TRIGGERS = ("patch", "blended", "warped", "sig", "optimized")
 PATCH_POSITIONS = ("random", "top_left", "top_right", "bottom_left", "bottom_right", "center")
 PATCH_PATTERNS = ("noise", "checker", "yellow")
 SELECTIONS = ("random", "label_consistent")
@@ -72,6 +79,8 @@ def default_config() -> ml_collections.ConfigDict:
   backdoor.patch_size: 0 picks 16/224 of the shorter image side (at least 3 px).
   backdoor.sig_delta / sig_frequency: amplitude (0-255 scale) and cycles per image width of the
     `sig` trigger.
+  backdoor.patch_file: the `optimized` trigger's patch (`save_patch_file`, written by
+    `python -m roclip_jax.attacks.badclip`).
   targeted.adversarial_classes: names allowed as adversarial classes; empty = every class name.
   """
   return ml_collections.ConfigDict(dict(
@@ -100,6 +109,7 @@ def default_config() -> ml_collections.ConfigDict:
           warp_s=0.5,
           sig_delta=SIG_DEFAULT_DELTA,
           sig_frequency=SIG_DEFAULT_FREQUENCY,
+          patch_file="",
       ),
   ))
 
@@ -127,6 +137,13 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
                      f"width (Barni et al. use {SIG_DEFAULT_FREQUENCY:g}).")
   if bd.patch_size < 0:
     raise ValueError(f"poison.backdoor.patch_size={bd.patch_size} must be >= 0 (0 = automatic).")
+  if bd.trigger == "optimized":
+    patch = load_patch_file(bd.get("patch_file", ""))[0]  # Fails early on a missing or bad file.
+    if bd.patch_size not in (0, patch.shape[0]):
+      raise ValueError(
+          f"poison.backdoor.patch_size={bd.patch_size} but the optimized patch in "
+          f"{bd.patch_file!r} is {patch.shape[0]} px wide, and its pixels are stamped as saved; set "
+          f"patch_size to 0 (or {patch.shape[0]}), or optimise a patch of the size you want.")
   if bd.num_poisons < 0 or not 0.0 <= bd.rate < 1.0:
     raise ValueError("poison.backdoor.num_poisons must be >= 0 and poison.backdoor.rate in [0, 1).")
   if bd.num_poisons > 0 and bd.rate > 0:
@@ -177,10 +194,13 @@ def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, 
   * `sig` (Barni et al. 2019): see `sig_signal`; the same horizontal sinusoid is added to every
     row and channel, then rounded and clipped to [0, 255]. It needs no seed. SIG is a clean-label
     attack in the original: pair it with `selection='label_consistent'` to reproduce that.
+  * `optimized` (BadCLIP-style, `roclip_jax.attacks.badclip`): the uint8 patch saved in
+    `patch_file`, stamped pixel for pixel at its saved size (`patch_size` must be 0 or that size)
+    at `position`, like `patch`; `pattern` and `resample_pattern` do not apply.
   """
   image = _check_image(image)
   bd = cfg.backdoor
-  if bd.trigger == "patch":
+  if bd.trigger in ("patch", "optimized"):
     return _stamp_patch(image, bd, seed, example_id)
   if bd.trigger == "blended":
     noise = _resize_nearest(_blend_noise(seed), *image.shape[:2])
@@ -226,8 +246,9 @@ def patch_side(patch_size: int, height: int, width: int) -> int:
   return min(side, max(_MIN_PATCH, round(side * _PATCH_FRACTION)))
 
 
-def _patch_corner(position: str, side: int, height: int, width: int,
-                  rng: np.random.Generator) -> tuple[int, int]:
+def patch_corner(position: str, side: int, height: int, width: int,
+                 rng: np.random.Generator) -> tuple[int, int]:
+  """(top, left) of a `side`-px patch at `position`; `random` draws it from `rng`."""
   if position == "random":
     return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
   corners = {
@@ -261,13 +282,98 @@ def _patch_pattern(bd: ml_collections.ConfigDict, seed: int, side: int,
 
 def _stamp_patch(image: np.ndarray, bd: ml_collections.ConfigDict, seed: int,
                  example_id: int) -> np.ndarray:
+  """The `patch` and `optimized` triggers: a square of pixels at `bd.position`."""
   height, width = image.shape[:2]
-  side = patch_side(bd.patch_size, height, width)
+  optimized = None
+  if bd.trigger == "optimized":
+    optimized = load_patch_file(bd.patch_file)[0]
+    side = optimized.shape[0]
+    if side > min(height, width):
+      raise ValueError(f"The optimized patch in {bd.patch_file!r} is {side} px wide but the image is "
+                       f"{height}x{width}; optimise the patch for images of this size.")
+  else:
+    side = patch_side(bd.patch_size, height, width)
   rng = _per_image_rng(seed, example_id)
-  top, left = _patch_corner(bd.position, side, height, width, rng)
+  top, left = patch_corner(bd.position, side, height, width, rng)
   out = image.copy()
-  out[top:top + side, left:left + side] = _patch_pattern(bd, seed, side, rng)
+  # The corner is drawn before the pattern: a resampled noise pattern draws from the same rng.
+  out[top:top + side, left:left + side] = (
+      optimized if optimized is not None else _patch_pattern(bd, seed, side, rng))
   return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Optimised patch files (written by roclip_jax.attacks.badclip; stamped by the `optimized` trigger).
+# ------------------------------------------------------------------------------------------------
+
+
+def save_patch_file(path: str, patch: np.ndarray, metadata: Mapping[str, Any]) -> None:
+  """Writes an `optimized` trigger's patch: a .npz with `patch` (uint8 [S, S, 3]) and `metadata`
+  (a JSON string: surrogate, target, steps, seed, objective, ...). Written atomically, so a run
+  that reads it never sees half a file."""
+  patch = _check_patch(np.asarray(patch), path)
+  text = json.dumps(dict(metadata), sort_keys=True)
+  directory = os.path.dirname(os.path.abspath(path))
+  os.makedirs(directory, exist_ok=True)
+  buffer = io.BytesIO()
+  np.savez(buffer, patch=patch, metadata=np.array(text))
+  with tempfile.NamedTemporaryFile(dir=directory, suffix=".npz.tmp", delete=False) as f:
+    f.write(buffer.getvalue())
+  os.replace(f.name, path)
+
+
+def load_patch_file(path: str) -> tuple[np.ndarray, dict[str, Any]]:
+  """(patch uint8 [S, S, 3], read-only; metadata dict) of a file written by `save_patch_file`.
+
+  Cached per (path, modification time, size): the trigger is stamped image by image, and a file
+  rewritten in place is read again.
+  """
+  if not path:
+    raise ValueError("poison.backdoor.trigger='optimized' needs poison.backdoor.patch_file: the .npz "
+                     "written by `python -m roclip_jax.attacks.badclip --out=...`.")
+  try:
+    stat = os.stat(path)
+  except FileNotFoundError:
+    raise ValueError(f"poison.backdoor.patch_file={path!r} does not exist; write it with "
+                     "`python -m roclip_jax.attacks.badclip --out=...` or fix the path.") from None
+  return _load_patch_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=8)
+def _load_patch_file(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, dict[str, Any]]:
+  del mtime_ns, size  # Only the cache key.
+  try:
+    data = np.load(path, allow_pickle=False)
+    arrays = {}
+    if isinstance(data, np.lib.npyio.NpzFile):  # A bare .npy holds one array and no metadata.
+      with data:
+        arrays = {name: data[name] for name in data.files}
+  except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # Not an .npz, truncated, pickled, ...
+    raise ValueError(f"poison.backdoor.patch_file={path!r} is not a readable .npz ({e}); write it with "
+                     "`python -m roclip_jax.attacks.badclip --out=...`.") from None
+  missing = {"patch", "metadata"} - set(arrays)
+  if missing:
+    raise ValueError(f"poison.backdoor.patch_file={path!r} lacks {sorted(missing)}; it is not a patch "
+                     "written by roclip_jax.attacks.badclip (poison.save_patch_file).")
+  patch, text = arrays["patch"], str(arrays["metadata"])
+  patch = _check_patch(patch, path)
+  patch.setflags(write=False)  # Shared by every stamped image.
+  return patch, json.loads(text)
+
+
+def _check_patch(patch: np.ndarray, path: str) -> np.ndarray:
+  if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[-1] != 3 or patch.shape[0] != patch.shape[1] \
+      or patch.shape[0] < 1:
+    raise ValueError(f"The optimized patch in {path!r} must be a square uint8 [S, S, 3] RGB array, got "
+                     f"{patch.dtype} {patch.shape}; write it with roclip_jax.data.poison.save_patch_file.")
+  return patch
+
+
+def patch_file_info(path: str) -> dict[str, Any]:
+  """What a run records about the patch it stamped: the file, its pixels' SHA-256 and its metadata."""
+  patch, metadata = load_patch_file(path)
+  return {"file": os.path.abspath(path), "sha256": hashlib.sha256(patch.tobytes()).hexdigest(),
+          "shape": list(patch.shape), "metadata": metadata}
 
 
 def _blend_noise(seed: int) -> np.ndarray:
@@ -462,6 +568,8 @@ class PoisonInfo:
   targets: tuple[PoisonTarget, ...] = ()
   backdoor_target_class: str | None = None
   backdoor_trigger: str | None = None
+  # The `optimized` trigger's `patch_file_info` (file, pixels' SHA-256, the optimiser's metadata).
+  backdoor_patch: dict[str, Any] | None = None
 
   @property
   def poisoned_ids(self) -> tuple[int, ...]:
@@ -751,5 +859,7 @@ def poison_source(base_source: RecordSource, held_out: TargetPool | Any | None,
       backdoor_ids=tuple(sorted(replaced)),
       targets=tuple(targets),
       backdoor_target_class=cfg.backdoor.target_class if use_backdoor else None,
-      backdoor_trigger=cfg.backdoor.trigger if use_backdoor else None)
+      backdoor_trigger=cfg.backdoor.trigger if use_backdoor else None,
+      backdoor_patch=(patch_file_info(cfg.backdoor.patch_file)
+                      if use_backdoor and cfg.backdoor.trigger == "optimized" else None))
   return PoisonedSource(base_source, replaced, appended), info
