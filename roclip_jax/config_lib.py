@@ -6,12 +6,21 @@ anything is compiled and names the offending field and the fix.
 """
 from __future__ import annotations
 
-import os
 import copy
+import importlib.util
+import os
 from typing import Any
 
 import ml_collections
 
+from roclip_jax import defenses
+from roclip_jax import losses
+from roclip_jax import models
+from roclip_jax import sharding
+from roclip_jax.data import augment
+from roclip_jax.data import image_ops
+from roclip_jax.data import poison
+from roclip_jax.data import sources
 from roclip_jax.errors import ConfigError  # pylint: disable=unused-import (re-exported: config_lib.ConfigError)
 from roclip_jax.errors import config_error
 
@@ -41,7 +50,6 @@ def parse_variant(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict
 def sibling_config(config_file: str, name: str):
   """The config module `name`.py beside `config_file`, so one experiment file can extend another
   (ml_collections loads config files by path, not as a package)."""
-  import importlib.util  # pylint: disable=import-outside-toplevel
   path = os.path.join(os.path.dirname(os.path.abspath(config_file)), f"{name}.py")
   spec = importlib.util.spec_from_file_location(name, path)
   module = importlib.util.module_from_spec(spec)
@@ -64,11 +72,6 @@ def override(config: ml_collections.ConfigDict, overrides: dict[str, Any]) -> ml
 
 
 def base_config() -> ml_collections.ConfigDict:
-  # Deferred: configs must load fast for `--help`.
-  from roclip_jax import defenses  # pylint: disable=g-import-not-at-top
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
-  from roclip_jax.data import augment, image_ops, poison  # pylint: disable=g-import-not-at-top
-
   c = ml_collections.ConfigDict()
   c.seed = 0
   c.num_epochs = 10
@@ -158,11 +161,6 @@ def _fail(field: str, problem: str, fix: str) -> None:
 
 def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> None:
   """Rejects configs that cannot work, before anything is built or compiled."""
-  from roclip_jax import defenses  # pylint: disable=g-import-not-at-top (deferred like in base_config)
-  from roclip_jax import losses  # pylint: disable=g-import-not-at-top
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
-  from roclip_jax.data import poison  # pylint: disable=g-import-not-at-top
-  from roclip_jax.data import sources  # pylint: disable=g-import-not-at-top
   if config.defense not in defenses.names():
     _fail("defense", f"{config.defense!r} is not a known defense.", f"use one of {defenses.names()}.")
   if config.num_epochs < 1:
@@ -227,7 +225,6 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
 
 def _validate_scale(config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
   """Sharding rules, gradient accumulation and dry-run fields."""
-  from roclip_jax import sharding  # pylint: disable=g-import-not-at-top (deferred like in base_config)
   try:
     sharding.normalize_rules(config.sharding_rules)
   except ValueError as e:

@@ -29,6 +29,9 @@ from roclip_jax import encoder as encoder_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import runs
 from roclip_jax import steps as steps_lib
+from roclip_jax import weights
+from roclip_jax.data import image_ops
+from roclip_jax.models import presets
 
 
 class _Encoding:
@@ -135,8 +138,6 @@ def load_pretrained(path: str, *, tokenizer: encoder_lib.Tokenizer | None = None
   Images are normalised with the directory's `preprocessor_config.json` mean/std if present, else
   CLIP's (SigLIP's 0.5, 0.5 for SigLIP directories).
   """
-  from roclip_jax import weights  # pylint: disable=g-import-not-at-top
-  from roclip_jax.models import presets  # pylint: disable=g-import-not-at-top
   model_cfg, params, model_state = weights.load_any(path, **openai_kwargs)
   directory = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
   siglip = weights.hf_model_type(directory) == weights.HF_SIGLIP_TYPE
@@ -191,7 +192,6 @@ def _hf_tokenizer(directory: str, context_length: int) -> tuple[encoder_lib.Toke
 
 def _image_normalization(directory: str, siglip: bool) -> tuple[tuple[float, ...] | None, tuple[float, ...] | None]:
   """(mean, std) for the Encoder: None, None means CLIP's constants (the exact training arithmetic)."""
-  from roclip_jax.data import image_ops  # pylint: disable=g-import-not-at-top
   mean, std = (SIGLIP_IMAGE_MEAN, SIGLIP_IMAGE_STD) if siglip else (image_ops.CLIP_MEAN, image_ops.CLIP_STD)
   preprocessor = os.path.join(directory, _PREPROCESSOR_CONFIG)
   if os.path.isfile(preprocessor):

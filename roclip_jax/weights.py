@@ -3,12 +3,12 @@
   model_cfg, params, model_state = weights.load_any("/ckpt/clip-vit-base-patch32")  # HF directory
   model_cfg, params, model_state = weights.load_openai("/ckpt/RN50.safetensors")     # OpenAI layout
   model_cfg, params, model_state = weights.load_hf_siglip("/ckpt/siglip-base-patch16-224")  # HF SiglipModel
-  model = steps.ModelSpec.create(model_cfg).merge(params, model_state)
+  model = models.ModelSpec.create(model_cfg).merge(params, model_state)
   weights.export_hf(model_cfg, params, "/out/hf")                        # ViT models only
   weights.export_openai(model_cfg, params, model_state, "/out/clip.safetensors")  # ViT or ResNet
 
 `params` / `model_state` are plain nested dicts of float32 numpy arrays with exactly the structure
-of `steps.ModelSpec.split(model)` (the train state's `params` / `model_state`; the ResNet's BatchNorm
+of `models.ModelSpec.split(model)` (the train state's `params` / `model_state`; the ResNet's BatchNorm
 running statistics are the model state). Nothing here imports torch unless a PyTorch pickle
 (`.pt`/`.bin`) has to be read; safetensors files are read with `safetensors.numpy`.
 
@@ -51,11 +51,13 @@ import zipfile
 from typing import Any, Callable, Mapping
 
 from absl import logging
+from flax import nnx
 import ml_collections
 import numpy as np
 from safetensors import safe_open
 import safetensors.numpy as safetensors_np
 
+from roclip_jax import models
 from roclip_jax.models import layers as layers_lib
 from roclip_jax.models import presets
 
@@ -266,11 +268,8 @@ def _openai_rules(cfg: ml_collections.ConfigDict) -> list[_Rule]:
 
 def _templates(model_cfg: ml_collections.ConfigDict) -> tuple[dict, dict]:
   """Pure-dict trees of ShapeDtypeStructs (params, model_state) of the model `model_cfg` builds."""
-  from flax import nnx  # Deferred: keeps `import roclip_jax.weights` light for the CLI.
-  from roclip_jax import models
-  abstract = nnx.eval_shape(lambda: models.build(model_cfg, rngs=nnx.Rngs(0)))
-  _, params, rest = nnx.split(abstract, nnx.Param, ...)
-  return nnx.to_pure_dict(params), nnx.to_pure_dict(rest)
+  spec = models.ModelSpec.create(model_cfg)
+  return nnx.to_pure_dict(spec.params_template), nnx.to_pure_dict(spec.rest_template)
 
 
 def _leaf_paths(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
@@ -471,7 +470,6 @@ def _mlp_width_field(mlp_width: int, width: int) -> int:
 def _model_config(*, embed_dim: int, image: dict, text_width: int, text_layers: int,
                   text_heads: int, text_mlp_width: int, vocab_size: int, context_length: int,
                   act: str) -> ml_collections.ConfigDict:
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   cfg = presets.clip_config(
       embed_dim=int(embed_dim), image=image, act=act,
       text=presets.text_config(width=int(text_width), layers=int(text_layers),
@@ -574,7 +572,6 @@ def hf_siglip_model_config(hf: Any, source: str = "SiglipConfig") -> ml_collecti
     raise ValueError(f"{source}: text_config.projection_size={projection} differs from the vision width "
                      f"{width}; SigLIP compares the text head's output with the pooled image feature, so "
                      "they must be equal.")
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   cfg = presets.siglip_config(
       image_size=int(image_size), patch_size=int(patch_size), width=width,
       layers=int(vision["num_hidden_layers"]), heads=int(vision["num_attention_heads"]),
@@ -900,7 +897,6 @@ def export_hf(model_cfg: ml_collections.ConfigDict, params: Mapping, out_dir: st
     raise ValueError(f"export_hf: image.type={model_cfg.image.type!r} has no Hugging Face CLIP "
                      "equivalent (HF CLIP has ViT image towers only); use export_openai to write "
                      "OpenAI/open_clip layout instead.")
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   tensors = _export_tensors(model_cfg, params, {}, _hf_rules(model_cfg))
   image, text = model_cfg.image, model_cfg.text
   common = dict(hidden_act=model_cfg.act, layer_norm_eps=layers_lib.LAYER_NORM_EPS,
@@ -943,7 +939,6 @@ def export_openai(model_cfg: ml_collections.ConfigDict, params: Mapping, model_s
 
 def _refuse_non_clip_layout(model_cfg: ml_collections.ConfigDict, caller: str) -> None:
   """CLIP layouts only: the exports have no names for SigLIP's head, biases or pooling."""
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   differ = [f"{path}={models.option(model_cfg, path)!r}" for path, default in models.OPTIONAL_DEFAULTS.items()
             if path not in ("layer_norm_eps", "logit_bias") and models.option(model_cfg, path) != default]
   eps = models.option(model_cfg, "layer_norm_eps")
@@ -962,7 +957,6 @@ def architecture_mismatches(loaded: ml_collections.ConfigDict,
   MLP widths are compared as built (0 or absent = 4 * width), so a config that spells out the 4x
   width matches a checkpoint whose config leaves it implicit.
   """
-  from roclip_jax import models  # pylint: disable=g-import-not-at-top
   out = []
   for field in ARCHITECTURE_FIELDS:
     values = []

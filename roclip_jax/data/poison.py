@@ -48,8 +48,7 @@ _STREAM_BLEND_PATTERN = 4
 _STREAM_WARP_FIELD = 5
 _STREAM_PER_IMAGE = 6
 
-# Codes of the `poisoned` field of a training record.
-CLEAN = 0
+# Codes of the `poisoned` field of a training record (0: clean).
 BACKDOOR = 1
 TARGETED = 2
 
@@ -138,7 +137,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   if bd.patch_size < 0:
     raise ValueError(f"poison.backdoor.patch_size={bd.patch_size} must be >= 0 (0 = automatic).")
   if bd.trigger == "optimized":
-    patch = load_patch_file(bd.get("patch_file", ""))[0]  # Fails early on a missing or bad file.
+    patch = load_patch_file(bd.patch_file)[0]  # Fails early on a missing or bad file.
     if bd.patch_size not in (0, patch.shape[0]):
       raise ValueError(
           f"poison.backdoor.patch_size={bd.patch_size} but the optimized patch in "
@@ -209,6 +208,7 @@ def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, 
   if bd.trigger == "warped":
     return warp_image(image, wanet_displacement(cfg, seed, *image.shape[:2]))
   if bd.trigger == "sig":
+    # Configs written before SIG existed lack the fields: the module constants are their defaults.
     signal = sig_signal(image.shape[1], bd.get("sig_delta", SIG_DEFAULT_DELTA),
                         bd.get("sig_frequency", SIG_DEFAULT_FREQUENCY))
     return _to_uint8(image.astype(np.float64) + signal[None, :, None])
