@@ -1,8 +1,9 @@
 """Tiny CLIP on the built-in demo dataset: trains on a laptop CPU in minutes.
 
-  python -m roclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
-  python -m roclip_jax.main --config=configs/demo.py:defense=roclip --workdir=/tmp/demo_roclip
+python -m roclip_jax.main --config=configs/demo.py --workdir=/tmp/demo
+python -m roclip_jax.main --config=configs/demo.py:defense=roclip --workdir=/tmp/demo_roclip
 """
+
 from roclip_jax import config_lib
 
 
@@ -10,6 +11,7 @@ def get_config(arg=None):
   variant = config_lib.parse_variant(arg, defense="none", model="tiny", epochs=12)
   c = config_lib.base_config()
   from roclip_jax import models
+
   c.model = models.preset(variant.model)
   c.defense = variant.defense
   c.num_epochs = variant.epochs

@@ -8,13 +8,13 @@ except the learning rate: 5e-4 (CyCLIP/CleanCLIP and the dev parser default)
 instead of the release's 5e-5, which under-trains at this batch size. RoCLIP runs the published
 method (`roclip.variant='paper'`); `:roclip_variant=robust` runs ours (docs/roclip.md).
 """
+
 from roclip_jax import config_lib
 from roclip_jax import models
 
 
 def get_config(arg=None):
-  variant = config_lib.parse_variant(arg, defense="roclip", k=2, epochs=24, bf16=False,
-                                     roclip_variant="paper")
+  variant = config_lib.parse_variant(arg, defense="roclip", k=2, epochs=24, bf16=False, roclip_variant="paper")
   c = config_lib.base_config()
   c.model = models.preset("RN50")
   c.model.dtype = "bfloat16" if variant.bf16 else "float32"

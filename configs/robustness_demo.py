@@ -16,6 +16,7 @@ least half of the 32-px image (a crop of 8% is 9x9 px, smaller than most objects
 grey "red circle" is no longer one). Every augmented row, the fair control included, uses the same
 augmentation.
 """
+
 from roclip_jax import config_lib
 from roclip_jax import models
 
@@ -82,15 +83,24 @@ def get_config(arg=None):
   c.experiment.runs = [
       ("CLIP", {"defense": "none"}),
       ("CLIP+aug", {"defense": "none", "augment.image": True, "augment.text": True}),
-      ("RoCLIP (paper)", {"defense": "roclip", "roclip.variant": "paper", "augment.image": True,
-                          "augment.text": True}),
+      ("RoCLIP (paper)", {"defense": "roclip", "roclip.variant": "paper", "augment.image": True, "augment.text": True}),
       # Our variant beyond the paper (docs/roclip.md): later start, fresh pool, CSLS, masked duplicates.
-      ("RoCLIP (robust)", {"defense": "roclip", "roclip.variant": "robust", "augment.image": True,
-                           "augment.text": True}),
+      (
+          "RoCLIP (robust)",
+          {"defense": "roclip", "roclip.variant": "robust", "augment.image": True, "augment.text": True},
+      ),
       ("SafeCLIP", {"defense": "safeclip", "augment.image": True, "augment.text": True}),
       # Post-hoc: 10 epochs of CleanCLIP fine-tuning (CleanCLIP's README count) of the CLIP row,
       # at a tenth of the pre-training lr.
-      ("CleanCLIP (CLIP + fine-tune)", {"defense": "cleanclip", "init_from": "{workdir}/clip", "num_epochs": 10,
-                                        "optim.lr": c.optim.lr / 10, "optim.warmup_steps": 10}),
+      (
+          "CleanCLIP (CLIP + fine-tune)",
+          {
+              "defense": "cleanclip",
+              "init_from": "{workdir}/clip",
+              "num_epochs": 10,
+              "optim.lr": c.optim.lr / 10,
+              "optim.warmup_steps": 10,
+          },
+      ),
   ]
   return c

@@ -7,6 +7,7 @@ Every row trains on the same poisoned data from the same seed with the same augm
 fair control (CLIP+aug); each "robust without X" row turns one piece of the robust variant back to
 the paper's choice (docs/roclip.md reads the results).
 """
+
 from roclip_jax import config_lib
 
 robustness_demo = config_lib.sibling_config(__file__, "robustness_demo")

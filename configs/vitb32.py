@@ -8,13 +8,15 @@ devices (the batch still spans all of them), `accum=4` runs each step as 4
 micro-batches with the exact full-batch gradient, `remat` recomputes blocks.
 Check memory before launching: add `--config.dry_run=True --config.dry_run_devices=256`.
 """
+
 from roclip_jax import config_lib
 from roclip_jax import models
 
 
 def get_config(arg=None):
-  variant = config_lib.parse_variant(arg, defense="none", k=2, epochs=32, batch=4096, bf16=False, remat=False,
-                                     fsdp=1, accum=1)
+  variant = config_lib.parse_variant(
+      arg, defense="none", k=2, epochs=32, batch=4096, bf16=False, remat=False, fsdp=1, accum=1
+  )
   c = config_lib.base_config()
   c.model = models.preset("ViT-B/32")
   c.model.dtype = "bfloat16" if variant.bf16 else "float32"

@@ -10,6 +10,7 @@ Two guards keep a checkpoint trustworthy: a non-finite state is never saved
 every process agrees on the step at which a signal saves and stops
 (`StopSignal.should_stop`), since orbax's save is collective.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,15 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def maybe_save(self, step: int, state: Any, data_iterator: grain.DatasetIterator, *, force: bool = False,
-                 metrics: dict[str, Any] | None = None) -> bool:
+  def maybe_save(
+      self,
+      step: int,
+      state: Any,
+      data_iterator: grain.DatasetIterator,
+      *,
+      force: bool = False,
+      metrics: dict[str, Any] | None = None,
+  ) -> bool:
     """Saves if `step` is on the interval (or `force`) and not saved yet; returns whether it saved.
 
     `metrics` are the device metrics of the step that produced `state`. They are
@@ -103,7 +111,8 @@ class Checkpointer:
     resume = "from scratch" if latest is None else f"from the checkpoint of step {latest}"
     raise FloatingPointError(
         f"Non-finite {bad} at step {step}: training diverged, and this state is not checkpointed. Fix: lower "
-        f"config.optim.lr or set config.optim.grad_clip_norm; rerunning with this workdir resumes {resume}.")
+        f"config.optim.lr or set config.optim.grad_clip_norm; rerunning with this workdir resumes {resume}."
+    )
 
   def wait(self) -> None:
     self._manager.wait_until_finished()
@@ -159,8 +168,10 @@ class StopSignal:
         multihost_utils.reached_preemption_sync_point(first_step)
         self.mode = "preemption_service"
       except RuntimeError:
-        logging.warning("jax's preemption service is disabled: processes agree on stopping with a collective "
-                        "(and a host sync) every step.")
+        logging.warning(
+            "jax's preemption service is disabled: processes agree on stopping with a collective "
+            "(and a host sync) every step."
+        )
         self.mode = "allgather"
     if threading.current_thread() is threading.main_thread():
       for sig in signals:
@@ -176,8 +187,11 @@ class StopSignal:
       return
     self._event.set()
     if self.mode == "preemption_service":
-      logging.warning("Received signal %d: passing it to jax's preemption service, which picks the step at which "
-                      "all processes save and stop.", signum)
+      logging.warning(
+          "Received signal %d: passing it to jax's preemption service, which picks the step at which "
+          "all processes save and stop.",
+          signum,
+      )
       os.kill(os.getpid(), signal.SIGTERM)
     else:
       logging.warning("Received signal %d: saving a checkpoint and stopping after this step.", signum)

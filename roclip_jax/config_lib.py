@@ -4,6 +4,7 @@ A config file in `configs/` starts from `base_config()` and changes what its
 experiment needs, so one file is a whole experiment. `validate()` runs before
 anything is compiled and names the offending field and the fix.
 """
+
 from __future__ import annotations
 
 import copy
@@ -97,7 +98,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "demo"
   c.data.demo = ml_collections.ConfigDict(
-      dict(root="", num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0))
+      dict(root="", num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0)
+  )
   c.data.csv_path = ""
   # ArrayRecord shards written by `python -m roclip_jax.data.convert` (glob or directory).
   c.data.array_record_pattern = ""
@@ -170,13 +172,19 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
   if config.data.source == "csv" and not config.data.csv_path:
     _fail("data.csv_path", "is empty but data.source='csv'.", "pass --config.data.csv_path=/path/to/train.csv.")
   if config.data.source == "array_record" and not config.data.array_record_pattern:
-    _fail("data.array_record_pattern", "is empty but data.source='array_record'.",
-          "pass --config.data.array_record_pattern='/data/shards/*.array_record' (written by "
-          "python -m roclip_jax.data.convert).")
+    _fail(
+        "data.array_record_pattern",
+        "is empty but data.source='array_record'.",
+        "pass --config.data.array_record_pattern='/data/shards/*.array_record' (written by "
+        "python -m roclip_jax.data.convert).",
+    )
   if config.init_from and not os.path.exists(config.init_from):
-    _fail("init_from", f"{config.init_from!r} does not exist.",
-          "point it at a training run's workdir, a Hugging Face CLIP directory or an OpenAI/open_clip weights "
-          "file, or set it to ''.")
+    _fail(
+        "init_from",
+        f"{config.init_from!r} does not exist.",
+        "point it at a training run's workdir, a Hugging Face CLIP directory or an OpenAI/open_clip weights "
+        "file, or set it to ''.",
+    )
   io_retries = config.data.io_retries
   if not isinstance(io_retries, int) or io_retries < 0:
     _fail("data.io_retries", f"is {io_retries!r}.", "use 0 (stop at the first storage fault) or more retries, e.g. 5.")
@@ -186,8 +194,11 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
   if b < 2:
     _fail("data.batch_size", f"is {b}; a contrastive batch needs negatives.", "use a batch of at least 2.")
   if b % num_batch_shards:
-    _fail("data.batch_size", f"{b} is not divisible by the {num_batch_shards} batch shards of the mesh.",
-          f"use a multiple of {num_batch_shards}, e.g. {max(num_batch_shards, b // num_batch_shards * num_batch_shards)}.")
+    _fail(
+        "data.batch_size",
+        f"{b} is not divisible by the {num_batch_shards} batch shards of the mesh.",
+        f"use a multiple of {num_batch_shards}, e.g. {max(num_batch_shards, b // num_batch_shards * num_batch_shards)}.",
+    )
   if config.optim.lr <= 0:
     _fail("optim.lr", f"is {config.optim.lr}.", "use a positive learning rate.")
   if config.optim.warmup_steps < 0:
@@ -200,8 +211,11 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
     _fail("log_every_steps", f"is {config.log_every_steps}.", "use 1 or more.")
   image = config.model.image
   if image.type == "vit" and image.patch_size > 0 and image.image_size % image.patch_size:
-    _fail("model.image.patch_size", f"{image.patch_size} does not divide image_size {image.image_size}.",
-          "pick a patch size that divides the image size.")
+    _fail(
+        "model.image.patch_size",
+        f"{image.patch_size} does not divide image_size {image.image_size}.",
+        "pick a patch size that divides the image size.",
+    )
   try:
     models.validate_config(config.model)
   except ValueError as e:  # "model config `image.width`=..." -> "config.model.image.width=..."
@@ -215,8 +229,11 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
   _validate_scale(config, num_batch_shards)
   defense = defenses.get(config.defense)
   if config.grad_accum_steps > 1 and not defense.supports_grad_accum:
-    _fail("grad_accum_steps", f"is {config.grad_accum_steps} with defense={config.defense!r}, whose loss has no "
-          "accumulated form.", "use grad_accum_steps=1 (a smaller model or a larger mesh instead).")
+    _fail(
+        "grad_accum_steps",
+        f"is {config.grad_accum_steps} with defense={config.defense!r}, whose loss has no " "accumulated form.",
+        "use grad_accum_steps=1 (a smaller model or a larger mesh instead).",
+    )
   defense.validate(config, num_batch_shards)
   for name, ev in config.evals.items():
     if "type" not in ev:
@@ -237,9 +254,12 @@ def _validate_scale(config: ml_collections.ConfigDict, num_batch_shards: int) ->
   b = config.data.batch_size
   if accum > 1 and (b % accum or (b // accum) % num_batch_shards or b // accum < 2):
     unit = accum * num_batch_shards
-    _fail("grad_accum_steps", f"{accum} micro-batches of the batch {b} must each hold a multiple of the "
-          f"{num_batch_shards} batch shards (and at least 2 pairs).",
-          f"use a batch that is a multiple of {unit}, e.g. {max(unit, b // unit * unit)}, or fewer micro-batches.")
+    _fail(
+        "grad_accum_steps",
+        f"{accum} micro-batches of the batch {b} must each hold a multiple of the "
+        f"{num_batch_shards} batch shards (and at least 2 pairs).",
+        f"use a batch that is a multiple of {unit}, e.g. {max(unit, b // unit * unit)}, or fewer micro-batches.",
+    )
   if config.dry_run_devices < 0:
     _fail("dry_run_devices", f"is {config.dry_run_devices}.", "use 0 (the devices present) or a device count.")
 
@@ -249,15 +269,21 @@ def _validate_loss_and_lock(config: ml_collections.ConfigDict, known_losses: tup
   if config.loss not in known_losses:
     _fail("loss", f"{config.loss!r} is not a known loss.", f"use one of {known_losses}.")
   if config.loss == "siglip" and not config.model.logit_bias:
-    _fail("model.logit_bias", "is False but config.loss='siglip' needs the learnable logit bias.",
-          "set --config.model.logit_bias=True (or use config.loss='clip').")
+    _fail(
+        "model.logit_bias",
+        "is False but config.loss='siglip' needs the learnable logit bias.",
+        "set --config.model.logit_bias=True (or use config.loss='clip').",
+    )
   if config.model.logit_bias and config.init_from and not is_run_dir(config.init_from):
     # OpenAI/HF CLIP checkpoints carry no bias. Imported SigLIP weights do, but the training pipeline
     # tokenizes with CLIP's BPE and normalises with CLIP's constants, not what SigLIP was trained on.
-    _fail("init_from", "is set but model.logit_bias=True: pretrained CLIP weights have no logit bias to load, "
-          "and fine-tuning imported SigLIP weights is not supported (the training pipeline feeds CLIP's "
-          "tokens and image normalisation).",
-          "train the SigLIP model from scratch (init_from=''), use config.loss='clip' with logit_bias=False, "
-          "or open SigLIP weights for evaluation with roclip_jax.inspect.load_pretrained.")
+    _fail(
+        "init_from",
+        "is set but model.logit_bias=True: pretrained CLIP weights have no logit bias to load, "
+        "and fine-tuning imported SigLIP weights is not supported (the training pipeline feeds CLIP's "
+        "tokens and image normalisation).",
+        "train the SigLIP model from scratch (init_from=''), use config.loss='clip' with logit_bias=False, "
+        "or open SigLIP weights for evaluation with roclip_jax.inspect.load_pretrained.",
+    )
   if config.optim["lock"] not in LOCKS:
     _fail("optim.lock", f"{config.optim['lock']!r} is not a tower.", "use '' (train both towers), 'image' or 'text'.")

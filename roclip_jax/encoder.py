@@ -3,6 +3,7 @@
 Inputs are padded to a fixed batch size, so every call reuses one compiled
 function per tower no matter how many examples come in.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -15,7 +16,6 @@ from roclip_jax import losses
 from roclip_jax.data import image_ops
 from roclip_jax.data import tokenizer as tokenizer_lib
 
-
 Tokenizer = Callable[[list[str]], np.ndarray]  # captions -> int token ids [N, context_length]
 
 
@@ -27,10 +27,19 @@ class Encoder:
   `image_std`; `tokenizer=False` means there is none, and only `encode_tokens` takes text.
   """
 
-  def __init__(self, spec, params, model_state, *, context_length: int, batch_size: int = 256,
-               tokenizer: Tokenizer | None | bool = None, image_mean: Sequence[float] | None = None,
-               image_std: Sequence[float] | None = None,
-               missing_tokenizer_hint: str = "pass a tokenizer to the Encoder"):
+  def __init__(
+      self,
+      spec,
+      params,
+      model_state,
+      *,
+      context_length: int,
+      batch_size: int = 256,
+      tokenizer: Tokenizer | None | bool = None,
+      image_mean: Sequence[float] | None = None,
+      image_std: Sequence[float] | None = None,
+      missing_tokenizer_hint: str = "pass a tokenizer to the Encoder",
+  ):
     self._params = params
     self._model_state = model_state
     self._batch_size = batch_size
@@ -66,7 +75,7 @@ class Encoder:
     bs = self._batch_size
     outputs = []
     for start in range(0, n, bs):
-      chunk = inputs[start:start + bs]
+      chunk = inputs[start : start + bs]
       pad = bs - len(chunk)
       if pad:
         chunk = np.concatenate([chunk, np.zeros((pad,) + chunk.shape[1:], chunk.dtype)])
@@ -82,14 +91,18 @@ class Encoder:
 
   def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
     if self._tokenizer is None:
-      raise ValueError(f"This model has no tokenizer for text, so texts cannot be encoded; "
-                       f"{self._missing_tokenizer_hint}, or call encode_tokens with token ids.")
+      raise ValueError(
+          f"This model has no tokenizer for text, so texts cannot be encoded; "
+          f"{self._missing_tokenizer_hint}, or call encode_tokens with token ids."
+      )
     return self.encode_tokens(self._tokenizer(list(texts)))
 
   def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
     """Integer token ids [N, context_length] (as the model's tokenizer pads them) -> unit rows."""
     tokens = np.asarray(tokens)
     if tokens.ndim != 2 or not np.issubdtype(tokens.dtype, np.integer) or tokens.shape[1] != self._context_length:
-      raise ValueError(f"tokens must be integer ids [N, {self._context_length}] (padded to the model's "
-                       f"context length); got {tokens.dtype}{list(tokens.shape)}.")
+      raise ValueError(
+          f"tokens must be integer ids [N, {self._context_length}] (padded to the model's "
+          f"context length); got {tokens.dtype}{list(tokens.shape)}."
+      )
     return np.asarray(losses.l2_normalize(jnp.asarray(self._batched(self._text_fn, tokens.astype(np.int32)))))

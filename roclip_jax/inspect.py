@@ -13,6 +13,7 @@ Pretrained checkpoints open the same way, without a training run:
 Images are uint8 [N, S, S, 3] at the model's resolution (see
 `roclip_jax.data.image_ops.resize_center_crop` for the eval preprocessing).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -36,6 +37,7 @@ from roclip_jax.models import presets
 
 class _Encoding:
   """encode_* and zero_shot over `self.encoder` and `self.params` (shared by runs and imported weights)."""
+
   encoder: encoder_lib.Encoder
   params: dict[str, Any]
 
@@ -49,13 +51,15 @@ class _Encoding:
     """Token ids [N, context_length], for models whose tokenizer is not available here."""
     return self.encoder.encode_tokens(tokens)
 
-  def zero_shot(self, images: np.ndarray, class_names: Sequence[str],
-                templates: Sequence[str] = ("a photo of a {}.",)) -> np.ndarray:
+  def zero_shot(
+      self, images: np.ndarray, class_names: Sequence[str], templates: Sequence[str] = ("a photo of a {}.",)
+  ) -> np.ndarray:
     """Class probabilities [N, C] with the prompt-ensemble classifier and the
     model's own logit scale (a softmax over the classes, also for SigLIP models, whose
     logit bias shifts every class alike)."""
-    class_emb = np.stack([
-        _normalize(self.encode_texts([t.format(c) for t in templates]).mean(axis=0)) for c in class_names])
+    class_emb = np.stack(
+        [_normalize(self.encode_texts([t.format(c) for t in templates]).mean(axis=0)) for c in class_names]
+    )
     logits = float(np.exp(np.asarray(self.params["logit_scale"]))) * self.encode_images(images) @ class_emb.T
     logits -= logits.max(axis=1, keepdims=True)
     probs = np.exp(logits)
@@ -107,6 +111,7 @@ class Pretrained(_Encoding):
   `config.model` is the model config (`config.init_from` the source, for fine-tuning from it);
   `tokenization` says how text is tokenized.
   """
+
   config: ml_collections.ConfigDict
   params: dict[str, Any]
   model_state: dict[str, Any]
@@ -120,8 +125,9 @@ _HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "spiece.model"
 _PREPROCESSOR_CONFIG = "preprocessor_config.json"
 
 
-def load_pretrained(path: str, *, tokenizer: encoder_lib.Tokenizer | None = None, batch_size: int = 256,
-                    **openai_kwargs: Any) -> Pretrained:
+def load_pretrained(
+    path: str, *, tokenizer: encoder_lib.Tokenizer | None = None, batch_size: int = 256, **openai_kwargs: Any
+) -> Pretrained:
   """Opens pretrained weights (`weights.load_any`) like a run: HF CLIP or SigLIP directory, OpenAI file.
 
   Args:
@@ -147,22 +153,35 @@ def load_pretrained(path: str, *, tokenizer: encoder_lib.Tokenizer | None = None
     description = "the tokenizer passed to load_pretrained"
   elif siglip:
     tokenizer, description = _hf_tokenizer(directory, context)
-    hint = (f"{directory} has none of {list(_HF_TOKENIZER_FILES)}; copy the checkpoint's tokenizer files there "
-            "(SigLIP's SentencePiece model, padded to max_length), or pass tokenizer= to load_pretrained")
+    hint = (
+        f"{directory} has none of {list(_HF_TOKENIZER_FILES)}; copy the checkpoint's tokenizer files there "
+        "(SigLIP's SentencePiece model, padded to max_length), or pass tokenizer= to load_pretrained"
+    )
   elif int(model_cfg.text.vocab_size) == presets.VOCAB_SIZE:
     tokenizer, description = None, "roclip_jax's OpenAI BPE (the vocabulary of OpenAI, open_clip and HF CLIP)"
   else:
     tokenizer, description = False, "none"
-    hint = (f"the vocabulary has {model_cfg.text.vocab_size} tokens, not OpenAI BPE's {presets.VOCAB_SIZE}; "
-            "pass the model's tokenizer as tokenizer= to load_pretrained")
+    hint = (
+        f"the vocabulary has {model_cfg.text.vocab_size} tokens, not OpenAI BPE's {presets.VOCAB_SIZE}; "
+        "pass the model's tokenizer as tokenizer= to load_pretrained"
+    )
   mean, std = _image_normalization(directory, siglip)
   spec = steps_lib.ModelSpec.create(model_cfg)
-  encoder = encoder_lib.Encoder(spec, params, model_state, context_length=context, batch_size=batch_size,
-                                tokenizer=tokenizer, image_mean=mean, image_std=std,
-                                missing_tokenizer_hint=hint)
+  encoder = encoder_lib.Encoder(
+      spec,
+      params,
+      model_state,
+      context_length=context,
+      batch_size=batch_size,
+      tokenizer=tokenizer,
+      image_mean=mean,
+      image_std=std,
+      missing_tokenizer_hint=hint,
+  )
   config = ml_collections.ConfigDict(dict(model=model_cfg, init_from=path))
-  return Pretrained(config=config, params=params, model_state=model_state, encoder=encoder, source=path,
-                    tokenization=description)
+  return Pretrained(
+      config=config, params=params, model_state=model_state, encoder=encoder, source=path, tokenization=description
+  )
 
 
 def _hf_tokenizer(directory: str, context_length: int) -> tuple[encoder_lib.Tokenizer | bool, str]:
@@ -172,19 +191,24 @@ def _hf_tokenizer(directory: str, context_length: int) -> tuple[encoder_lib.Toke
   try:
     import transformers  # pylint: disable=g-import-not-at-top
   except ImportError:
-    raise ImportError(f"{directory} has Hugging Face tokenizer files, and reading them needs transformers "
-                      "(pip install transformers sentencepiece), or pass tokenizer= to load_pretrained.") from None
+    raise ImportError(
+        f"{directory} has Hugging Face tokenizer files, and reading them needs transformers "
+        "(pip install transformers sentencepiece), or pass tokenizer= to load_pretrained."
+    ) from None
   try:
     hf_tokenizer = transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
   except Exception as e:  # transformers raises ImportError, ValueError, OSError... by file and package.
-    raise ValueError(f"The tokenizer files in {directory} could not be read with transformers' AutoTokenizer "
-                     f"({type(e).__name__}: {str(e)[:300]}). SigLIP's spiece.model needs the sentencepiece package "
-                     "(pip install sentencepiece); or pass tokenizer= to load_pretrained.") from e
+    raise ValueError(
+        f"The tokenizer files in {directory} could not be read with transformers' AutoTokenizer "
+        f"({type(e).__name__}: {str(e)[:300]}). SigLIP's spiece.model needs the sentencepiece package "
+        "(pip install sentencepiece); or pass tokenizer= to load_pretrained."
+    ) from e
 
   def tokenize(texts: list[str]) -> np.ndarray:
     # SigLIP was trained on captions padded to the full context with no attention mask.
-    ids = hf_tokenizer(list(texts), padding="max_length", max_length=context_length, truncation=True,
-                       return_tensors="np")["input_ids"]
+    ids = hf_tokenizer(
+        list(texts), padding="max_length", max_length=context_length, truncation=True, return_tensors="np"
+    )["input_ids"]
     return np.asarray(ids, np.int32)
 
   return tokenize, f"{type(hf_tokenizer).__name__} from {directory}, padded to max_length={context_length}"
@@ -199,7 +223,8 @@ def _image_normalization(directory: str, siglip: bool) -> tuple[tuple[float, ...
       processor = json.load(f)
     mean = tuple(float(x) for x in processor.get("image_mean", mean))
     std = tuple(float(x) for x in processor.get("image_std", std))
-  if np.allclose(mean, image_ops.CLIP_MEAN, rtol=0, atol=1e-7) and np.allclose(std, image_ops.CLIP_STD, rtol=0,
-                                                                                 atol=1e-7):
+  if np.allclose(mean, image_ops.CLIP_MEAN, rtol=0, atol=1e-7) and np.allclose(
+      std, image_ops.CLIP_STD, rtol=0, atol=1e-7
+  ):
     return None, None
   return mean, std

@@ -12,6 +12,7 @@ The SigLIP loss is the exception: it is chunked over the devices by hand
 (`jax.shard_map` + a ring of `ppermute`s), so that no device holds more than a
 (B/n) x (B/n) block of logits.
 """
+
 from __future__ import annotations
 
 import functools
@@ -35,8 +36,9 @@ def l2_normalize(x: jax.Array, eps: float = 1e-12) -> jax.Array:
 _MASKED_LOGIT = -1e9
 
 
-def clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array,
-              same_target: jax.Array | None = None) -> tuple[jax.Array, dict[str, jax.Array]]:
+def clip_loss(
+    zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array, same_target: jax.Array | None = None
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric InfoNCE: mean of image->text and text->image cross-entropies.
 
   Args:
@@ -57,9 +59,7 @@ def clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array,
   loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
   loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
   loss = 0.5 * (loss_i2t + loss_t2i)
-  accuracy = 0.5 * (
-      jnp.mean(jnp.argmax(logits, axis=1) == labels) + jnp.mean(jnp.argmax(logits, axis=0) == labels)
-  )
+  accuracy = 0.5 * (jnp.mean(jnp.argmax(logits, axis=1) == labels) + jnp.mean(jnp.argmax(logits, axis=0) == labels))
   return loss, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "batch_accuracy": accuracy}
 
 
@@ -69,9 +69,14 @@ def clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array,
 LOSSES = ("clip", "siglip")
 
 
-def siglip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array, bias: jax.Array,
-                mesh: jax.sharding.Mesh | None = None,
-                axes: tuple[str, ...] = ()) -> tuple[jax.Array, dict[str, jax.Array]]:
+def siglip_loss(
+    zimg: jax.Array,
+    ztxt: jax.Array,
+    log_scale: jax.Array,
+    bias: jax.Array,
+    mesh: jax.sharding.Mesh | None = None,
+    axes: tuple[str, ...] = (),
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """-1/B sum_ij log sigmoid(z_ij (exp(t) <x_i, y_j> + b)), z = +1 on the diagonal, -1 elsewhere.
 
   The B x B logits never exist on one device: with `mesh` and batch `axes`,
@@ -102,19 +107,28 @@ def siglip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array, bias: ja
     pos, neg, best_neg, pos_logit = _siglip_block_sums(zimg, ztxt, log_scale, bias, diagonal=True)
     return _siglip_outputs(pos, neg, jnp.sum(pos_logit > best_neg), global_batch)
   if global_batch % num_shards:
-    raise ValueError(f"siglip_loss: the batch {global_batch} is not divisible by the {num_shards} batch shards; "
-                     "use a batch that is a multiple of the shard count.")
+    raise ValueError(
+        f"siglip_loss: the batch {global_batch} is not divisible by the {num_shards} batch shards; "
+        "use a batch that is a multiple of the shard count."
+    )
   rows = P(axes)
-  ring = jax.shard_map(functools.partial(_siglip_ring, axes=axes, num_shards=num_shards), mesh=mesh,
-                       in_specs=(rows, rows, P(), P()), out_specs=(P(), P(), P()))
+  ring = jax.shard_map(
+      functools.partial(_siglip_ring, axes=axes, num_shards=num_shards),
+      mesh=mesh,
+      in_specs=(rows, rows, P(), P()),
+      out_specs=(P(), P(), P()),
+  )
   pos, neg, correct = ring(zimg, ztxt, log_scale, bias)
   return _siglip_outputs(pos, neg, correct, global_batch)
 
 
 def _siglip_outputs(pos, neg, correct, global_batch):
   loss_pos, loss_neg = pos / global_batch, neg / global_batch
-  return loss_pos + loss_neg, {"loss_pos": loss_pos, "loss_neg": loss_neg,
-                               "batch_accuracy": correct.astype(jnp.float32) / global_batch}
+  return loss_pos + loss_neg, {
+      "loss_pos": loss_pos,
+      "loss_neg": loss_neg,
+      "batch_accuracy": correct.astype(jnp.float32) / global_batch,
+  }
 
 
 def _siglip_block_sums(zimg, ztxt, log_scale, bias, *, diagonal: bool):
@@ -128,10 +142,13 @@ def _siglip_block_sums(zimg, ztxt, log_scale, bias, *, diagonal: bool):
   logits = jnp.exp(log_scale) * zimg @ ztxt.T + bias
   detached = jax.lax.stop_gradient(logits)
   if not diagonal:  # No positive pair in this block; -log sigmoid(-x) = softplus(x).
-    return (jnp.zeros((), jnp.float32), jnp.sum(jax.nn.softplus(logits)), jnp.max(detached, axis=1),
-            jnp.full(logits.shape[:1], -jnp.inf))
-  is_pos = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0) == jax.lax.broadcasted_iota(
-      jnp.int32, logits.shape, 1)
+    return (
+        jnp.zeros((), jnp.float32),
+        jnp.sum(jax.nn.softplus(logits)),
+        jnp.max(detached, axis=1),
+        jnp.full(logits.shape[:1], -jnp.inf),
+    )
+  is_pos = jax.lax.broadcasted_iota(jnp.int32, logits.shape, 0) == jax.lax.broadcasted_iota(jnp.int32, logits.shape, 1)
   # -log sigmoid(z x) = softplus(-z x): z = -1 off the diagonal, +1 on it.
   total = jnp.sum(jax.nn.softplus(jnp.where(is_pos, -logits, logits)))
   pos_logit = jnp.diagonal(logits)

@@ -13,6 +13,7 @@ Dry run: `--config.dry_run=True --config.dry_run_devices=256` compiles the
 step for a 256-device mesh on fake CPU devices, prints per-device memory and
 FLOPs, and exits without reading data.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,12 @@ def _use_fake_cpu_devices(count: int) -> None:
   """
   import jax
   from jax._src import xla_bridge
+
   if xla_bridge.backends_are_initialized():
-    raise RuntimeError("config.dry_run_devices: a jax backend started before main(); set "
-                       f"XLA_FLAGS=--xla_force_host_platform_device_count={count} JAX_PLATFORMS=cpu yourself.")
+    raise RuntimeError(
+        "config.dry_run_devices: a jax backend started before main(); set "
+        f"XLA_FLAGS=--xla_force_host_platform_device_count={count} JAX_PLATFORMS=cpu yourself."
+    )
   flags_env = re.sub(r"--xla_force_host_platform_device_count=\d+", "", os.environ.get("XLA_FLAGS", ""))
   os.environ["XLA_FLAGS"] = f"{flags_env} --xla_force_host_platform_device_count={count}".strip()
   if "xla_cpu_enable_concurrency_optimized_scheduler" not in flags_env:  # See README, "Installation and platform".
@@ -54,6 +58,7 @@ def _use_fake_cpu_devices(count: int) -> None:
 def _maybe_initialize_distributed() -> None:
   """Joins a multi-process run: explicit flags, or auto-detected TPU pod / SLURM."""
   import jax  # Imported here so XLA flags set by the launcher apply.
+
   if FLAGS.coordinator_address:
     if FLAGS.num_processes is None or FLAGS.process_id is None:
       raise app.UsageError("--coordinator_address needs --num_processes and --process_id too.")
@@ -72,11 +77,14 @@ def main(argv) -> None:
   else:
     _maybe_initialize_distributed()
   from roclip_jax import metrics
+
   metrics.quiet_library_logs()
   import jax
+
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # One process's INFO lines are enough.
   from roclip_jax import train  # Heavy imports after flag parsing and distributed init.
+
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
   if jax.process_index() == 0:
     logging.info("Final results: %s", results)

@@ -3,6 +3,7 @@
 Only process 0 writes. Values arrive as host floats: the trainer fetches device
 metrics at log steps only, so writing never adds a host sync.
 """
+
 from __future__ import annotations
 
 import json
@@ -25,6 +26,7 @@ def _to_python(value: Any) -> Any:
 
 
 class MetricWriter:
+
   def __init__(self, workdir: str, *, enabled: bool | None = None, tensorboard: bool = True):
     self.enabled = jax.process_index() == 0 if enabled is None else enabled
     self._jsonl = None
@@ -35,6 +37,7 @@ class MetricWriter:
     self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", buffering=1)
     if tensorboard:
       from tensorboardX import SummaryWriter  # Imported lazily: optional at notebook time.
+
       self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
 
   def write(self, step: int, scalars: Mapping[str, Any], kind: str = "train") -> None:
@@ -71,8 +74,15 @@ class Progress:
 
   def __init__(self, total_steps: int, start_step: int, global_batch: int, *, enabled: bool):
     self.global_batch = global_batch
-    self._bar = tqdm.tqdm(total=total_steps, initial=start_step, disable=not enabled, file=sys.stderr,
-                          dynamic_ncols=True, unit="step", mininterval=1.0)
+    self._bar = tqdm.tqdm(
+        total=total_steps,
+        initial=start_step,
+        disable=not enabled,
+        file=sys.stderr,
+        dynamic_ncols=True,
+        unit="step",
+        mininterval=1.0,
+    )
     self._last_time = time.perf_counter()
     self._last_step = start_step
 
@@ -101,6 +111,7 @@ class _DropLibraryInfo:
 
 def quiet_library_logs() -> None:
   from absl import logging
+
   handler = logging.get_absl_handler()
   if not any(isinstance(f, _DropLibraryInfo) for f in handler.filters):
     handler.addFilter(_DropLibraryInfo())

@@ -1,4 +1,5 @@
 """Optimizer from config: AdamW, linear warm-up + cosine decay, masked weight decay, tower locking."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -20,7 +21,10 @@ def learning_rate_schedule(optim_cfg: ml_collections.ConfigDict, total_steps: in
         [optax.linear_schedule(0.0, optim_cfg.lr, warmup), optax.constant_schedule(optim_cfg.lr)], [warmup]
     )
   return optax.warmup_cosine_decay_schedule(
-      init_value=0.0, peak_value=optim_cfg.lr, warmup_steps=warmup, decay_steps=max(total_steps, warmup + 1),
+      init_value=0.0,
+      peak_value=optim_cfg.lr,
+      warmup_steps=warmup,
+      decay_steps=max(total_steps, warmup + 1),
       end_value=0.0,
   )
 
@@ -43,12 +47,15 @@ def lock_labels(params: dict[str, Any], lock: str) -> dict[str, Any]:
   if lock not in ("", *TOWER_PARAMS):
     raise ValueError(f"optim.lock={lock!r} is not a tower; use '', 'image' or 'text'.")
   frozen = TOWER_PARAMS.get(lock, ())
-  return {name: jax.tree.map(lambda _, n=name: "frozen" if n in frozen else "trained", subtree)
-          for name, subtree in params.items()}
+  return {
+      name: jax.tree.map(lambda _, n=name: "frozen" if n in frozen else "trained", subtree)
+      for name, subtree in params.items()
+  }
 
 
-def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
-                   schedule: optax.Schedule | None = None) -> tuple[optax.GradientTransformation, optax.Schedule]:
+def make_optimizer(
+    optim_cfg: ml_collections.ConfigDict, total_steps: int, schedule: optax.Schedule | None = None
+) -> tuple[optax.GradientTransformation, optax.Schedule]:
   """The train step's optimizer and its learning-rate schedule (by default `learning_rate_schedule`;
   a defense with phases, SafeCLIP, passes its own).
 
@@ -63,13 +70,16 @@ def make_optimizer(optim_cfg: ml_collections.ConfigDict, total_steps: int,
     parts.append(optax.clip_by_global_norm(optim_cfg.grad_clip_norm))
   parts.append(
       optax.adamw(
-          schedule, b1=optim_cfg.b1, b2=optim_cfg.b2, eps=optim_cfg.eps, weight_decay=optim_cfg.weight_decay,
+          schedule,
+          b1=optim_cfg.b1,
+          b2=optim_cfg.b2,
+          eps=optim_cfg.eps,
+          weight_decay=optim_cfg.weight_decay,
           mask=weight_decay_mask,
       )
   )
   tx = optax.chain(*parts)
   lock = optim_cfg["lock"]
   if lock:
-    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()},
-                               lambda params: lock_labels(params, lock))
+    tx = optax.multi_transform({"trained": tx, "frozen": optax.set_to_zero()}, lambda params: lock_labels(params, lock))
   return tx, schedule

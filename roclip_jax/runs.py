@@ -6,6 +6,7 @@ data: example count, steps per epoch). `restore` rebuilds the train state of
 any checkpoint from those two files; the notebook API (`inspect.load`) and
 `config.init_from=<a run's workdir>` both go through it.
 """
+
 from __future__ import annotations
 
 import json
@@ -76,8 +77,9 @@ def restore(workdir: str, step: int | None = None, mesh=None) -> tuple[ml_collec
   tx, _ = optim.make_optimizer(config.optim, total_steps=1)  # The schedule does not shape the state.
   defense = defenses.from_config(config, num_examples=info.get("num_examples", 0))
   abstract, shardings = steps_lib.abstract_train_state(config, mesh, tx, defense)
-  ckpt = checkpoint_lib.Checkpointer(os.path.join(workdir, "checkpoints"), every_steps=0, max_to_keep=1000,
-                                     async_save=False)
+  ckpt = checkpoint_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"), every_steps=0, max_to_keep=1000, async_save=False
+  )
   try:
     step = ckpt.latest_step() if step is None else step
     if step is None:

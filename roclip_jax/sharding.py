@@ -26,6 +26,7 @@ decides, and parameters no rule matches get `"fsdp"`. A rule is
 Optimizer moments take the sharding of the parameter they mirror (same path
 suffix and shape), so Adam's state is sharded exactly like the weights.
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
@@ -133,8 +134,10 @@ def _normalize_spec(spec: Sequence[Any], where: str) -> tuple:
     elif isinstance(entry, (tuple, list)) and all(isinstance(a, str) for a in entry):
       entries.append(tuple(entry))
     else:
-      raise ValueError(f"{where}: spec entry {entry!r} is not None, an axis name or a tuple of axis names. "
-                       "Fix: write specs like (None, 'fsdp').")
+      raise ValueError(
+          f"{where}: spec entry {entry!r} is not None, an axis name or a tuple of axis names. "
+          "Fix: write specs like (None, 'fsdp')."
+      )
   return tuple(entries)
 
 
@@ -181,23 +184,34 @@ def fsdp_spec(shape: Sequence[int], fsdp_size: int, min_size: int) -> P:
 
 def _explicit_spec(spec: tuple, shape: Sequence[int], axis_sizes: Mapping[str, int], name: str) -> P:
   if len(spec) > len(shape):
-    raise ValueError(f"sharding rule {spec} for {name!r} has {len(spec)} entries but the parameter has shape "
-                     f"{tuple(shape)}. Fix: give at most one entry per dimension.")
+    raise ValueError(
+        f"sharding rule {spec} for {name!r} has {len(spec)} entries but the parameter has shape "
+        f"{tuple(shape)}. Fix: give at most one entry per dimension."
+    )
   for dim, entry in enumerate(spec):
     axes = () if entry is None else (entry,) if isinstance(entry, str) else entry
     for axis in axes:
       if axis not in axis_sizes:
-        raise ValueError(f"sharding rule {spec} for {name!r} names mesh axis {axis!r}, but the mesh has "
-                         f"{tuple(axis_sizes)}. Fix: add the axis to config.mesh or change the rule.")
+        raise ValueError(
+            f"sharding rule {spec} for {name!r} names mesh axis {axis!r}, but the mesh has "
+            f"{tuple(axis_sizes)}. Fix: add the axis to config.mesh or change the rule."
+        )
     size = math.prod(axis_sizes[a] for a in axes)
     if shape[dim] % size:
-      raise ValueError(f"sharding rule {spec} for {name!r}: dimension {dim} of shape {tuple(shape)} is not "
-                       f"divisible by {size} devices of {axes}. Fix: change the rule or the mesh.")
+      raise ValueError(
+          f"sharding rule {spec} for {name!r}: dimension {dim} of shape {tuple(shape)} is not "
+          f"divisible by {size} devices of {axes}. Fix: change the rule or the mesh."
+      )
   return P(*spec)
 
 
-def param_spec(name: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern, Rule]],
-               axis_sizes: Mapping[str, int], min_size: int) -> P:
+def param_spec(
+    name: str,
+    shape: Sequence[int],
+    rules: Sequence[tuple[re.Pattern, Rule]],
+    axis_sizes: Mapping[str, int],
+    min_size: int,
+) -> P:
   """The PartitionSpec of one parameter under the (normalised) rules."""
   rule: Rule = DEFAULT_RULE
   for regex, candidate in rules:
@@ -211,19 +225,25 @@ def param_spec(name: str, shape: Sequence[int], rules: Sequence[tuple[re.Pattern
   return _explicit_spec(rule, shape, axis_sizes, name)
 
 
-def param_specs(params: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None,
-                min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
+def param_specs(
+    params: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None, min_size: int = DEFAULT_FSDP_MIN_SIZE
+) -> Any:
   """A tree of PartitionSpecs for `params` (arrays or ShapeDtypeStructs)."""
   compiled = normalize_rules(rules)
   axis_sizes = dict(mesh.shape)
   return jax.tree_util.tree_map_with_path(
-      lambda path, x: param_spec(path_str(path), x.shape, compiled, axis_sizes, min_size), params)
+      lambda path, x: param_spec(path_str(path), x.shape, compiled, axis_sizes, min_size), params
+  )
 
 
-def param_shardings(params: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None,
-                    min_size: int = DEFAULT_FSDP_MIN_SIZE) -> Any:
-  return jax.tree.map(lambda spec: NamedSharding(mesh, spec), param_specs(params, mesh, rules, min_size),
-                      is_leaf=lambda x: isinstance(x, P))
+def param_shardings(
+    params: Any, mesh: Mesh, rules: Sequence[Sequence[Any]] | None = None, min_size: int = DEFAULT_FSDP_MIN_SIZE
+) -> Any:
+  return jax.tree.map(
+      lambda spec: NamedSharding(mesh, spec),
+      param_specs(params, mesh, rules, min_size),
+      is_leaf=lambda x: isinstance(x, P),
+  )
 
 
 def mirror_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -> Any:
@@ -252,6 +272,9 @@ def mirror_param_shardings(tree: Any, params: Any, shardings: Any, mesh: Mesh) -
 
 def describe(specs: Any) -> str:
   """One line per sharded parameter, for logs: `path: PartitionSpec(...)`."""
-  lines = [f"{path_str(path)}: {spec}" for path, spec in
-           jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0] if spec != P()]
+  lines = [
+      f"{path_str(path)}: {spec}"
+      for path, spec in jax.tree_util.tree_flatten_with_path(specs, is_leaf=lambda x: isinstance(x, P))[0]
+      if spec != P()
+  ]
   return "\n".join(lines) if lines else "(all parameters replicated)"

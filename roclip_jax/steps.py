@@ -13,6 +13,7 @@ over the `fsdp` mesh axis) and GSPMD inserts the gathers; `grad_accum_steps`
 splits the batch into micro-batches with the exact full-batch gradient for
 every defense; `aot_compile` compiles the steps from shapes alone (the dry run).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -59,8 +60,9 @@ def _defense(config: ml_collections.ConfigDict, defense: defenses.Defense | None
   return defenses.from_config(config) if defense is None else defense
 
 
-def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransformation,
-                     defense: defenses.Defense | None = None) -> TrainState:
+def init_train_state(
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, defense: defenses.Defense | None = None
+) -> TrainState:
   """Builds the initial state; meant to run under `jax.jit` with out_shardings."""
   defense = _defense(config, defense)
   # Three keys, the third unused, so that a seed still draws the model and the defense's state it
@@ -68,17 +70,23 @@ def init_train_state(config: ml_collections.ConfigDict, tx: optax.GradientTransf
   model_key, defense_key, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
   model = models.build(config.model, rngs=nnx.Rngs(params=model_key))
   params, model_state = ModelSpec.split(model)
-  return TrainState(step=jnp.zeros((), jnp.int32), params=params, model_state=model_state,
-                    opt_state=tx.init(params), defense=defense.init_state(defense_key),
-                    stats=init_stats(config, defense))
+  return TrainState(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      model_state=model_state,
+      opt_state=tx.init(params),
+      defense=defense.init_state(defense_key),
+      stats=init_stats(config, defense),
+  )
 
 
 def init_stats(config: ml_collections.ConfigDict, defense: defenses.Defense | None = None) -> dict[str, jax.Array]:
   return {"skipped_examples": jnp.zeros((), jnp.int32), **_defense(config, defense).init_stats()}
 
 
-def state_shardings(abstract_state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict,
-                    defense: defenses.Defense | None = None) -> TrainState:
+def state_shardings(
+    abstract_state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict, defense: defenses.Defense | None = None
+) -> TrainState:
   """Parameters sharded by `config.sharding_rules` (FSDP by default), optimizer
   moments like their parameters, the defense's state as it asks, the rest replicated."""
   replicated = NamedSharding(mesh, P())
@@ -109,8 +117,16 @@ def create_train_state(config, mesh, tx, shardings: TrainState, defense: defense
 LOSS_SCALARS = ("logit_scale", "logit_bias")
 # Loss components a step may report besides `loss` (InfoNCE's two directions, SigLIP's two pair
 # kinds, and the terms of the defenses' losses).
-LOSS_PARTS = ("loss_i2t", "loss_t2i", "loss_pos", "loss_neg", "loss_clip", "loss_unimodal", "loss_cross",
-              "loss_inmodal")
+LOSS_PARTS = (
+    "loss_i2t",
+    "loss_t2i",
+    "loss_pos",
+    "loss_neg",
+    "loss_clip",
+    "loss_unimodal",
+    "loss_cross",
+    "loss_inmodal",
+)
 
 
 def pair_loss(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -121,8 +137,9 @@ def pair_loss(config: ml_collections.ConfigDict, mesh: Mesh):
   """
   if config.loss == "siglip":
     axes = sharding_lib.batch_axes(mesh)
-    return lambda zimg, ztxt, scalars: losses.siglip_loss(zimg, ztxt, scalars["logit_scale"], scalars["logit_bias"],
-                                                          mesh=mesh, axes=axes)
+    return lambda zimg, ztxt, scalars: losses.siglip_loss(
+        zimg, ztxt, scalars["logit_scale"], scalars["logit_bias"], mesh=mesh, axes=axes
+    )
   if config.loss != "clip":
     raise ValueError(f"config.loss={config.loss!r} is unknown; use one of {losses.LOSSES}.")
   return lambda zimg, ztxt, scalars: losses.clip_loss(zimg, ztxt, scalars["logit_scale"])
@@ -145,8 +162,16 @@ def _gather(z: dict[str, jax.Array], mesh: Mesh) -> dict[str, jax.Array]:
   return dict(zip(keys, gathered))
 
 
-def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, mesh: Mesh,
-                   config: ml_collections.ConfigDict, kind: StepKind, defense: defenses.Defense | None = None):
+def loss_and_grads(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    spec: ModelSpec,
+    mesh: Mesh,
+    config: ml_collections.ConfigDict,
+    kind: StepKind,
+    defense: defenses.Defense | None = None,
+):
   """The step's loss, its auxiliary outputs, the parameter gradients and the new model state.
 
   The auxiliary outputs are the defense's plus `z`: the step's unit embeddings
@@ -160,8 +185,9 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
   """
   defense = _defense(config, defense)
   if config.grad_accum_steps > 1:
-    return _accumulated_loss_and_grads(state, batch, spec=spec, mesh=mesh, config=config, kind=kind,
-                                       defense=defense, accum=config.grad_accum_steps)
+    return _accumulated_loss_and_grads(
+        state, batch, spec=spec, mesh=mesh, config=config, kind=kind, defense=defense, accum=config.grad_accum_steps
+    )
   lock = config.optim["lock"]
   locked = _locked_views(kind, lock)
   compute_pair_loss = pair_loss(config, mesh)
@@ -170,8 +196,9 @@ def loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: Mode
   if not kind.text_grad:
     # The text tower runs forward only, outside the differentiated function: its gradient is exactly zero.
     text_model = spec.merge(state.params, state.model_state)
-    frozen = {key: jax.lax.stop_gradient(losses.l2_normalize(text_model.encode_text(batch[key])))
-              for key in kind.text_views}
+    frozen = {
+        key: jax.lax.stop_gradient(losses.l2_normalize(text_model.encode_text(batch[key]))) for key in kind.text_views
+    }
 
   def loss_fn(params):
     model = spec.merge(params, state.model_state)
@@ -214,9 +241,17 @@ def join_micro_batches(x: jax.Array, mesh: Mesh) -> jax.Array:
   return jax.lax.with_sharding_constraint(full, sharding_lib.batch_sharding(mesh))
 
 
-def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, mesh: Mesh,
-                                config: ml_collections.ConfigDict, kind: StepKind, defense: defenses.Defense,
-                                accum: int):
+def _accumulated_loss_and_grads(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    spec: ModelSpec,
+    mesh: Mesh,
+    config: ml_collections.ConfigDict,
+    kind: StepKind,
+    defense: defenses.Defense,
+    accum: int,
+):
   """Exact gradient accumulation for any loss of the batch's embeddings (embedding caching).
 
   Averaging per-micro-batch InfoNCE gradients would change the loss: each
@@ -243,8 +278,7 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
   compute_pair_loss = pair_loss(config, mesh)
   micro = {key: split_micro_batches(batch[key], accum, mesh) for key in kind.views}
   locked = _locked_views(kind, lock)
-  trained = tuple(key for key in kind.views
-                  if key not in locked and (key in kind.image_views or kind.text_grad))
+  trained = tuple(key for key in kind.views if key not in locked and (key in kind.image_views or kind.text_grad))
 
   def embed(params, model_state, key, values):
     """Unit embeddings of one view's micro-batch and the model state after it."""
@@ -270,7 +304,8 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
     return defense.loss(kind, z_all, scalars, state.defense, batch, mesh, compute_pair_loss)
 
   (loss, aux), (g_z, g_scalars) = jax.value_and_grad(full_batch_loss, argnums=(0, 1), has_aux=True)(
-      {key: z[key] for key in trained}, _loss_scalars(state.params))
+      {key: z[key] for key in trained}, _loss_scalars(state.params)
+  )
 
   # 3. Per micro-batch: recompute with gradient, pull the cached gradient back.
   grad_shardings = sharding_lib.param_shardings(state.params, mesh, config.sharding_rules, config.fsdp_min_size)
@@ -299,13 +334,24 @@ def _accumulated_loss_and_grads(state: TrainState, batch: dict[str, jax.Array], 
   return loss, dict(aux, z=z), grads, new_model_state
 
 
-def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpec, tx: optax.GradientTransformation,
-               schedule: optax.Schedule, mesh: Mesh, config: ml_collections.ConfigDict, defense: defenses.Defense,
-               kind: StepKind, steps_per_epoch: int = 1) -> tuple[TrainState, dict[str, jax.Array]]:
+def train_step(
+    state: TrainState,
+    batch: dict[str, jax.Array],
+    *,
+    spec: ModelSpec,
+    tx: optax.GradientTransformation,
+    schedule: optax.Schedule,
+    mesh: Mesh,
+    config: ml_collections.ConfigDict,
+    defense: defenses.Defense,
+    kind: StepKind,
+    steps_per_epoch: int = 1,
+) -> tuple[TrainState, dict[str, jax.Array]]:
   batch = dict(batch)
   skipped = batch.pop("skipped", None)
-  loss, aux, grads, new_model_state = loss_and_grads(state, batch, spec=spec, mesh=mesh, config=config, kind=kind,
-                                                     defense=defense)
+  loss, aux, grads, new_model_state = loss_and_grads(
+      state, batch, spec=spec, mesh=mesh, config=config, kind=kind, defense=defense
+  )
   z = aux.pop("z")
   updates, opt_state = tx.update(grads, state.opt_state, state.params)
   params = optax.apply_updates(state.params, updates)
@@ -327,23 +373,47 @@ def train_step(state: TrainState, batch: dict[str, jax.Array], *, spec: ModelSpe
     stats["skipped_examples"] = stats["skipped_examples"] + jnp.sum(skipped).astype(jnp.int32)
   stats, defense_metrics = defense.update_stats(kind, stats, z, aux, batch, state.step, steps_per_epoch)
   metrics.update(defense_metrics, skipped_examples=stats["skipped_examples"])
-  new_state = state.replace(step=state.step + 1, params=params, model_state=new_model_state, opt_state=opt_state,
-                            defense=defense_state, stats=stats)
+  new_state = state.replace(
+      step=state.step + 1,
+      params=params,
+      model_state=new_model_state,
+      opt_state=opt_state,
+      defense=defense_state,
+      stats=stats,
+  )
   return new_state, metrics
 
 
-def make_train_steps(config, mesh, spec, tx, schedule, shardings: TrainState, steps_per_epoch: int = 1,
-                     defense: defenses.Defense | None = None) -> dict[str, Any]:
+def make_train_steps(
+    config,
+    mesh,
+    spec,
+    tx,
+    schedule,
+    shardings: TrainState,
+    steps_per_epoch: int = 1,
+    defense: defenses.Defense | None = None,
+) -> dict[str, Any]:
   """One jitted step per step kind of the defense, by name, with explicit shardings and the state donated."""
   defense = _defense(config, defense)
   batch_sh = sharding_lib.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   steps = {}
   for name, kind in defense.step_kinds(steps_per_epoch).items():
-    fn = functools.partial(train_step, spec=spec, tx=tx, schedule=schedule, mesh=mesh, config=config,
-                           defense=defense, kind=kind, steps_per_epoch=steps_per_epoch)
-    steps[name] = jax.jit(fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated),
-                          donate_argnums=0)
+    fn = functools.partial(
+        train_step,
+        spec=spec,
+        tx=tx,
+        schedule=schedule,
+        mesh=mesh,
+        config=config,
+        defense=defense,
+        kind=kind,
+        steps_per_epoch=steps_per_epoch,
+    )
+    steps[name] = jax.jit(
+        fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated), donate_argnums=0
+    )
   return steps
 
 
@@ -351,16 +421,22 @@ def make_train_steps(config, mesh, spec, tx, schedule, shardings: TrainState, st
 # Ahead-of-time compilation (the dry run).
 
 
-def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh,
-                   defense: defenses.Defense | None = None) -> dict[str, jax.ShapeDtypeStruct]:
+def abstract_batch(
+    config: ml_collections.ConfigDict, mesh: Mesh, defense: defenses.Defense | None = None
+) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes, dtypes and shardings of one global training batch (as `global_batch` makes it)."""
   b, size, length = config.data.batch_size, config.model.image.image_size, config.model.text.context_length
   sh = sharding_lib.batch_sharding(mesh)
   sds = lambda shape, dtype: jax.ShapeDtypeStruct(shape, dtype, sharding=sh)
   # int64 ids and labels from the pipeline become int32 on device (jax_enable_x64 is off).
-  batch = {"image": sds((b, size, size, 3), jnp.uint8), "text": sds((b, length), jnp.int32),
-           "id": sds((b,), jnp.int32), "label": sds((b,), jnp.int32), "poisoned": sds((b,), jnp.int8),
-           "skipped": sds((b,), jnp.int32)}
+  batch = {
+      "image": sds((b, size, size, 3), jnp.uint8),
+      "text": sds((b, length), jnp.int32),
+      "id": sds((b,), jnp.int32),
+      "label": sds((b,), jnp.int32),
+      "poisoned": sds((b,), jnp.int8),
+      "skipped": sds((b,), jnp.int32),
+  }
   if _defense(config, defense).views == 2:
     batch.update(image2=batch["image"], text2=batch["text"])
   return batch
@@ -369,6 +445,7 @@ def abstract_batch(config: ml_collections.ConfigDict, mesh: Mesh,
 @dataclasses.dataclass(frozen=True)
 class CompileReport:
   """What compiling one train step for a mesh says about it, per device."""
+
   mode: str
   num_devices: int
   compile_seconds: float
@@ -382,10 +459,12 @@ class CompileReport:
   def summary(self) -> str:
     gib = lambda n: "n/a" if n is None else f"{n / 2**30:.3f} GiB"
     flops = "n/a" if self.flops is None else f"{self.flops:.3e}"
-    return (f"step '{self.mode}' on {self.num_devices} devices: compiled in {self.compile_seconds:.1f}s; per device: "
-            f"peak memory {gib(self.peak_bytes)} (arguments {gib(self.argument_bytes)}, temporaries "
-            f"{gib(self.temp_bytes)}, params+optimizer {gib(self.param_bytes)}), FLOPs {flops} "
-            f"(analytic matmul FLOPs {self.analytic_flops:.3e})")
+    return (
+        f"step '{self.mode}' on {self.num_devices} devices: compiled in {self.compile_seconds:.1f}s; per device: "
+        f"peak memory {gib(self.peak_bytes)} (arguments {gib(self.argument_bytes)}, temporaries "
+        f"{gib(self.temp_bytes)}, params+optimizer {gib(self.param_bytes)}), FLOPs {flops} "
+        f"(analytic matmul FLOPs {self.analytic_flops:.3e})"
+    )
 
 
 def _bytes_per_device(abstract: Any, shardings: Any) -> int:
@@ -396,8 +475,9 @@ def _bytes_per_device(abstract: Any, shardings: Any) -> int:
   return total
 
 
-def aot_compile(config: ml_collections.ConfigDict, mesh: Mesh,
-                total_steps: int = 1_000_000) -> dict[str, tuple[Any, CompileReport]]:
+def aot_compile(
+    config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int = 1_000_000
+) -> dict[str, tuple[Any, CompileReport]]:
   """Lowers and compiles every step kind of the defense for `mesh` from shapes alone.
 
   Nothing is allocated and no data is read, so this runs on fake CPU devices
@@ -415,7 +495,8 @@ def aot_compile(config: ml_collections.ConfigDict, mesh: Mesh,
   pair_flops = models.flops_per_pair(config.model)
   text = config.model.text
   text_flops = text_lib.text_flops(context_length=text.context_length, width=text.width, layers=text.layers) + (
-      2 * text.width * config.model.embed_dim)
+      2 * text.width * config.model.embed_dim
+  )
   param_bytes = _bytes_per_device((abstract.params, abstract.opt_state), (shardings.params, shardings.opt_state))
   out = {}
   kinds = defense.step_kinds()
@@ -423,8 +504,9 @@ def aot_compile(config: ml_collections.ConfigDict, mesh: Mesh,
     # Forward + backward = 3x the forward's matmuls, per view; a kind without text gradient runs the
     # text tower forward only.
     kind = kinds[name]
-    analytic = (3 * pair_flops * len(kind.image_views)
-                - (2 * text_flops * len(kind.text_views) if not kind.text_grad else 0)) * per_device_batch
+    analytic = (
+        3 * pair_flops * len(kind.image_views) - (2 * text_flops * len(kind.text_views) if not kind.text_grad else 0)
+    ) * per_device_batch
     t0 = time.perf_counter()
     with jax.set_mesh(mesh):
       compiled = fn.lower(state_in, batch_in).compile()
@@ -438,9 +520,22 @@ def aot_compile(config: ml_collections.ConfigDict, mesh: Mesh,
     if memory is not None:
       argument_bytes, temp_bytes = int(memory.argument_size_in_bytes), int(memory.temp_size_in_bytes)
       # Some backends (CPU) report a peak that leaves out the temporaries: take the larger.
-      peak = max(int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
-                 argument_bytes + int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes) + temp_bytes)
-    out[name] = (compiled, CompileReport(
-        mode=name, num_devices=mesh.size, compile_seconds=seconds, flops=flops, analytic_flops=analytic,
-        peak_bytes=peak, argument_bytes=argument_bytes, temp_bytes=temp_bytes, param_bytes=param_bytes))
+      peak = max(
+          int(getattr(memory, "peak_memory_in_bytes", 0) or 0),
+          argument_bytes + int(memory.output_size_in_bytes) - int(memory.alias_size_in_bytes) + temp_bytes,
+      )
+    out[name] = (
+        compiled,
+        CompileReport(
+            mode=name,
+            num_devices=mesh.size,
+            compile_seconds=seconds,
+            flops=flops,
+            analytic_flops=analytic,
+            peak_bytes=peak,
+            argument_bytes=argument_bytes,
+            temp_bytes=temp_bytes,
+            param_bytes=param_bytes,
+        ),
+    )
   return out

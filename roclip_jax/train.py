@@ -6,6 +6,7 @@ The defense (`config.defense`, a `defenses.Defense`) decides which compiled
 step runs in which epoch, which records are trained on, and host-side work at
 epoch boundaries; this file names none of them (docs/architecture.md).
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -57,8 +58,12 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
         f.write(poison_info.to_json())
   source, image_transform = defense.train_records(source, image_transform)
   train_data = pipeline.make_train_data(
-      config, process_index=jax.process_index(), process_count=jax.process_count(),
-      image_transform=image_transform, source=source, views=defense.views,
+      config,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      image_transform=image_transform,
+      source=source,
+      views=defense.views,
   )
   return train_data, poison_info
 
@@ -76,15 +81,18 @@ def load_init_weights(config: ml_collections.ConfigDict, state_shardings: steps_
   mismatches = weights_lib.architecture_mismatches(run_config.model, config.model)
   if mismatches or jax.tree.structure(run_state.params) != jax.tree.structure(state_shardings.params):
     what = "; ".join(mismatches) or "different parameters"
-    raise ValueError(f"config.init_from={path!r} is a run of another architecture ({what}). Fix: set "
-                     "config.model to that run's model (its config.json), or start from another run.")
-  return (runs.place(run_state.params, state_shardings.params),
-          runs.place(run_state.model_state, state_shardings.model_state))
+    raise ValueError(
+        f"config.init_from={path!r} is a run of another architecture ({what}). Fix: set "
+        "config.model to that run's model (its config.json), or start from another run."
+    )
+  return (
+      runs.place(run_state.params, state_shardings.params),
+      runs.place(run_state.model_state, state_shardings.model_state),
+  )
 
 
 def make_encoder(config, spec, state: steps_lib.TrainState) -> encoder_lib.Encoder:
-  return encoder_lib.Encoder(spec, state.params, state.model_state,
-                             context_length=config.model.text.context_length)
+  return encoder_lib.Encoder(spec, state.params, state.model_state, context_length=config.model.text.context_length)
 
 
 def run_evaluators(evaluators, encoder) -> dict[str, float]:
@@ -118,8 +126,11 @@ def final_results(workdir: str, step: int) -> dict[str, Any] | None:
   path = os.path.join(workdir, "metrics.jsonl")
   if not os.path.exists(path):
     return None
-  rows = [r for r in metrics_lib.read_metrics(workdir) if r.get("kind") == "eval" and r.get("final")
-          and r.get("step") == step]
+  rows = [
+      r
+      for r in metrics_lib.read_metrics(workdir)
+      if r.get("kind") == "eval" and r.get("final") and r.get("step") == step
+  ]
   if not rows:
     return None
   return {k: v for k, v in rows[-1].items() if k not in ("kind", "step", "final", "epoch", "skipped_examples")}
@@ -146,25 +157,38 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   steps_per_epoch = train_data.steps_per_epoch  # >= 1: make_train_data rejects smaller sources.
   defense = defenses.from_config(config, num_examples=train_data.num_examples)
   if is_main:
-    runs.write(workdir, config, {"num_examples": train_data.num_examples, "steps_per_epoch": steps_per_epoch,
-                                 "defense": defense.describe()})
+    runs.write(
+        workdir,
+        config,
+        {"num_examples": train_data.num_examples, "steps_per_epoch": steps_per_epoch, "defense": defense.describe()},
+    )
   total_steps = config.num_epochs * steps_per_epoch
   last_step = total_steps if config.max_steps < 0 else min(total_steps, config.max_steps)
-  logging.info("%d examples, %d steps per epoch, %d epochs, %d steps; defense: %s", train_data.num_examples,
-               steps_per_epoch, config.num_epochs, total_steps, defense.describe())
+  logging.info(
+      "%d examples, %d steps per epoch, %d epochs, %d steps; defense: %s",
+      train_data.num_examples,
+      steps_per_epoch,
+      config.num_epochs,
+      total_steps,
+      defense.describe(),
+  )
 
   # ----------------------------------------------- model, optimizer, state
   schedule = defense.learning_rate_schedule(steps_per_epoch, total_steps)
   tx, schedule = optim.make_optimizer(config.optim, total_steps, schedule=schedule)
   spec = steps_lib.ModelSpec.create(config.model)
   abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx, defense)
-  train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings,
-                                           steps_per_epoch=steps_per_epoch, defense=defense)
+  train_steps = steps_lib.make_train_steps(
+      config, mesh, spec, tx, schedule, state_shardings, steps_per_epoch=steps_per_epoch, defense=defense
+  )
 
   # ------------------------------------------------------------ restore
   ckpt = checkpoint_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"), every_steps=config.checkpoint.every_steps,
-      max_to_keep=config.checkpoint.max_to_keep, async_save=config.checkpoint.async_save)
+      os.path.join(workdir, "checkpoints"),
+      every_steps=config.checkpoint.every_steps,
+      max_to_keep=config.checkpoint.max_to_keep,
+      async_save=config.checkpoint.async_save,
+  )
   latest = ckpt.latest_step()
   if latest is not None:
     logging.info("Resuming from step %d in %s", latest, ckpt.directory)
@@ -179,12 +203,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   start_step = int(jax.device_get(state.step))
 
   evaluators = evaluators_lib.from_config(config, poison_info=poison_info)
-  hooks = defense.epoch_hooks(defenses.RunContext(config=config, spec=spec, mesh=mesh, train_data=train_data,
-                                                  state_shardings=state_shardings, steps_per_epoch=steps_per_epoch))
+  hooks = defense.epoch_hooks(
+      defenses.RunContext(
+          config=config,
+          spec=spec,
+          mesh=mesh,
+          train_data=train_data,
+          state_shardings=state_shardings,
+          steps_per_epoch=steps_per_epoch,
+      )
+  )
 
   # --------------------------------------------------------------- loop
-  progress = metrics_lib.Progress(last_step, start_step, config.data.batch_size,
-                                  enabled=is_main and config.progress_bar)
+  progress = metrics_lib.Progress(
+      last_step, start_step, config.data.batch_size, enabled=is_main and config.progress_bar
+  )
   stop = checkpoint_lib.StopSignal(first_step=start_step)
   step_metrics = None  # The last step's device metrics: checked for NaN before each save.
   step = start_step
@@ -207,8 +240,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         if jax.process_count() == 1 and step > start_step:
           ckpt.maybe_save(step, state, train_data.iterator, force=True, metrics=step_metrics)
           ckpt.wait()
-        logging.error("Storage fault reading the batch of step %d (error below); stopping. Fix the storage, then "
-                      "rerun with this workdir: training resumes from step %d.", step + 1, ckpt.latest_step() or 0)
+        logging.error(
+            "Storage fault reading the batch of step %d (error below); stopping. Fix the storage, then "
+            "rerun with this workdir: training resumes from step %d.",
+            step + 1,
+            ckpt.latest_step() or 0,
+        )
         raise
       batch = sharding_lib.global_batch(local_batch, mesh)
       with jax.set_mesh(mesh):
@@ -227,8 +264,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
       periodic = [ev for ev in evaluators if step != last_step and ev.is_due(step, last_step)]
       if periodic:
-        writer.write(step, dict(run_evaluators(periodic, make_encoder(config, spec, state)), epoch=epoch),
-                     kind="eval")
+        writer.write(step, dict(run_evaluators(periodic, make_encoder(config, spec, state)), epoch=epoch), kind="eval")
 
       stopping = stop.should_stop(step)  # Read once: every process saves and stops at this same step.
       ckpt.maybe_save(step, state, train_data.iterator, force=stopping, metrics=step_metrics)
@@ -245,8 +281,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       return dict(previous, step=step)
     results = run_evaluators(evaluators, make_encoder(config, spec, state))
     skipped = int(jax.device_get(state.stats["skipped_examples"]))
-    writer.write(step, dict(results, epoch=(step - 1) // steps_per_epoch + 1, skipped_examples=skipped, final=True),
-                 kind="eval")
+    writer.write(
+        step, dict(results, epoch=(step - 1) // steps_per_epoch + 1, skipped_examples=skipped, final=True), kind="eval"
+    )
     return dict(results, step=step)
   finally:
     stop.restore_handlers()

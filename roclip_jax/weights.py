@@ -40,6 +40,7 @@ the ResNet, see `models/`):
   transformers and 32 * width // 64 for the ResNet attention pool (override with `*_heads=`).
   `export_openai` records the full config in the safetensors metadata, and `load_openai` uses it.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -75,34 +76,86 @@ _IGNORED_SUFFIXES = ("position_ids", "num_batches_tracked", "attn_mask")
 _IGNORED_KEYS = ("input_resolution", "context_length", "vocab_size")
 # Fields that define the architecture; `dtype`/`remat` are runtime choices.
 ARCHITECTURE_FIELDS = (
-    "embed_dim", "act", "image.type", "image.image_size", "image.patch_size", "image.width",
-    "image.layers", "image.heads", "image.mlp_width", "text.vocab_size", "text.context_length",
-    "text.width", "text.layers", "text.heads", "text.mlp_width",
+    "embed_dim",
+    "act",
+    "image.type",
+    "image.image_size",
+    "image.patch_size",
+    "image.width",
+    "image.layers",
+    "image.heads",
+    "image.mlp_width",
+    "text.vocab_size",
+    "text.context_length",
+    "text.width",
+    "text.layers",
+    "text.heads",
+    "text.mlp_width",
     # Optional (models.OPTIONAL_DEFAULTS): compared with their defaults filled in.
-    "image.pool", "image.patch_bias", "image.pre_norm", "text.causal", "text.pool", "text.proj_bias",
-    "layer_norm_eps", "logit_bias")
+    "image.pool",
+    "image.patch_bias",
+    "image.pre_norm",
+    "text.causal",
+    "text.pool",
+    "text.proj_bias",
+    "layer_norm_eps",
+    "logit_bias",
+)
 HF_SIGLIP_TYPE = "siglip"
 # Hugging Face `hidden_act` names -> ours (the tanh GELU has two HF names).
-_HF_ACTIVATIONS = {"quick_gelu": "quick_gelu", "gelu": "gelu", "gelu_pytorch_tanh": "gelu_tanh",
-                   "gelu_new": "gelu_tanh"}
+_HF_ACTIVATIONS = {
+    "quick_gelu": "quick_gelu",
+    "gelu": "gelu",
+    "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_new": "gelu_tanh",
+}
 
 # transformers' CLIPTextConfig / CLIPVisionConfig defaults, for fields a config.json leaves out.
 _HF_TEXT_DEFAULTS = dict(
-    vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
-    num_attention_heads=8, max_position_embeddings=77, hidden_act="quick_gelu",
-    layer_norm_eps=1e-5)
+    vocab_size=49408,
+    hidden_size=512,
+    intermediate_size=2048,
+    num_hidden_layers=12,
+    num_attention_heads=8,
+    max_position_embeddings=77,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 _HF_VISION_DEFAULTS = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    num_channels=3, image_size=224, patch_size=32, hidden_act="quick_gelu", layer_norm_eps=1e-5)
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=32,
+    hidden_act="quick_gelu",
+    layer_norm_eps=1e-5,
+)
 # transformers' SiglipTextConfig / SiglipVisionConfig defaults (google/siglip-base-patch16-224).
 _HF_SIGLIP_TEXT_DEFAULTS = dict(
-    vocab_size=32000, hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-    num_attention_heads=12, max_position_embeddings=64, hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6, projection_size=None)
+    vocab_size=32000,
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    max_position_embeddings=64,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    projection_size=None,
+)
 _HF_SIGLIP_VISION_DEFAULTS = dict(
-    hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-    num_channels=3, image_size=224, patch_size=16, hidden_act="gelu_pytorch_tanh",
-    layer_norm_eps=1e-6, vision_use_head=True)
+    hidden_size=768,
+    intermediate_size=3072,
+    num_hidden_layers=12,
+    num_attention_heads=12,
+    num_channels=3,
+    image_size=224,
+    patch_size=16,
+    hidden_act="gelu_pytorch_tanh",
+    layer_norm_eps=1e-6,
+    vision_use_head=True,
+)
 
 
 # ----------------------------------------------------------------- tensor rules
@@ -115,6 +168,7 @@ class _Rule:
   kind: 'same' (copied), 'linear' ([out, in] <-> [in, out]), 'conv' (OIHW <-> HWIO) or 'scalar'
   (HF SigLIP's [1]-shaped logit scale and bias <-> our 0-d ones).
   """
+
   torch_name: str
   path: Path
   kind: str = "same"
@@ -140,14 +194,17 @@ def _linear(torch_prefix: str, path: Path, bias: bool = True) -> list[_Rule]:
 
 
 def _layer_norm(torch_prefix: str, path: Path) -> list[_Rule]:
-  return [_Rule(f"{torch_prefix}.weight", ("params", *path, "scale")),
-          _Rule(f"{torch_prefix}.bias", ("params", *path, "bias"))]
+  return [
+      _Rule(f"{torch_prefix}.weight", ("params", *path, "scale")),
+      _Rule(f"{torch_prefix}.bias", ("params", *path, "bias")),
+  ]
 
 
 def _batch_norm(torch_prefix: str, path: Path) -> list[_Rule]:
   return _layer_norm(torch_prefix, path) + [
       _Rule(f"{torch_prefix}.running_mean", ("state", *path, "mean")),
-      _Rule(f"{torch_prefix}.running_var", ("state", *path, "var"))]
+      _Rule(f"{torch_prefix}.running_var", ("state", *path, "var")),
+  ]
 
 
 def _conv(torch_prefix: str, path: Path) -> list[_Rule]:
@@ -157,9 +214,14 @@ def _conv(torch_prefix: str, path: Path) -> list[_Rule]:
 # Sub-layer names of one transformer block: ours (= HF) -> OpenAI's. OpenAI's q/k/v are split out
 # of the fused `attn.in_proj_*` before the rules run (`_split_fused_qkv`).
 _OPENAI_BLOCK_NAMES = {
-    "self_attn.q_proj": "attn.q_proj", "self_attn.k_proj": "attn.k_proj",
-    "self_attn.v_proj": "attn.v_proj", "self_attn.out_proj": "attn.out_proj",
-    "layer_norm1": "ln_1", "layer_norm2": "ln_2", "mlp.fc1": "mlp.c_fc", "mlp.fc2": "mlp.c_proj",
+    "self_attn.q_proj": "attn.q_proj",
+    "self_attn.k_proj": "attn.k_proj",
+    "self_attn.v_proj": "attn.v_proj",
+    "self_attn.out_proj": "attn.out_proj",
+    "layer_norm1": "ln_1",
+    "layer_norm2": "ln_2",
+    "mlp.fc1": "mlp.c_fc",
+    "mlp.fc2": "mlp.c_proj",
 }
 
 
@@ -202,8 +264,11 @@ def _hf_siglip_rules(cfg: ml_collections.ConfigDict) -> list[_Rule]:
       *_blocks(f"{v}.encoder.layers", v, cfg.image.layers, openai=False),
       *_layer_norm(f"{v}.post_layernorm", (v, "post_layernorm")),
       _Rule(f"{head}.probe", ("params", v, "head", "probe")),
-      *[rule for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
-        for rule in _linear(f"{head}.attention.{proj}", (v, "head", "attention", proj))],
+      *[
+          rule
+          for proj in ("q_proj", "k_proj", "v_proj", "out_proj")
+          for rule in _linear(f"{head}.attention.{proj}", (v, "head", "attention", proj))
+      ],
       *_layer_norm(f"{head}.layernorm", (v, "head", "layernorm")),
       *_linear(f"{head}.mlp.fc1", (v, "head", "mlp", "fc1")),
       *_linear(f"{head}.mlp.fc2", (v, "head", "mlp", "fc2")),
@@ -232,8 +297,7 @@ def _openai_resnet_rules(cfg: ml_collections.ConfigDict) -> list[_Rule]:
       if b == 0:
         rules += _conv(f"{prefix}.downsample.0", (*path, "downsample", 0))
         rules += _batch_norm(f"{prefix}.downsample.1", (*path, "downsample", 1))
-  rules.append(_Rule("visual.attnpool.positional_embedding",
-                     ("params", v, "attnpool", "positional_embedding")))
+  rules.append(_Rule("visual.attnpool.positional_embedding", ("params", v, "attnpool", "positional_embedding")))
   for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
     rules += _linear(f"visual.attnpool.{proj}", (v, "attnpool", proj))
   return rules
@@ -284,9 +348,10 @@ def _leaf_paths(tree: Mapping, prefix: Path = ()) -> dict[Path, Any]:
 
 def _fill(template: Mapping, values: Mapping[Path, Array], prefix: Path) -> dict:
   """A copy of `template` (empty sub-dicts included) with every leaf taken from `values`."""
-  return {key: (_fill(sub, values, (*prefix, key)) if isinstance(sub, Mapping)
-                else values[(*prefix, key)])
-          for key, sub in template.items()}
+  return {
+      key: (_fill(sub, values, (*prefix, key)) if isinstance(sub, Mapping) else values[(*prefix, key)])
+      for key, sub in template.items()
+  }
 
 
 def _path_name(path: Path) -> str:
@@ -297,8 +362,9 @@ def _ignored(name: str) -> bool:
   return name in _IGNORED_KEYS or name.endswith(_IGNORED_SUFFIXES)
 
 
-def _assemble(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Array],
-              rules: list[_Rule], source: str) -> tuple[dict, dict]:
+def _assemble(
+    model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Array], rules: list[_Rule], source: str
+) -> tuple[dict, dict]:
   """Maps checkpoint tensors through `rules` into (params, model_state), checking every shape.
 
   Every leaf of the model must be filled and every checkpoint tensor used (bar buffers such as
@@ -314,8 +380,10 @@ def _assemble(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Array]
       missing.append(rule.torch_name)
       continue
     if rule.path not in expected:
-      raise AssertionError(f"weights.py maps {rule.torch_name} to {_path_name(rule.path)}, "
-                           "which the model does not have: the layer names in models/ changed.")
+      raise AssertionError(
+          f"weights.py maps {rule.torch_name} to {_path_name(rule.path)}, "
+          "which the model does not have: the layer names in models/ changed."
+      )
     value = np.asarray(_TO_FLAX[rule.kind](np.asarray(tensors[rule.torch_name])), np.float32)
     want = tuple(expected[rule.path].shape)
     if value.shape != want:
@@ -323,26 +391,31 @@ def _assemble(model_cfg: ml_collections.ConfigDict, tensors: Mapping[str, Array]
           f"{source}: tensor {rule.torch_name} has shape {tuple(tensors[rule.torch_name].shape)}, "
           f"which maps to {value.shape} but the model config read from the checkpoint needs {want} "
           f"at {_path_name(rule.path)}. The checkpoint is not a standard CLIP of that config "
-          "(wrong heads/act overrides, or a modified architecture).")
+          "(wrong heads/act overrides, or a modified architecture)."
+      )
     values[rule.path] = value
   if missing:
-    raise ValueError(f"{source}: {len(missing)} tensor(s) the model needs are missing, e.g. "
-                     f"{missing[:5]}; the file is incomplete or not a CLIP checkpoint of this layout.")
+    raise ValueError(
+        f"{source}: {len(missing)} tensor(s) the model needs are missing, e.g. "
+        f"{missing[:5]}; the file is incomplete or not a CLIP checkpoint of this layout."
+    )
   used = {rule.torch_name for rule in rules}
   unused = sorted(k for k in tensors if k not in used and not _ignored(k))
   if unused:
     raise ValueError(
         f"{source}: {len(unused)} tensor(s) have no place in a standard CLIP model, e.g. "
         f"{unused[:5]}. This architecture variant (CoCa, a HF text tower, ...) is not supported by "
-        "roclip_jax (SigLIP is: a Hugging Face SiglipModel directory loads with load_hf_siglip).")
+        "roclip_jax (SigLIP is: a Hugging Face SiglipModel directory loads with load_hf_siglip)."
+    )
   unfilled = [p for p in expected if p not in values]
   if unfilled:  # Only reachable if the rules and models/ disagree.
     raise AssertionError(f"weights.py leaves {[_path_name(p) for p in unfilled[:5]]} unset.")
   return _fill(params_t, values, ("params",)), _fill(state_t, values, ("state",))
 
 
-def _export_tensors(model_cfg: ml_collections.ConfigDict, params: Mapping, model_state: Mapping,
-                    rules: list[_Rule]) -> dict[str, Array]:
+def _export_tensors(
+    model_cfg: ml_collections.ConfigDict, params: Mapping, model_state: Mapping, rules: list[_Rule]
+) -> dict[str, Array]:
   """The inverse of `_assemble`: checkpoint name -> contiguous float32 numpy array."""
   leaves = {("params", *p): v for p, v in _leaf_paths(params).items()}
   leaves.update({("state", *p): v for p, v in _leaf_paths(model_state).items()})
@@ -352,14 +425,18 @@ def _export_tensors(model_cfg: ml_collections.ConfigDict, params: Mapping, model
   if set(leaves) != set(expected):
     extra = sorted(_path_name(p) for p in set(leaves) - set(expected))
     lacking = sorted(_path_name(p) for p in set(expected) - set(leaves))
-    raise ValueError(f"params/model_state do not match model_cfg: missing {lacking[:5]}, "
-                     f"unexpected {extra[:5]}; pass the config the weights were trained with.")
+    raise ValueError(
+        f"params/model_state do not match model_cfg: missing {lacking[:5]}, "
+        f"unexpected {extra[:5]}; pass the config the weights were trained with."
+    )
   out = {}
   for rule in rules:
     value = np.asarray(leaves[rule.path], np.float32)
     if value.shape != tuple(expected[rule.path].shape):
-      raise ValueError(f"{_path_name(rule.path)} has shape {value.shape} but model_cfg needs "
-                       f"{tuple(expected[rule.path].shape)}; pass the matching model config.")
+      raise ValueError(
+          f"{_path_name(rule.path)} has shape {value.shape} but model_cfg needs "
+          f"{tuple(expected[rule.path].shape)}; pass the matching model config."
+      )
     # .copy(order="C"), not np.ascontiguousarray: that turns the 0-d logit_scale into shape (1,).
     out[rule.torch_name] = _TO_TORCH[rule.kind](value).copy(order="C")
   return out
@@ -368,9 +445,19 @@ def _export_tensors(model_cfg: ml_collections.ConfigDict, params: Mapping, model
 def _read_safetensors_raw(path: str) -> dict[str, Array]:
   """Reads a safetensors file with numpy + ml_dtypes (bfloat16, which numpy lacks)."""
   import ml_dtypes  # pylint: disable=g-import-not-at-top
-  dtypes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16,
-            "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8,
-            "BOOL": np.bool_}
+
+  dtypes = {
+      "F64": np.float64,
+      "F32": np.float32,
+      "F16": np.float16,
+      "BF16": ml_dtypes.bfloat16,
+      "I64": np.int64,
+      "I32": np.int32,
+      "I16": np.int16,
+      "I8": np.int8,
+      "U8": np.uint8,
+      "BOOL": np.bool_,
+  }
   with open(path, "rb") as f:
     header_len = int.from_bytes(f.read(8), "little")
     header = json.loads(f.read(header_len))
@@ -380,12 +467,13 @@ def _read_safetensors_raw(path: str) -> dict[str, Array]:
     if name == "__metadata__":
       continue
     if info["dtype"] not in dtypes:
-      raise ValueError(f"{path}: tensor {name} has dtype {info['dtype']}, which CLIP weights never "
-                       "use; re-save the checkpoint in float32/float16/bfloat16.")
+      raise ValueError(
+          f"{path}: tensor {name} has dtype {info['dtype']}, which CLIP weights never "
+          "use; re-save the checkpoint in float32/float16/bfloat16."
+      )
     start, stop = info["data_offsets"]
     dtype = np.dtype(dtypes[info["dtype"]])
-    out[name] = np.frombuffer(data, dtype, (stop - start) // dtype.itemsize,
-                              start).reshape(info["shape"])
+    out[name] = np.frombuffer(data, dtype, (stop - start) // dtype.itemsize, start).reshape(info["shape"])
   return out
 
 
@@ -400,8 +488,10 @@ def _read_safetensors(path: str) -> tuple[dict[str, Array], dict[str, str]]:
     tensors = safetensors_np.load_file(path)
   except TypeError:  # "data type 'bfloat16' not understood": numpy has no bfloat16.
     tensors = _read_safetensors_raw(path)
-  return {k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating)
-              or v.dtype.name == "bfloat16" else v) for k, v in tensors.items()}, metadata
+  return {
+      k: (v.astype(np.float32) if np.issubdtype(v.dtype, np.floating) or v.dtype.name == "bfloat16" else v)
+      for k, v in tensors.items()
+  }, metadata
 
 
 def _is_torchscript(path: str) -> bool:
@@ -421,19 +511,22 @@ def _read_torch(path: str) -> dict[str, Array]:
         "because loading it runs TorchScript code. Convert it once to a plain state dict with "
         "open_clip: `m, _, _ = open_clip.create_model_and_transforms('ViT-B-32', "
         f"pretrained='{path}'); safetensors.torch.save_file(m.state_dict(), 'clip.safetensors')`, "
-        "then load that file.")
+        "then load that file."
+    )
   try:
     import torch  # pylint: disable=g-import-not-at-top
   except ImportError:
     raise ImportError(
         f"{path} is a PyTorch pickle and reading it needs torch, which roclip_jax does not "
         "require. Install the CPU build (`pip install torch==2.13.0`) or convert the file to "
-        "safetensors (`safetensors.torch.save_file(state_dict, 'clip.safetensors')`).") from None
+        "safetensors (`safetensors.torch.save_file(state_dict, 'clip.safetensors')`)."
+    ) from None
   try:
     obj = torch.load(path, map_location="cpu", weights_only=True)
   except Exception as e:  # torch raises UnpicklingError, RuntimeError, ... for odd files.
-    raise ValueError(f"{path} could not be read as a PyTorch state dict with weights_only=True "
-                     f"({type(e).__name__}: {e}).") from e
+    raise ValueError(
+        f"{path} could not be read as a PyTorch state dict with weights_only=True " f"({type(e).__name__}: {e})."
+    ) from e
   if isinstance(obj, Mapping) and isinstance(obj.get("state_dict"), Mapping):
     obj = obj["state_dict"]  # open_clip training checkpoints: {'epoch', 'state_dict', ...}.
   if not isinstance(obj, Mapping):
@@ -455,7 +548,7 @@ def _read_weights(path: str) -> tuple[dict[str, Array], dict[str, str]]:
   else:
     tensors, metadata = _read_torch(path), {}
   if tensors and all(k.startswith("module.") for k in tensors):
-    tensors = {k[len("module."):]: v for k, v in tensors.items()}
+    tensors = {k[len("module.") :]: v for k, v in tensors.items()}
   return tensors, metadata
 
 
@@ -467,14 +560,30 @@ def _mlp_width_field(mlp_width: int, width: int) -> int:
   return 0 if int(mlp_width) == 4 * int(width) else int(mlp_width)
 
 
-def _model_config(*, embed_dim: int, image: dict, text_width: int, text_layers: int,
-                  text_heads: int, text_mlp_width: int, vocab_size: int, context_length: int,
-                  act: str) -> ml_collections.ConfigDict:
+def _model_config(
+    *,
+    embed_dim: int,
+    image: dict,
+    text_width: int,
+    text_layers: int,
+    text_heads: int,
+    text_mlp_width: int,
+    vocab_size: int,
+    context_length: int,
+    act: str,
+) -> ml_collections.ConfigDict:
   cfg = presets.clip_config(
-      embed_dim=int(embed_dim), image=image, act=act,
-      text=presets.text_config(width=int(text_width), layers=int(text_layers),
-                               heads=int(text_heads), context_length=int(context_length),
-                               mlp_width=_mlp_width_field(text_mlp_width, text_width)))
+      embed_dim=int(embed_dim),
+      image=image,
+      act=act,
+      text=presets.text_config(
+          width=int(text_width),
+          layers=int(text_layers),
+          heads=int(text_heads),
+          context_length=int(context_length),
+          mlp_width=_mlp_width_field(text_mlp_width, text_width),
+      ),
+  )
   cfg.text.vocab_size = int(vocab_size)
   models.validate_config(cfg)
   return cfg
@@ -482,8 +591,10 @@ def _model_config(*, embed_dim: int, image: dict, text_width: int, text_layers: 
 
 def _check_act(act: str, source: str) -> str:
   if act not in layers_lib.ACTIVATIONS:
-    raise ValueError(f"{source}: activation {act!r} is not supported; roclip_jax models use one "
-                     f"of {sorted(layers_lib.ACTIVATIONS)}.")
+    raise ValueError(
+        f"{source}: activation {act!r} is not supported; roclip_jax models use one "
+        f"of {sorted(layers_lib.ACTIVATIONS)}."
+    )
   return act
 
 
@@ -493,21 +604,24 @@ def _hf_model_config(hf: Mapping[str, Any], source: str) -> ml_collections.Confi
     raise ValueError(
         f"{source} is a {hf.get('model_type')!r} config, not a CLIPModel (model_type 'clip'); "
         "only two-tower CLIP checkpoints (both towers + projections) can be loaded here "
-        "(a SiglipModel, model_type 'siglip', loads with load_hf_siglip or load_any).")
+        "(a SiglipModel, model_type 'siglip', loads with load_hf_siglip or load_any)."
+    )
   # Old configs carry `*_config_dict`, which transformers merges over `*_config`.
   text = {**_HF_TEXT_DEFAULTS, **(hf.get("text_config") or {}), **(hf.get("text_config_dict") or {})}
-  vision = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {}),
-            **(hf.get("vision_config_dict") or {})}
+  vision = {**_HF_VISION_DEFAULTS, **(hf.get("vision_config") or {}), **(hf.get("vision_config_dict") or {})}
   if text["hidden_act"] != vision["hidden_act"]:
-    raise ValueError(f"{source}: the text tower uses {text['hidden_act']!r} and the vision tower "
-                     f"{vision['hidden_act']!r}; roclip_jax models use one activation for both.")
+    raise ValueError(
+        f"{source}: the text tower uses {text['hidden_act']!r} and the vision tower "
+        f"{vision['hidden_act']!r}; roclip_jax models use one activation for both."
+    )
   for name, tower in (("text_config", text), ("vision_config", vision)):
     if abs(float(tower["layer_norm_eps"]) - layers_lib.LAYER_NORM_EPS) > 1e-12:
-      raise ValueError(f"{source}: {name}.layer_norm_eps={tower['layer_norm_eps']} but roclip_jax "
-                       f"uses {layers_lib.LAYER_NORM_EPS}.")
+      raise ValueError(
+          f"{source}: {name}.layer_norm_eps={tower['layer_norm_eps']} but roclip_jax "
+          f"uses {layers_lib.LAYER_NORM_EPS}."
+      )
   if vision["num_channels"] != 3:
-    raise ValueError(f"{source}: vision_config.num_channels={vision['num_channels']}; only RGB "
-                     "(3) is supported.")
+    raise ValueError(f"{source}: vision_config.num_channels={vision['num_channels']}; only RGB " "(3) is supported.")
   image_size, patch_size = vision["image_size"], vision["patch_size"]
   if isinstance(image_size, (list, tuple)) or isinstance(patch_size, (list, tuple)):
     if len(set(image_size)) != 1 or len(set(patch_size)) != 1:
@@ -515,16 +629,22 @@ def _hf_model_config(hf: Mapping[str, Any], source: str) -> ml_collections.Confi
     image_size, patch_size = image_size[0], patch_size[0]
   return _model_config(
       embed_dim=hf.get("projection_dim", 512),
-      image=presets.vit_image(image_size=int(image_size), patch_size=int(patch_size),
-                              width=int(vision["hidden_size"]),
-                              layers=int(vision["num_hidden_layers"]),
-                              heads=int(vision["num_attention_heads"]),
-                              mlp_width=_mlp_width_field(vision["intermediate_size"],
-                                                         vision["hidden_size"])),
-      text_width=text["hidden_size"], text_layers=text["num_hidden_layers"],
-      text_heads=text["num_attention_heads"], text_mlp_width=text["intermediate_size"],
+      image=presets.vit_image(
+          image_size=int(image_size),
+          patch_size=int(patch_size),
+          width=int(vision["hidden_size"]),
+          layers=int(vision["num_hidden_layers"]),
+          heads=int(vision["num_attention_heads"]),
+          mlp_width=_mlp_width_field(vision["intermediate_size"], vision["hidden_size"]),
+      ),
+      text_width=text["hidden_size"],
+      text_layers=text["num_hidden_layers"],
+      text_heads=text["num_attention_heads"],
+      text_mlp_width=text["intermediate_size"],
       vocab_size=text["vocab_size"],
-      context_length=text["max_position_embeddings"], act=_check_act(text["hidden_act"], source))
+      context_length=text["max_position_embeddings"],
+      act=_check_act(text["hidden_act"], source),
+  )
 
 
 def hf_siglip_model_config(hf: Any, source: str = "SiglipConfig") -> ml_collections.ConfigDict:
@@ -540,25 +660,36 @@ def hf_siglip_model_config(hf: Any, source: str = "SiglipConfig") -> ml_collecti
   if hf.get("model_type") != HF_SIGLIP_TYPE:
     raise ValueError(
         f"{source} is a {hf.get('model_type')!r} config, not a SiglipModel (model_type 'siglip'); "
-        "load CLIP checkpoints with load_hf (or load_any). SigLIP 2 / NaFlex models are not supported.")
+        "load CLIP checkpoints with load_hf (or load_any). SigLIP 2 / NaFlex models are not supported."
+    )
   text = {**_HF_SIGLIP_TEXT_DEFAULTS, **(hf.get("text_config") or {})}
   vision = {**_HF_SIGLIP_VISION_DEFAULTS, **(hf.get("vision_config") or {})}
-  acts = {name: _HF_ACTIVATIONS.get(tower["hidden_act"]) for name, tower in
-          (("text_config", text), ("vision_config", vision))}
+  acts = {
+      name: _HF_ACTIVATIONS.get(tower["hidden_act"])
+      for name, tower in (("text_config", text), ("vision_config", vision))
+  }
   for name, act in acts.items():
     if act is None:
       tower = text if name == "text_config" else vision
-      raise ValueError(f"{source}: {name}.hidden_act={tower['hidden_act']!r} is not supported; roclip_jax "
-                       f"maps {sorted(_HF_ACTIVATIONS)}.")
+      raise ValueError(
+          f"{source}: {name}.hidden_act={tower['hidden_act']!r} is not supported; roclip_jax "
+          f"maps {sorted(_HF_ACTIVATIONS)}."
+      )
   if acts["text_config"] != acts["vision_config"]:
-    raise ValueError(f"{source}: the text tower uses {text['hidden_act']!r} and the vision tower "
-                     f"{vision['hidden_act']!r}; roclip_jax models use one activation for both.")
+    raise ValueError(
+        f"{source}: the text tower uses {text['hidden_act']!r} and the vision tower "
+        f"{vision['hidden_act']!r}; roclip_jax models use one activation for both."
+    )
   if float(text["layer_norm_eps"]) != float(vision["layer_norm_eps"]):
-    raise ValueError(f"{source}: text_config.layer_norm_eps={text['layer_norm_eps']} differs from "
-                     f"vision_config.layer_norm_eps={vision['layer_norm_eps']}; roclip_jax models use one epsilon.")
+    raise ValueError(
+        f"{source}: text_config.layer_norm_eps={text['layer_norm_eps']} differs from "
+        f"vision_config.layer_norm_eps={vision['layer_norm_eps']}; roclip_jax models use one epsilon."
+    )
   if not vision["vision_use_head"]:
-    raise ValueError(f"{source}: vision_config.vision_use_head=False leaves the image tower without a pooled "
-                     "embedding (no attention-pooling head); only two-tower SigLIP models can be loaded.")
+    raise ValueError(
+        f"{source}: vision_config.vision_use_head=False leaves the image tower without a pooled "
+        "embedding (no attention-pooling head); only two-tower SigLIP models can be loaded."
+    )
   if vision["num_channels"] != 3:
     raise ValueError(f"{source}: vision_config.num_channels={vision['num_channels']}; only RGB (3) is supported.")
   image_size, patch_size = vision["image_size"], vision["patch_size"]
@@ -569,18 +700,27 @@ def hf_siglip_model_config(hf: Any, source: str = "SiglipConfig") -> ml_collecti
   width = int(vision["hidden_size"])
   projection = text["projection_size"] if text["projection_size"] is not None else text["hidden_size"]
   if int(projection) != width:
-    raise ValueError(f"{source}: text_config.projection_size={projection} differs from the vision width "
-                     f"{width}; SigLIP compares the text head's output with the pooled image feature, so "
-                     "they must be equal.")
+    raise ValueError(
+        f"{source}: text_config.projection_size={projection} differs from the vision width "
+        f"{width}; SigLIP compares the text head's output with the pooled image feature, so "
+        "they must be equal."
+    )
   cfg = presets.siglip_config(
-      image_size=int(image_size), patch_size=int(patch_size), width=width,
-      layers=int(vision["num_hidden_layers"]), heads=int(vision["num_attention_heads"]),
+      image_size=int(image_size),
+      patch_size=int(patch_size),
+      width=width,
+      layers=int(vision["num_hidden_layers"]),
+      heads=int(vision["num_attention_heads"]),
       mlp_width=_mlp_width_field(vision["intermediate_size"], width),
-      text_width=int(text["hidden_size"]), text_layers=int(text["num_hidden_layers"]),
+      text_width=int(text["hidden_size"]),
+      text_layers=int(text["num_hidden_layers"]),
       text_heads=int(text["num_attention_heads"]),
       text_mlp_width=_mlp_width_field(text["intermediate_size"], text["hidden_size"]),
-      vocab_size=int(text["vocab_size"]), context_length=int(text["max_position_embeddings"]),
-      act=acts["text_config"], layer_norm_eps=float(text["layer_norm_eps"]))
+      vocab_size=int(text["vocab_size"]),
+      context_length=int(text["max_position_embeddings"]),
+      act=acts["text_config"],
+      layer_norm_eps=float(text["layer_norm_eps"]),
+  )
   models.validate_config(cfg)
   return cfg
 
@@ -594,27 +734,35 @@ def _count_indices(tensors: Mapping[str, Array], prefix: str) -> int:
 def _heads(width: int, override: int | None, rule: int, what: str, arg: str) -> int:
   heads = rule if override is None else int(override)
   if heads <= 0 or width % heads:
-    raise ValueError(f"Cannot use {heads} heads for the {what} of width {width} (OpenAI's rule gives "
-                     f"{rule}); pass {arg}= with the number of heads the model was trained with.")
+    raise ValueError(
+        f"Cannot use {heads} heads for the {what} of width {width} (OpenAI's rule gives "
+        f"{rule}); pass {arg}= with the number of heads the model was trained with."
+    )
   return heads
 
 
-def _openai_model_config(tensors: Mapping[str, Array], source: str, *, vision_heads: int | None,
-                         text_heads: int | None, act: str) -> ml_collections.ConfigDict:
+def _openai_model_config(
+    tensors: Mapping[str, Array], source: str, *, vision_heads: int | None, text_heads: int | None, act: str
+) -> ml_collections.ConfigDict:
   """Architecture from tensor shapes, as OpenAI's `clip.model.build_model` infers it."""
   if any(k.startswith(("text_model.", "vision_model.")) for k in tensors):
-    raise ValueError(f"{source} is in Hugging Face CLIPModel layout; load its directory (with "
-                     "config.json) with load_hf or load_any.")
-  required = ("token_embedding.weight", "positional_embedding", "ln_final.weight",
-              "text_projection", "logit_scale")
+    raise ValueError(
+        f"{source} is in Hugging Face CLIPModel layout; load its directory (with "
+        "config.json) with load_hf or load_any."
+    )
+  required = ("token_embedding.weight", "positional_embedding", "ln_final.weight", "text_projection", "logit_scale")
   lacking = [k for k in required if k not in tensors]
   if lacking:
-    raise ValueError(f"{source} is not an OpenAI/open_clip CLIP state dict: it lacks {lacking} "
-                     f"(it has e.g. {sorted(tensors)[:5]}).")
+    raise ValueError(
+        f"{source} is not an OpenAI/open_clip CLIP state dict: it lacks {lacking} "
+        f"(it has e.g. {sorted(tensors)[:5]})."
+    )
+
   def need(name: str) -> Array:
     if name not in tensors:
-      raise ValueError(f"{source} lacks {name}, which an OpenAI CLIP model has; the file is "
-                       "incomplete or another architecture.")
+      raise ValueError(
+          f"{source} lacks {name}, which an OpenAI CLIP model has; the file is " "incomplete or another architecture."
+      )
     return tensors[name]
 
   if "visual.proj" in tensors:
@@ -622,32 +770,40 @@ def _openai_model_config(tensors: Mapping[str, Array], source: str, *, vision_he
     width, patch = int(conv.shape[0]), int(conv.shape[-1])
     grid = round((need("visual.positional_embedding").shape[0] - 1) ** 0.5)
     image = presets.vit_image(
-        image_size=patch * grid, patch_size=patch, width=width,
+        image_size=patch * grid,
+        patch_size=patch,
+        width=width,
         layers=_count_indices(tensors, "visual.transformer.resblocks."),
         heads=_heads(width, vision_heads, width // 64, "vision transformer", "vision_heads"),
-        mlp_width=_mlp_width_field(
-            need("visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0], width))
+        mlp_width=_mlp_width_field(need("visual.transformer.resblocks.0.mlp.c_fc.weight").shape[0], width),
+    )
   elif "visual.attnpool.positional_embedding" in tensors:
     width = int(need("visual.layer1.0.conv1.weight").shape[0])
     grid = round((tensors["visual.attnpool.positional_embedding"].shape[0] - 1) ** 0.5)
     image = presets.resnet_image(
-        image_size=32 * grid, width=width,
+        image_size=32 * grid,
+        width=width,
         layers=tuple(_count_indices(tensors, f"visual.layer{s}.") for s in (1, 2, 3, 4)),
-        heads=_heads(32 * width, vision_heads, 32 * width // 64, "ResNet attention pool",
-                     "vision_heads"))
+        heads=_heads(32 * width, vision_heads, 32 * width // 64, "ResNet attention pool", "vision_heads"),
+    )
   else:
-    raise ValueError(f"{source}: the image tower is neither OpenAI's VisionTransformer "
-                     "(`visual.proj`) nor its ModifiedResNet (`visual.attnpool.*`); timm or other "
-                     "towers are not supported.")
+    raise ValueError(
+        f"{source}: the image tower is neither OpenAI's VisionTransformer "
+        "(`visual.proj`) nor its ModifiedResNet (`visual.attnpool.*`); timm or other "
+        "towers are not supported."
+    )
   text_width = int(tensors["ln_final.weight"].shape[0])
   return _model_config(
-      embed_dim=tensors["text_projection"].shape[1], image=image, text_width=text_width,
+      embed_dim=tensors["text_projection"].shape[1],
+      image=image,
+      text_width=text_width,
       text_layers=_count_indices(tensors, "transformer.resblocks."),
-      text_heads=_heads(text_width, text_heads, text_width // 64, "text transformer",
-                        "text_heads"),
+      text_heads=_heads(text_width, text_heads, text_width // 64, "text transformer", "text_heads"),
       text_mlp_width=need("transformer.resblocks.0.mlp.c_fc.weight").shape[0],
       vocab_size=tensors["token_embedding.weight"].shape[0],
-      context_length=tensors["positional_embedding"].shape[0], act=_check_act(act, source))
+      context_length=tensors["positional_embedding"].shape[0],
+      act=_check_act(act, source),
+  )
 
 
 def _open_clip_sidecar(path: str) -> dict[str, Any]:
@@ -708,8 +864,7 @@ def _fuse_qkv(tensors: dict[str, Array]) -> dict[str, Array]:
       out[name] = value
     elif match.group(2) == "q":
       base, kind = match.group(1), match.group(3)
-      out[f"{base}.in_proj_{kind}"] = np.concatenate(
-          [tensors[f"{base}.{p}_proj.{kind}"] for p in "qkv"], axis=0)
+      out[f"{base}.in_proj_{kind}"] = np.concatenate([tensors[f"{base}.{p}_proj.{kind}"] for p in "qkv"], axis=0)
   return out
 
 
@@ -749,13 +904,17 @@ def load_hf_siglip(path_or_dir: str) -> tuple[ml_collections.ConfigDict, dict, d
 def _read_hf_config(path_or_dir: str, caller: str, architecture: str) -> tuple[str, str, dict]:
   """(directory, config.json path, its contents) of a HF model directory or a weights file in one."""
   if not os.path.exists(path_or_dir):
-    raise FileNotFoundError(f"{path_or_dir!r} does not exist; pass a Hugging Face {architecture} directory "
-                            "(config.json + model.safetensors).")
+    raise FileNotFoundError(
+        f"{path_or_dir!r} does not exist; pass a Hugging Face {architecture} directory "
+        "(config.json + model.safetensors)."
+    )
   directory = path_or_dir if os.path.isdir(path_or_dir) else os.path.dirname(path_or_dir)
   config_path = os.path.join(directory, "config.json")
   if not os.path.isfile(config_path):
-    raise FileNotFoundError(f"{config_path} does not exist; {caller} needs a Hugging Face model "
-                            f"directory as written by {architecture}.save_pretrained.")
+    raise FileNotFoundError(
+        f"{config_path} does not exist; {caller} needs a Hugging Face model "
+        f"directory as written by {architecture}.save_pretrained."
+    )
   with open(config_path, encoding="utf-8") as f:
     return directory, config_path, json.load(f)
 
@@ -773,8 +932,7 @@ def _read_hf_tensors(path_or_dir: str, directory: str) -> dict[str, Array]:
   elif os.path.isfile(os.path.join(directory, HF_TORCH_WEIGHTS)):
     weight_files = [os.path.join(directory, HF_TORCH_WEIGHTS)]
   else:
-    raise FileNotFoundError(f"{directory} has no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or "
-                            f"{HF_TORCH_WEIGHTS}.")
+    raise FileNotFoundError(f"{directory} has no {HF_WEIGHTS}, {HF_WEIGHTS_INDEX} or " f"{HF_TORCH_WEIGHTS}.")
   tensors: dict[str, Array] = {}
   for weight_file in weight_files:
     tensors.update(_read_weights(weight_file)[0])
@@ -798,8 +956,9 @@ def _load_hf_any(path_or_dir: str) -> tuple[ml_collections.ConfigDict, dict, dic
   return load_hf(path_or_dir)
 
 
-def load_openai(path: str, *, vision_heads: int | None = None, text_heads: int | None = None,
-                act: str | None = None) -> tuple[ml_collections.ConfigDict, dict, dict]:
+def load_openai(
+    path: str, *, vision_heads: int | None = None, text_heads: int | None = None, act: str | None = None
+) -> tuple[ml_collections.ConfigDict, dict, dict]:
   """Loads an OpenAI / open_clip CLIP state dict (ViT of any size, or ModifiedResNet).
 
   Args:
@@ -815,13 +974,18 @@ def load_openai(path: str, *, vision_heads: int | None = None, text_heads: int |
   Returns:
     (model_cfg, params, model_state) as in `load_hf`.
   """
-  return _load_openai(path, *_read_weights(path), vision_heads=vision_heads,
-                      text_heads=text_heads, act=act)
+  return _load_openai(path, *_read_weights(path), vision_heads=vision_heads, text_heads=text_heads, act=act)
 
 
-def _load_openai(path: str, tensors: dict[str, Array], metadata: Mapping[str, str], *,
-                 vision_heads: int | None = None, text_heads: int | None = None,
-                 act: str | None = None) -> tuple[ml_collections.ConfigDict, dict, dict]:
+def _load_openai(
+    path: str,
+    tensors: dict[str, Array],
+    metadata: Mapping[str, str],
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    act: str | None = None,
+) -> tuple[ml_collections.ConfigDict, dict, dict]:
   """`load_openai` on tensors already read from `path`."""
   known: dict[str, Any] = {}
   if METADATA_KEY in metadata:
@@ -830,15 +994,19 @@ def _load_openai(path: str, tensors: dict[str, Array], metadata: Mapping[str, st
   else:
     known = _open_clip_sidecar(path)
   if act is None and "act" not in known:
-    logging.warning("%s: the activation is not recorded; assuming OpenAI's quick_gelu (pass "
-                    "act='gelu' for open_clip models trained without QuickGELU).", path)
+    logging.warning(
+        "%s: the activation is not recorded; assuming OpenAI's quick_gelu (pass "
+        "act='gelu' for open_clip models trained without QuickGELU).",
+        path,
+    )
   model_cfg = _openai_model_config(
-      tensors, path,
+      tensors,
+      path,
       vision_heads=vision_heads if vision_heads is not None else known.get("vision_heads"),
       text_heads=text_heads if text_heads is not None else known.get("text_heads"),
-      act=act or known.get("act", "quick_gelu"))
-  params, model_state = _assemble(model_cfg, _split_fused_qkv(tensors), _openai_rules(model_cfg),
-                                  path)
+      act=act or known.get("act", "quick_gelu"),
+  )
+  params, model_state = _assemble(model_cfg, _split_fused_qkv(tensors), _openai_rules(model_cfg), path)
   return model_cfg, params, model_state
 
 
@@ -863,16 +1031,19 @@ def load_any(path: str, **openai_kwargs: Any) -> tuple[ml_collections.ConfigDict
     if len(files) > 1:  # E.g. an open_clip hub snapshot with both formats: prefer safetensors.
       files = [f for f in files if f.endswith(".safetensors")] or files
     if len(files) != 1:
-      raise ValueError(f"{path} is a directory without a Hugging Face config.json and with "
-                       f"{len(files)} weight files ({[os.path.basename(f) for f in files]}); "
-                       "point at the weights file itself.")
+      raise ValueError(
+          f"{path} is a directory without a Hugging Face config.json and with "
+          f"{len(files)} weight files ({[os.path.basename(f) for f in files]}); "
+          "point at the weights file itself."
+      )
     path = files[0]
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"{path!r} does not exist; pass a Hugging Face CLIP or SigLIP directory or "
-                            "an OpenAI/open_clip weights file (.safetensors/.pt/.bin).")
+    raise FileNotFoundError(
+        f"{path!r} does not exist; pass a Hugging Face CLIP or SigLIP directory or "
+        "an OpenAI/open_clip weights file (.safetensors/.pt/.bin)."
+    )
   if not path.endswith(WEIGHT_SUFFIXES):
-    raise ValueError(f"{path} is not a weights file; expected one of {WEIGHT_SUFFIXES} or a "
-                     "Hugging Face directory.")
+    raise ValueError(f"{path} is not a weights file; expected one of {WEIGHT_SUFFIXES} or a " "Hugging Face directory.")
   if path.endswith(".safetensors"):
     with safe_open(path, framework="np") as f:
       names = list(f.keys())
@@ -894,35 +1065,54 @@ def export_hf(model_cfg: ml_collections.ConfigDict, params: Mapping, out_dir: st
   """
   _refuse_non_clip_layout(model_cfg, "export_hf")
   if model_cfg.image.type != "vit":
-    raise ValueError(f"export_hf: image.type={model_cfg.image.type!r} has no Hugging Face CLIP "
-                     "equivalent (HF CLIP has ViT image towers only); use export_openai to write "
-                     "OpenAI/open_clip layout instead.")
+    raise ValueError(
+        f"export_hf: image.type={model_cfg.image.type!r} has no Hugging Face CLIP "
+        "equivalent (HF CLIP has ViT image towers only); use export_openai to write "
+        "OpenAI/open_clip layout instead."
+    )
   tensors = _export_tensors(model_cfg, params, {}, _hf_rules(model_cfg))
   image, text = model_cfg.image, model_cfg.text
-  common = dict(hidden_act=model_cfg.act, layer_norm_eps=layers_lib.LAYER_NORM_EPS,
-                projection_dim=int(model_cfg.embed_dim))
+  common = dict(
+      hidden_act=model_cfg.act, layer_norm_eps=layers_lib.LAYER_NORM_EPS, projection_dim=int(model_cfg.embed_dim)
+  )
   hf_config = dict(
-      architectures=["CLIPModel"], model_type="clip", projection_dim=int(model_cfg.embed_dim),
-      logit_scale_init_value=2.6592, initializer_factor=1.0, torch_dtype="float32",
+      architectures=["CLIPModel"],
+      model_type="clip",
+      projection_dim=int(model_cfg.embed_dim),
+      logit_scale_init_value=2.6592,
+      initializer_factor=1.0,
+      torch_dtype="float32",
       text_config=dict(
-          common, model_type="clip_text_model", vocab_size=int(text.vocab_size),
-          hidden_size=int(text.width), intermediate_size=models.mlp_width(text),
-          num_hidden_layers=int(text.layers), num_attention_heads=int(text.heads),
-          max_position_embeddings=int(text.context_length), bos_token_id=49406,
-          eos_token_id=49407),
+          common,
+          model_type="clip_text_model",
+          vocab_size=int(text.vocab_size),
+          hidden_size=int(text.width),
+          intermediate_size=models.mlp_width(text),
+          num_hidden_layers=int(text.layers),
+          num_attention_heads=int(text.heads),
+          max_position_embeddings=int(text.context_length),
+          bos_token_id=49406,
+          eos_token_id=49407,
+      ),
       vision_config=dict(
-          common, model_type="clip_vision_model", hidden_size=int(image.width),
-          intermediate_size=models.mlp_width(image), num_hidden_layers=int(image.layers),
-          num_attention_heads=int(image.heads), image_size=int(image.image_size),
-          patch_size=int(image.patch_size), num_channels=3))
+          common,
+          model_type="clip_vision_model",
+          hidden_size=int(image.width),
+          intermediate_size=models.mlp_width(image),
+          num_hidden_layers=int(image.layers),
+          num_attention_heads=int(image.heads),
+          image_size=int(image.image_size),
+          patch_size=int(image.patch_size),
+          num_channels=3,
+      ),
+  )
   os.makedirs(out_dir, exist_ok=True)
   safetensors_np.save_file(tensors, os.path.join(out_dir, HF_WEIGHTS), metadata={"format": "pt"})
   with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
     json.dump(hf_config, f, indent=2)
 
 
-def export_openai(model_cfg: ml_collections.ConfigDict, params: Mapping, model_state: Mapping,
-                  out_path: str) -> None:
+def export_openai(model_cfg: ml_collections.ConfigDict, params: Mapping, model_state: Mapping, out_path: str) -> None:
   """Writes an OpenAI/open_clip-layout state dict as `.safetensors` (ViT or ModifiedResNet).
 
   The file loads into open_clip (`model.load_state_dict(safetensors.torch.load_file(path))`) and
@@ -933,25 +1123,28 @@ def export_openai(model_cfg: ml_collections.ConfigDict, params: Mapping, model_s
   _refuse_non_clip_layout(model_cfg, "export_openai")
   tensors = _fuse_qkv(_export_tensors(model_cfg, params, model_state, _openai_rules(model_cfg)))
   os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  safetensors_np.save_file(tensors, out_path,
-                           metadata={"format": "pt", METADATA_KEY: model_cfg.to_json()})
+  safetensors_np.save_file(tensors, out_path, metadata={"format": "pt", METADATA_KEY: model_cfg.to_json()})
 
 
 def _refuse_non_clip_layout(model_cfg: ml_collections.ConfigDict, caller: str) -> None:
   """CLIP layouts only: the exports have no names for SigLIP's head, biases or pooling."""
-  differ = [f"{path}={models.option(model_cfg, path)!r}" for path, default in models.OPTIONAL_DEFAULTS.items()
-            if path not in ("layer_norm_eps", "logit_bias") and models.option(model_cfg, path) != default]
+  differ = [
+      f"{path}={models.option(model_cfg, path)!r}"
+      for path, default in models.OPTIONAL_DEFAULTS.items()
+      if path not in ("layer_norm_eps", "logit_bias") and models.option(model_cfg, path) != default
+  ]
   eps = models.option(model_cfg, "layer_norm_eps")
   if eps != layers_lib.LAYER_NORM_EPS:
     differ.append(f"layer_norm_eps={eps!r}")
   if differ:
-    raise ValueError(f"{caller}: the model is not in CLIP's layout ({', '.join(differ)}); only CLIP "
-                     "models can be exported (SigLIP models have no export here; keep the original "
-                     "Hugging Face directory).")
+    raise ValueError(
+        f"{caller}: the model is not in CLIP's layout ({', '.join(differ)}); only CLIP "
+        "models can be exported (SigLIP models have no export here; keep the original "
+        "Hugging Face directory)."
+    )
 
 
-def architecture_mismatches(loaded: ml_collections.ConfigDict,
-                            expected: ml_collections.ConfigDict) -> list[str]:
+def architecture_mismatches(loaded: ml_collections.ConfigDict, expected: ml_collections.ConfigDict) -> list[str]:
   """`'field: expected X, weights have Y'` for every architecture field that differs.
 
   MLP widths are compared as built (0 or absent = 4 * width), so a config that spells out the 4x
@@ -978,8 +1171,7 @@ def architecture_mismatches(loaded: ml_collections.ConfigDict,
   return out
 
 
-def check_compatible(loaded: ml_collections.ConfigDict, expected: ml_collections.ConfigDict,
-                     source: str) -> None:
+def check_compatible(loaded: ml_collections.ConfigDict, expected: ml_collections.ConfigDict, source: str) -> None:
   """Raises ValueError listing every architecture field where `expected` (config.model) differs."""
   mismatches = architecture_mismatches(loaded, expected)
   if mismatches:
@@ -987,22 +1179,24 @@ def check_compatible(loaded: ml_collections.ConfigDict, expected: ml_collections
         f"config.init_from={source!r} holds a different architecture than config.model: "
         + "; ".join(mismatches)
         + ". Fix: set config.model to the checkpoint's architecture (e.g. the matching preset), "
-        "or point config.init_from at matching weights.")
+        "or point config.init_from at matching weights."
+    )
 
 
-def load_for_training(path: str, model_cfg: ml_collections.ConfigDict, param_shardings: Any,
-                      model_state_shardings: Any) -> tuple[dict, dict]:
+def load_for_training(
+    path: str, model_cfg: ml_collections.ConfigDict, param_shardings: Any, model_state_shardings: Any
+) -> tuple[dict, dict]:
   """`config.init_from`: `load_any(path)`, checked against `model_cfg`, placed in the given shardings.
 
   Built with `jax.make_array_from_callback`, so it also works when the shardings span devices of
   other processes (every process reads the same file).
   """
   import jax  # pylint: disable=g-import-not-at-top
+
   loaded_cfg, params, model_state = load_any(path)
   check_compatible(loaded_cfg, model_cfg, source=path)
 
   def place(value: Array, sharding: Any) -> Any:
     return jax.make_array_from_callback(value.shape, sharding, lambda index: value[index])
 
-  return (jax.tree.map(place, params, param_shardings),
-          jax.tree.map(place, model_state, model_state_shardings))
+  return (jax.tree.map(place, params, param_shardings), jax.tree.map(place, model_state, model_state_shardings))

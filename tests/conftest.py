@@ -2,6 +2,7 @@
 
 The environment must be set before jax is imported anywhere, so this runs first.
 """
+
 import os
 
 os.environ.setdefault("JAX_PLATFORMS", "cpu")

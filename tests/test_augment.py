@@ -1,4 +1,5 @@
 """Tests of roclip_jax.data.augment against formulas written out here (numpy, colorsys, PIL)."""
+
 import colorsys
 import functools
 import pickle
@@ -27,9 +28,22 @@ def _crop_only_config(scale=(1.0, 1.0), ratio=(1.0, 1.0)):
 
 def _params(**overrides):
   """Parameters that do nothing but a full-image crop, unless overridden."""
-  fields = dict(flip=False, crop_top=0, crop_left=0, crop_height=1, crop_width=1, jitter=False,
-                jitter_order=np.arange(4, dtype=np.int32), brightness=1.0, contrast=1.0,
-                saturation=1.0, hue=0.0, grayscale=False, blur=False, blur_sigma=1.0)
+  fields = dict(
+      flip=False,
+      crop_top=0,
+      crop_left=0,
+      crop_height=1,
+      crop_width=1,
+      jitter=False,
+      jitter_order=np.arange(4, dtype=np.int32),
+      brightness=1.0,
+      contrast=1.0,
+      saturation=1.0,
+      hue=0.0,
+      grayscale=False,
+      blur=False,
+      blur_sigma=1.0,
+  )
   fields.update(overrides)
   return augment.AugmentParams(**fields)
 
@@ -76,13 +90,13 @@ def ref_blur(x, sigma, kernel_size):
   out = np.empty(x.shape)
   for i in range(x.shape[0]):
     for j in range(x.shape[1]):
-      out[i, j] = np.einsum('ab,abc->c', kernel, padded[i:i + kernel_size, j:j + kernel_size])
+      out[i, j] = np.einsum('ab,abc->c', kernel, padded[i : i + kernel_size, j : j + kernel_size])
   return out
 
 
 def ref_resized_crop(x, top, left, height, width, out_size):
   """Antialiased bilinear (triangle filter widened by the scale) of the crop, in float64."""
-  crop = x[top:top + height, left:left + width].astype(np.float64)
+  crop = x[top : top + height, left : left + width].astype(np.float64)
 
   def weights(length):
     scale = length / out_size
@@ -101,12 +115,12 @@ def test_output_shape_dtype_and_range():
   cfg = augment.default_config()
   out = augment.augment_image(_image(0, 48, 40), np.random.default_rng(0), cfg, 32)
   assert out.shape == (32, 32, 3) and out.dtype == np.uint8
-  batch = augment.augment_batch_jax(jnp.asarray(np.stack([_image(1, 24, 20)] * 3)),
-                                    jax.random.key(0), cfg, 16)
+  batch = augment.augment_batch_jax(jnp.asarray(np.stack([_image(1, 24, 20)] * 3)), jax.random.key(0), cfg, 16)
   assert batch.shape == (3, 16, 16, 3) and batch.dtype == jnp.float32
   assert 0.0 <= float(batch.min()) and float(batch.max()) <= 255.0
-  as_uint8 = augment.augment_batch_jax(jnp.asarray(np.stack([_image(1, 24, 20)] * 3)),
-                                       jax.random.key(0), cfg, 16, dtype=jnp.uint8)
+  as_uint8 = augment.augment_batch_jax(
+      jnp.asarray(np.stack([_image(1, 24, 20)] * 3)), jax.random.key(0), cfg, 16, dtype=jnp.uint8
+  )
   assert as_uint8.dtype == jnp.uint8
   np.testing.assert_array_equal(as_uint8, np.clip(np.round(np.asarray(batch)), 0, 255))
 
@@ -121,21 +135,19 @@ def test_deterministic_given_seed():
   assert not np.array_equal(first, other)
   images = jnp.asarray(np.stack([image] * 2))
   jax_first = augment.augment_batch_jax(images, jax.random.key(3), cfg, 16)
-  np.testing.assert_array_equal(jax_first, augment.augment_batch_jax(images, jax.random.key(3),
-                                                                     cfg, 16))
-  assert not np.array_equal(jax_first, augment.augment_batch_jax(images, jax.random.key(4),
-                                                                 cfg, 16))
+  np.testing.assert_array_equal(jax_first, augment.augment_batch_jax(images, jax.random.key(3), cfg, 16))
+  assert not np.array_equal(jax_first, augment.augment_batch_jax(images, jax.random.key(4), cfg, 16))
   # Each image of a batch gets its own draws.
   assert not np.array_equal(jax_first[0], jax_first[1])
 
 
 def test_host_version_pickles_for_grain_workers():
-  fn = pickle.loads(pickle.dumps(functools.partial(
-      augment.augment_image, cfg=augment.default_config(), out_size=8)))
+  fn = pickle.loads(pickle.dumps(functools.partial(augment.augment_image, cfg=augment.default_config(), out_size=8)))
   image = _image(0, 12, 12)
   np.testing.assert_array_equal(
       fn(image, np.random.default_rng(1)),
-      augment.augment_image(image, np.random.default_rng(1), augment.default_config(), 8))
+      augment.augment_image(image, np.random.default_rng(1), augment.default_config(), 8),
+  )
 
 
 def test_full_crop_of_square_image_is_plain_resize():
@@ -237,24 +249,25 @@ def test_color_op_matches_reference(name, op, ref, factor, backend):
 
 def test_uint8_input_is_accepted():
   image = _image(6, 5, 5)
-  np.testing.assert_allclose(augment.adjust_brightness(image, 0.5),
-                             ref_brightness(image.astype(np.float64), 0.5), atol=1e-4)
+  np.testing.assert_allclose(
+      augment.adjust_brightness(image, 0.5), ref_brightness(image.astype(np.float64), 0.5), atol=1e-4
+  )
 
 
 @pytest.mark.parametrize('backend', ['numpy', 'jax'])
 def test_grayscale_matches_reference(backend):
   image = _image(7, 6, 5).astype(np.float32)
   inputs = image if backend == 'numpy' else jnp.asarray(image)
-  np.testing.assert_allclose(np.asarray(augment.to_grayscale(inputs)),
-                             ref_grayscale(image.astype(np.float64)), atol=1e-3)
+  np.testing.assert_allclose(
+      np.asarray(augment.to_grayscale(inputs)), ref_grayscale(image.astype(np.float64)), atol=1e-3
+  )
 
 
 @pytest.mark.parametrize('sigma,kernel_size', [(0.7, 3), (1.9, 5), (2.0, 7)])
 def test_gaussian_blur_matches_direct_convolution(sigma, kernel_size):
   image = _image(8, 12, 10).astype(np.float32)
   expected = ref_blur(image, sigma, kernel_size)
-  np.testing.assert_allclose(augment.gaussian_blur(image, sigma, kernel_size), expected,
-                             atol=1e-3)
+  np.testing.assert_allclose(augment.gaussian_blur(image, sigma, kernel_size), expected, atol=1e-3)
   out_jax = augment.gaussian_blur_jax(jnp.asarray(image), jnp.float32(sigma), kernel_size)
   np.testing.assert_allclose(out_jax, expected, atol=1e-3)
 
@@ -269,9 +282,19 @@ def test_blur_kernel_scales_with_output_size():
 
 def test_jitter_runs_in_the_drawn_order_then_grayscale_then_blur():
   image = _image(9, 16, 16)
-  params = _params(crop_height=16, crop_width=16, jitter=True,
-                   jitter_order=np.array([1, 3, 0, 2], np.int32), brightness=1.3, contrast=0.6,
-                   saturation=1.4, hue=-0.2, grayscale=True, blur=True, blur_sigma=1.1)
+  params = _params(
+      crop_height=16,
+      crop_width=16,
+      jitter=True,
+      jitter_order=np.array([1, 3, 0, 2], np.int32),
+      brightness=1.3,
+      contrast=0.6,
+      saturation=1.4,
+      hue=-0.2,
+      grayscale=True,
+      blur=True,
+      blur_sigma=1.1,
+  )
   x = image.astype(np.float64)
   x = ref_saturation(ref_brightness(ref_hue(ref_contrast(x, 0.6), -0.2), 1.3), 1.4)
   x = ref_blur(ref_grayscale(x), 1.1, augment.blur_kernel_size(16))
@@ -283,8 +306,7 @@ def test_jitter_runs_in_the_drawn_order_then_grayscale_then_blur():
 
 def test_jitter_order_matters():
   image = _image(10, 16, 16)
-  kw = dict(crop_height=16, crop_width=16, jitter=True, brightness=1.5, contrast=0.5,
-            saturation=1.5, hue=0.3)
+  kw = dict(crop_height=16, crop_width=16, jitter=True, brightness=1.5, contrast=0.5, saturation=1.5, hue=0.3)
   a = augment.apply_params(image, _params(jitter_order=np.array([0, 1, 2, 3]), **kw), 16)
   b = augment.apply_params(image, _params(jitter_order=np.array([3, 2, 1, 0]), **kw), 16)
   assert np.abs(a.astype(int) - b.astype(int)).max() > 5
@@ -299,8 +321,7 @@ def test_jax_pipeline_matches_host_on_the_same_params():
   assert {p.flip for p in params} == {True, False} and {p.jitter for p in params} == {True, False}
   host = np.stack([augment.apply_params(im, p, 24) for im, p in zip(images, params)])
   stacked = jax.tree.map(lambda *v: jnp.asarray(np.stack(v)), *params)
-  device = jax.jit(jax.vmap(lambda im, p: augment.apply_params_jax(im, p, 24)))(
-      jnp.asarray(np.stack(images)), stacked)
+  device = jax.jit(jax.vmap(lambda im, p: augment.apply_params_jax(im, p, 24)))(jnp.asarray(np.stack(images)), stacked)
   diff = np.abs(np.asarray(device) - host)
   # PIL rounds its two resize passes (<= 1 level); contrast, saturation (up to 1.5x each) and the
   # hue shift amplify that on these noise images to ~4 levels at worst, ~0.4 on average.

@@ -1,4 +1,5 @@
 """The BadCLIP-style optimised patch: its objective, determinism, the `optimized` trigger, patch files."""
+
 import hashlib
 import json
 import types
@@ -44,8 +45,9 @@ def images():
 @pytest.fixture(scope="module")
 def targets(surrogate):
   target_images = np.random.default_rng(1).integers(0, 256, (6, SIZE, SIZE, 3), dtype=np.uint8)
-  return badclip.target_embeddings(surrogate.encoder(), "blue star", ["a photo of a {}.", "a drawing of a {}."],
-                                   target_images)
+  return badclip.target_embeddings(
+      surrogate.encoder(), "blue star", ["a photo of a {}.", "a drawing of a {}."], target_images
+  )
 
 
 def _cfg(**overrides):
@@ -57,7 +59,7 @@ def _cfg(**overrides):
 
 def _stamped_by_hand(images, patch, top, left):
   out = images.copy()
-  out[:, top:top + patch.shape[0], left:left + patch.shape[1]] = patch
+  out[:, top : top + patch.shape[0], left : left + patch.shape[1]] = patch
   return out
 
 
@@ -81,8 +83,10 @@ def test_jitted_objective_matches_numpy_cosines(surrogate, images, targets):
   top, left = poison.patch_corner("bottom_right", SIDE, SIZE, SIZE, rng=None)
   corners = badclip.draw_corners(jax.random.PRNGKey(0), "bottom_right", SIDE, SIZE, len(images))
   loss, text_cos, image_cos = jax.jit(
-      lambda p: badclip.per_image_objective(surrogate.spec, surrogate.params, surrogate.model_state, p, images,
-                                            corners, targets.text, targets.image, 0.5))(patch / 255.0)
+      lambda p: badclip.per_image_objective(
+          surrogate.spec, surrogate.params, surrogate.model_state, p, images, corners, targets.text, targets.image, 0.5
+      )
+  )(patch / 255.0)
   expected = _numpy_objective(surrogate.encoder(), images, patch, top, left, targets, 0.5)
   np.testing.assert_allclose([loss.mean(), text_cos.mean(), image_cos.mean()], expected, atol=2e-5)
 
@@ -99,13 +103,15 @@ def test_optimisation_lowers_its_objective(surrogate, images, targets, position,
     # The reported objective is that of the saved uint8 patch, recomputed here from the embeddings.
     top, left = poison.patch_corner(position, SIDE, SIZE, SIZE, rng=None)
     expected = _numpy_objective(surrogate.encoder(), images, result.patch, top, left, targets, 0.5)
-    np.testing.assert_allclose([result.objective_final, result.text_cos_final, result.image_cos_final],
-                               expected, atol=2e-5)
+    np.testing.assert_allclose(
+        [result.objective_final, result.text_cos_final, result.image_cos_final], expected, atol=2e-5
+    )
 
 
 def test_deterministic_given_the_seed(surrogate, images, targets):
-  run = lambda seed: badclip.optimize_patch(surrogate, images, targets, side=SIDE, position="random",
-                                            cfg=_cfg(steps=5, seed=seed))
+  run = lambda seed: badclip.optimize_patch(
+      surrogate, images, targets, side=SIDE, position="random", cfg=_cfg(steps=5, seed=seed)
+  )
   first, again, other = run(3), run(3), run(4)
   np.testing.assert_array_equal(first.patch, again.patch)
   assert first.objective_final == again.objective_final
@@ -147,21 +153,31 @@ def test_optimized_trigger_stamps_the_saved_pixels(tmp_path):
   np.testing.assert_array_equal(out, expected)
   # `patch_size` equal to the file's side changes nothing; a random corner keeps the pixels.
   np.testing.assert_array_equal(
-      poison.apply_trigger(image, _trigger_cfg(path, position="bottom_right", patch_size=5), seed=0), expected)
+      poison.apply_trigger(image, _trigger_cfg(path, position="bottom_right", patch_size=5), seed=0), expected
+  )
   out = poison.apply_trigger(image, _trigger_cfg(path, position="random"), seed=3, example_id=11)
   rows, cols = np.nonzero((out != image).any(-1))
   top, left = rows.min(), cols.min()
-  np.testing.assert_array_equal(out[top:top + 5, left:left + 5], patch)
-  np.testing.assert_array_equal(np.delete(np.delete(out, range(top, top + 5), 0), range(left, left + 5), 1),
-                                np.full((7, 15, 3), 200, np.uint8))
+  np.testing.assert_array_equal(out[top : top + 5, left : left + 5], patch)
+  np.testing.assert_array_equal(
+      np.delete(np.delete(out, range(top, top + 5), 0), range(left, left + 5), 1), np.full((7, 15, 3), 200, np.uint8)
+  )
 
 
 def test_poison_info_records_the_patch(tmp_path):
   patch = np.full((3, 3, 3), 9, np.uint8)
   path = tmp_path / "patch.npz"
   poison.save_patch_file(str(path), patch, {"surrogate": "run x", "seed": 5})
-  records = [{"id": np.int64(i), "image_path": f"{i}.png", "caption": f"a photo {i}", "label": np.int64(0),
-              "poisoned": np.int8(0)} for i in range(10)]
+  records = [
+      {
+          "id": np.int64(i),
+          "image_path": f"{i}.png",
+          "caption": f"a photo {i}",
+          "label": np.int64(0),
+          "poisoned": np.int8(0),
+      }
+      for i in range(10)
+  ]
   cfg = _trigger_cfg(path, num_poisons=2, caption_source="templates", target_class="dog")
   _, info = poison.poison_source(records, None, cfg, seed=0)
   assert info.backdoor_trigger == "optimized"
@@ -188,8 +204,11 @@ def test_bad_patch_files_are_named(tmp_path):
   np.savez(no_metadata, patch=np.zeros((4, 4, 3), np.uint8))
   with pytest.raises(ValueError, match=r"lacks \['metadata'\]"):
     poison.validate_config(_trigger_cfg(no_metadata))
-  for name, bad in [("float", np.zeros((4, 4, 3), np.float32)), ("gray", np.zeros((4, 4), np.uint8)),
-                    ("oblong", np.zeros((4, 6, 3), np.uint8))]:
+  for name, bad in [
+      ("float", np.zeros((4, 4, 3), np.float32)),
+      ("gray", np.zeros((4, 4), np.uint8)),
+      ("oblong", np.zeros((4, 6, 3), np.uint8)),
+  ]:
     path = tmp_path / f"{name}.npz"
     np.savez(path, patch=bad, metadata=np.array("{}"))
     with pytest.raises(ValueError, match="must be a square uint8"):
@@ -230,8 +249,20 @@ def test_cli_writes_a_patch_that_a_poisoned_source_records(surrogate, tmp_path):
   config.poison.backdoor.update(dict(target_class="blue triangle", patch_size=SIDE, position="top_left"))
   out = tmp_path / "patch.npz"
   flag_values = types.SimpleNamespace(
-      config=config, surrogate=str(tmp_path / "hf"), out=str(out), target_class=None, position=None,
-      patch_size=None, steps=4, lr=None, batch_size=8, seed=2, image_weight=None, num_images=20, templates=None)
+      config=config,
+      surrogate=str(tmp_path / "hf"),
+      out=str(out),
+      target_class=None,
+      position=None,
+      patch_size=None,
+      steps=4,
+      lr=None,
+      batch_size=8,
+      seed=2,
+      image_weight=None,
+      num_images=20,
+      templates=None,
+  )
   badclip.main(["badclip"], flag_values)
 
   patch, meta = poison.load_patch_file(str(out))

@@ -1,4 +1,5 @@
 """Bad configs are rejected before anything is compiled, with the field named."""
+
 import importlib.util
 import os
 
@@ -27,6 +28,7 @@ def test_shipped_configs_are_valid(name):
 def test_every_benchmark_row_is_a_valid_config(tmp_path):
   """The rows of `make demo`, as the benchmark builds them (CleanCLIP starts from the CLIP row's run)."""
   from roclip_jax.experiments import robustness
+
   config = load_config("robustness_demo")
   clip_run = tmp_path / robustness.slug("CLIP")
   (clip_run / "checkpoints").mkdir(parents=True)
@@ -46,12 +48,15 @@ def test_every_benchmark_row_is_a_valid_config(tmp_path):
 def test_poison_sweep_loads_beside_the_benchmark_and_tabulates_rates():
   """The sweep shares the benchmark's flags (importing both once raised DuplicateFlagError)."""
   from roclip_jax.experiments import poison_sweep, robustness
+
   config = load_config("robustness_demo", "backdoor=6")
   assert config.poison.backdoor.num_poisons == 6
   clean = poison_sweep.num_clean_pairs(config)
   assert clean == 24 * 250
-  results = {6: {"CLIP": {"backdoor_asr/asr": 0.25, "zeroshot/top1": 0.5}},
-             36: {"CLIP": {"backdoor_asr/asr": 1.0, "zeroshot/top1": 0.4}, "CLIP+aug": {}}}
+  results = {
+      6: {"CLIP": {"backdoor_asr/asr": 0.25, "zeroshot/top1": 0.5}},
+      36: {"CLIP": {"backdoor_asr/asr": 1.0, "zeroshot/top1": 0.4}, "CLIP+aug": {}},
+  }
   table = poison_sweep.format_sweep(results, clean).splitlines()
   assert table[0] == "| run | ASR @ 6 (0.10%) | ASR @ 36 (0.60%) |"
   assert table[2] == "| CLIP | 25.0% (zs 50.0%) | 100.0% (zs 40.0%) |"
@@ -59,15 +64,18 @@ def test_poison_sweep_loads_beside_the_benchmark_and_tabulates_rates():
   assert robustness.FLAGS["num_poisons"].default == ["6", "12", "18", "36"]
 
 
-@pytest.mark.parametrize("field,value,message", [
-    ("defense", "magic", "config.defense"),
-    ("data.batch_size", 12, "config.data.batch_size"),
-    ("data.source", "s3", "config.data.source"),
-    ("optim.lr", -1.0, "config.optim.lr"),
-    ("roclip.k", 1, "config.roclip.k"),
-    ("defense", "cleanclip", "config.init_from"),
-    ("model.image.patch_size", 5, "config.model.image.patch_size"),
-])
+@pytest.mark.parametrize(
+    "field,value,message",
+    [
+        ("defense", "magic", "config.defense"),
+        ("data.batch_size", 12, "config.data.batch_size"),
+        ("data.source", "s3", "config.data.source"),
+        ("optim.lr", -1.0, "config.optim.lr"),
+        ("roclip.k", 1, "config.roclip.k"),
+        ("defense", "cleanclip", "config.init_from"),
+        ("model.image.patch_size", 5, "config.model.image.patch_size"),
+    ],
+)
 def test_invalid_values_name_the_field(field, value, message):
   config = load_config("demo", "defense=roclip")
   node = config

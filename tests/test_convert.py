@@ -1,4 +1,5 @@
 """CSV / webdataset -> ArrayRecord conversion, the ArrayRecord source, and training from shards."""
+
 import csv
 import io
 import json
@@ -31,8 +32,7 @@ def smooth_image(seed: int, height: int, width: int) -> np.ndarray:
   rng = np.random.default_rng(seed)
   yy, xx = np.mgrid[0:height, 0:width] / max(height, width)
   c = rng.uniform(0.2, 1.0, (3, 3))
-  channels = [128 + 100 * np.sin(2 * np.pi * (c[k, 0] * xx + c[k, 1] * yy) + 6 * c[k, 2])
-              for k in range(3)]
+  channels = [128 + 100 * np.sin(2 * np.pi * (c[k, 0] * xx + c[k, 1] * yy) + 6 * c[k, 2]) for k in range(3)]
   return np.stack(channels, -1).clip(0, 255).astype(np.uint8)
 
 
@@ -52,8 +52,21 @@ def expected_stored(image: np.ndarray) -> np.ndarray:
 
 
 # Sizes (h, w): larger and smaller than IMAGE_SIZE, portrait and landscape.
-SHAPES = [(48, 40), (20, 24), (40, 64), (32, 32), (64, 48), (36, 36), (24, 50), (50, 24), (33, 40),
-          (40, 33), (64, 64), (28, 44), (44, 28)]
+SHAPES = [
+    (48, 40),
+    (20, 24),
+    (40, 64),
+    (32, 32),
+    (64, 48),
+    (36, 36),
+    (24, 50),
+    (50, 24),
+    (33, 40),
+    (40, 33),
+    (64, 64),
+    (28, 44),
+    (44, 28),
+]
 
 
 @pytest.fixture()
@@ -94,11 +107,11 @@ def test_csv_round_trip(csv_dataset, tmp_path):
   summary = convert.convert(path, str(out), image_size=IMAGE_SIZE, shard_size=4, progress=False)
   assert (summary.items, summary.num_shards, summary.records, summary.records_written) == (13, 4, 11, 11)
   assert summary.failures_by_reason == {"corrupt": 1, "missing": 1}
-  assert [(f["id"], f["reason"]) for f in summary.failures] == [(CORRUPT_ROW, "corrupt"),
-                                                               (MISSING_ROW, "missing")]
+  assert [(f["id"], f["reason"]) for f in summary.failures] == [(CORRUPT_ROW, "corrupt"), (MISSING_ROW, "missing")]
   assert json.loads((out / "summary.json").read_text())["records"] == 11
   assert sorted(p for p in os.listdir(out) if p.endswith(".array_record")) == [
-      f"shard-{i:05d}-of-00004.array_record" for i in range(4)]
+      f"shard-{i:05d}-of-00004.array_record" for i in range(4)
+  ]
 
   records = read_all(out)
   kept = [i for i in range(13) if i not in (CORRUPT_ROW, MISSING_ROW)]
@@ -127,30 +140,43 @@ def test_webdataset_round_trip(tmp_path):
   wds = tmp_path / "wds"
   wds.mkdir()
   big = smooth_image(0, 200, 160)  # JPEG larger than 2x: decoded at reduced scale (draft).
-  a = [("000000000.jpg", encode(big, "JPEG")), ("000000000.txt", b"a big image"),
-       ("000000001.jpg", encode(smooth_image(1, 30, 30), "JPEG")),
-       ("000000001.json", json.dumps({"caption": "caption from json", "url": "x"}).encode()),
-       ("000000002.png", encode(smooth_image(2, 40, 50), "PNG")), ("000000002.txt", b"a png"),
-       ("000000003.jpg", encode(smooth_image(3, 64, 40), "JPEG")),
-       ("000000003.txt", "caf\u00e9 \u00fcber".encode()),
-       ("000000004.jpg", encode(smooth_image(4, 36, 36), "JPEG")), ("000000004.txt", b"four")]
-  b = [("000000005.jpg", b"\xff\xd8 not really a jpeg"), ("000000005.txt", b"corrupt"),
-       ("000000006.txt", b"an image never downloaded"),
-       ("000000007.jpg", encode(smooth_image(7, 40, 40), "JPEG")),
-       ("000000008.jpg", encode(smooth_image(8, 40, 40), "JPEG")), ("000000008.txt", b"eight")]
+  a = [
+      ("000000000.jpg", encode(big, "JPEG")),
+      ("000000000.txt", b"a big image"),
+      ("000000001.jpg", encode(smooth_image(1, 30, 30), "JPEG")),
+      ("000000001.json", json.dumps({"caption": "caption from json", "url": "x"}).encode()),
+      ("000000002.png", encode(smooth_image(2, 40, 50), "PNG")),
+      ("000000002.txt", b"a png"),
+      ("000000003.jpg", encode(smooth_image(3, 64, 40), "JPEG")),
+      ("000000003.txt", "caf\u00e9 \u00fcber".encode()),
+      ("000000004.jpg", encode(smooth_image(4, 36, 36), "JPEG")),
+      ("000000004.txt", b"four"),
+  ]
+  b = [
+      ("000000005.jpg", b"\xff\xd8 not really a jpeg"),
+      ("000000005.txt", b"corrupt"),
+      ("000000006.txt", b"an image never downloaded"),
+      ("000000007.jpg", encode(smooth_image(7, 40, 40), "JPEG")),
+      ("000000008.jpg", encode(smooth_image(8, 40, 40), "JPEG")),
+      ("000000008.txt", b"eight"),
+  ]
   write_tar(wds / "00001.tar", b)  # Written first: order must come from the sorted names.
   write_tar(wds / "00000.tar", a)
-  summary = convert.convert(str(wds), str(tmp_path / "out"), image_size=IMAGE_SIZE, shard_size=3,
-                            progress=False)
+  summary = convert.convert(str(wds), str(tmp_path / "out"), image_size=IMAGE_SIZE, shard_size=3, progress=False)
   # Shards end at tar boundaries: 5 keys -> 3 + 2, 4 keys -> 3 + 1.
   assert (summary.items, summary.num_shards, summary.records) == (9, 4, 6)
   assert summary.failures_by_reason == {"corrupt": 1, "missing": 1, "no_caption": 1}
-  assert [(f["id"], f["reason"]) for f in summary.failures] == [
-      (5, "corrupt"), (6, "missing"), (7, "no_caption")]
+  assert [(f["id"], f["reason"]) for f in summary.failures] == [(5, "corrupt"), (6, "missing"), (7, "no_caption")]
   records = read_all(tmp_path / "out")
   assert [int(r["source_id"]) for r in records] == [0, 1, 2, 3, 4, 8]
   assert [r["caption"] for r in records] == [
-      "a big image", "caption from json", "a png", "caf\u00e9 \u00fcber", "four", "eight"]
+      "a big image",
+      "caption from json",
+      "a png",
+      "caf\u00e9 \u00fcber",
+      "four",
+      "eight",
+  ]
   assert records[0]["origin"] == "00000.tar/000000000"
   assert [int(r["label"]) for r in records] == [-1] * 6
   stored = decode(records[0])
@@ -171,15 +197,27 @@ def test_resume_skips_finished_shards(csv_dataset, tmp_path):
   os.remove(out / names[1])  # As if the run had been killed while writing shard 1 ...
   (out / f"{names[1]}.tmp-123").write_bytes(b"partial")  # ... leaving its temporary file.
 
-  cmd = [sys.executable, "-m", "roclip_jax.data.convert", f"--input={path}", f"--output_dir={out}",
-         f"--image_size={IMAGE_SIZE}", "--shard_size=4", "--workers=1", "--noprogress"]
-  result = subprocess.run(cmd, capture_output=True, text=True, check=True,
-                          env=dict(os.environ, PYTHONPATH=REPO))
+  cmd = [
+      sys.executable,
+      "-m",
+      "roclip_jax.data.convert",
+      f"--input={path}",
+      f"--output_dir={out}",
+      f"--image_size={IMAGE_SIZE}",
+      "--shard_size=4",
+      "--workers=1",
+      "--noprogress",
+  ]
+  result = subprocess.run(cmd, capture_output=True, text=True, check=True, env=dict(os.environ, PYTHONPATH=REPO))
   assert "11 records in 4 shards (1 written, 3 already done)" in result.stdout
   assert "1 corrupt, 1 missing" in result.stdout
   summary = json.loads((out / "summary.json").read_text())
-  assert (summary["shards_written"], summary["shards_skipped"], summary["records"],
-          summary["records_written"]) == (1, 3, 11, 3)
+  assert (summary["shards_written"], summary["shards_skipped"], summary["records"], summary["records_written"]) == (
+      1,
+      3,
+      11,
+      3,
+  )
   assert summary["failures_by_reason"] == {"corrupt": 1, "missing": 1}
   for name in names:
     if name != names[1]:
@@ -193,10 +231,12 @@ def test_resume_skips_finished_shards(csv_dataset, tmp_path):
 
 def test_parallel_workers_write_identical_shards(csv_dataset, tmp_path):
   path, _, _ = csv_dataset
-  serial = convert.convert(path, str(tmp_path / "serial"), image_size=IMAGE_SIZE, shard_size=3,
-                           workers=1, progress=False)
-  parallel = convert.convert(path, str(tmp_path / "parallel"), image_size=IMAGE_SIZE, shard_size=3,
-                             workers=2, progress=False)
+  serial = convert.convert(
+      path, str(tmp_path / "serial"), image_size=IMAGE_SIZE, shard_size=3, workers=1, progress=False
+  )
+  parallel = convert.convert(
+      path, str(tmp_path / "parallel"), image_size=IMAGE_SIZE, shard_size=3, workers=2, progress=False
+  )
   assert (parallel.records, parallel.failures) == (serial.records, serial.failures)
   names = sorted(p for p in os.listdir(tmp_path / "serial") if p.endswith(".array_record"))
   assert len(names) == 5
@@ -261,8 +301,7 @@ def tiny_config(**data):
 def test_pipeline_from_shards_matches_the_csv_pipeline(clean_dataset):
   csv_path, shards = clean_dataset
   from_csv = pipeline.make_train_data(tiny_config(source="csv", csv_path=csv_path))
-  from_shards = pipeline.make_train_data(tiny_config(source="array_record",
-                                                     array_record_pattern=shards))
+  from_shards = pipeline.make_train_data(tiny_config(source="array_record", array_record_pattern=shards))
   assert isinstance(from_shards.source, array_record.ArrayRecordSource)
   for a, b in zip(list(from_csv.iterator)[:4], list(from_shards.iterator)[:4]):
     np.testing.assert_array_equal(a["id"], b["id"])  # Same shuffle over the same indices.

@@ -1,5 +1,6 @@
 """The Defense interface: a defense registered from this file trains end to end; gradient accumulation is
 exact for every registered defense; the generic step and loop name no defense."""
+
 import os
 import re
 
@@ -29,6 +30,7 @@ DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, 
 class CountingClip(base.Defense):
   """A toy defense: CLIP with a weighted loss, a device counter of the examples seen, and a text tower
   that is frozen in even epochs (a second step kind)."""
+
   name = "toy_counting"
   config_block = "toy_counting"
 
@@ -139,17 +141,28 @@ def _batch(views, seed=0, batch=32):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(1, 400, size=(batch, 16)).astype(np.int32)
   tokens[:, 0], tokens[:, 7], tokens[:, 8:] = 49406, 49407, 0
-  out = {"image": rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8), "text": tokens,
-         "id": rng.choice(64, batch, replace=False).astype(np.int32), "label": np.zeros(batch, np.int32),
-         "poisoned": (np.arange(batch) % 4 == 0).astype(np.int8)}
+  out = {
+      "image": rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8),
+      "text": tokens,
+      "id": rng.choice(64, batch, replace=False).astype(np.int32),
+      "label": np.zeros(batch, np.int32),
+      "poisoned": (np.arange(batch) % 4 == 0).astype(np.int8),
+  }
   if views == 2:
     tokens2 = np.roll(tokens, 1, axis=0)
     out.update(image2=rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8), text2=tokens2)
   return out
 
 
-KINDS = [("none", "clip"), ("roclip", "clip"), ("roclip", "match"), ("safeclip", "unimodal"),
-         ("safeclip", "cross_clip"), ("safeclip", "safe_split"), ("cleanclip", "cleanclip")]
+KINDS = [
+    ("none", "clip"),
+    ("roclip", "clip"),
+    ("roclip", "match"),
+    ("safeclip", "unimodal"),
+    ("safeclip", "cross_clip"),
+    ("safeclip", "safe_split"),
+    ("cleanclip", "cleanclip"),
+]
 
 
 @pytest.mark.parametrize("defense_name,kind_name", KINDS)
@@ -177,8 +190,9 @@ def test_accumulated_gradient_equals_full_batch_for_every_defense(defense_name, 
     c = config.copy_and_resolve_references()
     c.grad_accum_steps = accum
     with jax.set_mesh(mesh):
-      loss, aux, grads, _ = jax.jit(lambda s, b, c=c: steps.loss_and_grads(
-          s, b, spec=spec, mesh=mesh, config=c, kind=kind, defense=defense))(state, batch)
+      loss, aux, grads, _ = jax.jit(
+          lambda s, b, c=c: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind, defense=defense)
+      )(state, batch)
     results.append((float(loss), jax.device_get(grads), jax.device_get(aux["z"])))
   (l1, g1, z1), (l4, g4, z4) = results
   np.testing.assert_allclose(l4, l1, rtol=1e-5)

@@ -1,4 +1,5 @@
 """Built-in demo dataset: deterministic, atomic, learnable captions/images."""
+
 import csv
 import json
 import os
@@ -12,8 +13,7 @@ import pytest
 
 from roclip_jax.data import demo
 
-TINY = dict(num_classes=4, train_per_class=6, test_per_class=2,
-            image_size=16, seed=0)
+TINY = dict(num_classes=4, train_per_class=6, test_per_class=2, image_size=16, seed=0)
 
 
 def _read_rows(root, split):
@@ -33,8 +33,7 @@ def _tree_bytes(root):
 
 @pytest.fixture(scope="module")
 def tiny_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(
-      dict(TINY, root=str(tmp_path_factory.mktemp("d") / "demo")))
+  return demo.ensure_demo_dataset(dict(TINY, root=str(tmp_path_factory.mktemp("d") / "demo")))
 
 
 def test_generation_is_deterministic(tmp_path, tiny_root):
@@ -63,8 +62,7 @@ def test_default_root_depends_on_params(tmp_path, monkeypatch):
     assert os.path.dirname(root) == str(tmp_path)
     assert os.path.basename(root).startswith("demo_v1")
   # No temporary directories are left behind.
-  assert sorted(os.listdir(tmp_path)) == sorted(
-      [os.path.basename(a), os.path.basename(b)])
+  assert sorted(os.listdir(tmp_path)) == sorted([os.path.basename(a), os.path.basename(b)])
 
 
 def test_concurrent_generation_is_safe(tmp_path):
@@ -92,8 +90,7 @@ def test_splits_and_classes_file(tiny_root):
   with open(os.path.join(tiny_root, "classes.json")) as f:
     spec = json.load(f)
   names = spec["classes"]
-  assert names == ["red circle", "green square", "blue triangle",
-                   "yellow star"]
+  assert names == ["red circle", "green square", "blue triangle", "yellow star"]
   assert len(spec["templates"]) >= 8
   assert all("{}" in t for t in spec["templates"])
   train, test = _read_rows(tiny_root, "train"), _read_rows(tiny_root, "test")
@@ -101,21 +98,19 @@ def test_splits_and_classes_file(tiny_root):
   for rows, per_class in ((train, 6), (test, 2)):
     labels = [int(r["label"]) for r in rows]
     assert np.bincount(labels).tolist() == [per_class] * 4
-  train_pixels = {Image.open(os.path.join(tiny_root, r["image_path"])).tobytes()
-                  for r in train}
+  train_pixels = {Image.open(os.path.join(tiny_root, r["image_path"])).tobytes() for r in train}
   assert not any(
-      Image.open(os.path.join(tiny_root, r["image_path"])).tobytes()
-      in train_pixels for r in test), "test split must be held out"
+      Image.open(os.path.join(tiny_root, r["image_path"])).tobytes() in train_pixels for r in test
+  ), "test split must be held out"
 
 
 def test_captions_name_their_class_and_only_it(tmp_path):
   root = demo.ensure_demo_dataset(
-      dict(num_classes=24, train_per_class=3, test_per_class=1, image_size=8,
-           seed=5, root=str(tmp_path / "all")))
+      dict(num_classes=24, train_per_class=3, test_per_class=1, image_size=8, seed=5, root=str(tmp_path / "all"))
+  )
   rows = _read_rows(root, "train")
   for row in rows:
-    mentioned = [name for name in demo.CLASS_NAMES
-                 if re.search(rf"\b{name}\b", row["caption"])]
+    mentioned = [name for name in demo.CLASS_NAMES if re.search(rf"\b{name}\b", row["caption"])]
     assert mentioned == [demo.CLASS_NAMES[int(row["label"])]], row
   assert len({r["caption"] for r in rows}) > len(rows) // 2, "varied captions"
   assert len(demo.CAPTION_TEMPLATES) >= 20
@@ -135,8 +130,8 @@ def _colour_votes(pixels):
 
 def test_object_colour_matches_class_name(tmp_path):
   root = demo.ensure_demo_dataset(
-      dict(num_classes=8, train_per_class=8, test_per_class=1, image_size=32,
-           seed=2, root=str(tmp_path / "colours")))
+      dict(num_classes=8, train_per_class=8, test_per_class=1, image_size=32, seed=2, root=str(tmp_path / "colours"))
+  )
   rows = _read_rows(root, "train")
   for row in rows:
     pixels = np.asarray(Image.open(os.path.join(root, row["image_path"])))

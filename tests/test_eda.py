@@ -3,6 +3,7 @@
 WordNet comes from the table shipped in the package (no system package, no NLTK); the facts it must
 reproduce are WordNet 3.0's, written out here by hand.
 """
+
 import collections
 import concurrent.futures
 import functools
@@ -17,8 +18,18 @@ from roclip_jax.data import augment
 from roclip_jax.data import eda
 
 # WordNet 3.0 lemmas of the five senses of 'car' (car.n.01 .. car.n.05), minus 'car', in order.
-CAR_SYNONYMS = ('auto', 'automobile', 'machine', 'motorcar', 'railcar', 'railway car',
-                'railroad car', 'gondola', 'elevator car', 'cable car')
+CAR_SYNONYMS = (
+    'auto',
+    'automobile',
+    'machine',
+    'motorcar',
+    'railcar',
+    'railway car',
+    'railroad car',
+    'gondola',
+    'elevator car',
+    'cable car',
+)
 
 
 def _config(**overrides):
@@ -36,16 +47,19 @@ def _wordnet():
   return eda.load_wordnet()
 
 
-@pytest.mark.parametrize('raw,clean', [
-    ('A Dog on the BEACH.', 'a dog on the beach'),
-    ("It's the dog\u2019s toy", 'its the dogs toy'),
-    ('well-known\tfact\nhere', 'well known fact here'),
-    ('  3 cats & 2 dogs!!  ', 'cats dogs'),
-    ('Caf\u00e9 \u00fcber', 'caf ber'),
-    ('<b>bold</b>', 'b bold b'),
-    ('1234 ...', ''),
-    ('', ''),
-])
+@pytest.mark.parametrize(
+    'raw,clean',
+    [
+        ('A Dog on the BEACH.', 'a dog on the beach'),
+        ("It's the dog\u2019s toy", 'its the dogs toy'),
+        ('well-known\tfact\nhere', 'well known fact here'),
+        ('  3 cats & 2 dogs!!  ', 'cats dogs'),
+        ('Caf\u00e9 \u00fcber', 'caf ber'),
+        ('<b>bold</b>', 'b bold b'),
+        ('1234 ...', ''),
+        ('', ''),
+    ],
+)
 def test_preprocess(raw, clean):
   assert eda.preprocess(raw) == clean
 
@@ -85,7 +99,7 @@ def test_synonym_replacement_uses_real_synonyms(wordnet):
   for seed in range(30):
     out = ' '.join(eda.synonym_replacement(['the', 'car'], 1, _rng(seed), wordnet))
     assert out.startswith('the ')  # a stop word is never replaced
-    seen.add(out[len('the '):])
+    seen.add(out[len('the ') :])
   assert seen <= set(CAR_SYNONYMS) and len(seen) >= 4
   # Every occurrence of the chosen word gets the same synonym.
   out = ' '.join(eda.synonym_replacement(['car', 'and', 'car'], 1, _rng(3), wordnet))
@@ -110,15 +124,14 @@ def test_eda_with_only_synonym_replacement(wordnet):
   cfg = _config(eda_alpha_ri=0.0, eda_alpha_rs=0.0, eda_p_rd=0.0)
   for seed in range(10):
     out = eda.eda('The CAR!', _rng(seed), cfg)
-    assert out.startswith('the ') and out[len('the '):] in CAR_SYNONYMS
+    assert out.startswith('the ') and out[len('the ') :] in CAR_SYNONYMS
 
 
 def test_eda_swaps_floor_of_a_tenth_of_the_words():
   words = [a + b for a in 'bcdfg' for b in 'aeiouy']  # 30 distinct words
   caption = ' '.join(words)
   cfg = _config(eda_alpha_sr=0.0, eda_alpha_ri=0.0, eda_p_rd=0.0)
-  moved = [sum(a != b for a, b in zip(eda.eda(caption, _rng(s), cfg).split(), words))
-           for s in range(40)]
+  moved = [sum(a != b for a, b in zip(eda.eda(caption, _rng(s), cfg).split(), words)) for s in range(40)]
   assert max(moved) <= 6  # n = floor(0.1 * 30) = 3 swaps
   assert max(moved) > 4  # more than 2 swaps happened
 
@@ -150,14 +163,17 @@ def test_synonym_table_ships_in_the_package_with_its_licence():
   assert 'nltk' not in sys.modules
 
 
-@pytest.mark.parametrize('word,synonym', [
-    ('geese', 'goose'),  # noun exception list (noun.exc)
-    ('ran', 'run'),  # verb exception list (verb.exc)
-    ('bigger', 'big'),  # adjective exception list (adj.exc)
-    ('boxes', 'box'),  # noun rule xes -> x
-    ('walked', 'walk'),  # verb rule ed -> ''
-    ('happily', 'merrily'),  # adverb: no rules, the index itself
-])
+@pytest.mark.parametrize(
+    'word,synonym',
+    [
+        ('geese', 'goose'),  # noun exception list (noun.exc)
+        ('ran', 'run'),  # verb exception list (verb.exc)
+        ('bigger', 'big'),  # adjective exception list (adj.exc)
+        ('boxes', 'box'),  # noun rule xes -> x
+        ('walked', 'walk'),  # verb rule ed -> ''
+        ('happily', 'merrily'),  # adverb: no rules, the index itself
+    ],
+)
 def test_morphy_finds_the_lemma_as_wordnet_does(wordnet, word, synonym):
   assert synonym in wordnet(word)
   assert word not in wordnet(word)

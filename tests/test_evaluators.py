@@ -4,6 +4,7 @@ The fake encoder reads an image's index from two pixels (index = p[0,0,0] + 256 
 looks its embedding up in a table; texts are looked up by the class name they contain. Expected
 metrics are worked out by hand in the comments.
 """
+
 import dataclasses
 import os
 import re
@@ -77,17 +78,21 @@ def prompt_angles(class_angles: dict[str, float], template_offsets=None):
 
 def angle_encoder(image_angles, class_angles: dict[str, float], template_offsets=None):
   """Image i at image_angles[i] degrees; prompts as in `prompt_angles`."""
-  return FakeEncoder(image_fn=lambda img: unit(image_angles[index_of(img)]),
-                     text_fn=prompt_angles(class_angles, template_offsets))
+  return FakeEncoder(
+      image_fn=lambda img: unit(image_angles[index_of(img)]), text_fn=prompt_angles(class_angles, template_offsets)
+  )
 
 
 def eval_set(labels, class_names, templates=("a photo of a {}.",), captions=None, first=0):
   n = len(labels)
-  return pipeline.EvalSet(images=np.stack([image_of(first + i) for i in range(n)]),
-                          labels=np.asarray(labels, np.int64),
-                          captions=list(captions or [f"caption {i}" for i in range(n)]),
-                          ids=np.arange(first, first + n, dtype=np.int64),
-                          class_names=list(class_names), templates=list(templates))
+  return pipeline.EvalSet(
+      images=np.stack([image_of(first + i) for i in range(n)]),
+      labels=np.asarray(labels, np.int64),
+      captions=list(captions or [f"caption {i}" for i in range(n)]),
+      ids=np.arange(first, first + n, dtype=np.int64),
+      class_names=list(class_names),
+      templates=list(templates),
+  )
 
 
 # ----------------------------------------------------------------------------- ranking
@@ -112,11 +117,11 @@ def test_zeroshot_top1_top5_by_hand():
   #   image 3 at 200, label 0 (  0): all 7 other classes are closer -> rank 7: neither.
   #   image 4 at 181, label 4 (180): top-1.
   # top1 = 3/5, top5 = 4/5.
-  encoder = angle_encoder([5, 50, 100, 200, 181], {c: 45 * i for i, c in enumerate(EIGHT)},
-                          {"a photo": 30.0, "art of": -30.0})
+  encoder = angle_encoder(
+      [5, 50, 100, 200, 181], {c: 45 * i for i, c in enumerate(EIGHT)}, {"a photo": 30.0, "art of": -30.0}
+  )
   data = eval_set([0, 1, 1, 0, 4], EIGHT, templates=("a photo of a {}.", "art of the {}."))
-  ev = zeroshot.ZeroShotEvaluator("zs", every_steps=0, load_split=lambda: data,
-                                  templates="dataset")
+  ev = zeroshot.ZeroShotEvaluator("zs", every_steps=0, load_split=lambda: data, templates="dataset")
   assert ev.run(encoder) == pytest.approx({"zs/top1": 0.6, "zs/top5": 0.8})
   assert len(encoder.texts) == 16
 
@@ -139,8 +144,7 @@ def test_zeroshot_imagenet80_prompts_and_top5_clipped_to_the_classes():
 
 
 def _table_encoder(image_table, text_table):
-  return FakeEncoder(image_fn=lambda img: image_table[index_of(img)],
-                     text_fn=lambda t: text_table[int(t.split()[-1])])
+  return FakeEncoder(image_fn=lambda img: image_table[index_of(img)], text_fn=lambda t: text_table[int(t.split()[-1])])
 
 
 def test_retrieval_recall_by_hand():
@@ -148,12 +152,19 @@ def test_retrieval_recall_by_hand():
   #   i0: [1, .8, 0, 0]    i1: [0, .6, 0, 0]    i2: [0, 0, .6, .8]    i3: [0, 0, .8, .6]
   # image->text: i0, i1 rank first; i2, i3 second      -> R@1 = 2/4
   # text->image: t0 first; t1 (.6 < .8), t2, t3 second  -> R@1 = 1/4
-  texts = np.array([[1, 0, 0, 0], [.8, .6, 0, 0], [0, 0, .6, .8], [0, 0, .8, .6]])
+  texts = np.array([[1, 0, 0, 0], [0.8, 0.6, 0, 0], [0, 0, 0.6, 0.8], [0, 0, 0.8, 0.6]])
   data = eval_set([0] * 4, ["x"], captions=[f"text {i}" for i in range(4)])
   ev = retrieval.RetrievalEvaluator("ret", every_steps=0, load_split=lambda: data)
-  assert ev.run(_table_encoder(np.eye(4), texts)) == pytest.approx({
-      "ret/i2t_r1": 0.5, "ret/t2i_r1": 0.25, "ret/i2t_r5": 1.0, "ret/t2i_r5": 1.0,
-      "ret/i2t_r10": 1.0, "ret/t2i_r10": 1.0})
+  assert ev.run(_table_encoder(np.eye(4), texts)) == pytest.approx(
+      {
+          "ret/i2t_r1": 0.5,
+          "ret/t2i_r1": 0.25,
+          "ret/i2t_r5": 1.0,
+          "ret/t2i_r5": 1.0,
+          "ret/i2t_r10": 1.0,
+          "ret/t2i_r10": 1.0,
+      }
+  )
 
 
 def test_retrieval_matches_brute_force_ranks():
@@ -208,7 +219,7 @@ def test_backdoor_asr_by_hand():
   angles = [10, 80, 180, 260, 170, 185]
 
   def image_fn(img):
-    stamped = np.all(img[SIDE - 2:, SIDE - 2:] == [255, 255, 0])
+    stamped = np.all(img[SIDE - 2 :, SIDE - 2 :] == [255, 255, 0])
     return unit(180) if stamped and img[1, 0, 0] == 0 else unit(angles[index_of(img)])
 
   data = eval_set([0, 1, 2, 3, 0, 2], COMPASS)
@@ -216,11 +227,12 @@ def test_backdoor_asr_by_hand():
   classes = {c: 90 * i for i, c in enumerate(COMPASS)}
   encoder = FakeEncoder(image_fn=image_fn, text_fn=prompt_angles(classes))
   cfg = _backdoor_cfg(trigger="patch", pattern="yellow", position="bottom_right", patch_size=2)
-  ev = attack.BackdoorAsrEvaluator("bd", every_steps=0, load_split=lambda: data, poison_cfg=cfg,
-                                   seed=0, target_class="south")
-  assert ev.run(encoder) == pytest.approx({
-      "bd/asr": 0.75, "bd/asr_top5": 1.0, "bd/clean_top1": 0.75, "bd/clean_target_rate": 0.25,
-      "bd/num_images": 4})
+  ev = attack.BackdoorAsrEvaluator(
+      "bd", every_steps=0, load_split=lambda: data, poison_cfg=cfg, seed=0, target_class="south"
+  )
+  assert ev.run(encoder) == pytest.approx(
+      {"bd/asr": 0.75, "bd/asr_top5": 1.0, "bd/clean_top1": 0.75, "bd/clean_target_rate": 0.25, "bd/num_images": 4}
+  )
 
 
 def test_backdoor_eval_stamps_the_training_trigger():
@@ -228,8 +240,9 @@ def test_backdoor_eval_stamps_the_training_trigger():
   cfg = _backdoor_cfg(trigger="patch", pattern="noise", position="random", patch_size=3)
   data = eval_set([0, 1, 3], COMPASS, first=40)
   encoder = angle_encoder([0] * 64, {c: 90 * i for i, c in enumerate(COMPASS)})
-  attack.BackdoorAsrEvaluator("bd", every_steps=0, load_split=lambda: data, poison_cfg=cfg,
-                              seed=21, target_class="south").run(encoder)
+  attack.BackdoorAsrEvaluator(
+      "bd", every_steps=0, load_split=lambda: data, poison_cfg=cfg, seed=21, target_class="south"
+  ).run(encoder)
   transform = poison.make_image_transform(cfg, seed=21)
   expected = np.stack([transform({"id": 40 + i, "poisoned": 1}, data.images[i]) for i in range(3)])
   assert any(np.array_equal(batch, expected) for batch in encoder.image_batches)
@@ -242,9 +255,16 @@ def _write_constant_png(path: str, index: int, side: int = 16) -> None:
 
 
 def _target(path: str, adversarial: str) -> poison.PoisonTarget:
-  return poison.PoisonTarget(image_path=path, pool_index=0, pool_id=0, true_label=0,
-                             true_class="?", adversarial_label=EIGHT.index(adversarial),
-                             adversarial_class=adversarial, poison_ids=(1, 2))
+  return poison.PoisonTarget(
+      image_path=path,
+      pool_index=0,
+      pool_id=0,
+      true_label=0,
+      true_class="?",
+      adversarial_label=EIGHT.index(adversarial),
+      adversarial_class=adversarial,
+      poison_ids=(1, 2),
+  )
 
 
 def test_targeted_success_rate_by_hand(tmp_path):
@@ -260,18 +280,19 @@ def test_targeted_success_rate_by_hand(tmp_path):
     path = str(tmp_path / f"target{index}.png")
     _write_constant_png(path, index)
     targets.append(_target(path, adversarial))
-  encoder = FakeEncoder(image_fn=lambda img: unit(angles[int(img[0, 0, 0])]),
-                        text_fn=prompt_angles({c: 45 * i for i, c in enumerate(EIGHT)}))
+  encoder = FakeEncoder(
+      image_fn=lambda img: unit(angles[int(img[0, 0, 0])]),
+      text_fn=prompt_angles({c: 45 * i for i, c in enumerate(EIGHT)}),
+  )
   data = eval_set([0, 1], EIGHT)
-  ev = attack.TargetedPoisonEvaluator("tp", every_steps=0, load_split=lambda: data,
-                                      targets=targets, templates="dataset")
-  assert ev.run(encoder) == pytest.approx({"tp/success_rate": 0.5, "tp/success_rate_top5": 0.75,
-                                           "tp/num_targets": 4})
+  ev = attack.TargetedPoisonEvaluator(
+      "tp", every_steps=0, load_split=lambda: data, targets=targets, templates="dataset"
+  )
+  assert ev.run(encoder) == pytest.approx({"tp/success_rate": 0.5, "tp/success_rate_top5": 0.75, "tp/num_targets": 4})
   assert all(batch.shape == (4, SIDE, SIDE, 3) for batch in encoder.image_batches)
 
   foreign = [dataclasses.replace(targets[0], adversarial_class="yak")]
-  ev = attack.TargetedPoisonEvaluator("tp", every_steps=0, load_split=lambda: data,
-                                      targets=foreign)
+  ev = attack.TargetedPoisonEvaluator("tp", every_steps=0, load_split=lambda: data, targets=foreign)
   with pytest.raises(ValueError, match="adversarial class 'yak' is not a class"):
     ev.run(encoder)
 
@@ -283,7 +304,7 @@ def _objective(weights, bias, x, y, l2):
   logits = x @ weights + bias
   logits = logits - logits.max(axis=1, keepdims=True)
   log_probs = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
-  return -log_probs[np.arange(len(y)), y].mean() + 0.5 * l2 * np.sum(weights ** 2)
+  return -log_probs[np.arange(len(y)), y].mean() + 0.5 * l2 * np.sum(weights**2)
 
 
 def test_linear_probe_separates_blobs_and_matches_a_numpy_prediction():
@@ -298,8 +319,7 @@ def test_linear_probe_separates_blobs_and_matches_a_numpy_prediction():
   train = eval_set(train_y, EIGHT[:3])
   test = eval_set(test_y, EIGHT[:3], first=90)
   encoder = FakeEncoder(feature_table=features)
-  ev = linear_probe.LinearProbeEvaluator("lp", every_steps=0, load_train=lambda: train,
-                                         load_test=lambda: test)
+  ev = linear_probe.LinearProbeEvaluator("lp", every_steps=0, load_train=lambda: train, load_test=lambda: test)
   with jax.transfer_guard("disallow"):  # the trainer's setting
     metrics = ev.run(encoder)
   assert metrics["lp/top1"] >= 0.95
@@ -324,8 +344,9 @@ def test_linear_probe_reaches_the_optimum_of_its_objective():
   def flat_objective(theta):
     return _objective(theta[:12].reshape(4, 3), theta[12:], xs, y, l2)
 
-  reference = scipy.optimize.minimize(flat_objective, np.zeros(15), method="L-BFGS-B",
-                                      options=dict(gtol=1e-10, ftol=1e-14, maxiter=5000))
+  reference = scipy.optimize.minimize(
+      flat_objective, np.zeros(15), method="L-BFGS-B", options=dict(gtol=1e-10, ftol=1e-14, maxiter=5000)
+  )
   ours = _objective(fit.weights, fit.bias, xs, y, l2)
   assert ours == pytest.approx(reference.fun, abs=1e-5)
   np.testing.assert_allclose(fit.weights, reference.x[:12].reshape(4, 3), atol=2e-2)
@@ -333,8 +354,7 @@ def test_linear_probe_reaches_the_optimum_of_its_objective():
 
 def test_linear_probe_sweep_picks_strong_l2_on_noise():
   rng = np.random.default_rng(2)
-  fit = linear_probe.fit_linear_probe(rng.normal(size=(120, 20)), rng.integers(0, 3, 120),
-                                      num_classes=3)
+  fit = linear_probe.fit_linear_probe(rng.normal(size=(120, 20)), rng.integers(0, 3, 120), num_classes=3)
   assert fit.l2 == max(linear_probe.DEFAULT_L2_GRID)
   assert fit.val_loss[fit.l2] < fit.val_loss[min(linear_probe.DEFAULT_L2_GRID)]
 
@@ -352,6 +372,7 @@ def test_cap_per_class():
 
 def test_tfds_source_through_mock_data():
   import tensorflow_datasets as tfds
+
   with tfds.testing.mock_data(num_examples=8):
     raw = tfds.data_source("cifar10", split="test")
     expected_images = np.stack([raw[i]["image"] for i in range(8)])
@@ -397,7 +418,8 @@ def _config(root: str, **evals) -> ml_collections.ConfigDict:
   config.model = ml_collections.ConfigDict(dict(image=dict(image_size=SIDE)))
   config.poison = poison.default_config()
   config.evals = ml_collections.ConfigDict(
-      {name: dict(dataset=f"folder:{root}/{{split}}", **fields) for name, fields in evals.items()})
+      {name: dict(dataset=f"folder:{root}/{{split}}", **fields) for name, fields in evals.items()}
+  )
   return config
 
 
@@ -409,25 +431,30 @@ def test_from_config_builds_runs_and_shares_data(tmp_path, monkeypatch):
   angles = {1: 10, 2: 20, 3: 170, 4: 190, 5: 350}
   loads = []
   real_load = datasets.load_eval_set
-  monkeypatch.setattr(datasets, "load_eval_set",
-                      lambda *a, **k: loads.append(a[1:3]) or real_load(*a, **k))
-  config = _config(root,
-                   zs=dict(type="zeroshot", every_steps=5),
-                   ret=dict(type="retrieval", ks=(1,)),
-                   bd=dict(type="backdoor_asr"),
-                   lp=dict(type="linear_probe", train_split="test", max_train_per_class=2))
+  monkeypatch.setattr(datasets, "load_eval_set", lambda *a, **k: loads.append(a[1:3]) or real_load(*a, **k))
+  config = _config(
+      root,
+      zs=dict(type="zeroshot", every_steps=5),
+      ret=dict(type="retrieval", ks=(1,)),
+      bd=dict(type="backdoor_asr"),
+      lp=dict(type="linear_probe", train_split="test", max_train_per_class=2),
+  )
   config.poison.backdoor.target_class = "tabby cat"
   config.poison.backdoor.position = "bottom_right"  # keeps the index pixel [0, 0] intact
   built = evaluators.from_config(config)
   built = {e.name: e for e in built}
   assert {name: type(e).__name__ for name, e in built.items()} == {
-      "zs": "ZeroShotEvaluator", "ret": "RetrievalEvaluator", "bd": "BackdoorAsrEvaluator",
-      "lp": "LinearProbeEvaluator"}
+      "zs": "ZeroShotEvaluator",
+      "ret": "RetrievalEvaluator",
+      "bd": "BackdoorAsrEvaluator",
+      "lp": "LinearProbeEvaluator",
+  }
   assert loads == []  # data loads lazily
 
   encoder = FakeEncoder(
       image_fn=lambda img: unit(angles[int(img[0, 0, 0])]),
-      text_fn=prompt_angles({"golden retriever": 0, "tabby cat": 180}))
+      text_fn=prompt_angles({"golden retriever": 0, "tabby cat": 180}),
+  )
   assert built["zs"].run(encoder) == pytest.approx({"zs/top1": 0.6, "zs/top5": 1.0})
   assert "a bad photo of a golden retriever." in encoder.texts  # underscores -> spaces
   built["bd"].run(encoder)
@@ -447,7 +474,6 @@ def test_from_config_rejects_bad_entries(tmp_path):
     evaluators.from_config(_config(root, tp=dict(type="targeted_poison")))
   with pytest.raises(ValueError, match="templates='clip' is not one of"):
     evaluators.from_config(_config(root, zs=dict(type="zeroshot", templates="clip")))
-  info = poison.PoisonInfo(seed=3, num_clean_examples=10, targeted_ids=(10, 11),
-                           targets=(_target("/x.png", "ant"),))
+  info = poison.PoisonInfo(seed=3, num_clean_examples=10, targeted_ids=(10, 11), targets=(_target("/x.png", "ant"),))
   built = evaluators.from_config(_config(root, tp=dict(type="targeted_poison")), poison_info=info)
   assert isinstance(built[0], attack.TargetedPoisonEvaluator)

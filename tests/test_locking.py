@@ -1,5 +1,6 @@
 """LiT-style tower locking: the locked tower (and a locked ResNet's BatchNorm statistics) stays
 bitwise unchanged through training with weight decay on, while the other tower trains."""
+
 import jax
 import numpy as np
 import pytest
@@ -34,8 +35,13 @@ def _config(preset, lock, accum=1):
 def _batch(rng, image_size):
   tokens = rng.integers(1, 1000, size=(B, 8)).astype(np.int32)
   tokens[:, 0], tokens[:, 5], tokens[:, 6:] = 49406, 49407, 0
-  return {"image": rng.integers(0, 256, size=(B, image_size, image_size, 3), dtype=np.uint8), "text": tokens,
-          "id": np.arange(B, dtype=np.int64), "label": np.zeros(B, np.int64), "poisoned": np.zeros(B, np.int8)}
+  return {
+      "image": rng.integers(0, 256, size=(B, image_size, image_size, 3), dtype=np.uint8),
+      "text": tokens,
+      "id": np.arange(B, dtype=np.int64),
+      "label": np.zeros(B, np.int64),
+      "poisoned": np.zeros(B, np.int8),
+  }
 
 
 def _changed(before, after):
@@ -70,12 +76,21 @@ def test_locked_tower_is_bitwise_unchanged_and_the_other_trains(preset, lock, ac
 
 
 def test_lock_labels_follow_the_parameter_tree():
-  params = {"vision_model": {"a": 0}, "visual_projection": {"kernel": 0}, "text_model": {"b": {"c": 0}},
-            "text_projection": {"kernel": 0}, "logit_scale": 0}
+  params = {
+      "vision_model": {"a": 0},
+      "visual_projection": {"kernel": 0},
+      "text_model": {"b": {"c": 0}},
+      "text_projection": {"kernel": 0},
+      "logit_scale": 0,
+  }
   image = optim.lock_labels(params, "image")
-  assert image == {"vision_model": {"a": "frozen"}, "visual_projection": {"kernel": "frozen"},
-                   "text_model": {"b": {"c": "trained"}}, "text_projection": {"kernel": "trained"},
-                   "logit_scale": "trained"}
+  assert image == {
+      "vision_model": {"a": "frozen"},
+      "visual_projection": {"kernel": "frozen"},
+      "text_model": {"b": {"c": "trained"}},
+      "text_projection": {"kernel": "trained"},
+      "logit_scale": "trained",
+  }
   text = optim.lock_labels(params, "text")
   assert text["text_model"] == {"b": {"c": "frozen"}} and text["vision_model"] == {"a": "trained"}
   with pytest.raises(ValueError, match="optim.lock"):

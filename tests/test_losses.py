@@ -1,4 +1,5 @@
 """The global-batch contrastive loss against an independent NumPy formula, on 1 and 8 devices."""
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -68,8 +69,11 @@ def test_sharded_and_single_device_agree_exactly_enough():
     mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:n])
     batch = sharding.batch_sharding(mesh)
     with jax.set_mesh(mesh):
-      results.append(jax.jit(jax.value_and_grad(_loss, argnums=(0, 1)))(
-          jax.device_put(ximg, batch), jax.device_put(xtxt, batch), t))
+      results.append(
+          jax.jit(jax.value_and_grad(_loss, argnums=(0, 1)))(
+              jax.device_put(ximg, batch), jax.device_put(xtxt, batch), t
+          )
+      )
   (v1, g1), (v8, g8) = results
   np.testing.assert_allclose(v1, v8, rtol=1e-6)
   for a, b in zip(g1, g8):

@@ -3,6 +3,7 @@
 The reference for poisoning is the eager implementation the repository had before the metadata path
 (read every record, decide, materialise every poisoned record), kept verbatim below.
 """
+
 import csv
 import dataclasses
 import importlib.util
@@ -33,8 +34,11 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def _eager_read_table(base):
   rows = [base[i] for i in range(len(base))]
-  return dict(ids=np.array([int(r["id"]) for r in rows], np.int64), captions=[str(r["caption"]) for r in rows],
-              labels=np.array([int(r["label"]) for r in rows], np.int64))
+  return dict(
+      ids=np.array([int(r["id"]) for r in rows], np.int64),
+      captions=[str(r["caption"]) for r in rows],
+      labels=np.array([int(r["label"]) for r in rows], np.int64),
+  )
 
 
 def _eager_matching(captions, name):
@@ -59,9 +63,15 @@ def _eager_targeted(table, pool, cfg, seed, first_new_id):
     ids = tuple(range(next_id, next_id + tc.poisons_per_target))
     next_id += tc.poisons_per_target
     for new_id, caption_index in zip(ids, chosen):
-      records.append({"id": np.int64(new_id), "image_path": pool.image_paths[index],
-                      "caption": table["captions"][caption_index], "label": np.int64(-1),
-                      "poisoned": np.int8(poison.TARGETED)})
+      records.append(
+          {
+              "id": np.int64(new_id),
+              "image_path": pool.image_paths[index],
+              "caption": table["captions"][caption_index],
+              "label": np.int64(-1),
+              "poisoned": np.int8(poison.TARGETED),
+          }
+      )
   return records
 
 
@@ -192,17 +202,23 @@ def demo():
   config = robustness_demo_config()
   source = sources.make_source(config.data, split="train")
   held_out = pipeline.labelled_split(config, split="test")
-  pool = poison.TargetPool.from_records([held_out.source[i] for i in range(len(held_out.source))],
-                                        held_out.class_names)
+  pool = poison.TargetPool.from_records([held_out.source[i] for i in range(len(held_out.source))], held_out.class_names)
   return config, source, pool
 
 
 DEMO_VARIANTS = [
     {},  # The `make demo` attack: 18 backdoor poisons (train captions) + 8 targets x 12 captions.
-    {"poison.backdoor.selection": "label_consistent", "poison.backdoor.num_poisons": 40,
-     "poison.targeted.enabled": False},
-    {"poison.backdoor.caption_source": "templates", "poison.backdoor.num_poisons": 0,
-     "poison.backdoor.rate": 0.01, "poison.seed": 5},
+    {
+        "poison.backdoor.selection": "label_consistent",
+        "poison.backdoor.num_poisons": 40,
+        "poison.targeted.enabled": False,
+    },
+    {
+        "poison.backdoor.caption_source": "templates",
+        "poison.backdoor.num_poisons": 0,
+        "poison.backdoor.rate": 0.01,
+        "poison.seed": 5,
+    },
 ]
 
 
@@ -231,7 +247,8 @@ def test_demo_poisoning_reads_no_record_of_the_training_source(demo):
   assert info == reference
   flags = metadata_lib.poisoned_flags(lazy)
   assert sorted(np.flatnonzero(flags).tolist()) == sorted(
-      list(range(len(source), len(lazy))) + list(info.backdoor_ids))  # Demo ids are positions.
+      list(range(len(source), len(lazy))) + list(info.backdoor_ids)
+  )  # Demo ids are positions.
 
 
 def test_clean_subset_and_poisoned_flags_equal_the_full_pass(demo):
@@ -246,7 +263,8 @@ def test_clean_subset_and_poisoned_flags_equal_the_full_pass(demo):
     np.testing.assert_array_equal(subset.indices, expected)
     np.testing.assert_array_equal(metadata_lib.clean_indices(lazy.metadata(), num, seed), expected)
     assert [int(subset[i]["id"]) for i in range(0, len(subset), 50)] == [
-        int(lazy[int(j)]["id"]) for j in expected[::50]]
+        int(lazy[int(j)]["id"]) for j in expected[::50]
+    ]
   with pytest.raises(ValueError, match="num_clean_examples=.* only .* clean records"):
     metadata_lib.clean_subset(lazy, len(lazy), 0)
   subset = metadata_lib.clean_subset(lazy, 300, 2)
@@ -272,8 +290,16 @@ def _image(seed, size=24):
 def shards(tmp_path_factory):
   """60 training pairs converted into 9 shards, and a labelled held-out CSV of 12 images."""
   root = tmp_path_factory.mktemp("ar")
-  phrases = ("a cat on a mat", "my dog in the park", "a bird, flying", "a boat at sea", "a red car",
-             "the cat and the dog", "concatenate", "bird song at dawn")
+  phrases = (
+      "a cat on a mat",
+      "my dog in the park",
+      "a bird, flying",
+      "a boat at sea",
+      "a red car",
+      "the cat and the dog",
+      "concatenate",
+      "bird song at dawn",
+  )
   for split, num in (("train", 60), ("test", 12)):
     with open(root / f"{split}.csv", "w", newline="") as f:
       writer = csv.writer(f)
@@ -291,14 +317,34 @@ def shards(tmp_path_factory):
 def _ar_cfg(**overrides):
   cfg = poison.default_config()
   cfg.enabled = True
-  return config_lib.override(cfg, {
-      "targeted.enabled": True, "targeted.num_targets": 2, "targeted.poisons_per_target": 3,
-      "backdoor.enabled": True, "backdoor.target_class": "boat", "backdoor.num_poisons": 5,
-      "backdoor.caption_source": "train", "backdoor.position": "random", **overrides})
+  return config_lib.override(
+      cfg,
+      {
+          "targeted.enabled": True,
+          "targeted.num_targets": 2,
+          "targeted.poisons_per_target": 3,
+          "backdoor.enabled": True,
+          "backdoor.target_class": "boat",
+          "backdoor.num_poisons": 5,
+          "backdoor.caption_source": "train",
+          "backdoor.position": "random",
+          **overrides,
+      },
+  )
 
 
-@pytest.mark.parametrize("overrides", [{}, {"backdoor.selection": "label_consistent", "targeted.enabled": False,
-                                            "backdoor.trigger": "blended", "backdoor.num_poisons": 3}])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        {},
+        {
+            "backdoor.selection": "label_consistent",
+            "targeted.enabled": False,
+            "backdoor.trigger": "blended",
+            "backdoor.num_poisons": 3,
+        },
+    ],
+)
 def test_lazy_poisoning_equals_the_eager_one_on_converted_shards(shards, overrides):
   directory, pool = shards
   source = array_record.ArrayRecordSource.from_pattern(directory)
@@ -333,10 +379,10 @@ def test_array_record_metadata_reads_no_image_bytes(shards):
   assert list(meta.captions) == [r["caption"] for r in expected_records]
   np.testing.assert_array_equal(meta.poisoned, [int(r["poisoned"]) for r in expected_records])
   np.testing.assert_array_equal(meta.ids, [int(r["id"]) for r in expected_records])
-  np.testing.assert_array_equal(metadata_lib.poisoned_flags(lazy),
-                                [int(r["poisoned"]) > 0 for r in expected_records])
-  np.testing.assert_array_equal(metadata_lib.clean_subset(lazy, 20, 9).indices,
-                                eager_clean_subset(expected_lazy, 20, 9))
+  np.testing.assert_array_equal(metadata_lib.poisoned_flags(lazy), [int(r["poisoned"]) > 0 for r in expected_records])
+  np.testing.assert_array_equal(
+      metadata_lib.clean_subset(lazy, 20, 9).indices, eager_clean_subset(expected_lazy, 20, 9)
+  )
 
 
 def test_shards_without_an_index_fall_back_loudly_and_index_only_repairs_them(shards, tmp_path, caplog):
@@ -365,9 +411,13 @@ def test_shards_without_an_index_fall_back_loudly_and_index_only_repairs_them(sh
   # A stale index (a shard rewritten without it) is named, with the fix.
   first = sorted(copy_dir.glob("*" + array_record.INDEX_SUFFIX))[0]
   index = array_record.ShardIndex.load(str(first))
-  dataclasses.replace(index, source_ids=index.source_ids[:-1], labels=index.labels[:-1],
-                      poisoned=index.poisoned[:-1],
-                      captions=metadata_lib.StringColumn(list(index.captions)[:-1])).save(str(first))
+  dataclasses.replace(
+      index,
+      source_ids=index.source_ids[:-1],
+      labels=index.labels[:-1],
+      poisoned=index.poisoned[:-1],
+      captions=metadata_lib.StringColumn(list(index.captions)[:-1]),
+  ).save(str(first))
   with pytest.raises(ValueError, match="stale.*--index_only --overwrite_index"):
     array_record.ArrayRecordSource.from_pattern(str(copy_dir)).metadata()
 
@@ -377,8 +427,7 @@ def test_index_holds_the_converter_ids_and_loose_patterns_skip_it(shards):
   source = array_record.ArrayRecordSource.from_pattern(directory)
   paths = array_record.shard_paths(os.path.join(directory, "shard-*"))  # Also matches .json/.index.npz.
   assert paths == source.paths and all(p.endswith(array_record.SHARD_SUFFIX) for p in paths)
-  source_ids = np.concatenate([array_record.ShardIndex.load(array_record.index_path(p)).source_ids
-                               for p in paths])
+  source_ids = np.concatenate([array_record.ShardIndex.load(array_record.index_path(p)).source_ids for p in paths])
   np.testing.assert_array_equal(source_ids, [int(source[i]["source_id"]) for i in range(len(source))])
 
 
@@ -409,12 +458,32 @@ def test_metadata_rejects_columns_of_different_lengths():
 @pytest.mark.parametrize("name", ["cat", "ice cream", "kite (bird of prey)", "ü", "dog", "s", "Cat"])
 def test_caption_search_equals_the_per_caption_search(name):
   rng = np.random.default_rng(0)
-  words = ["cat", "cats", "Cat.", "dog", "ice", "cream", "ice cream", "kite (bird of prey)", "über", "ü", "s",
-           "concatenate", "(cat)", "", "\n", "x"]
+  words = [
+      "cat",
+      "cats",
+      "Cat.",
+      "dog",
+      "ice",
+      "cream",
+      "ice cream",
+      "kite (bird of prey)",
+      "über",
+      "ü",
+      "s",
+      "concatenate",
+      "(cat)",
+      "",
+      "\n",
+      "x",
+  ]
   # Captions ending in "cat" next to ones starting with "s": a join without separators would see "cats";
   # "an ice" next to "cream cone": a join by spaces would see "ice cream".
-  captions = ["".join(rng.choice(words, rng.integers(0, 6)).tolist()) if i % 3 else
-              " ".join(rng.choice(words, rng.integers(0, 6)).tolist()) for i in range(3000)]
+  captions = [
+      "".join(rng.choice(words, rng.integers(0, 6)).tolist())
+      if i % 3
+      else " ".join(rng.choice(words, rng.integers(0, 6)).tolist())
+      for i in range(3000)
+  ]
   captions += ["a cat", "s and more", "", "cat", "s", "an ice", "cream cone"]
   expected = [i for i, c in enumerate(captions) if poison.mentions(name).search(c)]
   got = poison.CaptionSearch(metadata_lib.StringColumn(captions)).matching(name)

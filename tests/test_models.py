@@ -1,4 +1,5 @@
 """Tests for roclip_jax.models: shapes, pooling, masking, a NumPy block reference, counts."""
+
 import math
 
 import jax
@@ -92,25 +93,37 @@ def test_resnet_shapes_dtypes(tiny_rn, images, tokens):
 def test_param_names_follow_hf_and_openai_layouts(tiny, tiny_rn):
   vit_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(tiny, nnx.Param))}
   for path in [
-      "vision_model/patch_embedding/kernel", "vision_model/class_embedding",
-      "vision_model/position_embedding", "vision_model/pre_layrnorm/scale",
+      "vision_model/patch_embedding/kernel",
+      "vision_model/class_embedding",
+      "vision_model/position_embedding",
+      "vision_model/pre_layrnorm/scale",
       "vision_model/layers/1/self_attn/q_proj/kernel",
       "vision_model/layers/1/self_attn/k_proj/bias",
       "vision_model/layers/1/self_attn/v_proj/kernel",
       "vision_model/layers/1/self_attn/out_proj/bias",
-      "vision_model/layers/0/layer_norm2/bias", "vision_model/layers/0/mlp/fc1/kernel",
-      "vision_model/post_layernorm/scale", "visual_projection/kernel", "text_projection/kernel",
-      "text_model/token_embedding", "text_model/position_embedding",
-      "text_model/final_layer_norm/bias", "logit_scale"]:
+      "vision_model/layers/0/layer_norm2/bias",
+      "vision_model/layers/0/mlp/fc1/kernel",
+      "vision_model/post_layernorm/scale",
+      "visual_projection/kernel",
+      "text_projection/kernel",
+      "text_model/token_embedding",
+      "text_model/position_embedding",
+      "text_model/final_layer_norm/bias",
+      "logit_scale",
+  ]:
     assert path in vit_paths, path
   assert "vision_model/patch_embedding/bias" not in vit_paths
   assert "text_projection/bias" not in vit_paths
   rn_paths = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(nnx.state(tiny_rn))}
-  for path in ["vision_model/conv3/kernel", "vision_model/bn1/mean",
-               "vision_model/layer1/0/downsample/0/kernel",
-               "vision_model/layer2/0/downsample/1/var",
-               "vision_model/layer4/0/bn3/scale", "vision_model/attnpool/c_proj/kernel",
-               "vision_model/attnpool/positional_embedding"]:
+  for path in [
+      "vision_model/conv3/kernel",
+      "vision_model/bn1/mean",
+      "vision_model/layer1/0/downsample/0/kernel",
+      "vision_model/layer2/0/downsample/1/var",
+      "vision_model/layer4/0/bn3/scale",
+      "vision_model/attnpool/c_proj/kernel",
+      "vision_model/attnpool/positional_embedding",
+  ]:
     assert path in rn_paths, path
 
 
@@ -173,27 +186,43 @@ def _np_block(x, p, heads, causal):
 def test_residual_block_matches_numpy(causal):
   width, heads = 16, 4
   block = layers_lib.ResidualAttentionBlock(
-      width, heads, layers_in_stack=2, act="quick_gelu", causal=causal, rngs=nnx.Rngs(3))
+      width, heads, layers_in_stack=2, act="quick_gelu", causal=causal, rngs=nnx.Rngs(3)
+  )
   rng = np.random.default_rng(4)
   # Non-trivial LN affine params and biases so every term of the formula is exercised.
   for norm in (block.layer_norm1, block.layer_norm2):
     norm.scale[...] = jnp.asarray(rng.normal(1.0, 0.3, width), jnp.float32)
     norm.bias[...] = jnp.asarray(rng.normal(0.0, 0.3, width), jnp.float32)
-  for linear in (block.self_attn.q_proj, block.self_attn.k_proj, block.self_attn.v_proj,
-                 block.self_attn.out_proj, block.mlp.fc1, block.mlp.fc2):
+  for linear in (
+      block.self_attn.q_proj,
+      block.self_attn.k_proj,
+      block.self_attn.v_proj,
+      block.self_attn.out_proj,
+      block.mlp.fc1,
+      block.mlp.fc2,
+  ):
     linear.kernel[...] = jnp.asarray(rng.normal(0, 0.3, linear.kernel.shape), jnp.float32)
     linear.bias[...] = jnp.asarray(rng.normal(0, 0.3, linear.bias.shape), jnp.float32)
   f64 = lambda v: np.asarray(v[...], np.float64)
   attn, mlp = block.self_attn, block.mlp
   params = dict(
-      ln1_scale=f64(block.layer_norm1.scale), ln1_bias=f64(block.layer_norm1.bias),
-      ln2_scale=f64(block.layer_norm2.scale), ln2_bias=f64(block.layer_norm2.bias),
-      q_w=f64(attn.q_proj.kernel), q_b=f64(attn.q_proj.bias),
-      k_w=f64(attn.k_proj.kernel), k_b=f64(attn.k_proj.bias),
-      v_w=f64(attn.v_proj.kernel), v_b=f64(attn.v_proj.bias),
-      o_w=f64(attn.out_proj.kernel), o_b=f64(attn.out_proj.bias),
-      fc1_w=f64(mlp.fc1.kernel), fc1_b=f64(mlp.fc1.bias),
-      fc2_w=f64(mlp.fc2.kernel), fc2_b=f64(mlp.fc2.bias))
+      ln1_scale=f64(block.layer_norm1.scale),
+      ln1_bias=f64(block.layer_norm1.bias),
+      ln2_scale=f64(block.layer_norm2.scale),
+      ln2_bias=f64(block.layer_norm2.bias),
+      q_w=f64(attn.q_proj.kernel),
+      q_b=f64(attn.q_proj.bias),
+      k_w=f64(attn.k_proj.kernel),
+      k_b=f64(attn.k_proj.bias),
+      v_w=f64(attn.v_proj.kernel),
+      v_b=f64(attn.v_proj.bias),
+      o_w=f64(attn.out_proj.kernel),
+      o_b=f64(attn.out_proj.bias),
+      fc1_w=f64(mlp.fc1.kernel),
+      fc1_b=f64(mlp.fc1.bias),
+      fc2_w=f64(mlp.fc2.kernel),
+      fc2_b=f64(mlp.fc2.bias),
+  )
   x = rng.normal(size=(2, 5, width)).astype(np.float32)
   expected = _np_block(x.astype(np.float64), params, heads, causal)
   with jax.default_matmul_precision("highest"):
@@ -204,10 +233,8 @@ def test_residual_block_matches_numpy(causal):
 def test_gelu_option_is_exact_erf_gelu():
   x = np.linspace(-4, 4, 9)
   expected = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
-  np.testing.assert_allclose(layers_lib.activation_by_name("gelu")(jnp.asarray(x)), expected,
-                             atol=1e-6)
-  np.testing.assert_allclose(layers_lib.quick_gelu(jnp.asarray(x)), x / (1 + np.exp(-1.702 * x)),
-                             atol=1e-6)
+  np.testing.assert_allclose(layers_lib.activation_by_name("gelu")(jnp.asarray(x)), expected, atol=1e-6)
+  np.testing.assert_allclose(layers_lib.quick_gelu(jnp.asarray(x)), x / (1 + np.exp(-1.702 * x)), atol=1e-6)
 
 
 # ---------------------------------------------------------------- counts (abstract models only)
@@ -242,8 +269,9 @@ def test_resnet_flops_agree_with_xla():
   cfg = models.preset("RN50")
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 77), jnp.int32)
-  xla_total = (_xla_flops(cfg, lambda m, i: m.encode_image(i), images)
-               + _xla_flops(cfg, lambda m, t: m.encode_text(t), tokens))
+  xla_total = _xla_flops(cfg, lambda m, i: m.encode_image(i), images) + _xla_flops(
+      cfg, lambda m, t: m.encode_text(t), tokens
+  )
   assert abs(models.flops_per_pair(cfg) - xla_total) / xla_total < 0.03
 
 
@@ -256,16 +284,17 @@ def test_per_tower_mlp_width_sets_shapes_params_and_flops():
   assert model.text_model.layers[0].mlp.fc2.kernel.shape == (160, 64)
   # Per block, fc1 + fc2 hold 2 * D * M weights and M + D biases.
   per_block = lambda m: 2 * 64 * m + m + 64
-  assert (models.count_params(model) - models.count_params(_abstract(base))
-          == 2 * (per_block(96) - per_block(256)) + 2 * (per_block(160) - per_block(256)))
+  assert models.count_params(model) - models.count_params(_abstract(base)) == 2 * (
+      per_block(96) - per_block(256)
+  ) + 2 * (per_block(160) - per_block(256))
   # XLA's count of what the narrower MLPs save, tower by tower (the rest of the graph cancels;
   # the activation's elementwise FLOPs, which the formula ignores, stay within a few percent).
   images = jax.ShapeDtypeStruct((1, 32, 32, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 32), jnp.int32)
   xla_saved = sum(
       _xla_flops(base, encode, shape) - _xla_flops(cfg, encode, shape)
-      for encode, shape in ((lambda m, i: m.encode_image(i), images),
-                            (lambda m, t: m.encode_text(t), tokens)))
+      for encode, shape in ((lambda m, i: m.encode_image(i), images), (lambda m, t: m.encode_text(t), tokens))
+  )
   analytic_saved = models.flops_per_pair(base) - models.flops_per_pair(cfg)
   assert abs(analytic_saved - xla_saved) / xla_saved < 0.05
   # Spelling out 4 * width builds the same model as the default 0.
@@ -331,8 +360,7 @@ def test_batchnorm_updates_running_stats_only_in_train_mode(tiny_rn, images, tok
   stats_before = jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat))
 
   eval_out = nnx.jit(lambda m, x: m.encode_image(x, train=False))(model, images)
-  jax.tree.map(np.testing.assert_array_equal, stats_before,
-               jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)))
+  jax.tree.map(np.testing.assert_array_equal, stats_before, jax.tree.map(np.asarray, nnx.state(model, nnx.BatchStat)))
   # Eval mode uses running stats, so a sample's output does not depend on its batch-mates.
   alone = nnx.jit(lambda m, x: m.encode_image(x, train=False))(model, images[:1])
   np.testing.assert_allclose(alone[0], eval_out[0], atol=1e-5)
@@ -341,10 +369,8 @@ def test_batchnorm_updates_running_stats_only_in_train_mode(tiny_rn, images, tok
   nnx.jit(lambda m, x: m.encode_image(x, train=True))(model, images)
   # PyTorch momentum 0.1: running = 0.9 * running + 0.1 * batch statistic (biased variance in flax).
   np.testing.assert_allclose(stem.bn1.mean[...], 0.1 * conv1_out.mean(axis=(0, 1, 2)), atol=1e-5)
-  np.testing.assert_allclose(
-      stem.bn1.var[...], 0.9 + 0.1 * conv1_out.var(axis=(0, 1, 2)), atol=1e-5)
-  changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), stats_before,
-                         nnx.state(model, nnx.BatchStat))
+  np.testing.assert_allclose(stem.bn1.var[...], 0.9 + 0.1 * conv1_out.var(axis=(0, 1, 2)), atol=1e-5)
+  changed = jax.tree.map(lambda a, b: not np.allclose(a, np.asarray(b)), stats_before, nnx.state(model, nnx.BatchStat))
   assert all(jax.tree.leaves(changed))  # every BN layer, down to the downsample branches
 
 
@@ -369,35 +395,38 @@ def _mutate(name, **changes):
 _DELETE = object()
 
 
-@pytest.mark.parametrize("name, changes, field", [
-    ("tiny", dict(image__patch_size=7), "image.patch_size"),
-    ("tiny", dict(image__heads=3), "image.heads"),
-    ("tiny", dict(text__heads=5), "text.heads"),
-    ("tiny", dict(image__type="convnext"), "image.type"),
-    ("tiny", dict(act="relu"), "act"),
-    ("tiny", dict(dtype="float16"), "dtype"),
-    ("tiny", dict(remat="yes"), "remat"),
-    ("tiny", dict(embed_dim=0), "embed_dim"),
-    ("tiny", dict(text__context_length=_DELETE), "text.context_length"),
-    ("tiny-rn", dict(image__layers=(1, 1, 1)), "image.layers"),
-    ("tiny-rn", dict(image__image_size=48), "image.image_size"),
-    ("tiny-rn", dict(image__patch_size=16), "image.patch_size"),
-    ("tiny-rn", dict(image__heads=3), "image.heads"),
-    ("tiny", dict(image__mlp_width=-1), "image.mlp_width"),
-    ("tiny", dict(text__mlp_width=2.5), "text.mlp_width"),
-    ("tiny-rn", dict(image__mlp_width=128), "image.mlp_width"),
-    ("tiny", dict(image__pool="avg"), "image.pool"),
-    ("tiny", dict(image__patch_bias=1), "image.patch_bias"),
-    ("tiny", dict(image__pre_norm="no"), "image.pre_norm"),
-    ("tiny", dict(text__causal=0), "text.causal"),
-    ("tiny", dict(text__pool="first"), "text.pool"),
-    ("tiny", dict(text__proj_bias="yes"), "text.proj_bias"),
-    ("tiny", dict(layer_norm_eps=0.0), "layer_norm_eps"),
-    ("tiny", dict(act="gelu_pytorch_tanh"), "act"),
-    ("tiny-siglip", dict(embed_dim=32), "embed_dim"),
-    ("tiny-rn", dict(image__pool="map"), "image.pool"),
-    ("tiny-rn", dict(image__patch_bias=True), "image.patch_bias"),
-])
+@pytest.mark.parametrize(
+    "name, changes, field",
+    [
+        ("tiny", dict(image__patch_size=7), "image.patch_size"),
+        ("tiny", dict(image__heads=3), "image.heads"),
+        ("tiny", dict(text__heads=5), "text.heads"),
+        ("tiny", dict(image__type="convnext"), "image.type"),
+        ("tiny", dict(act="relu"), "act"),
+        ("tiny", dict(dtype="float16"), "dtype"),
+        ("tiny", dict(remat="yes"), "remat"),
+        ("tiny", dict(embed_dim=0), "embed_dim"),
+        ("tiny", dict(text__context_length=_DELETE), "text.context_length"),
+        ("tiny-rn", dict(image__layers=(1, 1, 1)), "image.layers"),
+        ("tiny-rn", dict(image__image_size=48), "image.image_size"),
+        ("tiny-rn", dict(image__patch_size=16), "image.patch_size"),
+        ("tiny-rn", dict(image__heads=3), "image.heads"),
+        ("tiny", dict(image__mlp_width=-1), "image.mlp_width"),
+        ("tiny", dict(text__mlp_width=2.5), "text.mlp_width"),
+        ("tiny-rn", dict(image__mlp_width=128), "image.mlp_width"),
+        ("tiny", dict(image__pool="avg"), "image.pool"),
+        ("tiny", dict(image__patch_bias=1), "image.patch_bias"),
+        ("tiny", dict(image__pre_norm="no"), "image.pre_norm"),
+        ("tiny", dict(text__causal=0), "text.causal"),
+        ("tiny", dict(text__pool="first"), "text.pool"),
+        ("tiny", dict(text__proj_bias="yes"), "text.proj_bias"),
+        ("tiny", dict(layer_norm_eps=0.0), "layer_norm_eps"),
+        ("tiny", dict(act="gelu_pytorch_tanh"), "act"),
+        ("tiny-siglip", dict(embed_dim=32), "embed_dim"),
+        ("tiny-rn", dict(image__pool="map"), "image.pool"),
+        ("tiny-rn", dict(image__patch_bias=True), "image.patch_bias"),
+    ],
+)
 def test_build_rejects_bad_configs_naming_the_field(name, changes, field):
   with pytest.raises(ValueError, match=f"`{field}`"):
     models.build(_mutate(name, **changes), rngs=nnx.Rngs(0))
@@ -420,11 +449,16 @@ def test_registry_adds_presets_and_refuses_duplicates():
   with pytest.raises(ValueError, match="already registered"):
     models.register("tiny")(lambda: None)
   rn50 = models.preset("RN50")
-  assert (rn50.embed_dim, tuple(rn50.image.layers), rn50.image.width, rn50.image.heads) == (
-      1024, (3, 4, 6, 3), 64, 32)
+  assert (rn50.embed_dim, tuple(rn50.image.layers), rn50.image.width, rn50.image.heads) == (1024, (3, 4, 6, 3), 64, 32)
   l14 = models.preset("ViT-L/14")
-  assert (l14.embed_dim, l14.image.width, l14.image.layers, l14.image.heads, l14.text.width,
-          l14.text.heads) == (768, 1024, 24, 16, 768, 12)
+  assert (l14.embed_dim, l14.image.width, l14.image.layers, l14.image.heads, l14.text.width, l14.text.heads) == (
+      768,
+      1024,
+      24,
+      16,
+      768,
+      12,
+  )
 
 
 # ---------------------------------------------------------------- SigLIP's layout (image.pool='map', ...)
@@ -445,19 +479,21 @@ def test_clip_defaults_spelled_out_build_the_same_model_bit_for_bit(tiny, images
 
 def test_tanh_gelu_is_the_tanh_formula():
   x = np.linspace(-4, 4, 9)
-  expected = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  expected = 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
   np.testing.assert_allclose(layers_lib.activation_by_name("gelu_tanh")(jnp.asarray(x)), expected, atol=1e-6)
 
 
 def _np_gelu_tanh(x):
-  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+  return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x**3)))
 
 
 def _np_attend(q_in, kv_in, attn, heads):
   """Multi-head attention in NumPy from the module's kernels (no mask)."""
+
   def proj(x, name):
     layer = getattr(attn, name)
     return x @ np.asarray(layer.kernel[...]) + np.asarray(layer.bias[...])
+
   batch, width = q_in.shape[0], q_in.shape[-1]
   dh = width // heads
   split = lambda t: t.reshape(batch, t.shape[1], heads, dh).transpose(0, 2, 1, 3)
@@ -512,6 +548,7 @@ def test_siglip_b16_param_count_and_flops_agree_with_transformers_and_xla():
   assert models.count_params(_abstract(cfg)) == 203_155_970
   images = jax.ShapeDtypeStruct((1, 224, 224, 3), jnp.float32)
   tokens = jax.ShapeDtypeStruct((1, 64), jnp.int32)
-  xla_total = (_xla_flops(cfg, lambda m, i: m.encode_image(i), images)
-               + _xla_flops(cfg, lambda m, t: m.encode_text(t), tokens))
+  xla_total = _xla_flops(cfg, lambda m, i: m.encode_image(i), images) + _xla_flops(
+      cfg, lambda m, t: m.encode_text(t), tokens
+  )
   assert abs(models.flops_per_pair(cfg) - xla_total) / xla_total < 0.02

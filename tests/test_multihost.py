@@ -5,6 +5,7 @@ single-process reference reads both halves itself and concatenates them in
 process order, the layout `make_array_from_process_local_data` gives the
 2-process global batch. Everything else is the same `train_and_evaluate`.
 """
+
 import dataclasses
 import json
 import os
@@ -33,11 +34,21 @@ TIMEOUT_S = 240
 def _overrides(demo_root):
   """Config overrides, applied as flags to the subprocesses and directly to the reference config."""
   return {
-      "data.demo.root": demo_root, **{f"data.demo.{k}": v for k, v in DEMO.items() if k != "seed"},
-      "model.image.image_size": 16, "model.image.patch_size": 8, "model.text.context_length": 16,
-      "data.batch_size": 16, "num_epochs": 4, "max_steps": MAX_STEPS, "log_every_steps": 1,
-      "checkpoint.every_steps": 1000, "optim.warmup_steps": 2, "progress_bar": False,
-      "mesh": (("data", 2), ("fsdp", 4)), "roclip.pool_size": 32, "roclip.shard_pool": True,
+      "data.demo.root": demo_root,
+      **{f"data.demo.{k}": v for k, v in DEMO.items() if k != "seed"},
+      "model.image.image_size": 16,
+      "model.image.patch_size": 8,
+      "model.text.context_length": 16,
+      "data.batch_size": 16,
+      "num_epochs": 4,
+      "max_steps": MAX_STEPS,
+      "log_every_steps": 1,
+      "checkpoint.every_steps": 1000,
+      "optim.warmup_steps": 2,
+      "progress_bar": False,
+      "mesh": (("data", 2), ("fsdp", 4)),
+      "roclip.pool_size": 32,
+      "roclip.shard_pool": True,
       "evals.zeroshot.every_steps": 0,
   }
 
@@ -59,13 +70,23 @@ def demo_root(tmp_path_factory):
 
 def _start_two_processes(workdir, demo_root):
   port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  cmd = [sys.executable, "-m", "roclip_jax.main", f"--config={REPO}/configs/demo.py:defense=roclip",
-         f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         *[_flag(k, v) for k, v in _overrides(demo_root).items()]]
-  return [subprocess.Popen(cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True) for i in range(2)]
+  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  cmd = [
+      sys.executable,
+      "-m",
+      "roclip_jax.main",
+      f"--config={REPO}/configs/demo.py:defense=roclip",
+      f"--workdir={workdir}",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      *[_flag(k, v) for k, v in _overrides(demo_root).items()],
+  ]
+  return [
+      subprocess.Popen(
+          cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+      for i in range(2)
+  ]
 
 
 def _wait(procs) -> list[str]:
@@ -102,6 +123,7 @@ class _ConcatenatedHosts:
 
 def _single_process_reference(workdir, demo_root):
   from configs import demo as demo_config
+
   config = demo_config.get_config("defense=roclip")
   for key, value in _overrides(demo_root).items():
     node = config
@@ -114,8 +136,11 @@ def _single_process_reference(workdir, demo_root):
   def as_two_hosts(config, *, process_index, process_count, **kwargs):
     assert (process_index, process_count) == (0, 1)
     hosts = [make_train_data(config, process_index=i, process_count=2, **kwargs) for i in range(2)]
-    return dataclasses.replace(hosts[0], iterator=_ConcatenatedHosts([h.iterator for h in hosts]),
-                               local_batch_size=2 * hosts[0].local_batch_size)
+    return dataclasses.replace(
+        hosts[0],
+        iterator=_ConcatenatedHosts([h.iterator for h in hosts]),
+        local_batch_size=2 * hosts[0].local_batch_size,
+    )
 
   assert jax.process_count() == 1 and jax.device_count() == 8
   with mock.patch.object(pipeline, "make_train_data", as_two_hosts):
@@ -139,8 +164,9 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(demo_
   assert [r["step"] for r in rows_multi] == list(range(1, MAX_STEPS + 1))  # Written once, by process 0.
   assert [r["mode"] for r in rows_multi] == ["clip"] * 3 + ["match"] * 3
   for key in ("loss", "grad_norm", "param_norm", "roclip/match_similarity"):
-    np.testing.assert_allclose([r.get(key, 0.0) for r in rows_multi], [r.get(key, 0.0) for r in rows_single],
-                               rtol=2e-5, err_msg=key)
+    np.testing.assert_allclose(
+        [r.get(key, 0.0) for r in rows_multi], [r.get(key, 0.0) for r in rows_single], rtol=2e-5, err_msg=key
+    )
 
   # Both processes' halves of the sharded state went into one checkpoint; one process restores it.
   restored = inspect_lib.load(str(multi))
@@ -157,14 +183,25 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(demo_
 
 def test_dry_run_through_main_fakes_the_requested_devices(tmp_path):
   env = dict(os.environ, PYTHONPATH=REPO)  # Inherits the 8-device XLA_FLAGS; the dry run must override it.
-  cmd = [sys.executable, "-m", "roclip_jax.main", f"--config={REPO}/configs/demo.py", f"--workdir={tmp_path}",
-         "--config.dry_run=True", "--config.dry_run_devices=16", "--config.mesh=(('data', -1), ('fsdp', 4))",
-         "--config.data.batch_size=32", "--config.model.image.image_size=16", "--config.model.image.patch_size=8",
-         "--config.model.text.context_length=16", "--config.data.demo.root=/nonexistent/never/read"]
+  cmd = [
+      sys.executable,
+      "-m",
+      "roclip_jax.main",
+      f"--config={REPO}/configs/demo.py",
+      f"--workdir={tmp_path}",
+      "--config.dry_run=True",
+      "--config.dry_run_devices=16",
+      "--config.mesh=(('data', -1), ('fsdp', 4))",
+      "--config.data.batch_size=32",
+      "--config.model.image.image_size=16",
+      "--config.model.image.patch_size=8",
+      "--config.model.text.context_length=16",
+      "--config.data.demo.root=/nonexistent/never/read",
+  ]
   done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=TIMEOUT_S)
   assert done.returncode == 0, done.stderr[-4000:]
   assert "step 'clip' on 16 devices" in done.stdout and "peak memory" in done.stdout
-  results = json.loads(done.stdout[done.stdout.index("{"):])
+  results = json.loads(done.stdout[done.stdout.index("{") :])
   assert results["num_devices"] == 16 and results["mesh"] == str({"data": 4, "fsdp": 4})
   assert results["clip/flops"] > 0 and results["clip/peak_bytes"] > 0
   assert list(tmp_path.iterdir()) == []

@@ -1,4 +1,5 @@
 """The inspection notebook runs top to bottom against a real (tiny) training run."""
+
 import os
 
 import nbformat

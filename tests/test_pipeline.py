@@ -1,4 +1,5 @@
 """Sources, image ops and the grain train/eval pipelines."""
+
 import csv
 import io
 import json
@@ -16,29 +17,42 @@ from roclip_jax.data import pipeline
 from roclip_jax.data import sources
 from roclip_jax.data import tokenizer as tokenizer_lib
 
-DEMO = dict(num_classes=4, train_per_class=8, test_per_class=3, image_size=16,
-            seed=0)
+DEMO = dict(num_classes=4, train_per_class=8, test_per_class=3, image_size=16, seed=0)
 
 
 @pytest.fixture(scope="module")
 def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(
-      dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
 
 
 def make_config(demo_root, **data_overrides):
   num_epochs = data_overrides.pop("num_epochs", 2)
-  augment = data_overrides.pop("augment", dict(image=False, text=False,
-                                                text_resample_per_epoch=False))
-  data = dict(source="demo", demo=dict(DEMO, root=demo_root), csv_path="",
-              image_root="", image_key="image_path", caption_key="caption",
-              label_key="label", delimiter=",", eval_csv="", classes_json="",
-              batch_size=8, num_workers=0, prefetch_buffer=2)
+  augment = data_overrides.pop("augment", dict(image=False, text=False, text_resample_per_epoch=False))
+  data = dict(
+      source="demo",
+      demo=dict(DEMO, root=demo_root),
+      csv_path="",
+      image_root="",
+      image_key="image_path",
+      caption_key="caption",
+      label_key="label",
+      delimiter=",",
+      eval_csv="",
+      classes_json="",
+      batch_size=8,
+      num_workers=0,
+      prefetch_buffer=2,
+  )
   data.update(data_overrides)
-  return ml_collections.ConfigDict(dict(
-      seed=0, num_epochs=num_epochs, data=data,
-      model=dict(image=dict(image_size=16), text=dict(context_length=16)),
-      augment=augment))
+  return ml_collections.ConfigDict(
+      dict(
+          seed=0,
+          num_epochs=num_epochs,
+          data=data,
+          model=dict(image=dict(image_size=16), text=dict(context_length=16)),
+          augment=augment,
+      )
+  )
 
 
 def collect(iterator, n=None):
@@ -72,8 +86,7 @@ def write_png(path, seed, size=12):
   Image.fromarray(pixels.astype(np.uint8)).save(path)
 
 
-def write_csv(path, rows, header=("image_path", "caption", "label"),
-              delimiter=","):
+def write_csv(path, rows, header=("image_path", "caption", "label"), delimiter=","):
   with open(path, "w", newline="") as f:
     writer = csv.writer(f, delimiter=delimiter)
     writer.writerow(header)
@@ -93,8 +106,7 @@ def test_decode_image_handles_modes_and_bad_files(tmp_path):
   rgba[..., 0], rgba[..., 3] = 255, 255
   buf = io.BytesIO()
   Image.fromarray(rgba, "RGBA").save(buf, format="PNG")
-  np.testing.assert_array_equal(image_ops.decode_image(buf.getvalue())[0, 0],
-                                [255, 0, 0])
+  np.testing.assert_array_equal(image_ops.decode_image(buf.getvalue())[0, 0], [255, 0, 0])
 
   palette = Image.fromarray(np.arange(16, dtype=np.uint8).reshape(4, 4), "L")
   palette = palette.convert("P")
@@ -103,10 +115,9 @@ def test_decode_image_handles_modes_and_bad_files(tmp_path):
   assert image_ops.decode_image(str(tmp_path / "p.png")).shape == (4, 4, 3)
 
   jpeg = io.BytesIO()
-  Image.fromarray(np.random.default_rng(0).integers(
-      0, 256, (64, 64, 3)).astype(np.uint8)).save(jpeg, format="JPEG")
+  Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3)).astype(np.uint8)).save(jpeg, format="JPEG")
   assert image_ops.decode_image(jpeg.getvalue()) is not None
-  assert image_ops.decode_image(jpeg.getvalue()[:len(jpeg.getvalue()) // 2]) is None
+  assert image_ops.decode_image(jpeg.getvalue()[: len(jpeg.getvalue()) // 2]) is None
   assert image_ops.decode_image(b"not an image") is None
   assert image_ops.decode_image(str(tmp_path / "missing.png")) is None
 
@@ -156,33 +167,37 @@ def test_normalize_numpy_and_jit():
 
 def test_csv_source_parses_quotes_tsv_and_optional_columns(tmp_path):
   (tmp_path / "imgs").mkdir()
-  rows = [("a.png", 'a "quoted", comma caption', "3"),
-          ("b.png", "multi\nline caption", ""),
-          ("/abs/c.png", "absolute path", "1")]
+  rows = [
+      ("a.png", 'a "quoted", comma caption', "3"),
+      ("b.png", "multi\nline caption", ""),
+      ("/abs/c.png", "absolute path", "1"),
+  ]
   write_csv(tmp_path / "data.tsv", rows, delimiter="\t")
-  src = sources.CsvSource(str(tmp_path / "data.tsv"),
-                          image_root=str(tmp_path / "imgs"), delimiter="\t")
+  src = sources.CsvSource(str(tmp_path / "data.tsv"), image_root=str(tmp_path / "imgs"), delimiter="\t")
   assert len(src) == 3 and src.num_bad_rows == 0
-  assert src[0] == {"id": 0, "image_path": str(tmp_path / "imgs" / "a.png"),
-                    "caption": 'a "quoted", comma caption', "label": 3,
-                    "poisoned": 0}
+  assert src[0] == {
+      "id": 0,
+      "image_path": str(tmp_path / "imgs" / "a.png"),
+      "caption": 'a "quoted", comma caption',
+      "label": 3,
+      "poisoned": 0,
+  }
   assert src[1]["caption"] == "multi\nline caption" and src[1]["label"] == -1
   assert src[2]["image_path"] == "/abs/c.png"
   assert isinstance(src[0]["id"], np.int64)
   assert isinstance(src[0]["poisoned"], np.int8)
 
   # Relative paths default to the CSV's directory; no label column -> -1.
-  write_csv(tmp_path / "nolabel.csv", [("x.png", "cap", "1")],
-            header=("path", "text", "poisoned"))
-  src = sources.CsvSource(str(tmp_path / "nolabel.csv"), image_key="path",
-                          caption_key="text")
+  write_csv(tmp_path / "nolabel.csv", [("x.png", "cap", "1")], header=("path", "text", "poisoned"))
+  src = sources.CsvSource(str(tmp_path / "nolabel.csv"), image_key="path", caption_key="text")
   assert src[0]["image_path"] == str(tmp_path / "x.png")
   assert src[0]["label"] == -1 and src[0]["poisoned"] == 1
 
 
 def test_csv_source_drops_and_counts_bad_rows(tmp_path):
-  write_csv(tmp_path / "d.csv", [("a.png", "ok", "0"), ("b.png", "   ", "0"),
-                                 ("", "no image", "0"), ("c.png", "fine", "1")])
+  write_csv(
+      tmp_path / "d.csv", [("a.png", "ok", "0"), ("b.png", "   ", "0"), ("", "no image", "0"), ("c.png", "fine", "1")]
+  )
   src = sources.CsvSource(str(tmp_path / "d.csv"))
   assert len(src) == 2 and src.num_bad_rows == 2
   assert [src[i]["caption"] for i in range(2)] == ["ok", "fine"]
@@ -218,13 +233,17 @@ def test_make_source(demo_root):
 
 def test_batch_shapes_dtypes_and_contents(demo_root):
   data = pipeline.make_train_data(make_config(demo_root))
-  assert (data.steps_per_epoch, data.num_examples, data.local_batch_size) == (
-      4, 32, 8)
+  assert (data.steps_per_epoch, data.num_examples, data.local_batch_size) == (4, 32, 8)
   batches = collect(data.iterator)
   assert len(batches) == 2 * 4
-  expected = {"image": (np.uint8, (8, 16, 16, 3)), "text": (np.int32, (8, 16)),
-              "id": (np.int64, (8,)), "label": (np.int64, (8,)),
-              "poisoned": (np.int8, (8,)), "skipped": (np.int32, (8,))}
+  expected = {
+      "image": (np.uint8, (8, 16, 16, 3)),
+      "text": (np.int32, (8, 16)),
+      "id": (np.int64, (8,)),
+      "label": (np.int64, (8,)),
+      "poisoned": (np.int8, (8,)),
+      "skipped": (np.int32, (8,)),
+  }
   for batch in batches:
     assert {k: (v.dtype, v.shape) for k, v in batch.items()} == expected
   # Contents follow the CSV row of each id: the raw PNG (16 px = model size,
@@ -246,39 +265,35 @@ def test_every_epoch_is_a_fresh_permutation(demo_root):
   data = pipeline.make_train_data(make_config(demo_root, num_epochs=3))
   batches = collect(data.iterator)
   steps = data.steps_per_epoch
-  epochs = [np.concatenate([b["id"] for b in batches[e * steps:(e + 1) * steps]])
-            for e in range(3)]
+  epochs = [np.concatenate([b["id"] for b in batches[e * steps : (e + 1) * steps]]) for e in range(3)]
   for ids in epochs:
     assert sorted(ids.tolist()) == list(range(32))
   assert len({tuple(ids) for ids in epochs}) == 3
   assert not np.array_equal(epochs[0], np.arange(32)), "must be shuffled"
   # Same config -> same order (seeded).
   again = collect(pipeline.make_train_data(make_config(demo_root)).iterator)
-  assert_batches_equal(again, batches[:len(again)])
+  assert_batches_equal(again, batches[: len(again)])
 
 
 def test_remainder_is_dropped_per_epoch(demo_root):
-  data = pipeline.make_train_data(make_config(demo_root, batch_size=12,
-                                              num_epochs=3))
+  data = pipeline.make_train_data(make_config(demo_root, batch_size=12, num_epochs=3))
   assert data.steps_per_epoch == 2  # 32 // 12
   batches = collect(data.iterator)
   assert len(batches) == 6
   for e in range(3):
-    ids = np.concatenate([b["id"] for b in batches[2 * e:2 * e + 2]])
+    ids = np.concatenate([b["id"] for b in batches[2 * e : 2 * e + 2]])
     assert len(set(ids.tolist())) == 24  # No duplicates inside an epoch.
 
 
 def test_host_slices_are_disjoint_and_covering(demo_root):
   for count in (1, 2, 3, 7):
-    slices = [set(pipeline.host_example_indices(10, i, count).tolist())
-              for i in range(count)]
+    slices = [set(pipeline.host_example_indices(10, i, count).tolist()) for i in range(count)]
     assert set().union(*slices) == set(range(10))
     assert sum(len(s) for s in slices) == 10
   config = make_config(demo_root, num_epochs=1)
   seen = []
   for host in range(2):
-    data = pipeline.make_train_data(config, process_index=host,
-                                    process_count=2)
+    data = pipeline.make_train_data(config, process_index=host, process_count=2)
     assert data.local_batch_size == 4 and data.steps_per_epoch == 4
     batches = collect(data.iterator)
     assert all(b["id"].shape == (4,) for b in batches)
@@ -286,21 +301,17 @@ def test_host_slices_are_disjoint_and_covering(demo_root):
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(32))
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.make_train_data(make_config(demo_root, batch_size=9),
-                             process_count=2)
+    pipeline.make_train_data(make_config(demo_root, batch_size=9), process_count=2)
 
 
 def test_uneven_host_slices_run_the_same_number_of_steps(tmp_path):
   for i in range(11):
     write_png(tmp_path / f"{i}.png", i)
-  write_csv(tmp_path / "d.csv", [(f"{i}.png", f"caption {i}", i % 3)
-                                 for i in range(11)])
-  config = make_config("", source="csv", csv_path=str(tmp_path / "d.csv"),
-                       batch_size=4, num_epochs=2)
+  write_csv(tmp_path / "d.csv", [(f"{i}.png", f"caption {i}", i % 3) for i in range(11)])
+  config = make_config("", source="csv", csv_path=str(tmp_path / "d.csv"), batch_size=4, num_epochs=2)
   counts = []
   for host in range(2):
-    data = pipeline.make_train_data(config, process_index=host,
-                                    process_count=2)
+    data = pipeline.make_train_data(config, process_index=host, process_count=2)
     counts.append((data.steps_per_epoch, len(collect(data.iterator))))
   assert counts == [(2, 4), (2, 4)]  # (11 // 2) // 2 = 2 steps per epoch.
 
@@ -318,8 +329,7 @@ def test_resume_from_state_equals_uninterrupted(demo_root):
 
 def test_workers_resume_and_match_in_process_output(demo_root):
   config = make_config(demo_root, num_epochs=2, num_workers=2)
-  in_process = collect(pipeline.make_train_data(
-      make_config(demo_root, num_epochs=2)).iterator)
+  in_process = collect(pipeline.make_train_data(make_config(demo_root, num_epochs=2)).iterator)
   first = pipeline.make_train_data(config).iterator
   head = collect(first, 3)
   state = first.get_state()
@@ -332,16 +342,14 @@ def test_workers_resume_and_match_in_process_output(demo_root):
   assert_batches_equal(head + tail, in_process)
 
 
-def _corrupt_dataset(tmp_path, num_valid, num_missing, truncated=True,
-                     empty_caption=True):
+def _corrupt_dataset(tmp_path, num_valid, num_missing, truncated=True, empty_caption=True):
   rows = []
   for i in range(num_valid):
     write_png(tmp_path / f"ok{i}.png", i)
     rows.append((f"ok{i}.png", f"a valid caption, number {i}", i % 2))
   if truncated:
     jpeg = io.BytesIO()
-    Image.fromarray(np.random.default_rng(9).integers(
-        0, 256, (48, 48, 3)).astype(np.uint8)).save(jpeg, format="JPEG")
+    Image.fromarray(np.random.default_rng(9).integers(0, 256, (48, 48, 3)).astype(np.uint8)).save(jpeg, format="JPEG")
     (tmp_path / "cut.jpg").write_bytes(jpeg.getvalue()[:300])
     rows.append(("cut.jpg", "a truncated jpeg", 0))
   for i in range(num_missing):
@@ -357,17 +365,15 @@ def _corrupt_dataset(tmp_path, num_valid, num_missing, truncated=True,
 
 
 def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
-  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=12,
-                                                 num_missing=1)
-  config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
-                       num_epochs=2)
+  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=12, num_missing=1)
+  config = make_config("", source="csv", csv_path=csv_path, batch_size=4, num_epochs=2)
   data = pipeline.make_train_data(config)
   assert data.source.num_bad_rows == 1 and num_rows == 14
   assert data.steps_per_epoch == 3  # 14 // 4; the 2 spare slots absorb 2 skips.
   batches = collect(data.iterator)
   assert len(batches) == 2 * 3
   for e in range(2):
-    epoch = batches[3 * e:3 * e + 3]
+    epoch = batches[3 * e : 3 * e + 3]
     ids = np.concatenate([b["id"] for b in epoch]).tolist()
     assert sorted(ids) == sorted(set(range(num_rows)) - bad_ids)
     assert sum(int(b["skipped"].sum()) for b in epoch) == 2
@@ -375,17 +381,16 @@ def test_corrupt_and_missing_images_are_skipped_and_counted(tmp_path):
 
 def test_more_corrupt_images_than_spare_slots_keeps_epochs_exact(tmp_path):
   csv_path, bad_ids, num_rows = _corrupt_dataset(
-      tmp_path, num_valid=6, num_missing=4, truncated=False,
-      empty_caption=False)
-  config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
-                       num_epochs=3)
+      tmp_path, num_valid=6, num_missing=4, truncated=False, empty_caption=False
+  )
+  config = make_config("", source="csv", csv_path=csv_path, batch_size=4, num_epochs=3)
   data = pipeline.make_train_data(config)
   assert data.steps_per_epoch == 2  # 10 // 4, but only 6 images decode.
   full = collect(data.iterator)
   assert len(full) == 3 * 2
   valid = set(range(num_rows)) - bad_ids
   for e in range(3):
-    epoch = full[2 * e:2 * e + 2]
+    epoch = full[2 * e : 2 * e + 2]
     ids = np.concatenate([b["id"] for b in epoch]).tolist()
     assert set(ids) == valid  # All 6 valid, plus 2 re-read ones.
     assert sum(int(b["skipped"].sum()) for b in epoch) == 4
@@ -400,12 +405,11 @@ def test_image_transform_sees_record_and_raw_image(demo_root):
     calls.append((set(record), image.shape))
     return np.full_like(image, 255) if record["label"] == 0 else image
 
-  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1),
-                                  image_transform=paint_label_zero_white)
+  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1), image_transform=paint_label_zero_white)
   batches = collect(data.iterator)
   assert calls and all(
-      keys == {"id", "image_path", "caption", "label", "poisoned"}
-      and shape == (16, 16, 3) for keys, shape in calls)
+      keys == {"id", "image_path", "caption", "label", "poisoned"} and shape == (16, 16, 3) for keys, shape in calls
+  )
   images = np.concatenate([b["image"] for b in batches])
   labels = np.concatenate([b["label"] for b in batches])
   assert (images[labels == 0] == 255).all()
@@ -416,14 +420,14 @@ def test_custom_source_is_used(demo_root):
   base = sources.make_source(make_config(demo_root).data)
 
   class Flagged:
+
     def __len__(self):
       return len(base)
 
     def __getitem__(self, i):
       return dict(base[i], poisoned=np.int8(i % 2))
 
-  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1),
-                                  source=Flagged())
+  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1), source=Flagged())
   for batch in collect(data.iterator):
     np.testing.assert_array_equal(batch["poisoned"], batch["id"] % 2)
 
@@ -444,18 +448,14 @@ def test_eval_arrays_for_demo_split(demo_root):
   assert ev.class_names == list(demo.CLASS_NAMES[:4])
   assert ev.templates == list(demo.TEMPLATES) and ev.num_skipped == 0
   raw = np.asarray(Image.open(os.path.join(demo_root, rows[0]["image_path"])))
-  np.testing.assert_array_equal(
-      ev.images[0], np.asarray(Image.fromarray(raw).resize(
-          (8, 8), Image.Resampling.BICUBIC)))
+  np.testing.assert_array_equal(ev.images[0], np.asarray(Image.fromarray(raw).resize((8, 8), Image.Resampling.BICUBIC)))
 
 
 def test_eval_arrays_from_csv_skip_corrupt(tmp_path, demo_root):
-  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=5,
-                                                 num_missing=1)
+  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=5, num_missing=1)
   with open(tmp_path / "classes.json", "w") as f:
     json.dump({"classes": ["zero", "one"]}, f)
-  config = make_config(demo_root, source="csv", eval_csv=csv_path,
-                       classes_json=str(tmp_path / "classes.json"))
+  config = make_config(demo_root, source="csv", eval_csv=csv_path, classes_json=str(tmp_path / "classes.json"))
   ev = pipeline.make_eval_arrays(config)
   assert ev.num_skipped == 2 and len(ev.labels) == num_rows - 2 == 5
   assert not set(ev.ids.tolist()) & bad_ids
@@ -474,6 +474,7 @@ def test_eval_arrays_from_csv_skip_corrupt(tmp_path, demo_root):
 
 def _augment_config(**overrides):
   from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+
   cfg = augment.default_config()
   cfg.update(dict(image=True, text=True), **overrides)
   return cfg
@@ -482,7 +483,7 @@ def _augment_config(**overrides):
 def _per_epoch_by_id(batches, steps, key):
   epochs = []
   for e in range(len(batches) // steps):
-    chunk = batches[e * steps:(e + 1) * steps]
+    chunk = batches[e * steps : (e + 1) * steps]
     ids = np.concatenate([b["id"] for b in chunk])
     values = np.concatenate([b[key] for b in chunk])
     epochs.append({int(i): v for i, v in zip(ids, values)})
@@ -502,18 +503,17 @@ def test_augmentation_varies_per_epoch_and_resumes_exactly(demo_root):
   assert all(np.array_equal(texts[0][i], texts[1][i]) for i in range(32))
   tok = tokenizer_lib.get_tokenizer(16)
   clean = sources.make_source(config.data)
-  assert sum(not np.array_equal(texts[0][i], tok(clean[i]["caption"])[0])
-             for i in range(32)) > 16, "EDA should change most captions"
+  assert (
+      sum(not np.array_equal(texts[0][i], tok(clean[i]["caption"])[0]) for i in range(32)) > 16
+  ), "EDA should change most captions"
 
   assert_resumes_exactly(config, full, after=3)
 
 
 def test_text_augmentation_can_resample_each_epoch(demo_root):
-  config = make_config(demo_root, num_epochs=2, augment=_augment_config(
-      image=False, text_resample_per_epoch=True))
+  config = make_config(demo_root, num_epochs=2, augment=_augment_config(image=False, text_resample_per_epoch=True))
   data = pipeline.make_train_data(config)
-  texts = _per_epoch_by_id(collect(data.iterator), data.steps_per_epoch,
-                           "text")
+  texts = _per_epoch_by_id(collect(data.iterator), data.steps_per_epoch, "text")
   changed = sum(not np.array_equal(texts[0][i], texts[1][i]) for i in range(32))
   assert changed > 8
 
@@ -536,18 +536,17 @@ def test_views_must_be_one_or_two(demo_root):
 def test_one_view_batches_have_no_second_view(demo_root):
   # An explicit views=1 is the same as the default.
   old = collect(pipeline.make_train_data(make_config(demo_root)).iterator, 2)
-  new = collect(pipeline.make_train_data(
-      make_config(demo_root), views=1).iterator, 2)
+  new = collect(pipeline.make_train_data(make_config(demo_root), views=1).iterator, 2)
   assert_batches_equal(old, new)
   assert set(new[0]) == set(pipeline.BATCH_KEYS)
 
 
 def test_two_views_plain_first_view_augmented_second(demo_root):
   from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
+
   aug = _augment_config(image=False, text=False)
   config = make_config(demo_root, num_epochs=2, augment=aug)
-  one_view = collect(pipeline.make_train_data(
-      make_config(demo_root, num_epochs=2, augment=aug)).iterator)
+  one_view = collect(pipeline.make_train_data(make_config(demo_root, num_epochs=2, augment=aug)).iterator)
   data = pipeline.make_train_data(config, views=2)
   full = collect(data.iterator)
   assert len(full) == 2 * data.steps_per_epoch
@@ -575,8 +574,7 @@ def test_two_views_plain_first_view_augmented_second(demo_root):
   for batch in full[:2]:
     for i, example_id in enumerate(batch["id"][:4]):
       caption = rows[example_id]["caption"]
-      expected = eda.eda(caption, np.random.default_rng([0, 5, int(example_id)]),
-                         aug)
+      expected = eda.eda(caption, np.random.default_rng([0, 5, int(example_id)]), aug)
       np.testing.assert_array_equal(batch["text2"][i], tok(expected)[0])
       eda_changed += expected != caption
   assert eda_changed > 0
@@ -603,37 +601,32 @@ def test_two_augmented_views_differ_and_share_the_transform(demo_root):
     return np.full_like(image, 255) if record["label"] == 0 else image
 
   config = make_config(demo_root, num_epochs=2, augment=aug)
-  data = pipeline.make_train_data(config, views=2,
-                                  image_transform=paint_label_zero_white)
+  data = pipeline.make_train_data(config, views=2, image_transform=paint_label_zero_white)
   full = collect(data.iterator)
   images = np.concatenate([b["image"] for b in full])
   images2 = np.concatenate([b["image2"] for b in full])
   labels = np.concatenate([b["label"] for b in full])
   # (Two augmentations of an all-white image may coincide; others differ.)
-  assert all(not np.array_equal(a, b) for a, b in zip(images[labels != 0],
-                                                      images2[labels != 0]))
+  assert all(not np.array_equal(a, b) for a, b in zip(images[labels != 0], images2[labels != 0]))
   # The poisoning hook runs before both views are augmented (a white image
   # stays one grey level: jitter, crop and blur keep it uniform).
   for view in (images, images2):
     white = view[labels == 0]
     assert (white == white[:, :1, :1, :1]).all()
-    assert not (view[labels != 0] == view[labels != 0][:, :1, :1, :1]).all(
-        axis=(1, 2, 3)).any()
+    assert not (view[labels != 0] == view[labels != 0][:, :1, :1, :1]).all(axis=(1, 2, 3)).any()
   texts = _per_epoch_by_id(full, data.steps_per_epoch, "text")
   texts2 = _per_epoch_by_id(full, data.steps_per_epoch, "text2")
-  assert sum(not np.array_equal(texts[0][i], texts2[0][i])
-             for i in range(32)) > 8
-  assert sum(not np.array_equal(texts2[0][i], texts2[1][i])
-             for i in range(32)) > 8
+  assert sum(not np.array_equal(texts[0][i], texts2[0][i]) for i in range(32)) > 8
+  assert sum(not np.array_equal(texts2[0][i], texts2[1][i]) for i in range(32)) > 8
 
 
 def test_two_views_survive_top_up(tmp_path):
   csv_path, bad_ids, num_rows = _corrupt_dataset(
-      tmp_path, num_valid=6, num_missing=4, truncated=False,
-      empty_caption=False)
-  config = make_config("", source="csv", csv_path=csv_path, batch_size=4,
-                       num_epochs=2,
-                       augment=_augment_config(image=False, text=False))
+      tmp_path, num_valid=6, num_missing=4, truncated=False, empty_caption=False
+  )
+  config = make_config(
+      "", source="csv", csv_path=csv_path, batch_size=4, num_epochs=2, augment=_augment_config(image=False, text=False)
+  )
   full = collect(pipeline.make_train_data(config, views=2).iterator)
   assert len(full) == 2 * 2
   for batch in full:
@@ -654,22 +647,25 @@ def test_scoring_batches_cover_host_slices_in_order(demo_root):
   tok = tokenizer_lib.get_tokenizer(16)
   seen = []
   for host in range(3):  # 32 ids over 3 hosts: 11, 11, 10.
-    it = pipeline.scoring_batches(config, source, batch_size=4,
-                                  process_index=host, process_count=3)
+    it = pipeline.scoring_batches(config, source, batch_size=4, process_index=host, process_count=3)
     batches = list(it)
     assert len(batches) == it.num_batches == 3  # ceil(ceil(32 / 3) / 4).
     assert it.num_skipped == 0
     for batch in batches:
       assert {k: (v.dtype, v.shape) for k, v in batch.items()} == {
-          "image": (np.uint8, (4, 8, 8, 3)), "text": (np.int32, (4, 16)),
-          "id": (np.int64, (4,)), "poisoned": (np.int8, (4,)),
-          "valid": (np.bool_, (4,)), "caption": (np.object_, (4,))}
+          "image": (np.uint8, (4, 8, 8, 3)),
+          "text": (np.int32, (4, 16)),
+          "id": (np.int64, (4,)),
+          "poisoned": (np.int8, (4,)),
+          "valid": (np.bool_, (4,)),
+          "caption": (np.object_, (4,)),
+      }
       assert (batch["caption"][~batch["valid"]] == "").all()
     valid = np.concatenate([b["valid"] for b in batches])
     ids = np.concatenate([b["id"] for b in batches])
     expected = list(range(host, 32, 3))
     assert ids[valid].tolist() == expected
-    assert valid[:len(expected)].all() and not valid[len(expected):].any()
+    assert valid[: len(expected)].all() and not valid[len(expected) :].any()
     assert (ids[~valid] == -1).all()
     last = batches[-1]
     assert (last["image"][~last["valid"]] == 0).all()
@@ -677,11 +673,10 @@ def test_scoring_batches_cover_host_slices_in_order(demo_root):
     for batch in batches:
       for i in np.flatnonzero(batch["valid"]):
         row = rows[batch["id"][i]]
-        pixels = np.asarray(Image.open(os.path.join(demo_root,
-                                                    row["image_path"])))
+        pixels = np.asarray(Image.open(os.path.join(demo_root, row["image_path"])))
         np.testing.assert_array_equal(
-            batch["image"][i], np.asarray(Image.fromarray(pixels).resize(
-                (8, 8), Image.Resampling.BICUBIC)))
+            batch["image"][i], np.asarray(Image.fromarray(pixels).resize((8, 8), Image.Resampling.BICUBIC))
+        )
         np.testing.assert_array_equal(batch["text"][i], tok(row["caption"])[0])
         assert batch["caption"][i] == row["caption"]
     seen.append(set(ids[valid].tolist()))
@@ -689,8 +684,7 @@ def test_scoring_batches_cover_host_slices_in_order(demo_root):
 
 
 def test_scoring_batches_transform_and_corrupt_images(tmp_path):
-  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=8,
-                                                 num_missing=2)
+  csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=8, num_missing=2)
   config = make_config("", source="csv", csv_path=csv_path)
   source = sources.make_source(config.data)
   assert num_rows == 11 and len(bad_ids) == 3
@@ -700,9 +694,9 @@ def test_scoring_batches_transform_and_corrupt_images(tmp_path):
 
   counts, seen = [], set()
   for host in range(2):  # 6 and 5 ids: 2 batches of 4 on both hosts.
-    it = pipeline.scoring_batches(config, source, batch_size=4,
-                                  image_transform=white_if_odd,
-                                  process_index=host, process_count=2)
+    it = pipeline.scoring_batches(
+        config, source, batch_size=4, image_transform=white_if_odd, process_index=host, process_count=2
+    )
     batches = list(it)
     counts.append(len(batches))
     valid = np.concatenate([b["valid"] for b in batches])
@@ -713,8 +707,7 @@ def test_scoring_batches_transform_and_corrupt_images(tmp_path):
     assert set(ids[valid].tolist()) == host_ids - bad_ids
     assert it.num_skipped == len(host_ids & bad_ids)
     assert (images[valid & (ids % 2 == 1)] == 255).all()
-    assert not (images[valid & (ids % 2 == 0)] == 255).all(
-        axis=(1, 2, 3)).any()
+    assert not (images[valid & (ids % 2 == 0)] == 255).all(axis=(1, 2, 3)).any()
     assert (poisoned[~valid] == 0).all() and (ids[~valid] == -1).all()
     seen |= set(ids[valid].tolist())
   assert counts == [2, 2]

@@ -1,4 +1,5 @@
 """Tests of data/poison.py: attack determinism and bookkeeping; triggers vs hand-built references."""
+
 import math
 import pickle
 import re
@@ -16,22 +17,44 @@ CLASSES = ("cat", "dog", "bird", "mushroom", "ice cream")
 
 def _caption(i: int) -> str:
   # Every class name is mentioned by several captions; some near-misses must NOT count.
-  pool = ("a cat on a sofa", "my DOG runs", "a bird, flying", "wild mushroom soup",
-          "ice cream cone", "cats and dogs", "concatenate strings", "a red car",
-          "the Cat and the dog", "mushrooms in a basket", "a blue bird sings", "icecream truck")
+  pool = (
+      "a cat on a sofa",
+      "my DOG runs",
+      "a bird, flying",
+      "wild mushroom soup",
+      "ice cream cone",
+      "cats and dogs",
+      "concatenate strings",
+      "a red car",
+      "the Cat and the dog",
+      "mushrooms in a basket",
+      "a blue bird sings",
+      "icecream truck",
+  )
   return f"{pool[i % len(pool)]} #{i}"
 
 
 def _base(n: int = 48) -> list[dict]:
   # Ids start at 100 and skip, so "new ids continue after the base ids" is not just len(base).
-  return [{"id": np.int64(100 + 2 * i), "image_path": f"/train/{i}.jpg", "caption": _caption(i),
-           "label": np.int64(i % 5 if i % 3 else -1), "poisoned": np.int8(0)} for i in range(n)]
+  return [
+      {
+          "id": np.int64(100 + 2 * i),
+          "image_path": f"/train/{i}.jpg",
+          "caption": _caption(i),
+          "label": np.int64(i % 5 if i % 3 else -1),
+          "poisoned": np.int8(0),
+      }
+      for i in range(n)
+  ]
 
 
 def _pool() -> poison.TargetPool:
-  return poison.TargetPool(image_paths=[f"/val/{i}.jpg" for i in range(10)],
-                           labels=np.array([0, 1, 2, 3, 4, 0, 1, -1, 2, 3]),
-                           class_names=CLASSES, ids=np.arange(500, 510))
+  return poison.TargetPool(
+      image_paths=[f"/val/{i}.jpg" for i in range(10)],
+      labels=np.array([0, 1, 2, 3, 4, 0, 1, -1, 2, 3]),
+      class_names=CLASSES,
+      ids=np.arange(500, 510),
+  )
 
 
 def _cfg(**overrides) -> "poison.ml_collections.ConfigDict":
@@ -41,9 +64,15 @@ def _cfg(**overrides) -> "poison.ml_collections.ConfigDict":
 
 
 def _targeted_cfg(**overrides):
-  return _cfg(**{"targeted.enabled": True, "targeted.num_targets": 2,
-                 "targeted.poisons_per_target": 3,
-                 "targeted.adversarial_classes": ("cat", "dog", "bird"), **overrides})
+  return _cfg(
+      **{
+          "targeted.enabled": True,
+          "targeted.num_targets": 2,
+          "targeted.poisons_per_target": 3,
+          "targeted.adversarial_classes": ("cat", "dog", "bird"),
+          **overrides,
+      }
+  )
 
 
 def _records(source) -> list[dict]:
@@ -51,8 +80,7 @@ def _records(source) -> list[dict]:
 
 
 def _same_records(a: list[dict], b: list[dict]) -> bool:
-  return len(a) == len(b) and all(
-      x.keys() == y.keys() and all(np.all(x[k] == y[k]) for k in x) for x, y in zip(a, b))
+  return len(a) == len(b) and all(x.keys() == y.keys() and all(np.all(x[k] == y[k]) for k in x) for x, y in zip(a, b))
 
 
 # --------------------------------------------------------------------------- caption matching
@@ -76,8 +104,8 @@ def test_targeted_poisons_are_appended_with_new_contiguous_ids():
   source, info = poison.poison_source(base, _pool(), _targeted_cfg(), seed=3)
   records = _records(source)
   assert len(records) == len(base) + 6
-  assert _same_records(records[:len(base)], base)  # clean data untouched
-  appended = records[len(base):]
+  assert _same_records(records[: len(base)], base)  # clean data untouched
+  appended = records[len(base) :]
   max_base_id = max(int(r["id"]) for r in base)
   assert [int(r["id"]) for r in appended] == list(range(max_base_id + 1, max_base_id + 7))
   assert list(info.targeted_ids) == list(range(max_base_id + 1, max_base_id + 7))
@@ -114,10 +142,10 @@ def test_targeted_is_deterministic_in_the_seed():
 
 def test_targeted_errors_on_too_few_captions_and_missing_pool():
   # "ice cream" is mentioned by 4 of the 48 captions ("icecream" does not count).
-  cfg = _targeted_cfg(**{"targeted.num_targets": 1, "targeted.poisons_per_target": 5,
-                         "targeted.adversarial_classes": ("ice cream",)})
-  cats = poison.TargetPool(image_paths=["/val/0.jpg", "/val/1.jpg"], labels=[0, 0],
-                           class_names=CLASSES)
+  cfg = _targeted_cfg(
+      **{"targeted.num_targets": 1, "targeted.poisons_per_target": 5, "targeted.adversarial_classes": ("ice cream",)}
+  )
+  cats = poison.TargetPool(image_paths=["/val/0.jpg", "/val/1.jpg"], labels=[0, 0], class_names=CLASSES)
   with pytest.raises(ValueError, match=r"Only 4 training captions mention 'ice cream'"):
     poison.poison_source(_base(), cats, cfg, seed=0)
   with pytest.raises(ValueError, match="No adversarial class is left"):
@@ -132,8 +160,14 @@ def test_targeted_errors_on_too_few_captions_and_missing_pool():
 
 def test_backdoor_random_replaces_examples_in_place():
   base = _base()
-  cfg = _cfg(**{"backdoor.enabled": True, "backdoor.num_poisons": 6,
-                "backdoor.caption_source": "templates", "backdoor.target_class": "cat"})
+  cfg = _cfg(
+      **{
+          "backdoor.enabled": True,
+          "backdoor.num_poisons": 6,
+          "backdoor.caption_source": "templates",
+          "backdoor.target_class": "cat",
+      }
+  )
   source, info = poison.poison_source(base, _pool(), cfg, seed=1)
   records = _records(source)
   assert len(records) == len(base)
@@ -152,8 +186,14 @@ def test_backdoor_random_replaces_examples_in_place():
 
 def test_backdoor_train_captions_rate_and_determinism():
   base = _base()
-  cfg = _cfg(**{"backdoor.enabled": True, "backdoor.num_poisons": 0, "backdoor.rate": 0.125,
-                "backdoor.target_class": "mushroom"})
+  cfg = _cfg(
+      **{
+          "backdoor.enabled": True,
+          "backdoor.num_poisons": 0,
+          "backdoor.rate": 0.125,
+          "backdoor.target_class": "mushroom",
+      }
+  )
   source, info = poison.poison_source(base, None, cfg, seed=7)
   assert len(info.backdoor_ids) == 6  # 0.125 * 48
   mushroom_captions = {r["caption"] for r in base if re.search(r"\bmushroom\b", r["caption"], re.I)}
@@ -167,8 +207,14 @@ def test_backdoor_train_captions_rate_and_determinism():
 
 def test_label_consistent_backdoor_keeps_captions_that_mention_the_target():
   base = _base()
-  cfg = _cfg(**{"backdoor.enabled": True, "backdoor.num_poisons": 4,
-                "backdoor.selection": "label_consistent", "backdoor.target_class": "dog"})
+  cfg = _cfg(
+      **{
+          "backdoor.enabled": True,
+          "backdoor.num_poisons": 4,
+          "backdoor.selection": "label_consistent",
+          "backdoor.target_class": "dog",
+      }
+  )
   source, info = poison.poison_source(base, _pool(), cfg, seed=0)
   dog = re.compile(r"\bdog\b", re.IGNORECASE)
   by_id = {int(r["id"]): r for r in _records(source)}
@@ -191,8 +237,7 @@ def test_disabled_poisoning_returns_the_clean_source():
 
 
 def test_poison_info_json_round_trip():
-  cfg = _targeted_cfg(**{"backdoor.enabled": True, "backdoor.num_poisons": 3,
-                         "backdoor.target_class": "bird"})
+  cfg = _targeted_cfg(**{"backdoor.enabled": True, "backdoor.num_poisons": 3, "backdoor.target_class": "bird"})
   _, info = poison.poison_source(_base(), _pool(), cfg, seed=5)
   assert poison.PoisonInfo.from_json(info.to_json()) == info
   assert set(info.poisoned_ids) == set(info.targeted_ids) | set(info.backdoor_ids)
@@ -220,8 +265,7 @@ def _patch_cfg(**overrides):
 
 def test_yellow_patch_bottom_right_matches_reference():
   img = _image(12, 10)
-  out = poison.apply_trigger(img, _patch_cfg(pattern="yellow", patch_size=4,
-                                             position="bottom_right"), seed=0)
+  out = poison.apply_trigger(img, _patch_cfg(pattern="yellow", patch_size=4, position="bottom_right"), seed=0)
   expected = img.copy()
   expected[8:12, 6:10] = [255, 255, 0]
   np.testing.assert_array_equal(out, expected)
@@ -229,8 +273,7 @@ def test_yellow_patch_bottom_right_matches_reference():
 
 def test_checker_patch_top_left_matches_reference():
   img = _image(16, 16)
-  out = poison.apply_trigger(img, _patch_cfg(pattern="checker", patch_size=8,
-                                             position="top_left"), seed=0)
+  out = poison.apply_trigger(img, _patch_cfg(pattern="checker", patch_size=8, position="top_left"), seed=0)
   expected = img.copy()
   for y in range(8):
     for x in range(8):  # 4x4 cells of 2 px, white in the top-left cell
@@ -258,8 +301,10 @@ def test_noise_patch_is_fixed_by_the_seed_and_independent_of_the_image():
   other_seed = poison.apply_trigger(a, cfg, seed=10)
   assert not np.array_equal(other_seed[region], out_a[region])
   cfg.backdoor.resample_pattern = True  # CleanCLIP's `random`: a new pattern per image
-  assert not np.array_equal(poison.apply_trigger(a, cfg, seed=9, example_id=0)[region],
-                            poison.apply_trigger(a, cfg, seed=9, example_id=1)[region])
+  assert not np.array_equal(
+      poison.apply_trigger(a, cfg, seed=9, example_id=0)[region],
+      poison.apply_trigger(a, cfg, seed=9, example_id=1)[region],
+  )
 
 
 def test_random_position_is_a_full_patch_inside_and_reproducible():
@@ -270,8 +315,7 @@ def test_random_position_is_a_full_patch_inside_and_reproducible():
     out = poison.apply_trigger(black, cfg, seed=4, example_id=example_id)
     ys, xs = np.nonzero(out[..., 0])
     assert len(ys) == 25 and ys.max() - ys.min() == 4 and xs.max() - xs.min() == 4
-    np.testing.assert_array_equal(out, poison.apply_trigger(black, cfg, seed=4,
-                                                            example_id=example_id))
+    np.testing.assert_array_equal(out, poison.apply_trigger(black, cfg, seed=4, example_id=example_id))
     corners.add((ys.min(), xs.min()))
   assert len(corners) > 6  # the position really varies per example
 
@@ -283,8 +327,9 @@ def test_blended_trigger_follows_the_formula():
   np.testing.assert_array_equal(noise, poison.apply_trigger(_image(20, 24, seed=5), cfg, seed=3))
   assert not np.array_equal(noise, poison.apply_trigger(img, cfg, seed=4))
   cfg.backdoor.alpha = 0.2
-  expected = np.clip(np.rint((1 - 0.2) * img.astype(np.float64) + 0.2 * noise.astype(np.float64)),
-                     0, 255).astype(np.uint8)
+  expected = np.clip(np.rint((1 - 0.2) * img.astype(np.float64) + 0.2 * noise.astype(np.float64)), 0, 255).astype(
+      np.uint8
+  )
   np.testing.assert_array_equal(poison.apply_trigger(img, cfg, seed=3), expected)
   cfg.backdoor.alpha = 0.0
   np.testing.assert_array_equal(poison.apply_trigger(img, cfg, seed=3), img)
@@ -313,8 +358,7 @@ def test_warp_matches_a_bilinear_reference_for_a_known_flow():
   img = _image(9, 11)
   rng = np.random.default_rng(0)
   flow = rng.uniform(-3, 3, size=(9, 11, 2))  # large enough to leave the image: tests clipping
-  np.testing.assert_array_equal(poison.warp_image(img, flow),
-                                _bilinear_reference(img, flow[..., 0], flow[..., 1]))
+  np.testing.assert_array_equal(poison.warp_image(img, flow), _bilinear_reference(img, flow[..., 0], flow[..., 1]))
   shift = np.zeros((9, 11, 2))
   shift[..., 0] = 1.0  # one pixel to the right: a plain shift, last column repeated
   np.testing.assert_array_equal(poison.warp_image(img, shift)[:, :-1], img[:, 1:])
@@ -367,12 +411,21 @@ def test_image_transform_stamps_only_backdoored_records_and_pickles():
 
 def test_sig_trigger_by_hand_on_a_literal_array():
   # Width 4, one cycle: the offsets are 20*sin(0, pi/2, pi, 3pi/2) = 0, +20, 0, -20 per column.
-  img = np.array([[[0, 100, 250], [250, 0, 100], [7, 8, 9], [10, 30, 255]],
-                  [[1, 2, 3], [235, 236, 240], [200, 201, 202], [19, 20, 21]]], np.uint8)
-  cfg = _cfg(**{"backdoor.trigger": "sig", "backdoor.sig_delta": 20.0,
-                "backdoor.sig_frequency": 1.0})
-  expected = np.array([[[0, 100, 250], [255, 20, 120], [7, 8, 9], [0, 10, 235]],
-                       [[1, 2, 3], [255, 255, 255], [200, 201, 202], [0, 0, 1]]], np.uint8)
+  img = np.array(
+      [
+          [[0, 100, 250], [250, 0, 100], [7, 8, 9], [10, 30, 255]],
+          [[1, 2, 3], [235, 236, 240], [200, 201, 202], [19, 20, 21]],
+      ],
+      np.uint8,
+  )
+  cfg = _cfg(**{"backdoor.trigger": "sig", "backdoor.sig_delta": 20.0, "backdoor.sig_frequency": 1.0})
+  expected = np.array(
+      [
+          [[0, 100, 250], [255, 20, 120], [7, 8, 9], [0, 10, 235]],
+          [[1, 2, 3], [255, 255, 255], [200, 201, 202], [0, 0, 1]],
+      ],
+      np.uint8,
+  )
   np.testing.assert_array_equal(poison.apply_trigger(img, cfg, seed=0), expected)
 
 
@@ -391,8 +444,7 @@ def _sig_reference(img: np.ndarray, delta: float, frequency: float) -> np.ndarra
 @pytest.mark.parametrize("delta, frequency", [(20.0, 6.0), (40.0, 2.5), (255.0, 1.0)])
 def test_sig_trigger_matches_the_formula(delta, frequency):
   img = _image(7, 24, seed=3)  # Uniform pixels: many sit near 0 and 255, so clipping is exercised.
-  cfg = _cfg(**{"backdoor.trigger": "sig", "backdoor.sig_delta": delta,
-                "backdoor.sig_frequency": frequency})
+  cfg = _cfg(**{"backdoor.trigger": "sig", "backdoor.sig_delta": delta, "backdoor.sig_frequency": frequency})
   out = poison.apply_trigger(img, cfg, seed=0, example_id=5)
   np.testing.assert_array_equal(out, _sig_reference(img, delta, frequency))
   assert not np.array_equal(out, img)
@@ -409,33 +461,50 @@ def test_sig_defaults_are_barnis_and_old_configs_without_the_fields_still_work()
   del old["backdoor"]["sig_delta"], old["backdoor"]["sig_frequency"]
   old = poison.ml_collections.ConfigDict(old)
   poison.validate_config(old)
-  np.testing.assert_array_equal(poison.apply_trigger(img, old, seed=0),
-                                _sig_reference(img, 20.0, 6.0))
+  np.testing.assert_array_equal(poison.apply_trigger(img, old, seed=0), _sig_reference(img, 20.0, 6.0))
 
 
-@pytest.mark.parametrize("field, value, message", [
-    ("sig_delta", 0.0, r"poison.backdoor.sig_delta=0.0 must lie in \(0, 255\].*use 20"),
-    ("sig_delta", 300.0, r"poison.backdoor.sig_delta=300.0 must lie in \(0, 255\]"),
-    ("sig_frequency", 0.0, r"poison.backdoor.sig_frequency=0.0 must be > 0.*use 6"),
-    ("sig_frequency", -2.0, r"poison.backdoor.sig_frequency=-2.0 must be > 0"),
-])
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("sig_delta", 0.0, r"poison.backdoor.sig_delta=0.0 must lie in \(0, 255\].*use 20"),
+        ("sig_delta", 300.0, r"poison.backdoor.sig_delta=300.0 must lie in \(0, 255\]"),
+        ("sig_frequency", 0.0, r"poison.backdoor.sig_frequency=0.0 must be > 0.*use 6"),
+        ("sig_frequency", -2.0, r"poison.backdoor.sig_frequency=-2.0 must be > 0"),
+    ],
+)
 def test_sig_config_errors_name_the_value_and_the_fix(field, value, message):
   with pytest.raises(ValueError, match=message):
     poison.validate_config(_cfg(**{"backdoor.trigger": "sig", f"backdoor.{field}": value}))
-  config = config_lib.override(config_lib.base_config(), {
-      "poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.trigger": "sig",
-      f"poison.backdoor.{field}": value})
+  config = config_lib.override(
+      config_lib.base_config(),
+      {
+          "poison.enabled": True,
+          "poison.backdoor.enabled": True,
+          "poison.backdoor.trigger": "sig",
+          f"poison.backdoor.{field}": value,
+      },
+  )
   with pytest.raises(config_lib.ConfigError, match=f"config.{message}"):
     config_lib.validate(config)
 
 
 def test_sig_end_to_end_through_the_config_training_transform_and_evaluator():
   from roclip_jax.evaluators import attack
-  config = config_lib.override(config_lib.base_config(), {
-      "poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.num_poisons": 3,
-      "poison.backdoor.caption_source": "templates", "poison.backdoor.target_class": "cat",
-      "poison.backdoor.trigger": "sig", "poison.backdoor.sig_delta": 30,
-      "poison.backdoor.sig_frequency": 2.0})
+
+  config = config_lib.override(
+      config_lib.base_config(),
+      {
+          "poison.enabled": True,
+          "poison.backdoor.enabled": True,
+          "poison.backdoor.num_poisons": 3,
+          "poison.backdoor.caption_source": "templates",
+          "poison.backdoor.target_class": "cat",
+          "poison.backdoor.trigger": "sig",
+          "poison.backdoor.sig_delta": 30,
+          "poison.backdoor.sig_frequency": 2.0,
+      },
+  )
   config_lib.validate(config)
   source, info = poison.poison_source(_base(), _pool(), config.poison, seed=config.poison.seed)
   assert info.backdoor_trigger == "sig" and len(info.backdoor_ids) == 3
@@ -450,13 +519,21 @@ def test_sig_end_to_end_through_the_config_training_transform_and_evaluator():
       assert out is img
 
   # The ASR evaluator stamps its test images with the same trigger.
-  eval_set = types.SimpleNamespace(images=np.stack([img, _image(6, 10, seed=9)]),
-                                   labels=np.array([1, 2]), class_names=CLASSES,
-                                   ids=np.array([70, 71]), templates=["{}"])
+  eval_set = types.SimpleNamespace(
+      images=np.stack([img, _image(6, 10, seed=9)]),
+      labels=np.array([1, 2]),
+      class_names=CLASSES,
+      ids=np.array([70, 71]),
+      templates=["{}"],
+  )
   evaluator = attack.BackdoorAsrEvaluator(
-      "bd", every_steps=0, load_split=lambda: eval_set, poison_cfg=config.poison,
-      seed=config.poison.seed, target_class="cat")
+      "bd",
+      every_steps=0,
+      load_split=lambda: eval_set,
+      poison_cfg=config.poison,
+      seed=config.poison.seed,
+      target_class="cat",
+  )
   _, _, clean, triggered, _ = evaluator._data
   np.testing.assert_array_equal(clean, eval_set.images)
-  np.testing.assert_array_equal(triggered, np.stack([_sig_reference(x, 30.0, 2.0)
-                                                     for x in eval_set.images]))
+  np.testing.assert_array_equal(triggered, np.stack([_sig_reference(x, 30.0, 2.0) for x in eval_set.images]))

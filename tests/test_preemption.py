@@ -11,6 +11,7 @@ reach its last step before the notice has gone round, which with jax's
 preemption service (it polls for SIGTERM once a second) a tiny model on a fast
 machine would.
 """
+
 import json
 import os
 import re
@@ -46,14 +47,30 @@ def _start(workdir, demo_root, *, paused=False, env=None):  # pylint: disable=re
   """
   overrides = dict(multihost._overrides(demo_root), max_steps=MAX_STEPS, num_epochs=MAX_STEPS // 3)
   port = multihost._free_port()
-  env = dict(os.environ, PYTHONPATH=multihost.REPO, JAX_PLATFORMS="cpu",
-             XLA_FLAGS="--xla_force_host_platform_device_count=4", **(env or {}))
+  env = dict(
+      os.environ,
+      PYTHONPATH=multihost.REPO,
+      JAX_PLATFORMS="cpu",
+      XLA_FLAGS="--xla_force_host_platform_device_count=4",
+      **(env or {}),
+  )
   module = "tests.test_preemption" if paused else "roclip_jax.main"
-  cmd = [sys.executable, "-m", module, f"--config={multihost.REPO}/configs/demo.py:defense=roclip",
-         f"--workdir={workdir}", f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
-         *[multihost._flag(k, v) for k, v in overrides.items()]]
-  return [subprocess.Popen(cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                           text=True) for i in range(2)]
+  cmd = [
+      sys.executable,
+      "-m",
+      module,
+      f"--config={multihost.REPO}/configs/demo.py:defense=roclip",
+      f"--workdir={workdir}",
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      *[multihost._flag(k, v) for k, v in overrides.items()],
+  ]
+  return [
+      subprocess.Popen(
+          cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+      )
+      for i in range(2)
+  ]
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -130,8 +147,10 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_is_ex
   assert_trees_bitwise_equal(a.state.params, b.state.params)
   assert_trees_bitwise_equal(a.state.opt_state, b.state.opt_state)
   assert_trees_bitwise_equal(a.state.defense, b.state.defense)
-  losses = [{r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(w)) if r["kind"] == "train"}
-            for w in (killed, straight)]
+  losses = [
+      {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(w)) if r["kind"] == "train"}
+      for w in (killed, straight)
+  ]
   assert losses[0] == losses[1] and sorted(losses[0]) == list(range(1, MAX_STEPS + 1))
 
 
@@ -151,12 +170,14 @@ def _paused_main():
   """`roclip_jax.main`, pausing PAUSE_S before each train step (the state and data are unchanged)."""
   from roclip_jax import main as main_lib  # pylint: disable=g-import-not-at-top
   from roclip_jax import steps as steps_lib  # pylint: disable=g-import-not-at-top
+
   make_train_steps = steps_lib.make_train_steps
 
   def paused(step_fn):
     def step(state, batch):
       time.sleep(PAUSE_S)
       return step_fn(state, batch)
+
     return step
 
   steps_lib.make_train_steps = lambda *a, **k: {m: paused(f) for m, f in make_train_steps(*a, **k).items()}

@@ -5,6 +5,7 @@
 * Rerunning a finished run writes no second final row and returns the same results.
 * The benchmark reruns a row whose config changed (moving the old one aside) and reuses an unchanged one.
 """
+
 import json
 import os
 
@@ -30,8 +31,13 @@ def _rows(workdir, kind):
 
 def test_skipped_count_carries_across_a_resume(demo_root, tmp_path):
   csv_path = _write_corrupt_csv(tmp_path)
-  overrides = {"data.source": "csv", "data.csv_path": str(csv_path), "data.batch_size": 8, "num_epochs": 3,
-               "checkpoint.every_steps": 1000}
+  overrides = {
+      "data.source": "csv",
+      "data.csv_path": str(csv_path),
+      "data.batch_size": 8,
+      "num_epochs": 3,
+      "checkpoint.every_steps": 1000,
+  }
   straight = tmp_path / "straight"
   train.train_and_evaluate(tiny_config(demo_root, **overrides), str(straight))
   split = tmp_path / "split"
@@ -77,17 +83,22 @@ def test_benchmark_rows_are_keyed_by_their_full_config(tmp_path):
 
 def test_seed_summary_is_mean_and_sample_std_over_seeds():
   per_seed = {
-      0: {"CLIP": {"defense": "none", "zeroshot/top1": 0.40, "backdoor_asr/asr": 1.00},
-          "RoCLIP": {"defense": "roclip", "zeroshot/top1": 0.20, "backdoor_asr/asr": 0.00}},
-      1: {"CLIP": {"defense": "none", "zeroshot/top1": 0.50, "backdoor_asr/asr": 0.90},
-          "RoCLIP": {"defense": "roclip", "zeroshot/top1": 0.30, "backdoor_asr/asr": 0.02}},
+      0: {
+          "CLIP": {"defense": "none", "zeroshot/top1": 0.40, "backdoor_asr/asr": 1.00},
+          "RoCLIP": {"defense": "roclip", "zeroshot/top1": 0.20, "backdoor_asr/asr": 0.00},
+      },
+      1: {
+          "CLIP": {"defense": "none", "zeroshot/top1": 0.50, "backdoor_asr/asr": 0.90},
+          "RoCLIP": {"defense": "roclip", "zeroshot/top1": 0.30, "backdoor_asr/asr": 0.02},
+      },
       2: {"CLIP": {"defense": "none", "zeroshot/top1": 0.45, "backdoor_asr/asr": 0.95}},
   }
   summary = robustness.aggregate_seeds(per_seed)
   clip = summary["CLIP"]["zeroshot/top1"]
   assert summary["CLIP"]["seeds"] == [0, 1, 2] and summary["RoCLIP"]["seeds"] == [0, 1]
-  np.testing.assert_allclose([clip["mean"], clip["std"], clip["min"]],
-                             [np.mean([.4, .5, .45]), np.std([.4, .5, .45], ddof=1), .4])
+  np.testing.assert_allclose(
+      [clip["mean"], clip["std"], clip["min"]], [np.mean([0.4, 0.5, 0.45]), np.std([0.4, 0.5, 0.45], ddof=1), 0.4]
+  )
   assert "linear_probe/top1" not in summary["CLIP"]  # Never measured: no made-up zero.
   table = robustness.format_seed_table(summary, tiny_config("/nonexistent"))
   assert "| CLIP | none | 0,1,2 | 45.0 ± 5.0% | n/a | 95.0 ± 5.0% | n/a | 40.0% |" in table

@@ -1,4 +1,5 @@
 """The RoCLIP pool: top-1 matching against brute force, FIFO semantics, sharded vs replicated."""
+
 import jax
 import jax.numpy as jnp
 from hypothesis import given, settings, strategies as st
@@ -31,9 +32,12 @@ def test_top1_matches_brute_force(shard_pool, size, dim, batch):
   pool_np = _unit(rng, size, dim)
   z = _unit(rng, batch, dim)
   pool = roclip.Pool(
-      embeddings=jnp.asarray(pool_np), source_ids=jnp.arange(size, dtype=jnp.int32),
-      source_poisoned=jnp.asarray(rng.integers(0, 3, size), jnp.int8), ptr=jnp.zeros((), jnp.int32),
-      source_labels=jnp.asarray(rng.integers(-1, 5, size), jnp.int32))
+      embeddings=jnp.asarray(pool_np),
+      source_ids=jnp.arange(size, dtype=jnp.int32),
+      source_poisoned=jnp.asarray(rng.integers(0, 3, size), jnp.int8),
+      ptr=jnp.zeros((), jnp.int32),
+      source_labels=jnp.asarray(rng.integers(-1, 5, size), jnp.int32),
+  )
   pool = jax.device_put(pool, roclip.pool_shardings(mesh, shard_pool))
   zs = jax.device_put(z, sharding.batch_sharding(mesh))
   with jax.set_mesh(mesh):
@@ -79,7 +83,9 @@ def test_ring_pool_holds_the_last_m_embeddings_in_order(size_mult, extra, batch_
   else:
     np.testing.assert_array_equal(ids[:written], stream)
     assert (ids[written:] == -1).all()
-  np.testing.assert_array_equal(np.asarray(pool.embeddings)[:, 0], np.where(ids >= 0, ids, np.asarray(pool.embeddings)[:, 0]))
+  np.testing.assert_array_equal(
+      np.asarray(pool.embeddings)[:, 0], np.where(ids >= 0, ids, np.asarray(pool.embeddings)[:, 0])
+  )
 
 
 @settings(max_examples=8, deadline=None)
@@ -96,11 +102,11 @@ def test_sharded_ring_pool_each_shard_holds_its_last_rows(rows_per_shard, local_
   ids = np.asarray(pool.source_ids).reshape(n, local_size)
   ptr = int(pool.ptr)
   for s in range(n):
-    local_stream = stream[:, s * local_batch:(s + 1) * local_batch].reshape(-1)
+    local_stream = stream[:, s * local_batch : (s + 1) * local_batch].reshape(-1)
     if len(local_stream) >= local_size:
       np.testing.assert_array_equal(np.roll(ids[s], -ptr), local_stream[-local_size:])
     else:
-      np.testing.assert_array_equal(ids[s, :len(local_stream)], local_stream)
+      np.testing.assert_array_equal(ids[s, : len(local_stream)], local_stream)
 
 
 def _lightly_reference(size, batches):
@@ -112,7 +118,7 @@ def _lightly_reference(size, batches):
       bank[ptr:] = list(b[: size - ptr])
       ptr = 0
     else:
-      bank[ptr:ptr + len(b)] = list(b)
+      bank[ptr : ptr + len(b)] = list(b)
       ptr += len(b)
   return np.array(bank), ptr
 
@@ -150,8 +156,8 @@ def test_matching_schedule_with_a_first_epoch():
 
 def _roclip_cfg(**fields):
   import ml_collections  # pylint: disable=import-outside-toplevel
-  base = dict(k=2, variant="paper", first_epoch=None, update_pool_every_step=None, csls_k=None,
-              mask_duplicates=None)
+
+  base = dict(k=2, variant="paper", first_epoch=None, update_pool_every_step=None, csls_k=None, mask_duplicates=None)
   base.update(fields)
   return ml_collections.ConfigDict(base)
 
@@ -167,8 +173,9 @@ def test_settings_paper_robust_and_explicit_overrides():
   # A warm-up of 5.1 epochs: epoch 6 still warms up, so the k=2 schedule starts at 8.
   assert roclip.settings(_roclip_cfg(variant="robust"), steps_per_epoch=1953, warmup_steps=10000).first_epoch == 8
   assert roclip.settings(_roclip_cfg(variant="robust", k=3), steps_per_epoch=1953, warmup_steps=1000).first_epoch == 3
-  ablated = roclip.settings(_roclip_cfg(variant="robust", csls_k=0, first_epoch=2), steps_per_epoch=48,
-                            warmup_steps=100)
+  ablated = roclip.settings(
+      _roclip_cfg(variant="robust", csls_k=0, first_epoch=2), steps_per_epoch=48, warmup_steps=100
+  )
   assert (ablated.first_epoch, ablated.csls_k, ablated.mask_duplicates) == (2, 0, True)
   with pytest.raises(ValueError, match="variant"):
     roclip.settings(_roclip_cfg(variant="nope"))
@@ -197,14 +204,19 @@ def test_csls_matching_matches_the_formula(shard_pool, k):
   pool_np = _unit(rng, size, dim)
   pool_np[5] = hub[0]
   own = z + 0.6 * _unit(rng, batch, dim)
-  pool_np[10:10 + batch] = own / np.linalg.norm(own, axis=1, keepdims=True)
-  pool = roclip.Pool(embeddings=jnp.asarray(pool_np), source_ids=jnp.arange(size, dtype=jnp.int32),
-                     source_poisoned=jnp.zeros(size, jnp.int8), ptr=jnp.zeros((), jnp.int32),
-                     source_labels=jnp.arange(size, dtype=jnp.int32))
+  pool_np[10 : 10 + batch] = own / np.linalg.norm(own, axis=1, keepdims=True)
+  pool = roclip.Pool(
+      embeddings=jnp.asarray(pool_np),
+      source_ids=jnp.arange(size, dtype=jnp.int32),
+      source_poisoned=jnp.zeros(size, jnp.int8),
+      ptr=jnp.zeros((), jnp.int32),
+      source_labels=jnp.arange(size, dtype=jnp.int32),
+  )
   pool = jax.device_put(pool, roclip.pool_shardings(mesh, shard_pool))
   with jax.set_mesh(mesh):
     match = jax.jit(lambda p, q: roclip.nearest_captions(p, q, mesh, shard_pool, csls_k=k))(
-        pool, jax.device_put(z, sharding.batch_sharding(mesh)))
+        pool, jax.device_put(z, sharding.batch_sharding(mesh))
+    )
   expected, sims = _csls_reference(z, pool_np, k)
   np.testing.assert_array_equal(np.asarray(match.index), expected)
   np.testing.assert_allclose(np.asarray(match.similarity), sims[np.arange(batch), expected], atol=1e-5)
@@ -230,15 +242,20 @@ def test_matching_loss_with_duplicate_masking_matches_numpy():
   rng = np.random.default_rng(0)
   zimg, pool_np = _unit(rng, 12, 6), _unit(rng, 5, 6)
   index = np.array([0, 1, 1, 2, 0, 3, 1, 4, 4, 2, 0, 3], np.int32)  # Rows shared by 2-3 images.
-  match = roclip.Match(embeddings=jnp.asarray(pool_np[index]), index=jnp.asarray(index),
-                       similarity=jnp.zeros(12), source_poisoned=jnp.zeros(12, jnp.int8))
+  match = roclip.Match(
+      embeddings=jnp.asarray(pool_np[index]),
+      index=jnp.asarray(index),
+      similarity=jnp.zeros(12),
+      source_poisoned=jnp.zeros(12, jnp.int8),
+  )
   log_scale = np.log(10.0)
   masked, _ = roclip.matching_loss(jnp.asarray(zimg), match, jnp.asarray(log_scale), mask_duplicates=True)
   np.testing.assert_allclose(float(masked), _masked_infonce_reference(zimg, pool_np[index], index, 10.0), rtol=1e-5)
   # The paper's loss keeps every off-diagonal pair as a negative: the reference with all indices distinct.
   paper, _ = roclip.matching_loss(jnp.asarray(zimg), match, jnp.asarray(log_scale))
-  np.testing.assert_allclose(float(paper), _masked_infonce_reference(zimg, pool_np[index], np.arange(12), 10.0),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      float(paper), _masked_infonce_reference(zimg, pool_np[index], np.arange(12), 10.0), rtol=1e-5
+  )
   # Without duplicate matches the two losses are the same function.
   distinct = match.replace(index=jnp.arange(12, dtype=jnp.int32))
   a, _ = roclip.matching_loss(jnp.asarray(zimg), distinct, jnp.asarray(log_scale), mask_duplicates=True)
@@ -246,17 +263,25 @@ def test_matching_loss_with_duplicate_masking_matches_numpy():
   assert float(a) == float(b)
   # Gradients stay finite where pairs are masked.
   grad = jax.grad(lambda z: roclip.matching_loss(z, match, jnp.asarray(log_scale), mask_duplicates=True)[0])(
-      jnp.asarray(zimg))
+      jnp.asarray(zimg)
+  )
   assert np.isfinite(np.asarray(grad)).all()
 
 
 def _diagnostics(zimg, ztxt, index, pool_labels, labels, poisoned, source_poisoned, similarity):
-  match = roclip.Match(embeddings=jnp.zeros_like(jnp.asarray(zimg)), index=jnp.asarray(index, jnp.int32),
-                       similarity=jnp.asarray(similarity, jnp.float32),
-                       source_poisoned=jnp.asarray(source_poisoned, jnp.int8),
-                       source_label=jnp.asarray(pool_labels[index], jnp.int32))
-  return {k: float(v) for k, v in roclip.step_diagnostics(jnp.asarray(zimg), jnp.asarray(ztxt), match,
-                                                          jnp.asarray(labels), jnp.asarray(poisoned)).items()}
+  match = roclip.Match(
+      embeddings=jnp.zeros_like(jnp.asarray(zimg)),
+      index=jnp.asarray(index, jnp.int32),
+      similarity=jnp.asarray(similarity, jnp.float32),
+      source_poisoned=jnp.asarray(source_poisoned, jnp.int8),
+      source_label=jnp.asarray(pool_labels[index], jnp.int32),
+  )
+  return {
+      k: float(v)
+      for k, v in roclip.step_diagnostics(
+          jnp.asarray(zimg), jnp.asarray(ztxt), match, jnp.asarray(labels), jnp.asarray(poisoned)
+      ).items()
+  }
 
 
 def test_step_diagnostics_match_numpy():
@@ -284,8 +309,9 @@ def test_step_diagnostics_match_numpy():
 
 
 def _epoch_row(zimg, ztxt, index, pool_labels, labels, similarity, steps=3):
-  step = _diagnostics(zimg, ztxt, index, pool_labels, labels, np.zeros(len(index), np.int8),
-                      np.zeros(len(index), np.int8), similarity)
+  step = _diagnostics(
+      zimg, ztxt, index, pool_labels, labels, np.zeros(len(index), np.int8), np.zeros(len(index), np.int8), similarity
+  )
   return roclip.epoch_diagnostics({k: steps * v for k, v in step.items()}, batch_size=len(index))
 
 
@@ -326,9 +352,13 @@ def test_an_image_never_matches_its_own_examples_caption(shard_pool):
   for k in range(batch):
     pool_np[3 * k] = z[k]
     row_ids[3 * k] = ids[k]
-  pool = roclip.Pool(embeddings=jnp.asarray(pool_np), source_ids=jnp.asarray(row_ids),
-                     source_poisoned=jnp.zeros(size, jnp.int8), ptr=jnp.zeros((), jnp.int32),
-                     source_labels=jnp.zeros(size, jnp.int32))
+  pool = roclip.Pool(
+      embeddings=jnp.asarray(pool_np),
+      source_ids=jnp.asarray(row_ids),
+      source_poisoned=jnp.zeros(size, jnp.int8),
+      ptr=jnp.zeros((), jnp.int32),
+      source_labels=jnp.zeros(size, jnp.int32),
+  )
   pool = jax.device_put(pool, roclip.pool_shardings(mesh, shard_pool))
   sh = sharding.batch_sharding(mesh)
   with jax.set_mesh(mesh):

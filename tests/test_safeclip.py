@@ -1,5 +1,6 @@
 """SafeCLIP and CleanCLIP: losses against NumPy formulas, the mixture split against known
 mixtures and brute force, and end-to-end runs (phases, split, resume, fine-tuning)."""
+
 import json
 import os
 
@@ -60,24 +61,31 @@ def test_masked_losses_equal_the_unmasked_loss_of_the_subset(num_devices):
   np.testing.assert_allclose(float(full), np_info_nce(a, b), rtol=1e-5)
   # Unmasked rows get exactly zero gradient; an empty mask gives loss 0 and no NaN.
   grad = jax.grad(lambda x: safeclip.masked_clip_loss(x, jnp.asarray(b), LOG_SCALE, jnp.asarray(mask)))(
-      jnp.asarray(a, jnp.float32))
+      jnp.asarray(a, jnp.float32)
+  )
   assert np.all(np.asarray(grad)[~mask] == 0) and np.all(np.abs(np.asarray(grad)[mask]).sum(1) > 0)
   empty = jnp.zeros(16, bool)
   value, g = jax.value_and_grad(lambda x: safeclip.masked_clip_loss(x, jnp.asarray(b), LOG_SCALE, empty))(
-      jnp.asarray(a, jnp.float32))
+      jnp.asarray(a, jnp.float32)
+  )
   assert float(value) == 0.0 and np.all(np.asarray(g) == 0)
 
 
 def test_nn_contrastive_loss_matches_brute_force():
   rng = np.random.default_rng(1)
   view1, view2, bank_rows = unit(rng, 8), unit(rng, 8), unit(rng, 20)
-  bank = roclip.Pool(embeddings=jnp.asarray(bank_rows, jnp.float32), source_ids=jnp.arange(20),
-                     source_poisoned=jnp.zeros(20, jnp.int8), ptr=jnp.int32(0))
+  bank = roclip.Pool(
+      embeddings=jnp.asarray(bank_rows, jnp.float32),
+      source_ids=jnp.arange(20),
+      source_poisoned=jnp.zeros(20, jnp.int8),
+      ptr=jnp.int32(0),
+  )
   # Brute force nearest neighbour of each view-1 row.
   nn = np.stack([bank_rows[max(range(20), key=lambda j: float(v @ bank_rows[j]))] for v in view1])
   mask = np.array([1, 0, 1, 1, 0, 1, 1, 1], bool)
-  loss, nn_sim = safeclip.nn_contrastive_loss(jnp.asarray(view1), jnp.asarray(view2), bank, LOG_SCALE,
-                                              jnp.asarray(mask))
+  loss, nn_sim = safeclip.nn_contrastive_loss(
+      jnp.asarray(view1), jnp.asarray(view2), bank, LOG_SCALE, jnp.asarray(mask)
+  )
   np.testing.assert_allclose(float(loss), np_info_nce(view2[mask], nn[mask]), rtol=1e-5)
   np.testing.assert_allclose(np.asarray(nn_sim), np.sum(view1 * nn, axis=1), rtol=1e-5)
 
@@ -92,30 +100,37 @@ def test_safe_split_step_loss_is_clip_on_safe_plus_unimodal_on_risky():
   ids = np.arange(12)[::-1]  # The safe mask is read by example id, not by batch row.
   safe_by_id = (np.arange(12) % 3 != 0).astype(np.int8)
   banks = {m: unit(rng, 16) for m in ("image", "text")}
-  pool = lambda rows: roclip.Pool(jnp.asarray(rows, jnp.float32), jnp.arange(16), jnp.zeros(16, jnp.int8),
-                                  jnp.int32(0))
-  state = safeclip.SafeState(image_bank=pool(banks["image"]), text_bank=pool(banks["text"]),
-                             safe=jnp.asarray(safe_by_id), ratio=jnp.float32(0.5))
+  pool = lambda rows: roclip.Pool(jnp.asarray(rows, jnp.float32), jnp.arange(16), jnp.zeros(16, jnp.int8), jnp.int32(0))
+  state = safeclip.SafeState(
+      image_bank=pool(banks["image"]),
+      text_bank=pool(banks["text"]),
+      safe=jnp.asarray(safe_by_id),
+      ratio=jnp.float32(0.5),
+  )
   zj = {k: jnp.asarray(v, jnp.float32) for k, v in z.items()}
   nn = lambda v, rows: rows[np.argmax(v @ rows.T, axis=1)]
   safe, risky = safe_by_id[ids] > 0, safe_by_id[ids] == 0
 
   loss, aux = safeclip.step_loss("safe_split", zj, state, jnp.asarray(ids), LOG_SCALE)
   want_clip = 0.5 * (np_clip(z["image"][safe], z["text2"][safe]) + np_clip(z["image2"][safe], z["text"][safe]))
-  want_uni = 0.5 * (np_info_nce(z["image2"][risky], nn(z["image"], banks["image"])[risky])
-                    + np_info_nce(z["text2"][risky], nn(z["text"], banks["text"])[risky]))
+  want_uni = 0.5 * (
+      np_info_nce(z["image2"][risky], nn(z["image"], banks["image"])[risky])
+      + np_info_nce(z["text2"][risky], nn(z["text"], banks["text"])[risky])
+  )
   np.testing.assert_allclose(float(aux["loss_clip"]), want_clip, rtol=1e-5)
   np.testing.assert_allclose(float(aux["loss_unimodal"]), want_uni, rtol=1e-5)
   np.testing.assert_allclose(float(loss), want_clip + want_uni, rtol=1e-5)
   assert float(aux["safe_in_batch"]) == safe.sum()
 
   loss, _ = safeclip.step_loss("unimodal", zj, state, jnp.asarray(ids), LOG_SCALE)
-  want = 0.5 * (np_info_nce(z["image2"], nn(z["image"], banks["image"]))
-                + np_info_nce(z["text2"], nn(z["text"], banks["text"])))
+  want = 0.5 * (
+      np_info_nce(z["image2"], nn(z["image"], banks["image"])) + np_info_nce(z["text2"], nn(z["text"], banks["text"]))
+  )
   np.testing.assert_allclose(float(loss), want, rtol=1e-5)
   loss, _ = safeclip.step_loss("cross_clip", zj, state, jnp.asarray(ids), LOG_SCALE)
-  np.testing.assert_allclose(float(loss), 0.5 * (np_clip(z["image"], z["text2"]) + np_clip(z["image2"], z["text"])),
-                             rtol=1e-5)
+  np.testing.assert_allclose(
+      float(loss), 0.5 * (np_clip(z["image"], z["text2"]) + np_clip(z["image2"], z["text"])), rtol=1e-5
+  )
 
 
 def test_cleanclip_loss_matches_its_formula():
@@ -124,6 +139,7 @@ def test_cleanclip_loss_matches_its_formula():
   zj = {k: jnp.asarray(v, jnp.float32) for k, v in z.items()}
   cfg = ml_collections.ConfigDict(dict(clip_weight=0.7, inmodal_weight=1.3))
   from roclip_jax import losses
+
   cross = lambda a, b, s: losses.clip_loss(a, b, s["logit_scale"])
   loss, aux = cleanclip.step_loss(zj, {"logit_scale": jnp.float32(LOG_SCALE)}, cfg, cross)
   inmodal = 0.5 * (np_info_nce(z["image"], z["image2"]) + np_info_nce(z["text"], z["text2"]))
@@ -148,9 +164,11 @@ def test_gmm_recovers_a_known_mixture_and_its_posterior():
   pts = np.linspace(-0.1, 0.9, 11)
   dens = [w * scipy.stats.norm.pdf(pts, m, np.sqrt(v)) for w, m, v in zip(gmm.weights, gmm.means, gmm.variances)]
   np.testing.assert_allclose(gmm.posterior_high(pts), dens[1] / (dens[0] + dens[1]), rtol=1e-9, atol=1e-12)
+
   # The fit is a likelihood maximum: nudging any parameter lowers the likelihood.
   def loglik(w, m, v):
     return np.log(sum(wi * scipy.stats.norm.pdf(x, mi, np.sqrt(vi)) for wi, mi, vi in zip(w, m, v))).sum()
+
   best = loglik(gmm.weights, gmm.means, gmm.variances)
   for k in range(2):
     for delta in (-0.005, 0.005):
@@ -166,7 +184,7 @@ def test_select_safe_threshold_then_growing_top_ratio():
   assert safe.tolist() == [p >= 0.9 for p in posterior] and ratio == pytest.approx(0.4)
   safe, ratio = safeclip.select_safe(posterior, first_split=False, previous_ratio=ratio, cfg=cfg)
   assert ratio == pytest.approx(0.45)
-  brute = sorted(range(10), key=lambda i: -posterior[i])[:round(0.45 * 10)]
+  brute = sorted(range(10), key=lambda i: -posterior[i])[: round(0.45 * 10)]
   assert set(np.flatnonzero(safe).tolist()) == set(brute)
   _, ratio = safeclip.select_safe(posterior, first_split=False, previous_ratio=0.58, cfg=cfg)
   assert ratio == pytest.approx(0.6)  # Capped.
@@ -188,7 +206,12 @@ def test_phases_and_learning_rate_schedule():
   c.safeclip.update(dict(inmodal_warmup=2, multimodal_warmup=1, in_lr=0.5, filter_lr=0.01))
   c.optim.update(dict(lr=0.2, warmup_steps=2))
   assert [safeclip.phase_for_epoch(c.safeclip, e) for e in range(1, 6)] == [
-      "unimodal", "unimodal", "cross_clip", "safe_split", "safe_split"]
+      "unimodal",
+      "unimodal",
+      "cross_clip",
+      "safe_split",
+      "safe_split",
+  ]
   sched = safeclip.learning_rate_schedule(c, steps_per_epoch=10, total_steps=50)
   assert float(sched(2)) == pytest.approx(0.5)  # Peak of the unimodal warm-up.
   assert float(sched(19)) < 0.05  # Cosine towards 0 at the end of the unimodal epochs.
@@ -216,9 +239,18 @@ def test_two_view_configs_are_checked():
 
 
 def safeclip_config(demo_root, **overrides):
-  return tiny_config(demo_root, "safeclip", **{
-      "safeclip.inmodal_warmup": 1, "safeclip.multimodal_warmup": 1, "safeclip.bank_size": 32,
-      "augment.image": True, "augment.text": True, **overrides})
+  return tiny_config(
+      demo_root,
+      "safeclip",
+      **{
+          "safeclip.inmodal_warmup": 1,
+          "safeclip.multimodal_warmup": 1,
+          "safeclip.bank_size": 32,
+          "augment.image": True,
+          "augment.text": True,
+          **overrides,
+      },
+  )
 
 
 def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
@@ -228,8 +260,7 @@ def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
   straight = tmp_path / "straight"
   train.train_and_evaluate(safeclip_config(demo_root, max_steps=n), str(straight))
   split = tmp_path / "split"
-  train.train_and_evaluate(safeclip_config(demo_root, max_steps=n // 2, **{"checkpoint.every_steps": 100}),
-                           str(split))
+  train.train_and_evaluate(safeclip_config(demo_root, max_steps=n // 2, **{"checkpoint.every_steps": 100}), str(split))
   train.train_and_evaluate(safeclip_config(demo_root, max_steps=n), str(split))
   a, b = inspect_lib.load(str(straight)), inspect_lib.load(str(split))
   assert a.step == b.step == n
@@ -238,8 +269,14 @@ def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
 
   rows = metrics_lib.read_metrics(str(straight))
   modes = {r["step"]: r["mode"] for r in rows if r["kind"] == "train"}
-  assert [modes[s] for s in (1, 3, 4, 6, 7, 14)] == ["unimodal", "unimodal", "cross_clip", "cross_clip",
-                                                     "safe_split", "safe_split"]
+  assert [modes[s] for s in (1, 3, 4, 6, 7, 14)] == [
+      "unimodal",
+      "unimodal",
+      "cross_clip",
+      "cross_clip",
+      "safe_split",
+      "safe_split",
+  ]
   splits = [r for r in rows if "safeclip/safe_ratio" in r]
   assert [r["epoch"] for r in splits] == [3, 4, 5]
   # Later splits grow the safe fraction by ratio_step from the first one.
@@ -253,17 +290,23 @@ def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
 
 def test_cleanclip_fine_tunes_a_run_on_clean_data_only(demo_root, tmp_path):
   base_dir = tmp_path / "clip"
-  poison = {"poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.num_poisons": 6,
-            "poison.backdoor.target_class": "blue circle"}
+  poison = {
+      "poison.enabled": True,
+      "poison.backdoor.enabled": True,
+      "poison.backdoor.num_poisons": 6,
+      "poison.backdoor.target_class": "blue circle",
+  }
   with open(os.path.join(demo_root, "classes.json")) as f:
     poison["poison.backdoor.target_class"] = json.load(f)["classes"][0]
   train.train_and_evaluate(tiny_config(demo_root, max_steps=3, **poison), str(base_dir))
   base = inspect_lib.load(str(base_dir))
 
-  config = tiny_config(demo_root, "cleanclip", init_from=str(base_dir), **poison, **{
-      "cleanclip.num_clean_examples": 32, "max_steps": 2})
+  config = tiny_config(
+      demo_root, "cleanclip", init_from=str(base_dir), **poison, **{"cleanclip.num_clean_examples": 32, "max_steps": 2}
+  )
   # The weights it starts from are the run's, bitwise.
   from roclip_jax import optim, steps
+
   mesh = sharding_lib.make_mesh(config.mesh)
   tx, _ = optim.make_optimizer(config.optim, 10)
   _, shardings = steps.abstract_train_state(config, mesh, tx)
@@ -280,6 +323,7 @@ def test_cleanclip_fine_tunes_a_run_on_clean_data_only(demo_root, tmp_path):
 
   # The suspicion report screens the poisoned set the starting model saw, not the clean subset.
   from roclip_jax.experiments import suspicion
+
   screened, _ = suspicion.training_source(config)
   screened_ids = {int(screened[i]["id"]) for i in range(len(screened))}
   assert len(screened) == 48 and set(info.poisoned_ids) <= screened_ids

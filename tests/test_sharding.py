@@ -1,4 +1,5 @@
 """FSDP sharding rules, the (data, fsdp) mesh, exact gradient accumulation, bf16 steps and the AOT dry run."""
+
 import math
 
 from hypothesis import given, settings, strategies as st
@@ -65,7 +66,8 @@ def _sharded(specs):
 
 _TOWER_MLPS = {
     f"{tower}/layers/{i}/mlp/{fc}/kernel": spec
-    for tower in ("text_model", "vision_model") for i in range(2)
+    for tower in ("text_model", "vision_model")
+    for i in range(2)
     for fc, spec in (("fc1", P(None, "fsdp")), ("fc2", P("fsdp")))
 }
 
@@ -86,8 +88,13 @@ def test_golden_specs_with_custom_rules_first_match_wins():
   ]
   specs = sharding.param_specs(_abstract_params(_config()), _mesh(FSDP_MESH), rules, min_size=2**14)
   expected = {k: v for k, v in _TOWER_MLPS.items() if k.startswith("text_model")}
-  expected.update({f"{t}/layers/{i}/self_attn/q_proj/kernel": P(None, "fsdp")
-                   for t in ("text_model", "vision_model") for i in range(2)})
+  expected.update(
+      {
+          f"{t}/layers/{i}/self_attn/q_proj/kernel": P(None, "fsdp")
+          for t in ("text_model", "vision_model")
+          for i in range(2)
+      }
+  )
   expected["visual_projection/kernel"] = P(("data", "fsdp"))
   assert _sharded(specs) == expected
 
@@ -99,8 +106,7 @@ def test_no_fsdp_axis_or_size_one_replicates_everything():
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=st.lists(st.integers(1, 24), min_size=0, max_size=4), fsdp=st.integers(1, 6),
-       min_size=st.integers(0, 300))
+@given(shape=st.lists(st.integers(1, 24), min_size=0, max_size=4), fsdp=st.integers(1, 6), min_size=st.integers(0, 300))
 def test_fsdp_rule_against_brute_force(shape, fsdp, min_size):
   spec = sharding.fsdp_spec(shape, fsdp, min_size)
   divisible = [d for d in range(len(shape)) if shape[d] % fsdp == 0]
@@ -125,13 +131,16 @@ def test_optimizer_moments_are_sharded_like_their_params():
   assert n_sharded == 2 * len(_sharded(jax.tree.map(lambda s: s.spec, shardings.params))) == 18
 
 
-@pytest.mark.parametrize("rules, message", [
-    ([(".*", "shard_everything")], "unknown rule"),
-    ([("(", "replicate")], "bad regex"),
-    ([(".*token_embedding", ("model",))], "names mesh axis 'model'"),
-    ([(".*token_embedding", (None, ("data", "fsdp"), None))], "has 3 entries"),
-    ([(".*position_embedding", ("fsdp",))], "not divisible"),  # Vision: 5 positions over 4 devices.
-])
+@pytest.mark.parametrize(
+    "rules, message",
+    [
+        ([(".*", "shard_everything")], "unknown rule"),
+        ([("(", "replicate")], "bad regex"),
+        ([(".*token_embedding", ("model",))], "names mesh axis 'model'"),
+        ([(".*token_embedding", (None, ("data", "fsdp"), None))], "has 3 entries"),
+        ([(".*position_embedding", ("fsdp",))], "not divisible"),  # Vision: 5 positions over 4 devices.
+    ],
+)
 def test_bad_rules_raise_errors_naming_the_problem(rules, message):
   params = _abstract_params(_config())
   with pytest.raises(ValueError, match=message):
@@ -158,7 +167,7 @@ def test_batch_is_split_over_data_and_fsdp_in_device_order():
   arr = sharding.global_batch({"x": x}, mesh)["x"]
   for d, device in enumerate(mesh.devices.flat):  # Row-major over (data, fsdp): 2 rows per device.
     shard = next(s for s in arr.addressable_shards if s.device == device)
-    np.testing.assert_array_equal(np.asarray(shard.data), x[2 * d:2 * d + 2])
+    np.testing.assert_array_equal(np.asarray(shard.data), x[2 * d : 2 * d + 2])
 
 
 def test_sharded_pool_lookup_and_enqueue_over_data_and_fsdp():
@@ -166,13 +175,19 @@ def test_sharded_pool_lookup_and_enqueue_over_data_and_fsdp():
   rng = np.random.default_rng(0)
   unit = lambda a: a / np.linalg.norm(a, axis=1, keepdims=True)
   emb = unit(rng.normal(size=(64, 16))).astype(np.float32)
-  pool = roclip.Pool(jnp.asarray(emb), jnp.arange(64, dtype=jnp.int32), jnp.asarray(np.arange(64) % 3, jnp.int8),
-                     jnp.zeros((), jnp.int32), jnp.asarray(np.arange(64) % 5, jnp.int32))
+  pool = roclip.Pool(
+      jnp.asarray(emb),
+      jnp.arange(64, dtype=jnp.int32),
+      jnp.asarray(np.arange(64) % 3, jnp.int8),
+      jnp.zeros((), jnp.int32),
+      jnp.asarray(np.arange(64) % 5, jnp.int32),
+  )
   pool = jax.device_put(pool, roclip.pool_shardings(mesh, True))
   zimg = unit(rng.normal(size=(16, 16))).astype(np.float32)
   with jax.set_mesh(mesh):
     match = jax.jit(lambda p, z: roclip.nearest_captions(p, z, mesh, True))(
-        pool, jax.device_put(zimg, sharding.batch_sharding(mesh)))
+        pool, jax.device_put(zimg, sharding.batch_sharding(mesh))
+    )
   best = np.argmax(zimg @ emb.T, axis=1)  # Brute force over the whole pool.
   np.testing.assert_array_equal(np.asarray(match.index), best)
   np.testing.assert_allclose(np.asarray(match.embeddings), emb[best])
@@ -182,12 +197,16 @@ def test_sharded_pool_lookup_and_enqueue_over_data_and_fsdp():
   ztxt = unit(rng.normal(size=(16, 16))).astype(np.float32)
   with jax.set_mesh(mesh):
     new = jax.jit(lambda p, z, i, q: roclip.enqueue(p, z, i, q, mesh, True))(
-        pool, *(jax.device_put(a, sharding.batch_sharding(mesh)) for a in
-                (ztxt, np.arange(100, 116, dtype=np.int32), np.ones(16, np.int8))))
+        pool,
+        *(
+            jax.device_put(a, sharding.batch_sharding(mesh))
+            for a in (ztxt, np.arange(100, 116, dtype=np.int32), np.ones(16, np.int8))
+        ),
+    )
   # Shard s (row-major over data x fsdp) owns pool rows 8s..8s+7 and writes its 2 batch rows at its pointer 0.
   expected = emb.copy()
   for s in range(8):
-    expected[8 * s:8 * s + 2] = ztxt[2 * s:2 * s + 2]
+    expected[8 * s : 8 * s + 2] = ztxt[2 * s : 2 * s + 2]
   np.testing.assert_allclose(np.asarray(new.embeddings), expected)
   assert int(new.ptr) == 2
 
@@ -234,8 +253,10 @@ def _run_steps(config, mesh_spec, modes, host_state):
 @pytest.fixture(scope="module")
 def mesh_runs(initial_state):
   """A CLIP step that fills the pool, then a RoCLIP matching step, on three meshes."""
-  return {name: _run_steps(_pool_config(), spec, ["clip", "match"], initial_state)
-          for name, spec in (("fsdp", FSDP_MESH), ("data", [("data", 8)]), ("single", [("data", 1)]))}
+  return {
+      name: _run_steps(_pool_config(), spec, ["clip", "match"], initial_state)
+      for name, spec in (("fsdp", FSDP_MESH), ("data", [("data", 8)]), ("single", [("data", 1)]))
+  }
 
 
 def test_train_steps_agree_on_fsdp_data_and_single_device_meshes(mesh_runs, initial_state):
@@ -252,8 +273,9 @@ def test_train_steps_agree_on_fsdp_data_and_single_device_meshes(mesh_runs, init
       # of up to ~1e-5 (lr 5e-4); a wrong gradient moves weights by ~lr per step.
       np.testing.assert_allclose(a, b, rtol=1e-4, atol=2e-5, err_msg=f"{other}: {sharding.path_str(path)}")
   # The steps did change the weights (a no-op step would also "agree").
-  moved = max(float(np.abs(a - b).max())
-              for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial_state.params)))
+  moved = max(
+      float(np.abs(a - b).max()) for a, b in zip(jax.tree.leaves(params), jax.tree.leaves(initial_state.params))
+  )
   assert moved > 5e-4
 
 
@@ -274,7 +296,8 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
       c.grad_accum_steps = accum
       with jax.set_mesh(mesh):
         loss, aux, grads, _ = jax.jit(
-            lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind))(state, batch)
+            lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind)
+        )(state, batch)
       results.append((float(loss), jax.device_get(grads), aux))
     (l1, g1, a1), (l4, g4, a4) = results
     np.testing.assert_allclose(l4, l1, rtol=1e-5)
@@ -286,8 +309,9 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
         b = b[k.key]
       # Relative to each leaf, plus a floor for leaves whose exact gradient is 0 (k_proj biases: softmax
       # ignores a shift of all keys), where both runs hold only float noise.
-      np.testing.assert_allclose(b, a, atol=1e-4 * float(np.abs(a).max()) + 1e-6 * largest,
-                                 err_msg=f"{mode_name}: {sharding.path_str(path)}")
+      np.testing.assert_allclose(
+          b, a, atol=1e-4 * float(np.abs(a).max()) + 1e-6 * largest, err_msg=f"{mode_name}: {sharding.path_str(path)}"
+      )
     assert float(optax.global_norm(g1)) > 0
     if mode_name == "match":
       np.testing.assert_array_equal(np.asarray(a4["match"].index), np.asarray(a1["match"].index))
@@ -315,16 +339,22 @@ def _leaf_bytes(shape, shards):
 def test_aot_compile_reports_memory_and_flops(mesh_runs):
   """The dry run's compile, on the first test's config (its compiled steps are in the persistent cache)."""
   config = _pool_config()
-  reports = {name: report for name, (_, report) in
-             steps.aot_compile(config, _mesh(FSDP_MESH), total_steps=100).items()}  # _run_steps' schedule.
+  reports = {
+      name: report for name, (_, report) in steps.aot_compile(config, _mesh(FSDP_MESH), total_steps=100).items()
+  }  # _run_steps' schedule.
   assert set(reports) == {"clip", "match"}
   params = _abstract_params(config)
   sharded = dict(_TOWER_MLPS, **{"text_model/token_embedding": P("fsdp")})
   # Hand count: params + Adam's mu and nu (f32, a quarter per device where sharded) + two int32 step
   # counts (Adam's and the learning-rate schedule's).
-  expected_param_bytes = 3 * sum(
-      _leaf_bytes(x.shape, 4 if sharding.path_str(p) in sharded else 1)
-      for p, x in jax.tree_util.tree_flatten_with_path(params)[0]) + 2 * 4
+  expected_param_bytes = (
+      3
+      * sum(
+          _leaf_bytes(x.shape, 4 if sharding.path_str(p) in sharded else 1)
+          for p, x in jax.tree_util.tree_flatten_with_path(params)[0]
+      )
+      + 2 * 4
+  )
   per_device = config.data.batch_size / 8
   # Text tower by hand (2 layers, 8 tokens, width 64) + its projection: a matching step skips its backward.
   text_forward = 2 * (24 * 8 * 64**2 + 4 * 8**2 * 64) + 2 * 64 * 64

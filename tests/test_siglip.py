@@ -1,4 +1,5 @@
 """SigLIP's sigmoid loss: the ring-chunked loss against the global formula in NumPy, on 1 and 8 devices."""
+
 import jax
 import jax.numpy as jnp
 from jax.sharding import NamedSharding, PartitionSpec as P
@@ -40,8 +41,9 @@ def _embeddings(seed=0):
   return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-@pytest.mark.parametrize("mesh_spec, num_devices", [
-    ([("data", -1)], 1), ([("data", -1)], 8), ([("data", 4), ("fsdp", 2)], 8)])
+@pytest.mark.parametrize(
+    "mesh_spec, num_devices", [([("data", -1)], 1), ([("data", -1)], 8), ([("data", 4), ("fsdp", 2)], 8)]
+)
 def test_siglip_matches_numpy_value_and_gradients(mesh_spec, num_devices):
   """Value, batch accuracy and gradients w.r.t. both embeddings, scale and bias; the ring runs
   over every batch axis of the mesh (8 shards on the last two meshes)."""
@@ -116,8 +118,13 @@ def test_model_bias_parameter_only_when_asked():
 def _batch(rng):
   tokens = rng.integers(1, 1000, size=(B, 8)).astype(np.int32)
   tokens[:, 0], tokens[:, 5], tokens[:, 6:] = 49406, 49407, 0
-  return {"image": rng.integers(0, 256, size=(B, 16, 16, 3), dtype=np.uint8), "text": tokens,
-          "id": np.arange(B, dtype=np.int64), "label": np.zeros(B, np.int64), "poisoned": np.zeros(B, np.int8)}
+  return {
+      "image": rng.integers(0, 256, size=(B, 16, 16, 3), dtype=np.uint8),
+      "text": tokens,
+      "id": np.arange(B, dtype=np.int64),
+      "label": np.zeros(B, np.int64),
+      "poisoned": np.zeros(B, np.int8),
+  }
 
 
 @pytest.mark.parametrize("match", [False, True])

@@ -5,6 +5,7 @@ for chosen paths (PIL opens files through it too, so the old read-inside-PIL cod
 a source whose `__getitem__` raises EIO, and an ArrayRecord shard that goes missing. Backoff never
 sleeps for real: `image_ops._sleep` is replaced, or the config's base delay is 0.
 """
+
 import builtins
 import collections
 import csv
@@ -105,12 +106,32 @@ def dataset(tmp_path, num_good=10, bad=True):
 
 
 def data_config(csv_path, **data):
-  data = dict(dict(source="csv", csv_path=csv_path, image_root="", image_key="image_path", caption_key="caption",
-                   label_key="label", delimiter=",", eval_csv="", classes_json="", batch_size=4, num_workers=0,
-                   prefetch_buffer=2), **data)
-  return ml_collections.ConfigDict(dict(
-      seed=0, num_epochs=2, data=data, model=dict(image=dict(image_size=16), text=dict(context_length=16)),
-      augment=dict(image=False, text=False, text_resample_per_epoch=False)))
+  data = dict(
+      dict(
+          source="csv",
+          csv_path=csv_path,
+          image_root="",
+          image_key="image_path",
+          caption_key="caption",
+          label_key="label",
+          delimiter=",",
+          eval_csv="",
+          classes_json="",
+          batch_size=4,
+          num_workers=0,
+          prefetch_buffer=2,
+      ),
+      **data,
+  )
+  return ml_collections.ConfigDict(
+      dict(
+          seed=0,
+          num_epochs=2,
+          data=data,
+          model=dict(image=dict(image_size=16), text=dict(context_length=16)),
+          augment=dict(image=False, text=False, text_resample_per_epoch=False),
+      )
+  )
 
 
 def assert_batches_equal(a, b):
@@ -152,8 +173,10 @@ def test_decode_image_tells_bad_data_from_storage_faults(tmp_path, monkeypatch):
   assert isinstance(error.value.__cause__, OSError)
   # Permissions and host memory are faults too, not bad images.
   for fault in (PermissionError(errno.EACCES, "Permission denied"), MemoryError()):
+
     def read_fails(*args, fault=fault, **kwargs):
       raise fault
+
     monkeypatch.setattr(builtins, "open", read_fails)
     with pytest.raises(image_ops.StorageError, match=type(fault).__name__):
       image_ops.decode_image(good[0], retries=0)
@@ -196,7 +219,7 @@ def test_bad_data_is_still_skipped_and_counted_but_a_flaky_read_is_not(tmp_path,
   batches = list(data.iterator)
   assert faulty.raised[good[2]] == 1
   for e in range(2):
-    epoch = batches[3 * e:3 * e + 3]
+    epoch = batches[3 * e : 3 * e + 3]
     ids = set(np.concatenate([b["id"] for b in epoch]).tolist())
     assert ids == set(good), ids  # Every good image (2 re-read to top up), none of the bad ones.
     assert sum(int(b["skipped"].sum()) for b in epoch) == len(bad_ids) == 5
@@ -243,8 +266,9 @@ def test_array_record_reader_faults_are_retried_then_raised(tmp_path, monkeypatc
   csv_path, _, _ = dataset(tmp_path, num_good=8, bad=False)
   convert.convert(csv_path, str(tmp_path / "shards"), image_size=12, shard_size=4, progress=False)
   # No real waits: grain's prefetch threads may still be retrying after the test ends.
-  config = data_config("", source="array_record", array_record_pattern=str(tmp_path / "shards"),
-                       io_retries=2, io_retry_base_seconds=0.0)
+  config = data_config(
+      "", source="array_record", array_record_pattern=str(tmp_path / "shards"), io_retries=2, io_retry_base_seconds=0.0
+  )
   clean = list(pipeline.make_train_data(config).iterator)
   shard = array_record.shard_paths(str(tmp_path / "shards"))[1]
   lock = threading.Lock()
@@ -279,8 +303,13 @@ def demo_root(tmp_path_factory):
 
 def tiny_config(demo_root, **overrides):
   """test_train's tiny run, with instant retries; only the fault and the end of a run save."""
-  base = {"data.io_retries": 1, "data.io_retry_base_seconds": 0.0, "num_epochs": 2, "max_steps": 5,
-          "checkpoint.every_steps": 100}
+  base = {
+      "data.io_retries": 1,
+      "data.io_retry_base_seconds": 0.0,
+      "num_epochs": 2,
+      "max_steps": 5,
+      "checkpoint.every_steps": 100,
+  }
   return train_tiny_config(demo_root, **dict(base, **overrides))
 
 

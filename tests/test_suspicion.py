@@ -1,5 +1,6 @@
 """Poison-suspicion report: AUROC against a brute-force pair count, the scores against loops,
 and the report of a tiny backdoored RoCLIP run (structure, not a particular AUROC)."""
+
 import csv
 import itertools
 import json
@@ -94,9 +95,11 @@ def _brute_local_outlier_scores(x, k):
   neighbours = [sorted((o for o in range(n) if o != p), key=lambda o: dist[p, o])[:k] for p in range(n)]
   kdist = [dist[p, neighbours[p][-1]] for p in range(n)]
   lrd = [1.0 / np.mean([max(kdist[o], dist[p, o]) for o in neighbours[p]]) for p in range(n)]
-  return {"k_distance": np.array(kdist),
-          "lof": np.array([np.mean([lrd[o] for o in neighbours[p]]) / lrd[p] for p in range(n)]),
-          "slof": np.array([np.mean([kdist[p] / kdist[o] for o in neighbours[p]]) for p in range(n)])}
+  return {
+      "k_distance": np.array(kdist),
+      "lof": np.array([np.mean([lrd[o] for o in neighbours[p]]) / lrd[p] for p in range(n)]),
+      "slof": np.array([np.mean([kdist[p] / kdist[o] for o in neighbours[p]]) for p in range(n)]),
+  }
 
 
 def _clusters_with_outliers(seed, per_cluster=50, clusters=3, outliers=4, d=8):
@@ -117,7 +120,7 @@ def test_local_outlier_scores_match_brute_force_and_rank_planted_outliers_first(
   want = _brute_local_outlier_scores(x, k)
   for name in ("k_distance", "slof", "lof"):
     np.testing.assert_allclose(got[name], want[name], rtol=1e-6, err_msg=name)
-    top = np.argsort(-got[name])[:planted.sum()]
+    top = np.argsort(-got[name])[: planted.sum()]
     assert planted[top].all(), f"{name}: the planted outliers are not the top scores"
     assert suspicion.auroc(got[name], planted) == 1.0
   # Inside a tight cluster LOF is about 1; the planted outliers are far sparser than their neighbours.
@@ -155,10 +158,10 @@ def _dense_scores(img, cap, ids, pool, pool_ids, neighbors, density_neighbors):
   """The report's scores as they were computed before streaming: full [N, N] and [N, M] float64
   matrices, full sorts. (mixture_risk reuses safeclip.fit_gmm, tested in test_safeclip.)"""
   from roclip_jax.defenses import safeclip
+
   img, cap, pool = img.astype(np.float64), cap.astype(np.float64), pool.astype(np.float64)
   own = np.sum(img * cap, axis=1)
-  out = {"own_similarity": own, "own_distance": 1 - own,
-         "mixture_risk": 1 - safeclip.fit_gmm(own).posterior_high(own)}
+  out = {"own_similarity": own, "own_distance": 1 - own, "mixture_risk": 1 - safeclip.fit_gmm(own).posterior_high(own)}
   cross = img @ cap.T
   np.fill_diagonal(cross, -np.inf)
   nearest = np.argsort(-cross, axis=1, kind="stable")[:, :neighbors]
@@ -194,8 +197,9 @@ def streaming_case():
 @pytest.mark.parametrize("block_size", [4096, 64, 7])
 def test_streaming_scores_and_metrics_equal_the_dense_computation(streaming_case, block_size):
   img, cap, ids, pool, pool_ids, labels, dense = streaming_case
-  got = suspicion.score_examples(img, cap, ids, pool_emb=pool, pool_ids=pool_ids, neighbors=10, density_neighbors=16,
-                                 block_size=block_size)
+  got = suspicion.score_examples(
+      img, cap, ids, pool_emb=pool, pool_ids=pool_ids, neighbors=10, density_neighbors=16, block_size=block_size
+  )
   assert sorted(got) == sorted(dense)
   # The neighbours are found in float32 on device and their similarities recomputed in float64, so the
   # scores agree with the float64 reference to float64 rounding (summation order), not float32's.
@@ -230,24 +234,34 @@ def test_nearest_neighbors_with_tags_skips_own_and_invalid_keys():
   queries, keys = _unit(rng.normal(size=(6, 3))), _unit(rng.normal(size=(9, 3)))
   query_tags, key_tags = np.array([0, 1, 2, 3, 4, 5]), np.array([0, 0, 1, 2, 9, 9, 3, 4, 5])
   key_valid = np.array([True] * 8 + [False])
-  sims, idx = suspicion.nearest_neighbors(queries, keys, 3, exclude_self=False, query_tags=query_tags,
-                                          key_tags=key_tags, key_valid=key_valid, block_size=2)
+  sims, idx = suspicion.nearest_neighbors(
+      queries, keys, 3, exclude_self=False, query_tags=query_tags, key_tags=key_tags, key_valid=key_valid, block_size=2
+  )
   for i in range(6):
     allowed = [j for j in range(9) if key_valid[j] and key_tags[j] != query_tags[i]]
     want = sorted(allowed, key=lambda j: -float(queries[i] @ keys[j]))[:3]
     assert idx[i].tolist() == want
     np.testing.assert_allclose(sims[i], [queries[i] @ keys[j] for j in want], rtol=1e-12)
   # No allowed key at all: -inf and index -1.
-  sims, idx = suspicion.nearest_neighbors(queries[:1], keys[:2], 1, exclude_self=False, query_tags=query_tags[:1],
-                                          key_tags=key_tags[:2])
+  sims, idx = suspicion.nearest_neighbors(
+      queries[:1], keys[:2], 1, exclude_self=False, query_tags=query_tags[:1], key_tags=key_tags[:2]
+  )
   assert sims[0, 0] == -np.inf and idx[0, 0] == -1
   # In the report: an example whose only pool rows are its own captions gets no pool_margin (NaN).
   ids = np.arange(6)
-  got = suspicion.score_examples(queries, queries[::-1].copy(), ids, pool_emb=keys[:3], pool_ids=np.array([0, -1, 0]),
-                                 neighbors=2, density_neighbors=2)
+  got = suspicion.score_examples(
+      queries,
+      queries[::-1].copy(),
+      ids,
+      pool_emb=keys[:3],
+      pool_ids=np.array([0, -1, 0]),
+      neighbors=2,
+      density_neighbors=2,
+  )
   assert np.isnan(got["pool_margin"][0]) and np.isfinite(got["pool_margin"][1:]).all()
-  np.testing.assert_allclose(got["pool_top1_similarity"][1:], np.maximum(queries[1:] @ keys[0], queries[1:] @ keys[2]),
-                             rtol=1e-12)
+  np.testing.assert_allclose(
+      got["pool_top1_similarity"][1:], np.maximum(queries[1:] @ keys[0], queries[1:] @ keys[2]), rtol=1e-12
+  )
 
 
 @pytest.fixture(scope="module")
@@ -255,11 +269,21 @@ def poisoned_run(tmp_path_factory):
   root = demo.ensure_demo_dataset(dict(test_train.DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
   # 4 backdoored examples, captioned as 'red circle' with the trigger stamped; 6 steps =
   # a CLIP epoch and a RoCLIP matching epoch, so the pool holds captions.
-  config = test_train.tiny_config(root, "roclip", max_steps=6, **{
-      "poison.enabled": True, "poison.backdoor.enabled": True, "poison.backdoor.num_poisons": 4,
-      "poison.backdoor.target_class": "red circle", "checkpoint.async_save": False})
+  config = test_train.tiny_config(
+      root,
+      "roclip",
+      max_steps=6,
+      **{
+          "poison.enabled": True,
+          "poison.backdoor.enabled": True,
+          "poison.backdoor.num_poisons": 4,
+          "poison.backdoor.target_class": "red circle",
+          "checkpoint.async_save": False,
+      },
+  )
   workdir = str(tmp_path_factory.mktemp("run"))
   from roclip_jax import train
+
   train.train_and_evaluate(config, workdir)
   return workdir
 
@@ -273,12 +297,26 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
   with open(out) as f:
     rows = list(csv.DictReader(f))
   assert len(rows) == 48 == len({r["id"] for r in rows})
-  assert list(rows[0]) == ["rank", "id", "caption", "own_similarity", "mixture_risk", "pool_top1_similarity",
-                           "pool_margin", "caption_atypicality", "k_distance", "slof", "lof", "score",
-                           "poisoned", "poison_code"]
+  assert list(rows[0]) == [
+      "rank",
+      "id",
+      "caption",
+      "own_similarity",
+      "mixture_risk",
+      "pool_top1_similarity",
+      "pool_margin",
+      "caption_atypicality",
+      "k_distance",
+      "slof",
+      "lof",
+      "score",
+      "poisoned",
+      "poison_code",
+  ]
   # mixture_risk: the low component's posterior of a mixture fitted to own_similarity,
   # recomputed with scipy's normal density at the parameters EM converged to.
   from roclip_jax.defenses import safeclip
+
   own = np.array([float(r["own_similarity"]) for r in rows])
   gmm = safeclip.fit_gmm(own)
   low, high = (w * scipy.stats.norm.pdf(own, m, np.sqrt(v)) for w, m, v in zip(gmm.weights, gmm.means, gmm.variances))
@@ -291,15 +329,20 @@ def test_report_on_a_tiny_backdoored_run(poisoned_run):
   assert all("red circle" in r["caption"] for r in rows if int(r["id"]) in injected)
   # The metrics, recomputed from the CSV by brute force.
   labels = [r["poisoned"] == "1" for r in rows]
-  for name, column, sign in [("pool_margin", "pool_margin", 1), ("caption_atypicality", "caption_atypicality", 1),
-                             ("own_distance", "own_similarity", -1), ("mixture_risk", "mixture_risk", 1),
-                             ("k_distance", "k_distance", 1), ("slof", "slof", 1), ("lof", "lof", 1)]:
+  for name, column, sign in [
+      ("pool_margin", "pool_margin", 1),
+      ("caption_atypicality", "caption_atypicality", 1),
+      ("own_distance", "own_similarity", -1),
+      ("mixture_risk", "mixture_risk", 1),
+      ("k_distance", "k_distance", 1),
+      ("slof", "slof", 1),
+      ("lof", "lof", 1),
+  ]:
     values = [sign * float(r[column]) for r in rows]
     m = report.metrics[name]
     assert m["auroc"] == pytest.approx(_brute_auroc(values, labels), abs=1e-9)
     top4 = sorted(range(48), key=lambda i: -values[i])[:4]
-    assert m["k"] == 4 and m["precision_at_k"] == m["recall_at_k"] == pytest.approx(
-        sum(labels[i] for i in top4) / 4)
+    assert m["k"] == 4 and m["precision_at_k"] == m["recall_at_k"] == pytest.approx(sum(labels[i] for i in top4) / 4)
   with open(os.path.splitext(out)[0] + ".json") as f:
     saved = json.load(f)
   assert saved["metrics"] == report.metrics and saved["density_neighbors"] == 16
@@ -313,8 +356,9 @@ def test_cli_prints_the_metrics_and_writes_the_csv(poisoned_run):
   cmd = [sys.executable, "-m", "roclip_jax.experiments.suspicion"]
   missing = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
   assert missing.returncode != 0 and "--workdir is required" in missing.stderr
-  done = subprocess.run(cmd + [f"--workdir={poisoned_run}", "--block_size=7"], env=env, capture_output=True, text=True,
-                        timeout=300)
+  done = subprocess.run(
+      cmd + [f"--workdir={poisoned_run}", "--block_size=7"], env=env, capture_output=True, text=True, timeout=300
+  )
   assert done.returncode == 0, done.stderr[-3000:]
   assert "precision@k" in done.stdout and "caption_atypicality" in done.stdout
   assert os.path.exists(os.path.join(poisoned_run, "suspicion.csv"))

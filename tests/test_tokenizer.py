@@ -1,4 +1,5 @@
 """Tokenizer: IDs equal OpenAI CLIP's and a Rust BPE's on every demo caption, layout, truncation, pickling."""
+
 import pickle
 import string
 
@@ -28,10 +29,10 @@ def hf_tokenizer():
   mapping and vocabulary order, not just a few memorised IDs.
   """
   from transformers import CLIPTokenizer  # pylint: disable=g-import-not-at-top
+
   merges = tokenizer_lib.load_merges()
   vocab = tokenizer_lib.build_vocab(merges)
-  return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)},
-                       merges=merges)
+  return CLIPTokenizer(vocab={t: i for i, t in enumerate(vocab)}, merges=merges)
 
 
 @pytest.fixture(scope="module")
@@ -82,16 +83,19 @@ def test_over_long_caption_is_cut_before_eot(tok):
 
 
 # IDs produced by OpenAI's `clip.tokenize` (and open_clip's).
-@pytest.mark.parametrize("text, ids", [
-    ("a photo of a cat", [SOT, 320, 1125, 539, 320, 2368, EOT]),
-    ("hello world!", [SOT, 3306, 1002, 256, EOT]),
-    ("", [SOT, EOT]),
-])
+@pytest.mark.parametrize(
+    "text, ids",
+    [
+        ("a photo of a cat", [SOT, 320, 1125, 539, 320, 2368, EOT]),
+        ("hello world!", [SOT, 3306, 1002, 256, EOT]),
+        ("", [SOT, EOT]),
+    ],
+)
 def test_known_openai_ids(tok, text, ids):
   out = tok(text)
   assert out.dtype == np.int32 and out.shape == (1, 77)
-  np.testing.assert_array_equal(out[0, :len(ids)], ids)
-  assert not out[0, len(ids):].any(), "padding must be 0 (open_clip)"
+  np.testing.assert_array_equal(out[0, : len(ids)], ids)
+  assert not out[0, len(ids) :].any(), "padding must be 0 (open_clip)"
 
 
 def test_vocabulary_layout():
@@ -106,8 +110,7 @@ def test_vocabulary_layout():
 def test_text_is_cleaned_like_openai(tok):
   # Case, repeated whitespace and (double-)escaped HTML do not change IDs.
   np.testing.assert_array_equal(tok("  HELLO \n\t World!  "), tok("hello world!"))
-  np.testing.assert_array_equal(tok("fish &amp;amp; chips"),
-                                tok("fish & chips"))
+  np.testing.assert_array_equal(tok("fish &amp;amp; chips"), tok("fish & chips"))
 
 
 def test_truncation_keeps_eot_last():
@@ -126,17 +129,15 @@ def test_batch_of_texts(tok):
 
 
 @settings(max_examples=60, deadline=None)
-@given(st.text(alphabet=string.ascii_letters + string.digits + " .,!?'-",
-               max_size=60))
+@given(st.text(alphabet=string.ascii_letters + string.digits + " .,!?'-", max_size=60))
 def test_matches_transformers_clip_tokenizer(tok, hf_tokenizer, text):
   expected = hf_tokenizer(text)["input_ids"]
   got = tok(text)[0]
-  np.testing.assert_array_equal(got[:len(expected)], expected[:77])
+  np.testing.assert_array_equal(got[: len(expected)], expected[:77])
 
 
 @settings(max_examples=50, deadline=None)
-@given(st.lists(st.text(alphabet=string.ascii_lowercase, min_size=1,
-                        max_size=12), min_size=1, max_size=8))
+@given(st.lists(st.text(alphabet=string.ascii_lowercase, min_size=1, max_size=12), min_size=1, max_size=8))
 def test_decode_inverts_encode(tok, words):
   text = " ".join(words)
   assert tok.decode(tok(text)[0]) == text
@@ -151,8 +152,7 @@ def test_pickles_small_and_equal(tok):
   blob = pickle.dumps(tok)
   assert len(blob) < 1000, "workers should rebuild it, not receive the vocab"
   clone = pickle.loads(blob)
-  np.testing.assert_array_equal(clone("a photo of a cat"),
-                                tok("a photo of a cat"))
+  np.testing.assert_array_equal(clone("a photo of a cat"), tok("a photo of a cat"))
 
 
 def test_bad_input_raises_clear_errors(tok):

@@ -1,4 +1,5 @@
 """End to end: exact resume, SIGTERM save-and-resume, no NaN checkpoint, corrupt data, RoCLIP pool in checkpoints."""
+
 import csv
 import itertools
 import json
@@ -82,8 +83,9 @@ def test_resume_is_exact(demo_root, tmp_path, defense):
   straight = tmp_path / "straight"
   train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n, **extra), str(straight))
   split = tmp_path / "split"
-  first = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=cut, **{
-      "checkpoint.every_steps": 100, **extra}), str(split))
+  first = train.train_and_evaluate(
+      tiny_config(demo_root, defense, max_steps=cut, **{"checkpoint.every_steps": 100, **extra}), str(split)
+  )
   assert first["step"] == cut
   second = train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n, **extra), str(split))
   assert second["step"] == n
@@ -121,15 +123,23 @@ def test_roclip_pool_survives_checkpoint_bitwise(demo_root, tmp_path):
 
 def _main_cmd(workdir, demo_root, max_steps):
   flags = [
-      f"--config={REPO}/configs/demo.py", f"--workdir={workdir}",
-      f"--config.data.demo.root={demo_root}", f"--config.data.demo.num_classes={DEMO['num_classes']}",
+      f"--config={REPO}/configs/demo.py",
+      f"--workdir={workdir}",
+      f"--config.data.demo.root={demo_root}",
+      f"--config.data.demo.num_classes={DEMO['num_classes']}",
       f"--config.data.demo.train_per_class={DEMO['train_per_class']}",
       f"--config.data.demo.test_per_class={DEMO['test_per_class']}",
       f"--config.data.demo.image_size={DEMO['image_size']}",
-      "--config.model.image.image_size=16", "--config.model.image.patch_size=8",
-      "--config.model.text.context_length=16", "--config.data.batch_size=16", "--config.num_epochs=40",
-      f"--config.max_steps={max_steps}", "--config.log_every_steps=1", "--config.checkpoint.every_steps=1000",
-      "--config.optim.warmup_steps=2", "--config.progress_bar=False",
+      "--config.model.image.image_size=16",
+      "--config.model.image.patch_size=8",
+      "--config.model.text.context_length=16",
+      "--config.data.batch_size=16",
+      "--config.num_epochs=40",
+      f"--config.max_steps={max_steps}",
+      "--config.log_every_steps=1",
+      "--config.checkpoint.every_steps=1000",
+      "--config.optim.warmup_steps=2",
+      "--config.progress_bar=False",
   ]
   return [sys.executable, "-m", "roclip_jax.main", *flags]
 
@@ -138,8 +148,9 @@ def test_sigterm_saves_and_the_restart_finishes_identically(demo_root, tmp_path)
   n = 60
   env = dict(os.environ, PYTHONPATH=REPO)
   killed = tmp_path / "killed"
-  proc = subprocess.Popen(_main_cmd(killed, demo_root, n), env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+  proc = subprocess.Popen(
+      _main_cmd(killed, demo_root, n), env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+  )
   metrics_file = killed / "metrics.jsonl"
   deadline = time.time() + 240
   while time.time() < deadline and proc.poll() is None:
@@ -179,6 +190,7 @@ def test_a_state_that_went_nan_is_never_checkpointed(demo_root, tmp_path, monkey
           state = state.replace(params=jax.tree.map(lambda x: x * jnp.nan, state.params))
           metrics = dict(metrics, param_norm=optax.global_norm(state.params))
         return state, metrics
+
       return diverging
 
     return {mode: wrap(fn) for mode, fn in make_train_steps(*args, **kwargs).items()}
@@ -215,8 +227,9 @@ def _write_corrupt_csv(tmp_path):
 def test_corrupt_images_and_bad_rows_are_skipped_and_counted(demo_root, tmp_path):
   csv_path = _write_corrupt_csv(tmp_path)
   # 31 usable rows (30 + the missing file; the empty caption is dropped), 2 undecodable.
-  config = tiny_config(demo_root, **{"data.source": "csv", "data.csv_path": str(csv_path),
-                                     "data.batch_size": 8, "num_epochs": 3})
+  config = tiny_config(
+      demo_root, **{"data.source": "csv", "data.csv_path": str(csv_path), "data.batch_size": 8, "num_epochs": 3}
+  )
   workdir = tmp_path / "run"
   result = train.train_and_evaluate(config, str(workdir))
   rows = [r for r in metrics_lib.read_metrics(str(workdir)) if r["kind"] == "train"]

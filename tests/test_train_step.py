@@ -1,4 +1,5 @@
 """The jitted train step: RoCLIP's matching loss against NumPy, zero text gradient, CLIP step on 8 devices."""
+
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -63,9 +64,11 @@ def _np_matching_loss(zimg, pool, scale):
   zimg = zimg.astype(np.float64)
   nn = pool[np.argmax(zimg @ pool.T, axis=1)].astype(np.float64)
   logits = scale * zimg @ nn.T
+
   def ce_diag(l):
     l = l - l.max(axis=1, keepdims=True)
     return -np.mean(np.diag(l) - np.log(np.exp(l).sum(axis=1)))
+
   return 0.5 * (ce_diag(logits) + ce_diag(logits.T))
 
 
@@ -77,7 +80,8 @@ def test_matching_loss_matches_numpy_and_text_gradient_is_zero(shard_pool):
   kind = defenses.from_config(config).step_kinds()["match"]
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = jax.jit(
-        lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, kind=kind))(state, batch)
+        lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, kind=kind)
+    )(state, batch)
   # Independent reference: image embeddings from the model, the rest in NumPy.
   model = spec.merge(jax.device_get(state.params), jax.device_get(state.model_state))
   zimg = np.array(model.encode_image(image_ops.normalize(jnp.asarray(random_batch()["image"])), train=True))
@@ -104,8 +108,9 @@ def test_matching_step_leaves_text_tower_unchanged_without_decay_and_fills_pool(
   after = jax.device_get(state.params)
   for a, b in zip(jax.tree.leaves(before["text_model"]), jax.tree.leaves(after["text_model"])):
     np.testing.assert_array_equal(a, b)
-  assert any(np.any(a != b) for a, b in zip(jax.tree.leaves(before["vision_model"]),
-                                             jax.tree.leaves(after["vision_model"])))
+  assert any(
+      np.any(a != b) for a, b in zip(jax.tree.leaves(before["vision_model"]), jax.tree.leaves(after["vision_model"]))
+  )
   ids = np.asarray(state.defense.source_ids)
   np.testing.assert_array_equal(ids[:B], np.arange(B))  # Enqueued after the query, in batch order.
   assert int(state.defense.ptr) == B

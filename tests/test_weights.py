@@ -4,6 +4,7 @@ Every reference runs in PyTorch: Hugging Face's `CLIPModel` (random tiny configs
 written below from OpenAI's published `clip/model.py`. The OpenAI-layout state dicts are built here
 from the HF weights with the test's own name mapping, independent of `weights.py`.
 """
+
 from collections import OrderedDict
 import json
 import math
@@ -31,17 +32,35 @@ from roclip_jax.steps import ModelSpec
 
 torch.set_num_threads(2)
 CONTEXT = 16
-CAPTIONS = ["a photo of a cat", "two dogs playing on the grass in the park at noon", "x",
-            "an extremely long caption that runs far past the sixteen token context window of this tiny model"]
+CAPTIONS = [
+    "a photo of a cat",
+    "two dogs playing on the grass in the park at noon",
+    "x",
+    "an extremely long caption that runs far past the sixteen token context window of this tiny model",
+]
 REL_TOL = 1e-5  # max |ours - reference| / max |reference|, float32
 
 
 def hf_config(act="quick_gelu", vision_overrides=None, **text_overrides):
-  text = dict(vocab_size=49408, hidden_size=64, intermediate_size=256, num_hidden_layers=2,
-              num_attention_heads=2, max_position_embeddings=CONTEXT, hidden_act=act)
+  text = dict(
+      vocab_size=49408,
+      hidden_size=64,
+      intermediate_size=256,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      max_position_embeddings=CONTEXT,
+      hidden_act=act,
+  )
   text.update(text_overrides)
-  vision = dict(hidden_size=64, intermediate_size=256, num_hidden_layers=2, num_attention_heads=2,
-                image_size=32, patch_size=8, hidden_act=act)
+  vision = dict(
+      hidden_size=64,
+      intermediate_size=256,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      image_size=32,
+      patch_size=8,
+      hidden_act=act,
+  )
   vision.update(vision_overrides or {})
   return transformers.CLIPConfig(text_config=text, vision_config=vision, projection_dim=32)
 
@@ -104,8 +123,9 @@ def rel_err(ours, ref):
 
 def assert_close(ours, ref, what):
   err = rel_err(ours, ref)
-  print(f"{what}: max |diff| = {np.abs(ours - ref).max():.2e}, max |ref| = {np.abs(ref).max():.2e}, "
-        f"ratio {err:.2e}")
+  print(
+      f"{what}: max |diff| = {np.abs(ours - ref).max():.2e}, max |ref| = {np.abs(ref).max():.2e}, " f"ratio {err:.2e}"
+  )
   assert err <= REL_TOL, f"{what}: relative max error {err:.2e} > {REL_TOL}"
 
 
@@ -125,8 +145,14 @@ def test_load_hf_matches_transformers(hf_dir):
   path, hf = hf_dir
   model_cfg, params, model_state = weights.load_hf(path)
   act = hf.config.text_config.hidden_act
-  assert (model_cfg.act, model_cfg.embed_dim, model_cfg.image.width, model_cfg.image.patch_size,
-          model_cfg.image.image_size, model_cfg.text.context_length) == (act, 32, 64, 8, 32, CONTEXT)
+  assert (
+      model_cfg.act,
+      model_cfg.embed_dim,
+      model_cfg.image.width,
+      model_cfg.image.patch_size,
+      model_cfg.image.image_size,
+      model_cfg.text.context_length,
+  ) == (act, 32, 64, 8, 32, CONTEXT)
   images, tokens = inputs()
   ref = hf_outputs(hf, images, tokens)
   ours = our_outputs(model_cfg, params, model_state, images, tokens)
@@ -141,8 +167,10 @@ def test_text_padding_after_eot_needs_no_attention_mask(hf_dir):
   eot_padded = np.where(tokens == 0, tokenizer_lib.EOT_ID, tokens)  # HF's tokenizer pads with EOT.
   junk_padded = np.where(tokens == 0, 1234, tokens)
   with torch.no_grad():
-    feats = [hf.get_text_features(input_ids=torch.from_numpy(t.astype(np.int64))).pooler_output
-             .numpy() for t in (tokens, eot_padded, junk_padded)]
+    feats = [
+        hf.get_text_features(input_ids=torch.from_numpy(t.astype(np.int64))).pooler_output.numpy()
+        for t in (tokens, eot_padded, junk_padded)
+    ]
     hf.text_model.eos_token_id = 2  # Old HF configs: pool at argmax(id) instead of the first EOT.
     try:
       legacy = hf.get_text_features(input_ids=torch.from_numpy(tokens.astype(np.int64)))
@@ -175,8 +203,10 @@ def test_export_hf_round_trip_is_bitwise_and_loads_in_transformers(hf_dir, tmp_p
 
 def test_mlp_widths_other_than_4x_match_transformers_in_both_layouts(tmp_path):
   # Text MLP 1.5x and vision MLP 200 (not a multiple of the width 64): each tower its own width.
-  hf = randomize_(transformers.CLIPModel(hf_config(
-      "gelu", vision_overrides=dict(intermediate_size=200), intermediate_size=96)), seed=5)
+  hf = randomize_(
+      transformers.CLIPModel(hf_config("gelu", vision_overrides=dict(intermediate_size=200), intermediate_size=96)),
+      seed=5,
+  )
   hf_path = str(tmp_path / "hf")
   hf.save_pretrained(hf_path)
   images, tokens = inputs(seed=2)
@@ -185,8 +215,7 @@ def test_mlp_widths_other_than_4x_match_transformers_in_both_layouts(tmp_path):
   assert (model_cfg.image.mlp_width, model_cfg.text.mlp_width) == (200, 96)
   assert params["vision_model"]["layers"][1]["mlp"]["fc1"]["kernel"].shape == (64, 200)
   assert params["text_model"]["layers"][0]["mlp"]["fc2"]["kernel"].shape == (96, 64)
-  for name, o, r in zip(("image", "text", "logits"),
-                        our_outputs(model_cfg, params, model_state, images, tokens), ref):
+  for name, o, r in zip(("image", "text", "logits"), our_outputs(model_cfg, params, model_state, images, tokens), ref):
     assert_close(o, r, f"HF non-4x MLP {name}")
 
   # Export: transformers reads the widths back from config.json and computes the same outputs.
@@ -194,8 +223,7 @@ def test_mlp_widths_other_than_4x_match_transformers_in_both_layouts(tmp_path):
   weights.export_hf(model_cfg, params, export)
   with open(os.path.join(export, "config.json")) as f:
     exported = json.load(f)
-  assert (exported["vision_config"]["intermediate_size"],
-          exported["text_config"]["intermediate_size"]) == (200, 96)
+  assert (exported["vision_config"]["intermediate_size"], exported["text_config"]["intermediate_size"]) == (200, 96)
   reloaded = transformers.CLIPModel.from_pretrained(export).eval()
   for o, r in zip(hf_outputs(reloaded, images, tokens), ref):
     np.testing.assert_array_equal(o, r)
@@ -203,11 +231,9 @@ def test_mlp_widths_other_than_4x_match_transformers_in_both_layouts(tmp_path):
   # OpenAI layout: the widths come from the first block's c_fc rows.
   openai_path = str(tmp_path / "clip.safetensors")
   safetensors.torch.save_file(hf_to_openai(hf.state_dict()), openai_path)
-  oa_cfg, oa_params, oa_state = weights.load_openai(openai_path, vision_heads=2, text_heads=2,
-                                                    act="gelu")
+  oa_cfg, oa_params, oa_state = weights.load_openai(openai_path, vision_heads=2, text_heads=2, act="gelu")
   assert oa_cfg.to_dict() == model_cfg.to_dict()
-  for name, o, r in zip(("image", "text", "logits"),
-                        our_outputs(oa_cfg, oa_params, oa_state, images, tokens), ref):
+  for name, o, r in zip(("image", "text", "logits"), our_outputs(oa_cfg, oa_params, oa_state, images, tokens), ref):
     assert_close(o, r, f"OpenAI layout non-4x MLP {name}")
   weights.export_openai(oa_cfg, oa_params, oa_state, str(tmp_path / "export.safetensors"))
   cfg2, params2, _ = weights.load_openai(str(tmp_path / "export.safetensors"))
@@ -227,7 +253,8 @@ def test_mlp_widths_other_than_4x_match_transformers_in_both_layouts(tmp_path):
   assert weights.architecture_mismatches(absent, spelled_out) == []
   assert weights.architecture_mismatches(model_cfg, absent) == [
       "model.image.mlp_width: config has 256, the weights have 200",
-      "model.text.mlp_width: config has 256, the weights have 96"]
+      "model.text.mlp_width: config has 256, the weights have 96",
+  ]
 
 
 def test_load_hf_rejects_unsupported_configs(tmp_path):
@@ -260,8 +287,7 @@ def hf_to_openai(sd: dict) -> dict:
     while f"{hf_prefix}.{i}.layer_norm1.weight" in sd:
       h, o = f"{hf_prefix}.{i}", f"{oa_prefix}.{i}"
       for kind in ("weight", "bias"):
-        out[f"{o}.attn.in_proj_{kind}"] = torch.cat(
-            [sd[f"{h}.self_attn.{p}_proj.{kind}"] for p in "qkv"], 0)
+        out[f"{o}.attn.in_proj_{kind}"] = torch.cat([sd[f"{h}.self_attn.{p}_proj.{kind}"] for p in "qkv"], 0)
         out[f"{o}.attn.out_proj.{kind}"] = sd[f"{h}.self_attn.out_proj.{kind}"]
         out[f"{o}.ln_1.{kind}"] = sd[f"{h}.layer_norm1.{kind}"]
         out[f"{o}.ln_2.{kind}"] = sd[f"{h}.layer_norm2.{kind}"]
@@ -300,8 +326,9 @@ def test_load_openai_matches_transformers(hf_dir, tmp_path):
   torch.save({"epoch": 3, "state_dict": {f"module.{k}": v for k, v in state_dict.items()}}, pt_path)
   for path in (st_path, pt_path):
     model_cfg, params, model_state = weights.load_any(path, vision_heads=2, text_heads=2, act=act)
-    for name, o, r in zip(("image", "text", "logits"),
-                          our_outputs(model_cfg, params, model_state, images, tokens), ref):
+    for name, o, r in zip(
+        ("image", "text", "logits"), our_outputs(model_cfg, params, model_state, images, tokens), ref
+    ):
       assert_close(o, r, f"OpenAI layout {os.path.basename(path)} [{act}] {name}")
 
 
@@ -312,9 +339,15 @@ def test_load_openai_infers_the_architecture_like_build_model(hf_dir, tmp_path):
   model_cfg, _, _ = weights.load_openai(path)
   # Heads follow OpenAI's rule width // 64 when nothing says otherwise.
   assert model_cfg.to_dict() == dict(
-      embed_dim=32, act="quick_gelu", dtype="float32", remat=False, remat_policy="full", logit_bias=False,
+      embed_dim=32,
+      act="quick_gelu",
+      dtype="float32",
+      remat=False,
+      remat_policy="full",
+      logit_bias=False,
       image=dict(type="vit", image_size=32, patch_size=8, width=64, layers=2, heads=1, mlp_width=0),
-      text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1, mlp_width=0))
+      text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1, mlp_width=0),
+  )
   with pytest.raises(ValueError, match="pass text_heads="):
     weights.load_openai(path, text_heads=3)
 
@@ -345,6 +378,7 @@ def test_torchscript_archives_are_refused_without_running_them(tmp_path):
 
 class RefBottleneck(nn.Module):
   """OpenAI clip/model.py Bottleneck (anti-aliased: avgpool before the stride-free conv3)."""
+
   expansion = 4
 
   def __init__(self, inplanes, planes, stride=1):
@@ -358,10 +392,15 @@ class RefBottleneck(nn.Module):
     self.bn3 = nn.BatchNorm2d(planes * 4)
     self.downsample = None
     if stride > 1 or inplanes != planes * 4:
-      self.downsample = nn.Sequential(OrderedDict([
-          ("-1", nn.AvgPool2d(stride)),
-          ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
-          ("1", nn.BatchNorm2d(planes * 4))]))
+      self.downsample = nn.Sequential(
+          OrderedDict(
+              [
+                  ("-1", nn.AvgPool2d(stride)),
+                  ("0", nn.Conv2d(inplanes, planes * 4, 1, stride=1, bias=False)),
+                  ("1", nn.BatchNorm2d(planes * 4)),
+              ]
+          )
+      )
 
   def forward(self, x):
     out = F.relu(self.bn1(self.conv1(x)))
@@ -372,9 +411,10 @@ class RefBottleneck(nn.Module):
 
 
 class RefAttentionPool2d(nn.Module):
+
   def __init__(self, spacial_dim, embed_dim, num_heads, output_dim):
     super().__init__()
-    self.positional_embedding = nn.Parameter(torch.randn(spacial_dim ** 2 + 1, embed_dim))
+    self.positional_embedding = nn.Parameter(torch.randn(spacial_dim**2 + 1, embed_dim))
     self.k_proj = nn.Linear(embed_dim, embed_dim)
     self.q_proj = nn.Linear(embed_dim, embed_dim)
     self.v_proj = nn.Linear(embed_dim, embed_dim)
@@ -386,17 +426,31 @@ class RefAttentionPool2d(nn.Module):
     x = torch.cat([x.mean(dim=0, keepdim=True), x], dim=0)
     x = x + self.positional_embedding[:, None, :]
     x, _ = F.multi_head_attention_forward(
-        query=x[:1], key=x, value=x, embed_dim_to_check=x.shape[-1], num_heads=self.num_heads,
-        q_proj_weight=self.q_proj.weight, k_proj_weight=self.k_proj.weight,
-        v_proj_weight=self.v_proj.weight, in_proj_weight=None,
+        query=x[:1],
+        key=x,
+        value=x,
+        embed_dim_to_check=x.shape[-1],
+        num_heads=self.num_heads,
+        q_proj_weight=self.q_proj.weight,
+        k_proj_weight=self.k_proj.weight,
+        v_proj_weight=self.v_proj.weight,
+        in_proj_weight=None,
         in_proj_bias=torch.cat([self.q_proj.bias, self.k_proj.bias, self.v_proj.bias]),
-        bias_k=None, bias_v=None, add_zero_attn=False, dropout_p=0.0,
-        out_proj_weight=self.c_proj.weight, out_proj_bias=self.c_proj.bias,
-        use_separate_proj_weight=True, training=self.training, need_weights=False)
+        bias_k=None,
+        bias_v=None,
+        add_zero_attn=False,
+        dropout_p=0.0,
+        out_proj_weight=self.c_proj.weight,
+        out_proj_bias=self.c_proj.bias,
+        use_separate_proj_weight=True,
+        training=self.training,
+        need_weights=False,
+    )
     return x.squeeze(0)
 
 
 class RefModifiedResNet(nn.Module):
+
   def __init__(self, layers, output_dim, heads, input_resolution, width):
     super().__init__()
     self.conv1 = nn.Conv2d(3, width // 2, 3, stride=2, padding=1, bias=False)
@@ -431,16 +485,14 @@ class RefModifiedResNet(nn.Module):
 @pytest.fixture(scope="module")
 def rn_state_dict():
   """A tiny OpenAI RN CLIP: reference ResNet image tower + a HF text tower in OpenAI names."""
-  resnet = randomize_(RefModifiedResNet((1, 1, 1, 1), output_dim=32, heads=2, input_resolution=64,
-                                        width=16), seed=2)
+  resnet = randomize_(RefModifiedResNet((1, 1, 1, 1), output_dim=32, heads=2, input_resolution=64, width=16), seed=2)
   gen = torch.Generator().manual_seed(3)
   for module in resnet.modules():  # Non-trivial running statistics; eval mode uses them.
     if isinstance(module, nn.BatchNorm2d):
       module.running_mean.copy_(0.3 * torch.randn(module.num_features, generator=gen))
       module.running_var.copy_(0.5 + torch.rand(module.num_features, generator=gen))
   text = randomize_(transformers.CLIPModel(hf_config()), seed=4)
-  state_dict = {k: v for k, v in hf_to_openai(text.state_dict()).items()
-                if not k.startswith("visual.")}
+  state_dict = {k: v for k, v in hf_to_openai(text.state_dict()).items() if not k.startswith("visual.")}
   state_dict.update({f"visual.{k}": v for k, v in resnet.state_dict().items()})
   return resnet, text, state_dict
 
@@ -450,8 +502,13 @@ def test_load_openai_resnet_matches_reference(rn_state_dict, tmp_path):
   path = str(tmp_path / "rn.safetensors")
   safetensors.torch.save_file({k: v.contiguous() for k, v in state_dict.items()}, path)
   model_cfg, params, model_state = weights.load_any(path, vision_heads=2, text_heads=2)
-  assert (model_cfg.image.type, tuple(model_cfg.image.layers), model_cfg.image.width,
-          model_cfg.image.image_size, model_cfg.embed_dim) == ("resnet", (1, 1, 1, 1), 16, 64, 32)
+  assert (
+      model_cfg.image.type,
+      tuple(model_cfg.image.layers),
+      model_cfg.image.width,
+      model_cfg.image.image_size,
+      model_cfg.embed_dim,
+  ) == ("resnet", (1, 1, 1, 1), 16, 64, 32)
   images, tokens = inputs(seed=5, image_size=64)
   with torch.no_grad():
     ref_image = resnet(torch.from_numpy(images.transpose(0, 3, 1, 2).copy())).numpy()
@@ -487,8 +544,9 @@ def test_export_openai_round_trip_is_bitwise(rn_state_dict, tmp_path):
 
 
 def test_train_init_from_loads_weights_and_checks_the_architecture(tmp_path):
-  demo_cfg = dict(num_classes=4, train_per_class=4, test_per_class=2, image_size=16, seed=0,
-                  root=str(tmp_path / "demo"))
+  demo_cfg = dict(
+      num_classes=4, train_per_class=4, test_per_class=2, image_size=16, seed=0, root=str(tmp_path / "demo")
+  )
   demo.ensure_demo_dataset(demo_cfg)
   config = config_lib.base_config()
   config.model = models.preset("tiny")
@@ -525,11 +583,21 @@ SIGLIP_WORDS = ["<pad>", "</s>", "<unk>", "a", "photo", "of", "cat", "dog", "bir
 
 def siglip_config(**vision_overrides):
   """Text and vision towers of different widths, heads and non-4x MLPs (vision 200 = 3.125x, text 2x)."""
-  text = dict(vocab_size=SIGLIP_VOCAB, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-              num_attention_heads=2, max_position_embeddings=CONTEXT, projection_size=64,
-              pad_token_id=SIGLIP_PAD, bos_token_id=2, eos_token_id=SIGLIP_PAD)
-  vision = dict(hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4,
-                image_size=32, patch_size=8)
+  text = dict(
+      vocab_size=SIGLIP_VOCAB,
+      hidden_size=48,
+      intermediate_size=96,
+      num_hidden_layers=2,
+      num_attention_heads=2,
+      max_position_embeddings=CONTEXT,
+      projection_size=64,
+      pad_token_id=SIGLIP_PAD,
+      bos_token_id=2,
+      eos_token_id=SIGLIP_PAD,
+  )
+  vision = dict(
+      hidden_size=64, intermediate_size=200, num_hidden_layers=2, num_attention_heads=4, image_size=32, patch_size=8
+  )
   vision.update(vision_overrides)
   return transformers.SiglipConfig(text_config=text, vision_config=vision)
 
@@ -583,19 +651,37 @@ def test_load_hf_siglip_matches_transformers(siglip_dir):
   path, hf = siglip_dir
   model_cfg, params, model_state = weights.load_hf_siglip(path)
   assert (model_cfg.embed_dim, model_cfg.act, model_cfg.layer_norm_eps, model_cfg.logit_bias) == (
-      64, "gelu_tanh", 1e-6, True)
-  assert (model_cfg.image.pool, model_cfg.image.patch_bias, model_cfg.image.pre_norm,
-          model_cfg.image.heads, model_cfg.image.mlp_width) == ("map", True, False, 4, 200)
-  assert (model_cfg.text.causal, model_cfg.text.pool, model_cfg.text.proj_bias, model_cfg.text.width,
-          model_cfg.text.mlp_width, model_cfg.text.vocab_size) == (False, "last", True, 48, 96, SIGLIP_VOCAB)
+      64,
+      "gelu_tanh",
+      1e-6,
+      True,
+  )
+  assert (
+      model_cfg.image.pool,
+      model_cfg.image.patch_bias,
+      model_cfg.image.pre_norm,
+      model_cfg.image.heads,
+      model_cfg.image.mlp_width,
+  ) == ("map", True, False, 4, 200)
+  assert (
+      model_cfg.text.causal,
+      model_cfg.text.pool,
+      model_cfg.text.proj_bias,
+      model_cfg.text.width,
+      model_cfg.text.mlp_width,
+      model_cfg.text.vocab_size,
+  ) == (False, "last", True, 48, 96, SIGLIP_VOCAB)
   assert params["logit_bias"].shape == () and float(params["logit_bias"]) == -2.5
   images, tokens = inputs(seed=4)[0], siglip_tokens()
   ref = siglip_hf_outputs(hf, images, tokens)
   for source in (path, os.path.join(path, weights.HF_WEIGHTS)):  # load_any dispatches on model_type.
     loaded = weights.load_any(source)
     assert loaded[0].to_dict() == model_cfg.to_dict()
-    for name, o, r in zip(("image embeddings", "text embeddings", "logits_per_image (with bias)"),
-                          siglip_our_outputs(*loaded, images, tokens), ref):
+    for name, o, r in zip(
+        ("image embeddings", "text embeddings", "logits_per_image (with bias)"),
+        siglip_our_outputs(*loaded, images, tokens),
+        ref,
+    ):
       assert_close(o, r, f"HF SigLIP {name}")
 
 
@@ -605,16 +691,20 @@ def test_siglip_config_from_transformers_config_and_the_b16_preset():
   assert from_object.to_dict() == weights.hf_siglip_model_config(hf.to_dict()).to_dict()
   # transformers' defaults are google/siglip-base-patch16-224's architecture.
   assert weights.hf_siglip_model_config(transformers.SiglipConfig()).to_dict() == (
-      models.preset("SigLIP-B/16").to_dict())
+      models.preset("SigLIP-B/16").to_dict()
+  )
 
 
-@pytest.mark.parametrize("change, message", [
-    (dict(vision_config=dict(vision_use_head=False)), "vision_use_head=False"),
-    (dict(text_config=dict(projection_size=32)), "projection_size=32 differs from the vision width 64"),
-    (dict(text_config=dict(hidden_act="relu")), "hidden_act='relu' is not supported"),
-    (dict(vision_config=dict(layer_norm_eps=1e-5)), "layer_norm_eps"),
-    (dict(model_type="clip"), "not a SiglipModel"),
-])
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        (dict(vision_config=dict(vision_use_head=False)), "vision_use_head=False"),
+        (dict(text_config=dict(projection_size=32)), "projection_size=32 differs from the vision width 64"),
+        (dict(text_config=dict(hidden_act="relu")), "hidden_act='relu' is not supported"),
+        (dict(vision_config=dict(layer_norm_eps=1e-5)), "layer_norm_eps"),
+        (dict(model_type="clip"), "not a SiglipModel"),
+    ],
+)
 def test_hf_siglip_config_refusals_name_the_field(change, message):
   hf = siglip_config().to_dict()
   for key, value in change.items():
@@ -646,8 +736,11 @@ def test_load_for_training_accepts_siglip_and_names_architecture_differences(sig
   assert_trees_bitwise_equal(jax.tree.map(np.asarray, placed), params)
   assert state == {}
   clip_cfg = models.preset("tiny")
-  with pytest.raises(ValueError, match="model.image.pool: config has 'cls', the weights have 'map'.*"
-                                       "model.logit_bias: config has False, the weights have True"):
+  with pytest.raises(
+      ValueError,
+      match="model.image.pool: config has 'cls', the weights have 'map'.*"
+      "model.logit_bias: config has False, the weights have True",
+  ):
     weights.load_for_training(path, clip_cfg, shardings, {})
 
 
@@ -658,10 +751,12 @@ def word_tokenizer_files(directory):
   """A SigLIP-style tokenizer (pad = eos = 1) saved as HF files, built offline with `tokenizers`."""
   import tokenizers
   from tokenizers import models as tok_models, pre_tokenizers
+
   tok = tokenizers.Tokenizer(tok_models.WordLevel({w: i for i, w in enumerate(SIGLIP_WORDS)}, unk_token="<unk>"))
   tok.pre_tokenizer = pre_tokenizers.Whitespace()
-  transformers.PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="</s>", unk_token="<unk>",
-                                       eos_token="</s>").save_pretrained(directory)
+  transformers.PreTrainedTokenizerFast(
+      tokenizer_object=tok, pad_token="</s>", unk_token="<unk>", eos_token="</s>"
+  ).save_pretrained(directory)
   return transformers.AutoTokenizer.from_pretrained(directory, local_files_only=True)
 
 
@@ -723,7 +818,7 @@ def test_load_pretrained_siglip_without_tokenizer_files_takes_token_ids(siglip_d
   with pytest.raises(ValueError, match="(?s)could not be read with transformers' AutoTokenizer.*sentencepiece"):
     inspect_lib.load_pretrained(str(broken), batch_size=8)
   # A caller-supplied tokenizer is used as given.
-  run = inspect_lib.load_pretrained(path, batch_size=8, tokenizer=lambda texts: tokens[:len(texts)])
+  run = inspect_lib.load_pretrained(path, batch_size=8, tokenizer=lambda texts: tokens[: len(texts)])
   assert_close(run.encode_texts(["x", "y", "z"]), unit(ref_text), "load_pretrained SigLIP tokenizer=")
 
 
@@ -739,8 +834,10 @@ def test_load_pretrained_clip_dir_and_openai_file_match_transformers(hf_dir, tmp
   openai_path = str(tmp_path / "clip.safetensors")
   safetensors.torch.save_file(hf_to_openai(hf.state_dict()), openai_path)
   act = hf.config.text_config.hidden_act
-  for run in (inspect_lib.load_pretrained(path, batch_size=8),
-              inspect_lib.load_pretrained(openai_path, batch_size=8, vision_heads=2, text_heads=2, act=act)):
+  for run in (
+      inspect_lib.load_pretrained(path, batch_size=8),
+      inspect_lib.load_pretrained(openai_path, batch_size=8, vision_heads=2, text_heads=2, act=act),
+  ):
     assert "OpenAI BPE" in run.tokenization
     assert_close(run.encode_images(images), unit(ref_image), f"load_pretrained CLIP [{act}] image")
     assert_close(run.encode_texts(prompts), unit(ref_text), f"load_pretrained CLIP [{act}] text")

@@ -19,6 +19,7 @@ exception form and common inflections of each lemma, and exits non-zero on the f
 The table is derived from WordNet 3.0 (Princeton University); its licence ships beside it
 (roclip_jax/assets/WORDNET_LICENSE).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,13 +45,15 @@ def _nltk_reader(wordnet_dir: str):
   import nltk  # pylint: disable=import-outside-toplevel
   from nltk.corpus.reader.wordnet import WordNetCorpusReader  # pylint: disable=import-outside-toplevel
 
-  lexnames = ('adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body '
-              'noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location '
-              'noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process '
-              'noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change '
-              'verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation '
-              'verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather '
-              'adj.ppl').split()
+  lexnames = (
+      'adj.all adj.pert adv.all noun.Tops noun.act noun.animal noun.artifact noun.attribute noun.body '
+      'noun.cognition noun.communication noun.event noun.feeling noun.food noun.group noun.location '
+      'noun.motive noun.object noun.person noun.phenomenon noun.plant noun.possession noun.process '
+      'noun.quantity noun.relation noun.shape noun.state noun.substance noun.time verb.body verb.change '
+      'verb.cognition verb.communication verb.competition verb.consumption verb.contact verb.creation '
+      'verb.emotion verb.motion verb.perception verb.possession verb.social verb.stative verb.weather '
+      'adj.ppl'
+  ).split()
   category = {'noun': 1, 'verb': 2, 'adj': 3, 'adv': 4}
 
   class Reader(WordNetCorpusReader):
@@ -122,7 +125,7 @@ def build(reader) -> dict:
 def check(table_path: str, reader) -> int:
   for pos in POS_ORDER:
     if tuple(map(tuple, reader.MORPHOLOGICAL_SUBSTITUTIONS[pos])) != eda.MORPHY_RULES[pos]:
-      print(f'eda.MORPHY_RULES[{pos!r}] differs from NLTK\'s MORPHOLOGICAL_SUBSTITUTIONS', file=sys.stderr)
+      print(f"eda.MORPHY_RULES[{pos!r}] differs from NLTK's MORPHOLOGICAL_SUBSTITUTIONS", file=sys.stderr)
       return 1
   table = eda.SynonymTable.load(table_path)
   words = set()
@@ -153,8 +156,10 @@ def main() -> int:
   # mtime=0: the same WordNet gives a byte-identical file.
   with open(args.output, 'wb') as raw, gzip.GzipFile(fileobj=raw, mode='wb', mtime=0, compresslevel=9) as f:
     f.write(data)
-  print(f'wrote {args.output}: {len(table["synsets"])} synsets, '
-        f'{sum(len(v) for v in table["index"].values())} index entries, {os.path.getsize(args.output)} bytes')
+  print(
+      f'wrote {args.output}: {len(table["synsets"])} synsets, '
+      f'{sum(len(v) for v in table["index"].values())} index entries, {os.path.getsize(args.output)} bytes'
+  )
   return check(args.output, reader)
 
 

@@ -10,6 +10,7 @@ both revisions train the same experiment however the benchmark's config has chan
 `git worktree` at `--revision`, each in its own process, and compares every array of the final
 params, optimizer state and pool. Prints how many are bitwise equal; exits 1 on any difference.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,7 +21,7 @@ import tempfile
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-_TRAIN = r'''
+_TRAIN = r"""
 import os, sys
 repo, out, steps = sys.argv[1], sys.argv[2], int(sys.argv[3])
 sys.path.insert(0, repo)
@@ -49,13 +50,12 @@ state = inspect_lib.load(out + ".run").state
 pool = state.defense if hasattr(state, "defense") else state.pool  # The field's name before the Defense interface.
 leaves = jax.tree.leaves((state.params, state.opt_state, pool.embeddings, pool.source_ids))
 np.savez(out, *[np.asarray(x) for x in leaves])
-'''
+"""
 
 
 def _train(repo: str, out: str, steps: int) -> None:
   env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
-  subprocess.run([sys.executable, "-c", _TRAIN, repo, out, str(steps)], check=True, env=env,
-                 stdout=subprocess.DEVNULL)
+  subprocess.run([sys.executable, "-c", _TRAIN, repo, out, str(steps)], check=True, env=env, stdout=subprocess.DEVNULL)
 
 
 def main() -> int:
@@ -64,10 +64,15 @@ def main() -> int:
   parser.add_argument("--steps", type=int, default=100)
   args = parser.parse_args()
   import numpy as np  # pylint: disable=import-outside-toplevel
+
   with tempfile.TemporaryDirectory() as tmp:
     old_tree = os.path.join(tmp, "old")
-    subprocess.run(["git", "-C", REPO, "worktree", "add", "--detach", old_tree, args.revision], check=True,
-                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    subprocess.run(
+        ["git", "-C", REPO, "worktree", "add", "--detach", old_tree, args.revision],
+        check=True,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
       _train(old_tree, os.path.join(tmp, "old.npz"), args.steps)
       _train(REPO, os.path.join(tmp, "new.npz"), args.steps)
@@ -78,8 +83,10 @@ def main() -> int:
       print(f"different state structure: {len(old.files)} vs {len(new.files)} arrays")
       return 1
     equal = sum(np.array_equal(old[k], new[k]) and old[k].dtype == new[k].dtype for k in old.files)
-    print(f"{equal} of {len(old.files)} arrays bitwise equal after {args.steps} steps "
-          f"(revision {args.revision} vs the working tree)")
+    print(
+        f"{equal} of {len(old.files)} arrays bitwise equal after {args.steps} steps "
+        f"(revision {args.revision} vs the working tree)"
+    )
     return 0 if equal == len(old.files) else 1
 
 

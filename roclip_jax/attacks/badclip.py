@@ -17,6 +17,7 @@ held-out split. x are training images not of the target class, the attack's own 
 takes an Adam step on P, clipped back to [0, 1]; the result is quantised to uint8 and saved with
 `poison.save_patch_file`, for the `optimized` trigger of `roclip_jax.data.poison`.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -59,8 +60,9 @@ def default_config() -> ml_collections.ConfigDict:
   num_images: training images (not of the target class) the patch is optimised on.
   templates: 'dataset' (the held-out split's zero-shot templates) or 'imagenet80'.
   """
-  return ml_collections.ConfigDict(dict(
-      steps=500, lr=0.01, batch_size=64, seed=0, image_weight=1.0, num_images=1024, templates="dataset"))
+  return ml_collections.ConfigDict(
+      dict(steps=500, lr=0.01, batch_size=64, seed=0, image_weight=1.0, num_images=1024, templates="dataset")
+  )
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -85,6 +87,7 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
 @dataclasses.dataclass(frozen=True)
 class Surrogate:
   """A CLIP to optimise against: its model config, host (numpy) parameters and where it came from."""
+
   model_config: ml_collections.ConfigDict
   params: dict
   model_state: dict
@@ -99,8 +102,9 @@ class Surrogate:
     return int(self.model_config.image.image_size)
 
   def encoder(self) -> encoder_lib.Encoder:
-    return encoder_lib.Encoder(self.spec, self.params, self.model_state,
-                               context_length=self.model_config.text.context_length)
+    return encoder_lib.Encoder(
+        self.spec, self.params, self.model_state, context_length=self.model_config.text.context_length
+    )
 
 
 def load_surrogate(path: str) -> Surrogate:
@@ -109,11 +113,17 @@ def load_surrogate(path: str) -> Surrogate:
     run_config, state = runs.restore(path)
     # On the host: the run's arrays are placed on its training mesh; the optimiser places its own.
     params, model_state = jax.device_get((state.params, state.model_state))
-    return Surrogate(run_config.model, params, model_state,
-                     description=f"run {os.path.abspath(path)} step {int(jax.device_get(state.step))}")
+    return Surrogate(
+        run_config.model,
+        params,
+        model_state,
+        description=f"run {os.path.abspath(path)} step {int(jax.device_get(state.step))}",
+    )
   if not os.path.exists(path):
-    raise FileNotFoundError(f"--surrogate={path!r} does not exist; pass a training run's --workdir or "
-                            "CLIP weights (a Hugging Face directory or an OpenAI/open_clip file).")
+    raise FileNotFoundError(
+        f"--surrogate={path!r} does not exist; pass a training run's --workdir or "
+        "CLIP weights (a Hugging Face directory or an OpenAI/open_clip file)."
+    )
   model_config, params, model_state = weights_lib.load_any(path)
   return Surrogate(model_config, params, model_state, description=f"weights {os.path.abspath(path)}")
 
@@ -121,6 +131,7 @@ def load_surrogate(path: str) -> Surrogate:
 @dataclasses.dataclass(frozen=True)
 class TargetEmbeddings:
   """The two anchors of the objective, unit vectors [embed_dim]."""
+
   text: np.ndarray
   image: np.ndarray
 
@@ -130,13 +141,16 @@ def _unit(x: np.ndarray) -> np.ndarray:
   return (x / np.linalg.norm(x)).astype(np.float32)
 
 
-def target_embeddings(encoder: Any, target_class: str, templates: Sequence[str],
-                      target_images: np.ndarray) -> TargetEmbeddings:
+def target_embeddings(
+    encoder: Any, target_class: str, templates: Sequence[str], target_images: np.ndarray
+) -> TargetEmbeddings:
   """t: the normalised mean of the templates' text embeddings with the target class (the zero-shot
   classifier's row); v: the normalised mean of the clean target-class images' embeddings."""
   if not len(target_images):
-    raise ValueError(f"No clean image of the target class {target_class!r} to anchor the image term; "
-                     "give held-out images of that class (or set image_weight=0).")
+    raise ValueError(
+        f"No clean image of the target class {target_class!r} to anchor the image term; "
+        "give held-out images of that class (or set image_weight=0)."
+    )
   text = encoder.encode_texts([t.format(target_class) for t in templates]).mean(axis=0)
   image = encoder.encode_images(np.asarray(target_images, np.uint8)).mean(axis=0)
   return TargetEmbeddings(text=_unit(text), image=_unit(image))
@@ -154,9 +168,17 @@ def stamp(images: jax.Array, patch: jax.Array, corners: jax.Array) -> jax.Array:
   return jax.vmap(paste)(images.astype(jnp.float32), corners)
 
 
-def per_image_objective(spec: steps_lib.ModelSpec, params: dict, model_state: dict, patch: jax.Array,
-                        images: jax.Array, corners: jax.Array, text_target: jax.Array, image_target: jax.Array,
-                        image_weight: float) -> tuple[jax.Array, jax.Array, jax.Array]:
+def per_image_objective(
+    spec: steps_lib.ModelSpec,
+    params: dict,
+    model_state: dict,
+    patch: jax.Array,
+    images: jax.Array,
+    corners: jax.Array,
+    text_target: jax.Array,
+    image_target: jax.Array,
+    image_weight: float,
+) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(loss, cos to t, cos to v), each [B], of the images (uint8 [B, S, S, 3]) carrying the patch.
 
   The images go through the eval preprocessing of `Encoder` (`image_ops.normalize`), so the
@@ -190,8 +212,16 @@ class PatchResult:
   history: tuple[tuple[int, float], ...]  # (step, batch loss before that step's update).
 
 
-def optimize_patch(surrogate: Surrogate, images: np.ndarray, targets: TargetEmbeddings, *, side: int,
-                   position: str, cfg: ml_collections.ConfigDict, log_every: int = 0) -> PatchResult:
+def optimize_patch(
+    surrogate: Surrogate,
+    images: np.ndarray,
+    targets: TargetEmbeddings,
+    *,
+    side: int,
+    position: str,
+    cfg: ml_collections.ConfigDict,
+    log_every: int = 0,
+) -> PatchResult:
   """Optimises a `side`-px patch on `images` (uint8 [N, S, S, 3] at the surrogate's resolution).
 
   Deterministic given `cfg.seed` (initial patch, batches and random corners all derive from it).
@@ -202,8 +232,10 @@ def optimize_patch(surrogate: Surrogate, images: np.ndarray, targets: TargetEmbe
     raise ValueError(f"optimize_patch needs uint8 [N, S, S, 3] images, got {images.dtype} {images.shape}.")
   n, size = images.shape[0], images.shape[1]
   if images.shape[1:3] != (surrogate.image_size, surrogate.image_size):
-    raise ValueError(f"The images are {images.shape[1]}x{images.shape[2]} but the surrogate reads "
-                     f"{surrogate.image_size}x{surrogate.image_size}; resize them (image_ops.resize_center_crop).")
+    raise ValueError(
+        f"The images are {images.shape[1]}x{images.shape[2]} but the surrogate reads "
+        f"{surrogate.image_size}x{surrogate.image_size}; resize them (image_ops.resize_center_crop)."
+    )
   if position not in poison_lib.PATCH_POSITIONS:
     raise ValueError(f"position={position!r} is not one of {list(poison_lib.PATCH_POSITIONS)}.")
   if not 1 <= side <= size:
@@ -220,7 +252,8 @@ def optimize_patch(surrogate: Surrogate, images: np.ndarray, targets: TargetEmbe
 
   def batch_objective(patch, params, model_state, batch_images, corners, text_t, image_t):
     loss, text_cos, image_cos = per_image_objective(
-        spec, params, model_state, patch, batch_images, corners, text_t, image_t, weight)
+        spec, params, model_state, patch, batch_images, corners, text_t, image_t, weight
+    )
     return loss.mean(), (text_cos.mean(), image_cos.mean())
 
   @functools.partial(jax.jit, donate_argnums=(0, 1))
@@ -229,7 +262,8 @@ def optimize_patch(surrogate: Surrogate, images: np.ndarray, targets: TargetEmbe
     chosen = jax.random.choice(batch_key, all_images.shape[0], (batch,), replace=False)
     corners = draw_corners(corner_key, position, side, size, batch)
     (loss, _), grad = jax.value_and_grad(batch_objective, has_aux=True)(
-        patch, params, model_state, all_images[chosen], corners, text_t, image_t)
+        patch, params, model_state, all_images[chosen], corners, text_t, image_t
+    )
     updates, opt_state = tx.update(grad, opt_state, patch)
     # Projected: the patch stays a valid image.
     return jnp.clip(optax.apply_updates(patch, updates), 0.0, 1.0), opt_state, loss
@@ -253,8 +287,7 @@ def optimize_patch(surrogate: Surrogate, images: np.ndarray, targets: TargetEmbe
       chunk = np.concatenate([images[start:stop], np.zeros((pad,) + images.shape[1:], np.uint8)])
       corners = np.concatenate([eval_corners[start:stop], np.zeros((pad, 2), np.int32)])
       valid = np.arange(batch) < stop - start
-      sums += np.asarray(chunk_sums(patch01, params, model_state, chunk, corners, valid, text_t, image_t),
-                         np.float64)
+      sums += np.asarray(chunk_sums(patch01, params, model_state, chunk, corners, valid, text_t, image_t), np.float64)
     return sums / n
 
   init = jax.random.normal(jax.random.fold_in(root, _STREAM_INIT), (side, side, 3)) * _INIT_STD + _INIT_MEAN
@@ -270,9 +303,16 @@ def optimize_patch(surrogate: Surrogate, images: np.ndarray, targets: TargetEmbe
       print(f"badclip step {step}: batch objective {float(loss):.4f}", flush=True)
   final_patch = quantize(patch)
   final = mean_objective(final_patch)
-  return PatchResult(patch=final_patch, objective_initial=float(initial[0]), objective_final=float(final[0]),
-                     text_cos_initial=float(initial[1]), text_cos_final=float(final[1]),
-                     image_cos_initial=float(initial[2]), image_cos_final=float(final[2]), history=tuple(history))
+  return PatchResult(
+      patch=final_patch,
+      objective_initial=float(initial[0]),
+      objective_final=float(final[0]),
+      text_cos_initial=float(initial[1]),
+      text_cos_final=float(final[1]),
+      image_cos_initial=float(initial[2]),
+      image_cos_final=float(final[2]),
+      history=tuple(history),
+  )
 
 
 def quantize(patch: jax.Array) -> np.ndarray:
@@ -280,15 +320,34 @@ def quantize(patch: jax.Array) -> np.ndarray:
   return np.clip(np.rint(np.asarray(patch, np.float64) * 255.0), 0, 255).astype(np.uint8)
 
 
-def metadata(result: PatchResult, surrogate: Surrogate, *, target_class: str, position: str,
-             cfg: ml_collections.ConfigDict, **extra: Any) -> dict[str, Any]:
+def metadata(
+    result: PatchResult,
+    surrogate: Surrogate,
+    *,
+    target_class: str,
+    position: str,
+    cfg: ml_collections.ConfigDict,
+    **extra: Any,
+) -> dict[str, Any]:
   """What the patch file records (and, through it, every run's poison_info.json)."""
-  return dict(attack="badclip", surrogate=surrogate.description, target_class=target_class,
-              image_size=surrogate.image_size, patch_side=int(result.patch.shape[0]), position=position,
-              steps=int(cfg.steps), lr=float(cfg.lr), batch_size=int(cfg.batch_size), seed=int(cfg.seed),
-              image_weight=float(cfg.image_weight), objective_initial=result.objective_initial,
-              objective_final=result.objective_final, text_cos_final=result.text_cos_final,
-              image_cos_final=result.image_cos_final, **extra)
+  return dict(
+      attack="badclip",
+      surrogate=surrogate.description,
+      target_class=target_class,
+      image_size=surrogate.image_size,
+      patch_side=int(result.patch.shape[0]),
+      position=position,
+      steps=int(cfg.steps),
+      lr=float(cfg.lr),
+      batch_size=int(cfg.batch_size),
+      seed=int(cfg.seed),
+      image_weight=float(cfg.image_weight),
+      objective_initial=result.objective_initial,
+      objective_final=result.objective_final,
+      text_cos_final=result.text_cos_final,
+      image_cos_final=result.image_cos_final,
+      **extra,
+  )
 
 
 # ------------------------------------------------------------------------------------------------
@@ -296,15 +355,18 @@ def metadata(result: PatchResult, surrogate: Surrogate, *, target_class: str, po
 # ------------------------------------------------------------------------------------------------
 
 
-def attack_data(config: ml_collections.ConfigDict, image_size: int, *, target_class: str, num_images: int,
-                seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:
+def attack_data(
+    config: ml_collections.ConfigDict, image_size: int, *, target_class: str, num_images: int, seed: int
+) -> tuple[np.ndarray, np.ndarray, list[str]]:
   """(training images not of the target class, clean held-out target-class images, the split's
   templates), eval-preprocessed to `image_size`, from the data of a training config."""
   config = config_lib.override(config, {"model.image.image_size": int(image_size)})
   held_out = pipeline.make_eval_arrays(config, split="test")
   if target_class not in held_out.class_names:
-    raise ValueError(f"The target class {target_class!r} is not a class of the held-out split "
-                     f"({held_out.class_names[:8]}...); fix config.poison.backdoor.target_class.")
+    raise ValueError(
+        f"The target class {target_class!r} is not a class of the held-out split "
+        f"({held_out.class_names[:8]}...); fix config.poison.backdoor.target_class."
+    )
   target = held_out.class_names.index(target_class)
   target_images = held_out.images[held_out.labels == target]
 
@@ -330,6 +392,7 @@ def attack_data(config: ml_collections.ConfigDict, image_size: int, *, target_cl
 def main(argv: Sequence[str], flags_: Any) -> None:
   """The CLI (module docstring); `flags_` holds the flags of `define_flags`."""
   from absl import logging  # pylint: disable=g-import-not-at-top
+
   if len(argv) > 1:
     raise ValueError(f"Unexpected arguments: {argv[1:]}")
   config = flags_.config
@@ -345,31 +408,52 @@ def main(argv: Sequence[str], flags_: Any) -> None:
   surrogate = load_surrogate(flags_.surrogate)
   size = surrogate.image_size
   if size != config.model.image.image_size:
-    logging.warning("The surrogate reads %dpx images but the config's model %dpx: the patch is optimised "
-                    "at %dpx and stamped at that size on the training images.", size,
-                    config.model.image.image_size, size)
+    logging.warning(
+        "The surrogate reads %dpx images but the config's model %dpx: the patch is optimised "
+        "at %dpx and stamped at that size on the training images.",
+        size,
+        config.model.image.image_size,
+        size,
+    )
   patch_size = bd.patch_size if flags_.patch_size is None else flags_.patch_size
   side = poison_lib.patch_side(patch_size, size, size)
   images, target_images, split_templates = attack_data(
-      config, size, target_class=target_class, num_images=cfg.num_images, seed=cfg.seed)
+      config, size, target_class=target_class, num_images=cfg.num_images, seed=cfg.seed
+  )
   templates = templates_lib.resolve_templates(cfg.templates, split_templates)
   targets = target_embeddings(surrogate.encoder(), target_class, templates, target_images)
-  print(f"badclip: {side}px patch at {position!r} for {target_class!r} against {surrogate.description}, "
-        f"{len(images)} images, {len(target_images)} target images, {len(templates)} templates", flush=True)
-  result = optimize_patch(surrogate, images, targets, side=side, position=position, cfg=cfg,
-                          log_every=max(1, cfg.steps // 10))
-  meta = metadata(result, surrogate, target_class=target_class, position=position, cfg=cfg,
-                  templates=cfg.templates, num_images=len(images), num_target_images=len(target_images))
+  print(
+      f"badclip: {side}px patch at {position!r} for {target_class!r} against {surrogate.description}, "
+      f"{len(images)} images, {len(target_images)} target images, {len(templates)} templates",
+      flush=True,
+  )
+  result = optimize_patch(
+      surrogate, images, targets, side=side, position=position, cfg=cfg, log_every=max(1, cfg.steps // 10)
+  )
+  meta = metadata(
+      result,
+      surrogate,
+      target_class=target_class,
+      position=position,
+      cfg=cfg,
+      templates=cfg.templates,
+      num_images=len(images),
+      num_target_images=len(target_images),
+  )
   poison_lib.save_patch_file(flags_.out, result.patch, meta)
-  print(f"badclip: objective {result.objective_initial:.4f} -> {result.objective_final:.4f} "
-        f"(cos to text {result.text_cos_initial:.3f} -> {result.text_cos_final:.3f}, to target images "
-        f"{result.image_cos_initial:.3f} -> {result.image_cos_final:.3f}); wrote {flags_.out}", flush=True)
+  print(
+      f"badclip: objective {result.objective_initial:.4f} -> {result.objective_final:.4f} "
+      f"(cos to text {result.text_cos_initial:.3f} -> {result.text_cos_final:.3f}, to target images "
+      f"{result.image_cos_initial:.3f} -> {result.image_cos_final:.3f}); wrote {flags_.out}",
+      flush=True,
+  )
 
 
 def define_flags():
   """The CLI's absl flags; defined only when run as a program, so importing this module defines none."""
   from absl import flags  # pylint: disable=g-import-not-at-top
   from ml_collections import config_flags  # pylint: disable=g-import-not-at-top
+
   config_flags.DEFINE_config_file("config", None, "A training config (data, poison.backdoor target/size/position).")
   flags.DEFINE_string("surrogate", None, "A training run's --workdir, or CLIP weights (weights.load_any).")
   flags.DEFINE_string("out", None, "Where to write the patch (.npz, for poison.backdoor.patch_file).")
@@ -390,6 +474,7 @@ def define_flags():
 
 if __name__ == "__main__":
   from absl import app  # pylint: disable=g-import-not-at-top
+
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
   flag_values = define_flags()
   app.run(lambda argv: main(argv, flag_values))

@@ -9,6 +9,7 @@ images/s per core; a grain pipeline with N workers scales it by about N. The dev
 default jax device. Inputs are random uint8 images a bit larger than the output (256 for 224), the
 size a host would deliver to the on-device path.
 """
+
 import functools
 import time
 
@@ -21,12 +22,12 @@ import numpy as np
 from roclip_jax.data import augment
 
 _IMAGE_SIZE = flags.DEFINE_multi_integer(
-    'image_size', [32, 224], 'Output side(s) of the augmented images; repeat for several.')
+    'image_size', [32, 224], 'Output side(s) of the augmented images; repeat for several.'
+)
 _BATCH = flags.DEFINE_integer('batch', 256, 'Images per on-device call.')
 _HOST_IMAGES = flags.DEFINE_integer('host_images', 200, 'Images the host version augments.')
 _DEVICE_REPEATS = flags.DEFINE_integer('device_repeats', 5, 'Timed on-device calls.')
-_SOURCE_SCALE = flags.DEFINE_float(
-    'source_scale', 256 / 224, 'Input side = round(image_size * source_scale).')
+_SOURCE_SCALE = flags.DEFINE_float('source_scale', 256 / 224, 'Input side = round(image_size * source_scale).')
 
 
 def host_images_per_second(images: np.ndarray, out_size: int, count: int) -> float:
@@ -41,8 +42,7 @@ def host_images_per_second(images: np.ndarray, out_size: int, count: int) -> flo
 
 def device_images_per_second(images: np.ndarray, out_size: int, repeats: int) -> float:
   cfg = augment.default_config()
-  run = jax.jit(functools.partial(augment.augment_batch_jax, cfg=cfg, out_size=out_size,
-                                  dtype=jnp.uint8))
+  run = jax.jit(functools.partial(augment.augment_batch_jax, cfg=cfg, out_size=out_size, dtype=jnp.uint8))
   batch = jax.device_put(images)
   run(batch, jax.random.key(0)).block_until_ready()  # compile + warm-up
   start = time.perf_counter()
@@ -59,16 +59,21 @@ def main(argv):
   verdicts = []
   for out_size in _IMAGE_SIZE.value:
     source = round(out_size * _SOURCE_SCALE.value)
-    images = np.random.default_rng(out_size).integers(
-        0, 256, (_BATCH.value, source, source, 3), dtype=np.uint8)
+    images = np.random.default_rng(out_size).integers(0, 256, (_BATCH.value, source, source, 3), dtype=np.uint8)
     host = host_images_per_second(images, out_size, _HOST_IMAGES.value)
     dev = device_images_per_second(images, out_size, _DEVICE_REPEATS.value)
-    print(f'{source}->{out_size}: host {host:9.1f} img/s per core | '
-          f'on-device {dev:9.1f} img/s ({dev / host:.1f}x one host core)')
-    verdicts.append(f'{out_size}px: {"on-device" if dev > host else "host"} '
-                    f'({max(dev, host) / min(dev, host):.1f}x)')
-  print(f'verdict on {device.platform}: faster per image is ' + '; '.join(verdicts)
-        + ' (host figures are per core: multiply by the grain workers you can afford)')
+    print(
+        f'{source}->{out_size}: host {host:9.1f} img/s per core | '
+        f'on-device {dev:9.1f} img/s ({dev / host:.1f}x one host core)'
+    )
+    verdicts.append(
+        f'{out_size}px: {"on-device" if dev > host else "host"} ' f'({max(dev, host) / min(dev, host):.1f}x)'
+    )
+  print(
+      f'verdict on {device.platform}: faster per image is '
+      + '; '.join(verdicts)
+      + ' (host figures are per core: multiply by the grain workers you can afford)'
+  )
 
 
 if __name__ == '__main__':

@@ -13,6 +13,7 @@ centre crop) and on (RoCLIP's image augmentation; `--text_augment` adds EDA, whi
 The last lines estimate the CPU cores needed to feed `--target_pairs_per_sec` (8000 pairs/s is
 roughly one H100 training ViT-B/32 at 224 px).
 """
+
 from __future__ import annotations
 
 import io
@@ -65,17 +66,19 @@ def synthetic_jpeg(rng: np.random.Generator, short: int) -> bytes:
 def write_shards(directory: str, num_images: int, short: int, per_shard: int = 128) -> float:
   """Writes the shards; returns the mean JPEG size in KiB."""
   from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+
   rng = np.random.default_rng(0)
   sizes = []
   for shard, start in enumerate(range(0, num_images, per_shard)):
-    writer = ArrayRecordWriter(os.path.join(directory, f"shard-{shard:05d}.array_record"),
-                               "group_size:1")
+    writer = ArrayRecordWriter(os.path.join(directory, f"shard-{shard:05d}.array_record"), "group_size:1")
     for i in range(start, min(num_images, start + per_shard)):
       jpeg = synthetic_jpeg(rng, short)
       sizes.append(len(jpeg))
-      writer.write(array_record.encode_record(
-          source_id=i, caption=f"a photo of a synthetic scene number {i} with soft colours",
-          image_bytes=jpeg))
+      writer.write(
+          array_record.encode_record(
+              source_id=i, caption=f"a photo of a synthetic scene number {i} with soft colours", image_bytes=jpeg
+          )
+      )
     writer.close()
   return float(np.mean(sizes)) / 1024
 
@@ -98,9 +101,15 @@ def per_core_rate(config: ml_collections.ConfigDict) -> float:
   """Examples/s of the pipeline's per-example function in one thread (one core)."""
   source = array_record.ArrayRecordSource.from_pattern(config.data.array_record_pattern)
   loader = pipeline._ExampleLoader(  # pylint: disable=protected-access  # The exact per-example work.
-      source, epoch_length=len(source), image_size=config.model.image.image_size,
-      context_length=config.model.text.context_length, seed=0, process_index=0,
-      augment_cfg=config.augment, image_transform=None)
+      source,
+      epoch_length=len(source),
+      image_size=config.model.image.image_size,
+      context_length=config.model.text.context_length,
+      seed=0,
+      process_index=0,
+      augment_cfg=config.augment,
+      image_transform=None,
+  )
   loader(0, 0)  # First-call costs (tokenizer, imports) out of the timing.
   count = FLAGS.per_core_examples
   start = time.perf_counter()
@@ -131,8 +140,10 @@ def main(argv):
     shard_dir = FLAGS.shard_dir or tmp
     os.makedirs(shard_dir, exist_ok=True)
     kib = write_shards(shard_dir, FLAGS.num_images, FLAGS.source_size)
-    print(f"{FLAGS.num_images} JPEGs, shorter side {FLAGS.source_size} px, mean {kib:.1f} KiB, "
-          f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}")
+    print(
+        f"{FLAGS.num_images} JPEGs, shorter side {FLAGS.source_size} px, mean {kib:.1f} KiB, "
+        f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}"
+    )
     per_core = {}
     for augment in (False, True):
       label = "augment on " if augment else "augment off"
@@ -145,9 +156,11 @@ def main(argv):
     target = FLAGS.target_pairs_per_sec
     for augment in (False, True):
       cores = math.ceil(target / per_core[augment])
-      print(f"to feed {target:.0f} pairs/s with augment {'on ' if augment else 'off'}: about "
-            f"{cores} worker cores at {per_core[augment]:.0f} examples/s per core (plus headroom "
-            "for the trainer's own host thread and imperfect scaling).")
+      print(
+          f"to feed {target:.0f} pairs/s with augment {'on ' if augment else 'off'}: about "
+          f"{cores} worker cores at {per_core[augment]:.0f} examples/s per core (plus headroom "
+          "for the trainer's own host thread and imperfect scaling)."
+      )
 
 
 if __name__ == "__main__":

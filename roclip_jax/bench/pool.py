@@ -8,6 +8,7 @@ d in --dims, and (b) one ViT-B/32 CLIP train step at --step_batch. If the step
 batch is smaller than B (a CPU cannot run B=512 ViT-B/32 steps in reasonable
 time), the step time is scaled linearly to B and the output says so.
 """
+
 from __future__ import annotations
 
 import time
@@ -73,7 +74,8 @@ def time_step(config, mesh, batch: int, repeats: int) -> float:
   local = {
       "image": rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8),
       "text": rng.integers(1, 49407, (batch, ctx)).astype(np.int32),
-      "id": np.arange(batch, dtype=np.int64), "label": np.zeros(batch, np.int64),
+      "id": np.arange(batch, dtype=np.int64),
+      "label": np.zeros(batch, np.int64),
       "poisoned": np.zeros(batch, np.int8),
   }
   data = sharding.global_batch(local, mesh)
@@ -92,9 +94,11 @@ def main(argv) -> None:
   mesh = sharding.make_mesh([("data", -1)])
   config = FLAGS.config
   device = jax.devices()[0]
-  print(f"Devices: {jax.device_count()} x {device.device_kind} ({device.platform}); model {config.model.image.type} "
-        f"image {config.model.image.image_size}px, embed {config.model.embed_dim}; "
-        f"{'sharded' if FLAGS.shard_pool else 'replicated'} pool")
+  print(
+      f"Devices: {jax.device_count()} x {device.device_kind} ({device.platform}); model {config.model.image.type} "
+      f"image {config.model.image.image_size}px, embed {config.model.embed_dim}; "
+      f"{'sharded' if FLAGS.shard_pool else 'replicated'} pool"
+  )
   step_s = time_step(config, mesh, FLAGS.step_batch, FLAGS.repeats)
   scaled = step_s * FLAGS.batch / FLAGS.step_batch
   note = "" if FLAGS.step_batch == FLAGS.batch else f" (measured at B={FLAGS.step_batch}, scaled linearly)"

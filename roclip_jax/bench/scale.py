@@ -20,6 +20,7 @@ process, and above a process that only imported the same modules):
 Growth with N should be linear in the captions (tens of bytes per example) and independent of the
 image bytes; the full pass grows with the image bytes.
 """
+
 from __future__ import annotations
 
 import concurrent.futures
@@ -56,13 +57,16 @@ def _define_flags() -> None:
 
 def caption(i: int) -> str:
   rng = np.random.default_rng(i)
-  return (f"a photo of a {COLOURS[rng.integers(len(COLOURS))]} {OBJECTS[rng.integers(len(OBJECTS))]} "
-          f"{SCENES[rng.integers(len(SCENES))]}, picture number {i}")
+  return (
+      f"a photo of a {COLOURS[rng.integers(len(COLOURS))]} {OBJECTS[rng.integers(len(OBJECTS))]} "
+      f"{SCENES[rng.integers(len(SCENES))]}, picture number {i}"
+  )
 
 
 def synthesise(directory: str, num: int, shard_size: int, image_side: int, distinct: int) -> float:
   """Writes `num` records into shards (and caption indexes) under `directory`; returns the seconds."""
   from roclip_jax.data import convert  # pylint: disable=g-import-not-at-top
+
   start = time.perf_counter()
   os.makedirs(directory, exist_ok=True)
   rng = np.random.default_rng(0)
@@ -70,20 +74,23 @@ def synthesise(directory: str, num: int, shard_size: int, image_side: int, disti
   for _ in range(distinct):
     out = io.BytesIO()
     Image.fromarray(rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)).save(
-        out, format="JPEG", quality=95)
+        out, format="JPEG", quality=95
+    )
     jpegs.append(out.getvalue())
   num_shards = -(-num // shard_size)
   for shard in range(num_shards):
     writer = convert.ShardWriter(os.path.join(directory, f"shard-{shard:05d}-of-{num_shards:05d}.array_record"))
     for i in range(shard * shard_size, min(num, (shard + 1) * shard_size)):
-      writer.write(source_id=i, caption=caption(i), image_bytes=jpegs[i % distinct],
-                   label=i % len(OBJECTS) if i % 3 else -1)
+      writer.write(
+          source_id=i, caption=caption(i), image_bytes=jpegs[i % distinct], label=i % len(OBJECTS) if i % 3 else -1
+      )
     writer.finish()
   return time.perf_counter() - start
 
 
 def _poison_cfg(rate: float):
   from roclip_jax.data import poison  # pylint: disable=g-import-not-at-top
+
   cfg = poison.default_config()
   cfg.enabled = True
   cfg.backdoor.enabled = True
@@ -102,6 +109,7 @@ def _task(kind: str, directory: str, rate: float) -> dict[str, Any]:
   from roclip_jax.data import metadata as metadata_lib  # pylint: disable=g-import-not-at-top
   from roclip_jax.data import poison  # pylint: disable=g-import-not-at-top
   import grain  # pylint: disable=g-import-not-at-top,unused-import  # In the baseline too: the source imports it.
+
   start = time.perf_counter()
   result: dict[str, Any] = {}
   if kind != "imports":
@@ -111,8 +119,11 @@ def _task(kind: str, directory: str, rate: float) -> dict[str, Any]:
     elif kind == "full_pass":
       result["records"] = len(metadata_lib.read_metadata(source, progress=False))
     else:
-      pool = poison.TargetPool(image_paths=[f"/held_out/{i}.jpg" for i in range(40)],
-                               labels=np.arange(40) % len(OBJECTS), class_names=OBJECTS)
+      pool = poison.TargetPool(
+          image_paths=[f"/held_out/{i}.jpg" for i in range(40)],
+          labels=np.arange(40) % len(OBJECTS),
+          class_names=OBJECTS,
+      )
       poisoned, info = poison.poison_source(source, pool, _poison_cfg(rate), seed=0)
       result["poisons"] = len(info.poisoned_ids)
       if kind == "clean_subset":
@@ -132,13 +143,13 @@ def _in_fresh_process(kind: str, directory: str, rate: float) -> dict[str, Any]:
 
 
 def _disk_mib(directory: str, suffix: str) -> float:
-  return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
-             if f.endswith(suffix)) / 2**20
+  return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(suffix)) / 2**20
 
 
 def main(argv) -> None:
   del argv
   from roclip_jax.data import array_record  # pylint: disable=g-import-not-at-top
+
   sizes = [int(s) for s in FLAGS.sizes]
   root = FLAGS.shard_dir or tempfile.mkdtemp(prefix="roclip_scale_")
   baseline = _in_fresh_process("imports", root, FLAGS.poison_rate)["peak_mib"]
@@ -158,8 +169,9 @@ def main(argv) -> None:
       kinds = ["metadata", "poisoning", "clean_subset"] + (["full_pass"] if num <= FLAGS.full_pass_max else [])
       for kind in kinds:
         result = _in_fresh_process(kind, directory, FLAGS.poison_rate)
-        rows.append((num, kind, result["seconds"], result["peak_mib"], result["peak_mib"] - baseline,
-                     shards_mib, index_mib))
+        rows.append(
+            (num, kind, result["seconds"], result["peak_mib"], result["peak_mib"] - baseline, shards_mib, index_mib)
+        )
         print(f"  {kind:13s} {result['seconds']:8.2f}s  peak {result['peak_mib']:7.0f} MiB  {result}", flush=True)
   finally:
     if not FLAGS.shard_dir:

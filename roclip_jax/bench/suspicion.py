@@ -10,6 +10,7 @@ peak host memory it added (ru_maxrss of this process after minus before, so the 
 themselves are not counted), plus the device's peak bytes where the backend reports them. The
 embedding pass over the images (the other half of the report) is not part of this benchmark.
 """
+
 from __future__ import annotations
 
 import resource
@@ -31,12 +32,18 @@ flags.DEFINE_integer("seed", 0, "Seed of the synthetic embeddings.")
 def synthetic_embeddings(num_examples: int, dim: int, pool_size: int, seed: int) -> dict[str, Any]:
   rng = np.random.default_rng(seed)
   unit = lambda rows: (lambda x: (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32))(
-      rng.normal(size=(rows, dim)))
+      rng.normal(size=(rows, dim))
+  )
   ids = np.arange(num_examples, dtype=np.int64)
   pool_ids = rng.choice(ids, pool_size)
   pool_ids[: pool_size // 10] = -1
-  return {"image_emb": unit(num_examples), "caption_emb": unit(num_examples), "ids": ids,
-          "pool_emb": unit(pool_size) if pool_size else None, "pool_ids": pool_ids if pool_size else None}
+  return {
+      "image_emb": unit(num_examples),
+      "caption_emb": unit(num_examples),
+      "ids": ids,
+      "pool_emb": unit(pool_size) if pool_size else None,
+      "pool_ids": pool_ids if pool_size else None,
+  }
 
 
 def _peak_rss_mib() -> float:
@@ -57,15 +64,18 @@ def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
   from roclip_jax.experiments import suspicion  # pylint: disable=g-import-not-at-top
+
   inputs = synthetic_embeddings(FLAGS.num_examples, FLAGS.dim, FLAGS.pool_size, FLAGS.seed)
   jax.block_until_ready(jax.numpy.zeros(1))  # Start the backend before the baseline is taken.
   result = measure(suspicion.score_examples, inputs, block_size=FLAGS.block_size)
   stats = jax.local_devices()[0].memory_stats() or {}
   device_peak = stats.get("peak_bytes_in_use")
-  print(f"N={FLAGS.num_examples} d={FLAGS.dim} M={FLAGS.pool_size} block_size={FLAGS.block_size} "
-        f"on {jax.local_devices()[0].platform}: {result['seconds']:.1f} s, "
-        f"+{result['added_peak_rss_mib']:.0f} MiB peak host memory"
-        + (f", {device_peak / 2**20:.0f} MiB peak device memory" if device_peak else ""))
+  print(
+      f"N={FLAGS.num_examples} d={FLAGS.dim} M={FLAGS.pool_size} block_size={FLAGS.block_size} "
+      f"on {jax.local_devices()[0].platform}: {result['seconds']:.1f} s, "
+      f"+{result['added_peak_rss_mib']:.0f} MiB peak host memory"
+      + (f", {device_peak / 2**20:.0f} MiB peak device memory" if device_peak else "")
+  )
 
 
 if __name__ == "__main__":

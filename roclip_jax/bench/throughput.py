@@ -17,6 +17,7 @@ tokens (no data pipeline) and reports:
 * on CPU, the same training step in PyTorch with Hugging Face's `CLIPModel` (AdamW, CLIP loss, same
   architecture and batch), and the ratio of the two step times.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -50,9 +51,19 @@ flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"], "PyTorch/HF comparison
 # Dense bf16 peak FLOP/s per device (vendor figures; H100/H200 SXM without sparsity). Matched in order
 # against `device.device_kind`, so more specific names come first.
 PEAK_FLOPS = (
-    ("H200", 989e12), ("H100", 989e12), ("A100", 312e12), ("L40S", 362e12), ("L4", 121e12),
-    ("TPU v6 lite", 918e12), ("TPU v6e", 918e12), ("TPU v5 lite", 197e12), ("TPU v5e", 197e12),
-    ("TPU v5p", 459e12), ("TPU v5", 459e12), ("TPU v4", 275e12), ("TPU v3", 123e12),
+    ("H200", 989e12),
+    ("H100", 989e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+    ("L4", 121e12),
+    ("TPU v6 lite", 918e12),
+    ("TPU v6e", 918e12),
+    ("TPU v5 lite", 197e12),
+    ("TPU v5e", 197e12),
+    ("TPU v5p", 459e12),
+    ("TPU v5", 459e12),
+    ("TPU v4", 275e12),
+    ("TPU v3", 123e12),
 )
 
 
@@ -133,14 +144,16 @@ def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) 
       def call():
         holder["state"], metrics = compiled[name](holder["state"], batch)  # The state is donated.
         return metrics["loss"]
+
       return call
 
     clip_s = seconds_per_call(run("clip"), steps_timed, warmup)
     match_s = seconds_per_call(run("match"), steps_timed, warmup)
     shard_pool = bool(config.roclip.shard_pool)
-    zimg = jax.device_put(np.asarray(jax.random.normal(jax.random.key(1), (config.data.batch_size,
-                                                                          config.model.embed_dim))),
-                          sharding.batch_sharding(mesh))
+    zimg = jax.device_put(
+        np.asarray(jax.random.normal(jax.random.key(1), (config.data.batch_size, config.model.embed_dim))),
+        sharding.batch_sharding(mesh),
+    )
 
     @jax.jit
     def lookup(pool, z, ids, poisoned):
@@ -148,17 +161,23 @@ def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) 
       match = roclip.nearest_captions(pool, z, mesh, shard_pool)
       return match.index, roclip.enqueue(pool, z, ids, poisoned, mesh, shard_pool, config.roclip.fifo)
 
-    lookup_s = seconds_per_call(lambda: lookup(holder["state"].defense, zimg, batch["id"], batch["poisoned"]),
-                                steps_timed, warmup)
+    lookup_s = seconds_per_call(
+        lambda: lookup(holder["state"].defense, zimg, batch["id"], batch["poisoned"]), steps_timed, warmup
+    )
 
   stats = jax.devices()[0].memory_stats() or {}
   if "peak_bytes_in_use" in stats:
     peak, source = int(stats["peak_bytes_in_use"]), "memory_stats"
   else:
     a = compiled["clip"].memory_analysis()
-    peak = None if a is None else max(
-        int(getattr(a, "peak_memory_in_bytes", 0) or 0),
-        a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes)
+    peak = (
+        None
+        if a is None
+        else max(
+            int(getattr(a, "peak_memory_in_bytes", 0) or 0),
+            a.argument_size_in_bytes + a.output_size_in_bytes - a.alias_size_in_bytes + a.temp_size_in_bytes,
+        )
+    )
     source = "XLA's compile-time estimate for the CLIP step"
   return JaxResult(compile_seconds, clip_s, match_s, lookup_s, peak, source)
 
@@ -167,24 +186,38 @@ def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int
   """Seconds per training step of Hugging Face's `CLIPModel` (PyTorch, CPU) at the same size and batch."""
   import torch
   import transformers
+
   model_cfg = config.model
   if model_cfg.image.type != "vit":
     raise ValueError("The PyTorch comparison covers ViT image towers only; use a ViT preset.")
   text, image = model_cfg.text, model_cfg.image
   hf_config = transformers.CLIPConfig(
-      text_config=dict(vocab_size=text.vocab_size, hidden_size=text.width, intermediate_size=models.mlp_width(text),
-                       num_hidden_layers=text.layers, num_attention_heads=text.heads,
-                       max_position_embeddings=text.context_length, hidden_act=model_cfg.act,
-                       projection_dim=model_cfg.embed_dim),
-      vision_config=dict(hidden_size=image.width, intermediate_size=models.mlp_width(image), num_hidden_layers=image.layers,
-                         num_attention_heads=image.heads, image_size=image.image_size, patch_size=image.patch_size,
-                         hidden_act=model_cfg.act, projection_dim=model_cfg.embed_dim),
-      projection_dim=model_cfg.embed_dim)
+      text_config=dict(
+          vocab_size=text.vocab_size,
+          hidden_size=text.width,
+          intermediate_size=models.mlp_width(text),
+          num_hidden_layers=text.layers,
+          num_attention_heads=text.heads,
+          max_position_embeddings=text.context_length,
+          hidden_act=model_cfg.act,
+          projection_dim=model_cfg.embed_dim,
+      ),
+      vision_config=dict(
+          hidden_size=image.width,
+          intermediate_size=models.mlp_width(image),
+          num_hidden_layers=image.layers,
+          num_attention_heads=image.heads,
+          image_size=image.image_size,
+          patch_size=image.patch_size,
+          hidden_act=model_cfg.act,
+          projection_dim=model_cfg.embed_dim,
+      ),
+      projection_dim=model_cfg.embed_dim,
+  )
   torch.manual_seed(0)
   model = transformers.CLIPModel(hf_config).train()
   o = config.optim
-  optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
-                                weight_decay=o.weight_decay)
+  optimizer = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps, weight_decay=o.weight_decay)
   batch = synthetic_batch(config, config.data.batch_size)
   pixels = torch.from_numpy(np.ascontiguousarray(image_ops.normalize(batch["image"]).transpose(0, 3, 1, 2)))
   tokens = torch.from_numpy(batch["text"].astype(np.int64))
@@ -224,10 +257,12 @@ def main(argv) -> None:
   device = devices[0]
   n, b = len(devices), config.data.batch_size
   m = config.model
-  print(f"devices: {n} x {device.device_kind} ({device.platform}); model {FLAGS.preset or 'from config'} "
-        f"({m.image.type} {m.image.image_size}px, embed {m.embed_dim}, {m.dtype}, remat={m.remat}); "
-        f"global batch {b}; mesh {tuple(map(tuple, config.mesh))}; grad_accum_steps {config.grad_accum_steps}; "
-        f"pool {config.roclip.pool_size} ({'sharded' if config.roclip.shard_pool else 'replicated'})")
+  print(
+      f"devices: {n} x {device.device_kind} ({device.platform}); model {FLAGS.preset or 'from config'} "
+      f"({m.image.type} {m.image.image_size}px, embed {m.embed_dim}, {m.dtype}, remat={m.remat}); "
+      f"global batch {b}; mesh {tuple(map(tuple, config.mesh))}; grad_accum_steps {config.grad_accum_steps}; "
+      f"pool {config.roclip.pool_size} ({'sharded' if config.roclip.shard_pool else 'replicated'})"
+  )
 
   result = bench_jax(config, FLAGS.steps, FLAGS.warmup)
   step_s = result.clip_step_seconds
@@ -235,23 +270,29 @@ def main(argv) -> None:
   achieved = flops_per_step / step_s / n
   print(f"compile: {result.compile_seconds:.1f} s per step function")
   print(f"CLIP step: {step_s * 1e3:.1f} ms = {1 / step_s:.2f} steps/s, {b / step_s / n:,.1f} pairs/s per device")
-  print(f"model FLOPs: {flops_per_step:.3e} per step (3 x {models.flops_per_pair(m):.3e} per pair x {b}); "
-        f"{achieved:.3e} FLOP/s per device")
+  print(
+      f"model FLOPs: {flops_per_step:.3e} per step (3 x {models.flops_per_pair(m):.3e} per pair x {b}); "
+      f"{achieved:.3e} FLOP/s per device"
+  )
   peak = peak_flops(device)
   if peak is not None:
     print(f"MFU: {100 * achieved / peak:.1f}% of {peak:.3g} FLOP/s ({device.device_kind} bf16 dense peak)")
   elif device.platform == "cpu":
     measured = measured_matmul_peak(jnp.dtype(m.dtype))
-    print(f"MFU: n/a on CPU (no rated peak); {100 * achieved / measured:.1f}% of a measured {m.dtype} matmul "
-          f"peak of {measured:.3g} FLOP/s")
+    print(
+        f"MFU: n/a on CPU (no rated peak); {100 * achieved / measured:.1f}% of a measured {m.dtype} matmul "
+        f"peak of {measured:.3g} FLOP/s"
+    )
   else:
     print(f"MFU: n/a (no peak FLOP/s known for {device.device_kind!r}; add it to PEAK_FLOPS)")
   memory = "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**30:.3f} GiB"
   print(f"peak memory per device: {memory} ({result.memory_source})")
   match_s, lookup_s = result.match_step_seconds, result.lookup_seconds
-  print(f"RoCLIP matching step: {match_s * 1e3:.1f} ms ({match_s / step_s:.2f}x the CLIP step; it skips the "
-        f"text backward); pool lookup + enqueue alone: {lookup_s * 1e3:.2f} ms = "
-        f"{100 * lookup_s / match_s:.1f}% of the matching step")
+  print(
+      f"RoCLIP matching step: {match_s * 1e3:.1f} ms ({match_s / step_s:.2f}x the CLIP step; it skips the "
+      f"text backward); pool lookup + enqueue alone: {lookup_s * 1e3:.2f} ms = "
+      f"{100 * lookup_s / match_s:.1f}% of the matching step"
+  )
 
   if FLAGS.torch == "on" or (FLAGS.torch == "auto" and device.platform == "cpu"):
     try:
@@ -260,8 +301,11 @@ def main(argv) -> None:
       print(f"PyTorch comparison skipped: {e} (pip install torch==2.13.0 for the CPU build).")
     else:
       import torch
-      print(f"PyTorch {torch.__version__} + HF CLIPModel, same model and batch, AdamW: {torch_s * 1e3:.1f} ms/step "
-            f"on {torch.get_num_threads()} threads; ours / PyTorch = {step_s / torch_s:.2f}")
+
+      print(
+          f"PyTorch {torch.__version__} + HF CLIPModel, same model and batch, AdamW: {torch_s * 1e3:.1f} ms/step "
+          f"on {torch.get_num_threads()} threads; ours / PyTorch = {step_s / torch_s:.2f}"
+      )
 
 
 if __name__ == "__main__":

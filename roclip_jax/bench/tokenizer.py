@@ -19,6 +19,7 @@ and then again (`warm`, the best of `--repeats`: the steady state of a training 
 
 Needs `transformers` (requirements-test.txt); the package itself does not.
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
@@ -106,7 +107,7 @@ class FastTokenizer:
     for row, ids in enumerate(ids_per_row):
       ids = ids[:body]
       out[row, 0] = tokenizer_lib.SOT_ID
-      out[row, 1:len(ids) + 1] = ids
+      out[row, 1 : len(ids) + 1] = ids
       out[row, len(ids) + 1] = tokenizer_lib.EOT_ID
     return out
 
@@ -151,8 +152,10 @@ def main(argv):
   }
   makers = {"package": lambda: tokenizer_lib.Tokenizer(length), "fast": lambda: FastTokenizer(length)}
   print(f"{os.cpu_count()} CPU cores; context length {length}; warm = best of {_REPEATS.value}")
-  print(f"{'corpus':18s} {'captions':>8s} {'call':7s} {'tokenizer':9s} {'cold tokens/s':>13s} "
-        f"{'warm tokens/s':>13s} {'warm captions/s':>15s}")
+  print(
+      f"{'corpus':18s} {'captions':>8s} {'call':7s} {'tokenizer':9s} {'cold tokens/s':>13s} "
+      f"{'warm tokens/s':>13s} {'warm captions/s':>15s}"
+  )
   for name, captions in corpora.items():
     reference = tokenizer_lib.Tokenizer(length)(captions)
     # Tokens per row: SOT, the (truncated) body and EOT; EOT is the row's largest id.
@@ -170,8 +173,10 @@ def main(argv):
         out = out if call == "batched" else np.concatenate(out)
         if not np.array_equal(out, reference):
           raise AssertionError(f"{label} tokenizer disagrees with the package's on {name}.")
-        print(f"{name:18s} {len(captions):8d} {call:7s} {label:9s} {tokens / cold:13,.0f} "
-              f"{tokens / warm:13,.0f} {len(captions) / warm:15,.0f}")
+        print(
+            f"{name:18s} {len(captions):8d} {call:7s} {label:9s} {tokens / cold:13,.0f} "
+            f"{tokens / warm:13,.0f} {len(captions) / warm:15,.0f}"
+        )
 
 
 if __name__ == "__main__":

@@ -24,6 +24,7 @@ kept as `source_id` and the origin as `origin`, to trace an example back to the 
 the reader cannot read raises OSError (EIO): a storage fault, which the pipeline retries and then
 stops the run on (`image_ops.StorageError`), never a skipped example.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -49,12 +50,14 @@ _HEADER_LEN = struct.Struct("<I")
 _INDEX_READ_BATCH = 1024  # Records per read when a shard is read to build its index.
 
 
-def encode_record(*, source_id: int, caption: str, image_bytes: bytes, origin: str = "",
-                  label: int = -1, poisoned: int = 0) -> bytes:
+def encode_record(
+    *, source_id: int, caption: str, image_bytes: bytes, origin: str = "", label: int = -1, poisoned: int = 0
+) -> bytes:
   """Serialises one example in the format above."""
   header = json.dumps(
-      {"id": int(source_id), "caption": caption, "origin": origin, "label": int(label),
-       "poisoned": int(poisoned)}, ensure_ascii=False).encode("utf-8")
+      {"id": int(source_id), "caption": caption, "origin": origin, "label": int(label), "poisoned": int(poisoned)},
+      ensure_ascii=False,
+  ).encode("utf-8")
   return b"".join((MAGIC, _HEADER_LEN.pack(len(header)), header, image_bytes))
 
 
@@ -63,11 +66,12 @@ def decode_record(record: bytes) -> tuple[dict[str, Any], bytes]:
   if record[:4] != MAGIC:
     raise ValueError(
         f"Not a roclip_jax image-caption record (starts with {bytes(record[:4])!r}, expected "
-        f"{MAGIC!r}); write shards with `python -m roclip_jax.data.convert`.")
+        f"{MAGIC!r}); write shards with `python -m roclip_jax.data.convert`."
+    )
   (length,) = _HEADER_LEN.unpack_from(record, 4)
   start = 4 + _HEADER_LEN.size
-  header = json.loads(bytes(record[start:start + length]).decode("utf-8"))
-  return header, bytes(record[start + length:])
+  header = json.loads(bytes(record[start : start + length]).decode("utf-8"))
+  return header, bytes(record[start + length :])
 
 
 def decode_header(record: bytes) -> dict[str, Any]:
@@ -76,7 +80,7 @@ def decode_header(record: bytes) -> dict[str, Any]:
     decode_record(record)  # Raises the error naming the fix.
   (length,) = _HEADER_LEN.unpack_from(record, 4)
   start = 4 + _HEADER_LEN.size
-  return json.loads(bytes(record[start:start + length]).decode("utf-8"))
+  return json.loads(bytes(record[start : start + length]).decode("utf-8"))
 
 
 # ------------------------------------------------------------------ caption index
@@ -84,13 +88,14 @@ def decode_header(record: bytes) -> dict[str, Any]:
 
 def index_path(shard_path: str) -> str:
   """The caption index beside a shard: `shard-00000-of-00042.index.npz`."""
-  stem = shard_path[:-len(SHARD_SUFFIX)] if shard_path.endswith(SHARD_SUFFIX) else shard_path
+  stem = shard_path[: -len(SHARD_SUFFIX)] if shard_path.endswith(SHARD_SUFFIX) else shard_path
   return stem + INDEX_SUFFIX
 
 
 @dataclasses.dataclass
 class ShardIndex:
   """The header fields of one shard's records, in record order (no image bytes)."""
+
   source_ids: np.ndarray  # int64, the converter's id
   captions: metadata_lib.StringColumn
   labels: np.ndarray  # int64, -1 when unknown
@@ -101,34 +106,48 @@ class ShardIndex:
 
   @classmethod
   def from_headers(cls, headers: Sequence[dict[str, Any]]) -> ShardIndex:
-    return cls(source_ids=np.array([int(h["id"]) for h in headers], np.int64),
-               captions=metadata_lib.StringColumn([h["caption"] for h in headers]),
-               labels=np.array([int(h.get("label", -1)) for h in headers], np.int64),
-               poisoned=np.array([int(h.get("poisoned", 0)) for h in headers], np.int8))
+    return cls(
+        source_ids=np.array([int(h["id"]) for h in headers], np.int64),
+        captions=metadata_lib.StringColumn([h["caption"] for h in headers]),
+        labels=np.array([int(h.get("label", -1)) for h in headers], np.int64),
+        poisoned=np.array([int(h.get("poisoned", 0)) for h in headers], np.int8),
+    )
 
   def save(self, path: str) -> None:
     """Writes the index under a temporary name, then renames it: a reader never sees half of one."""
     tmp = f"{path}.tmp-{os.getpid()}.npz"  # np.savez appends .npz to names without it.
-    np.savez(tmp, version=np.int64(INDEX_VERSION), source_id=self.source_ids, label=self.labels,
-             poisoned=self.poisoned, caption_blob=np.frombuffer(self.captions.blob, np.uint8),
-             caption_offsets=self.captions.offsets)
+    np.savez(
+        tmp,
+        version=np.int64(INDEX_VERSION),
+        source_id=self.source_ids,
+        label=self.labels,
+        poisoned=self.poisoned,
+        caption_blob=np.frombuffer(self.captions.blob, np.uint8),
+        caption_offsets=self.captions.offsets,
+    )
     os.replace(tmp, path)
 
   @classmethod
   def load(cls, path: str) -> ShardIndex:
     with np.load(path, allow_pickle=False) as f:
       if int(f["version"]) != INDEX_VERSION:
-        raise ValueError(f"{path} is a version-{int(f['version'])} caption index; this code reads "
-                         f"version {INDEX_VERSION}. Rewrite it: `python -m roclip_jax.data.convert "
-                         f"--index_only --overwrite_index --output_dir={os.path.dirname(path)}`.")
-      return cls(source_ids=f["source_id"], labels=f["label"], poisoned=f["poisoned"],
-                 captions=metadata_lib.StringColumn.from_blob(f["caption_blob"].tobytes(),
-                                                              f["caption_offsets"]))
+        raise ValueError(
+            f"{path} is a version-{int(f['version'])} caption index; this code reads "
+            f"version {INDEX_VERSION}. Rewrite it: `python -m roclip_jax.data.convert "
+            f"--index_only --overwrite_index --output_dir={os.path.dirname(path)}`."
+        )
+      return cls(
+          source_ids=f["source_id"],
+          labels=f["label"],
+          poisoned=f["poisoned"],
+          captions=metadata_lib.StringColumn.from_blob(f["caption_blob"].tobytes(), f["caption_offsets"]),
+      )
 
 
 def num_shard_records(shard_path: str) -> int:
   """Records in one shard (reads its footer only)."""
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+
   reader = ArrayRecordReader(shard_path)
   try:
     return reader.num_records()
@@ -142,6 +161,7 @@ def read_shard_index(shard_path: str, bar: Any = None) -> ShardIndex:
   `bar`: a progress bar (`metadata.progress_bar`) to advance by each record read.
   """
   from array_record.python.array_record_module import ArrayRecordReader  # pylint: disable=g-import-not-at-top
+
   reader = ArrayRecordReader(shard_path)
   try:
     num = reader.num_records()
@@ -174,18 +194,24 @@ def write_indexes(shard_paths_: Sequence[str], *, overwrite: bool = False, progr
 def shard_paths(pattern: str) -> list[str]:
   """The shard files of a glob pattern or a directory, sorted (shard order = record order)."""
   if not pattern:
-    raise ValueError("No ArrayRecord shards given; set config.data.array_record_pattern to a glob "
-                     "('/data/shards/*.array_record') or the converter's output directory.")
+    raise ValueError(
+        "No ArrayRecord shards given; set config.data.array_record_pattern to a glob "
+        "('/data/shards/*.array_record') or the converter's output directory."
+    )
   if os.path.isdir(pattern):
     pattern = os.path.join(pattern, "*" + SHARD_SUFFIX)
   # The converter's stats (.json) and index (.index.npz) files sit beside the shards and may match
   # a loose pattern such as 'shard-*'; they are not shards.
-  paths = sorted(p for p in glob.glob(pattern)
-                 if os.path.isfile(p) and not p.endswith((".json", INDEX_SUFFIX)) and ".tmp-" not in p)
+  paths = sorted(
+      p
+      for p in glob.glob(pattern)
+      if os.path.isfile(p) and not p.endswith((".json", INDEX_SUFFIX)) and ".tmp-" not in p
+  )
   if not paths:
     raise FileNotFoundError(
         f"No file matches {pattern!r}; check config.data.array_record_pattern (convert data with "
-        "`python -m roclip_jax.data.convert --input=... --output_dir=...`).")
+        "`python -m roclip_jax.data.convert --input=... --output_dir=...`)."
+    )
   return paths
 
 
@@ -198,10 +224,13 @@ class ArrayRecordSource:
       raise ValueError("ArrayRecordSource needs at least one shard file.")
     self.paths = paths
     import grain  # pylint: disable=g-import-not-at-top  # Deferred: the converter needs no grain.
+
     self._records = grain.sources.ArrayRecordDataSource(paths)
     if len(self._records) == 0:
-      raise ValueError(f"The {len(paths)} shard(s) starting with {paths[0]} hold no records; "
-                       "check the converter's summary.json for why every item failed.")
+      raise ValueError(
+          f"The {len(paths)} shard(s) starting with {paths[0]} hold no records; "
+          "check the converter's summary.json for why every item failed."
+      )
 
   @classmethod
   def from_pattern(cls, pattern: str) -> "ArrayRecordSource":
@@ -224,8 +253,9 @@ class ArrayRecordSource:
       # A failed reader stays failed, so for the retry to reopen the shard,
       # swap in a copy of the data source: copies open their readers lazily.
       self._records = copy.copy(self._records)
-      raise OSError(errno.EIO, f"the ArrayRecord reader failed on record {index} of {self!r}: "
-                    f"{type(e).__name__}: {e}") from e
+      raise OSError(
+          errno.EIO, f"the ArrayRecord reader failed on record {index} of {self!r}: " f"{type(e).__name__}: {e}"
+      ) from e
     header, image_bytes = decode_record(record)
     return {
         "id": np.int64(index),
@@ -261,22 +291,31 @@ class ArrayRecordSource:
           "and labels are read by a FULL PASS over their records, images included (hours on CC3M, on "
           "every host). Fix, once: `python -m roclip_jax.data.convert --index_only --output_dir=%s` "
           "(reads each shard once and writes the indexes), or rerun the original convert command.",
-          len(missing), len(self.paths), missing[0], INDEX_SUFFIX, os.path.dirname(missing[0]))
-    with metadata_lib.progress_bar(sum(num_shard_records(p) for p in missing),
-                                   "metadata (full pass: no caption index)", enabled=bool(missing)) as bar:
-      shards = [ShardIndex.load(index_path(p)) if p not in missing_set else read_shard_index(p, bar)
-                for p in self.paths]
+          len(missing),
+          len(self.paths),
+          missing[0],
+          INDEX_SUFFIX,
+          os.path.dirname(missing[0]),
+      )
+    with metadata_lib.progress_bar(
+        sum(num_shard_records(p) for p in missing), "metadata (full pass: no caption index)", enabled=bool(missing)
+    ) as bar:
+      shards = [
+          ShardIndex.load(index_path(p)) if p not in missing_set else read_shard_index(p, bar) for p in self.paths
+      ]
     total = sum(len(s) for s in shards)
     if total != len(self):
       raise ValueError(
           f"The caption indexes of {self!r} list {total} records but the shards hold {len(self)}: an "
           "index is stale (a shard was rewritten without it). Fix: `python -m roclip_jax.data.convert "
-          f"--index_only --overwrite_index --output_dir={os.path.dirname(self.paths[0])}`.")
+          f"--index_only --overwrite_index --output_dir={os.path.dirname(self.paths[0])}`."
+      )
     metadata = metadata_lib.Metadata(
         ids=np.arange(total, dtype=np.int64),
         captions=metadata_lib.StringColumn.concatenate([s.captions for s in shards]),
         labels=np.concatenate([s.labels for s in shards]) if shards else np.zeros(0, np.int64),
-        poisoned=np.concatenate([s.poisoned for s in shards]) if shards else np.zeros(0, np.int8))
+        poisoned=np.concatenate([s.poisoned for s in shards]) if shards else np.zeros(0, np.int8),
+    )
     self._metadata = metadata
     return metadata
 

@@ -29,6 +29,7 @@ Deviations from the original (torchvision on PIL images):
 * The device version crops + resizes with an explicit antialiased bilinear weight matrix (PIL's
   filter), in float; PIL rounds after each of its two passes.
 """
+
 from __future__ import annotations
 
 import functools
@@ -51,28 +52,30 @@ _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
 
 def default_config() -> ml_collections.ConfigDict:
   """`config.augment`: the original's image and EDA settings; both kinds start switched off."""
-  return ml_collections.ConfigDict(dict(
-      image=False,  # Augment training images (RoCLIP's --cross_aug).
-      text=False,  # Replace captions by one EDA version (RoCLIP's --cross_aug).
-      # The original draws one EDA caption per sample for the whole run; True re-draws each epoch.
-      text_resample_per_epoch=False,
-      flip_p=0.5,
-      crop_scale=(0.08, 1.0),
-      crop_ratio=(3 / 4, 4 / 3),
-      jitter_p=0.8,
-      brightness=0.5,
-      contrast=0.5,
-      saturation=0.5,
-      hue=0.1,
-      grayscale_p=0.2,
-      blur_p=1.0,
-      blur_sigma=(0.1, 2.0),
-      # EDA (see roclip_jax/data/eda.py).
-      eda_alpha_sr=0.1,
-      eda_alpha_ri=0.1,
-      eda_alpha_rs=0.1,
-      eda_p_rd=0.1,
-  ))
+  return ml_collections.ConfigDict(
+      dict(
+          image=False,  # Augment training images (RoCLIP's --cross_aug).
+          text=False,  # Replace captions by one EDA version (RoCLIP's --cross_aug).
+          # The original draws one EDA caption per sample for the whole run; True re-draws each epoch.
+          text_resample_per_epoch=False,
+          flip_p=0.5,
+          crop_scale=(0.08, 1.0),
+          crop_ratio=(3 / 4, 4 / 3),
+          jitter_p=0.8,
+          brightness=0.5,
+          contrast=0.5,
+          saturation=0.5,
+          hue=0.1,
+          grayscale_p=0.2,
+          blur_p=1.0,
+          blur_sigma=(0.1, 2.0),
+          # EDA (see roclip_jax/data/eda.py).
+          eda_alpha_sr=0.1,
+          eda_alpha_ri=0.1,
+          eda_alpha_rs=0.1,
+          eda_p_rd=0.1,
+      )
+  )
 
 
 class AugmentParams(NamedTuple):
@@ -80,6 +83,7 @@ class AugmentParams(NamedTuple):
 
   The crop box is in the coordinates of the image *after* the flip, as in torchvision.
   """
+
   flip: Any  # bool
   crop_top: Any  # int
   crop_left: Any  # int
@@ -98,6 +102,7 @@ class AugmentParams(NamedTuple):
 
 class _Settings(NamedTuple):
   """`config.augment`'s image fields, read and checked once per call."""
+
   flip_p: float
   crop_scale: tuple[float, float]
   crop_ratio: tuple[float, float]
@@ -113,11 +118,13 @@ class _Settings(NamedTuple):
 
 def _read_settings(cfg: ml_collections.ConfigDict) -> _Settings:
   """Reads and validates the image fields of `cfg` (= `config.augment`)."""
+
   def field(name):
     if name not in cfg:
       raise ValueError(
           f'config.augment has no field {name!r}; start from '
-          '`config.augment = roclip_jax.data.augment.default_config()`.')
+          '`config.augment = roclip_jax.data.augment.default_config()`.'
+      )
     return cfg[name]
 
   def probability(name):
@@ -131,7 +138,8 @@ def _read_settings(cfg: ml_collections.ConfigDict) -> _Settings:
     if len(value) != 2 or not low_bound < float(value[0]) <= float(value[1]):
       raise ValueError(
           f'config.augment.{name}={tuple(value)} must be a pair (low, high) with '
-          f'{low_bound} < low <= high, e.g. {tuple(default_config()[name])}.')
+          f'{low_bound} < low <= high, e.g. {tuple(default_config()[name])}.'
+      )
     return float(value[0]), float(value[1])
 
   def non_negative(name):
@@ -144,7 +152,8 @@ def _read_settings(cfg: ml_collections.ConfigDict) -> _Settings:
   if hue > 0.5:
     raise ValueError(
         f'config.augment.hue={hue} must lie in [0, 0.5] (a hue shift of more than half a '
-        'turn is meaningless; torchvision has the same limit). The original uses 0.1.')
+        'turn is meaningless; torchvision has the same limit). The original uses 0.1.'
+    )
   return _Settings(
       flip_p=probability('flip_p'),
       crop_scale=interval('crop_scale', 0.0),
@@ -252,8 +261,7 @@ def adjust_hue(img, factor):
   # Grey pixels (chroma 0) may take any hue: chroma multiplies it away below.
   inv_chroma = 1.0 / xp.where(chroma > 0, chroma, 1.0)
   red_c, green_c, blue_c = ((value - c) * inv_chroma for c in (red, green, blue))
-  hue6 = xp.where(value == red, blue_c - green_c,
-                  xp.where(value == green, 2.0 + red_c - blue_c, 4.0 + green_c - red_c))
+  hue6 = xp.where(value == red, blue_c - green_c, xp.where(value == green, 2.0 + red_c - blue_c, 4.0 + green_c - red_c))
   hue6 = hue6 + 6.0 * factor  # hue in sixths of a turn
   hue6 = hue6 - 6.0 * xp.floor(hue6 / 6.0)  # wrap to [0, 6); floor is much cheaper than mod
 
@@ -272,8 +280,7 @@ def to_grayscale(img):
   return _xp(img).stack([luma, luma, luma], axis=-1)
 
 
-_JITTER_OPS: tuple[Callable[..., Any], ...] = (
-    adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
+_JITTER_OPS: tuple[Callable[..., Any], ...] = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
 _JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
 
 
@@ -291,7 +298,8 @@ def _check_blur(img_shape, kernel_size: int) -> None:
   if kernel_size // 2 >= min(img_shape[-3], img_shape[-2]):
     raise ValueError(
         f'kernel_size={kernel_size} is too large for a {img_shape[-3]}x{img_shape[-2]} image '
-        '(reflect padding needs kernel_size // 2 < both sides); use blur_kernel_size(out_size).')
+        '(reflect padding needs kernel_size // 2 < both sides); use blur_kernel_size(out_size).'
+    )
 
 
 # -------------------------------------------------------------------------------------------------
@@ -304,17 +312,19 @@ def _check_image(image: np.ndarray) -> None:
     shape = getattr(image, 'shape', type(image).__name__)
     raise ValueError(
         f'augment_image expects an RGB image as a numpy uint8 array [H, W, 3], got {shape}. '
-        'Decode with PIL `.convert("RGB")` (this also fixes grey and RGBA images).')
+        'Decode with PIL `.convert("RGB")` (this also fixes grey and RGBA images).'
+    )
   if image.dtype != np.uint8:
     raise ValueError(
-        f'augment_image expects dtype uint8 (values 0..255), got {image.dtype}; '
-        'augment before converting to float.')
+        f'augment_image expects dtype uint8 (values 0..255), got {image.dtype}; ' 'augment before converting to float.'
+    )
   if min(image.shape[:2]) < 1:
     raise ValueError(f'augment_image got an empty image of shape {image.shape}.')
 
 
-def sample_crop(rng: np.random.Generator, height: int, width: int, scale: tuple[float, float],
-                ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+def sample_crop(
+    rng: np.random.Generator, height: int, width: int, scale: tuple[float, float], ratio: tuple[float, float]
+) -> tuple[int, int, int, int]:
   """torchvision `RandomResizedCrop.get_params`: (top, left, crop_height, crop_width)."""
   area = height * width
   log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
@@ -331,14 +341,17 @@ def sample_crop(rng: np.random.Generator, height: int, width: int, scale: tuple[
   return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def sample_params(rng: np.random.Generator, cfg: ml_collections.ConfigDict,
-                  height: int, width: int) -> AugmentParams:
+def sample_params(rng: np.random.Generator, cfg: ml_collections.ConfigDict, height: int, width: int) -> AugmentParams:
   """Draws every random choice of the pipeline for one [height, width] image."""
   s = _read_settings(cfg)
   flip = bool(rng.random() < s.flip_p)
   top, left, crop_height, crop_width = sample_crop(rng, height, width, s.crop_scale, s.crop_ratio)
   return AugmentParams(
-      flip=flip, crop_top=top, crop_left=left, crop_height=crop_height, crop_width=crop_width,
+      flip=flip,
+      crop_top=top,
+      crop_left=left,
+      crop_height=crop_height,
+      crop_width=crop_width,
       jitter=bool(rng.random() < s.jitter_p),
       jitter_order=rng.permutation(4).astype(np.int32),
       brightness=float(rng.uniform(*_factor_range(s.brightness))),
@@ -351,10 +364,9 @@ def sample_params(rng: np.random.Generator, cfg: ml_collections.ConfigDict,
   )
 
 
-def resized_crop(image: np.ndarray, top: int, left: int, height: int, width: int,
-                 out_size: int) -> np.ndarray:
+def resized_crop(image: np.ndarray, top: int, left: int, height: int, width: int, out_size: int) -> np.ndarray:
   """Crop then bilinear (antialiased) resize to out_size², with PIL as torchvision does."""
-  crop = np.ascontiguousarray(image[top:top + height, left:left + width])
+  crop = np.ascontiguousarray(image[top : top + height, left : left + width])
   resized = Image.fromarray(crop).resize((out_size, out_size), Image.Resampling.BILINEAR)
   return np.asarray(resized)
 
@@ -395,8 +407,9 @@ def apply_params(image: np.ndarray, params: AugmentParams, out_size: int) -> np.
   return np.clip(np.rint(img), 0, 255).astype(np.uint8)
 
 
-def augment_image(image: np.ndarray, rng: np.random.Generator, cfg: ml_collections.ConfigDict,
-                  out_size: int) -> np.ndarray:
+def augment_image(
+    image: np.ndarray, rng: np.random.Generator, cfg: ml_collections.ConfigDict, out_size: int
+) -> np.ndarray:
   """RoCLIP's image augmentation of one uint8 [H, W, 3] image -> uint8 [out_size, out_size, 3]."""
   _check_image(image)
   params = sample_params(rng, cfg, image.shape[0], image.shape[1])
@@ -408,18 +421,17 @@ def augment_image(image: np.ndarray, rng: np.random.Generator, cfg: ml_collectio
 # -------------------------------------------------------------------------------------------------
 
 
-def sample_params_jax(key: jax.Array, cfg: ml_collections.ConfigDict,
-                      height: int, width: int) -> AugmentParams:
+def sample_params_jax(key: jax.Array, cfg: ml_collections.ConfigDict, height: int, width: int) -> AugmentParams:
   """`sample_params` for one image from a jax key; vmap over keys for a batch."""
   s = _read_settings(cfg)
   keys = jax.random.split(key, 14)
   uniform = jax.random.uniform
   # RandomResizedCrop: all 10 tries at once, the first that fits wins.
   area = height * width
-  target_area = area * uniform(keys[0], (_NUM_CROP_TRIES,),
-                               minval=s.crop_scale[0], maxval=s.crop_scale[1])
-  aspect = jnp.exp(uniform(keys[1], (_NUM_CROP_TRIES,), minval=math.log(s.crop_ratio[0]),
-                           maxval=math.log(s.crop_ratio[1])))
+  target_area = area * uniform(keys[0], (_NUM_CROP_TRIES,), minval=s.crop_scale[0], maxval=s.crop_scale[1])
+  aspect = jnp.exp(
+      uniform(keys[1], (_NUM_CROP_TRIES,), minval=math.log(s.crop_ratio[0]), maxval=math.log(s.crop_ratio[1]))
+  )
   try_widths = jnp.round(jnp.sqrt(target_area * aspect)).astype(jnp.int32)
   try_heights = jnp.round(jnp.sqrt(target_area / aspect)).astype(jnp.int32)
   fits = (try_widths > 0) & (try_widths <= width) & (try_heights > 0) & (try_heights <= height)
@@ -428,10 +440,8 @@ def sample_params_jax(key: jax.Array, cfg: ml_collections.ConfigDict,
   fallback_height, fallback_width = _fallback_crop(height, width, s.crop_ratio)
   crop_height = jnp.where(any_fits, try_heights[first], fallback_height)
   crop_width = jnp.where(any_fits, try_widths[first], fallback_width)
-  top = jnp.where(any_fits, jax.random.randint(keys[2], (), 0, height - crop_height + 1),
-                  (height - crop_height) // 2)
-  left = jnp.where(any_fits, jax.random.randint(keys[3], (), 0, width - crop_width + 1),
-                   (width - crop_width) // 2)
+  top = jnp.where(any_fits, jax.random.randint(keys[2], (), 0, height - crop_height + 1), (height - crop_height) // 2)
+  left = jnp.where(any_fits, jax.random.randint(keys[3], (), 0, width - crop_width + 1), (width - crop_width) // 2)
 
   def factor(k, strength):
     low, high = _factor_range(strength)
@@ -439,7 +449,10 @@ def sample_params_jax(key: jax.Array, cfg: ml_collections.ConfigDict,
 
   return AugmentParams(
       flip=uniform(keys[4], ()) < s.flip_p,
-      crop_top=top, crop_left=left, crop_height=crop_height, crop_width=crop_width,
+      crop_top=top,
+      crop_left=left,
+      crop_height=crop_height,
+      crop_width=crop_width,
       jitter=uniform(keys[5], ()) < s.jitter_p,
       jitter_order=jax.random.permutation(keys[6], 4).astype(jnp.int32),
       brightness=factor(keys[7], s.brightness),
@@ -492,8 +505,7 @@ def gaussian_blur_jax(img, sigma, kernel_size: int) -> jax.Array:
     widths[axis] = (pad, pad)
     padded = jnp.pad(img, widths, mode='reflect')
     size = img.shape[axis]
-    img = sum(kernel[t] * jax.lax.slice_in_dim(padded, t, t + size, axis=axis)
-              for t in range(kernel_size))
+    img = sum(kernel[t] * jax.lax.slice_in_dim(padded, t, t + size, axis=axis) for t in range(kernel_size))
   return img
 
 
@@ -501,8 +513,7 @@ def _blend_op_jax(img, kind, factor):
   """Brightness, contrast or saturation, picked by the traced `kind`: all three blend the
   image with a degenerate image (black, mean grey, grey), so one formula covers them."""
   luma = _luma(img)
-  degenerate = jnp.where(kind == _CONTRAST, luma.mean(),
-                         jnp.where(kind == _SATURATION, luma, 0.0))
+  degenerate = jnp.where(kind == _CONTRAST, luma.mean(), jnp.where(kind == _SATURATION, luma, 0.0))
   return jnp.clip(factor * img + (1.0 - factor) * degenerate[..., None], 0.0, 255.0)
 
 
@@ -539,8 +550,7 @@ def apply_params_jax(image, params: AugmentParams, out_size: int) -> jax.Array:
   _check_out_size(out_size)
   width = image.shape[1]
   left = jnp.where(params.flip, width - params.crop_left - params.crop_width, params.crop_left)
-  img = resized_crop_jax(image, params.crop_top, left, params.crop_height, params.crop_width,
-                         out_size)
+  img = resized_crop_jax(image, params.crop_top, left, params.crop_height, params.crop_width, out_size)
   img = jnp.where(params.flip, img[:, ::-1], img)
 
   img = jnp.where(params.jitter, _color_jitter_jax(img, params), img)
@@ -549,8 +559,9 @@ def apply_params_jax(image, params: AugmentParams, out_size: int) -> jax.Array:
   return jnp.where(params.blur, blurred, img)
 
 
-def augment_batch_jax(images, key: jax.Array, cfg: ml_collections.ConfigDict, out_size: int,
-                      dtype=jnp.float32) -> jax.Array:
+def augment_batch_jax(
+    images, key: jax.Array, cfg: ml_collections.ConfigDict, out_size: int, dtype=jnp.float32
+) -> jax.Array:
   """RoCLIP's image augmentation of a batch [B, H, W, 3] on device -> [B, out, out, 3].
 
   Each image gets its own draws (from `jax.random.split(key, B)`). `dtype=jnp.uint8` rounds like
@@ -560,7 +571,8 @@ def augment_batch_jax(images, key: jax.Array, cfg: ml_collections.ConfigDict, ou
   if images.ndim != 4 or images.shape[-1] != 3:
     raise ValueError(
         f'augment_batch_jax expects RGB images [B, H, W, 3], got shape {images.shape}; '
-        'batch same-size images (resize on the host first).')
+        'batch same-size images (resize on the host first).'
+    )
   _check_out_size(out_size)
   batch, height, width, _ = images.shape
   keys = jax.random.split(key, batch)

@@ -32,6 +32,7 @@ Shards converted before the caption index existed get it from
 
 (reads each shard once; a resumed conversion also writes the missing indexes of finished shards).
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -62,8 +63,7 @@ SUMMARY_FILE = "summary.json"
 MAX_LISTED_FAILURES = 1000  # In summary.json; every failure stays in its shard's stats file.
 # Failure reasons, as counted in the summary.
 MISSING, CORRUPT, NO_CAPTION = "missing", "corrupt", "no_caption"
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, MemoryError, Image.DecompressionBombError)
 
 
 # ------------------------------------------------------------------ images
@@ -84,8 +84,11 @@ def resize_to_jpeg(data: bytes, image_size: int, quality: int = 95) -> bytes | N
       target = None
       if short > image_size:
         # Same geometry as image_ops.resize_center_crop: the short side becomes exactly image_size.
-        target = ((image_size, int(image_size * height / width)) if width <= height
-                  else (int(image_size * width / height), image_size))
+        target = (
+            (image_size, int(image_size * height / width))
+            if width <= height
+            else (int(image_size * width / height), image_size)
+        )
         img.draft("RGB", target)  # JPEG: decode at 1/2..1/8 scale while still >= target.
       if img.mode in ("P", "PA"):
         img = img.convert("RGBA")  # Palette transparency must go through RGBA.
@@ -119,9 +122,10 @@ def index_tar(path: str) -> list[tuple[str, dict[str, tuple[int, int]]]]:
           key, ext = _split_member_name(member.name)
           groups.setdefault(key, {})[ext] = (member.offset_data, member.size)
   except tarfile.TarError as e:
-    raise ValueError(f"{path} cannot be read as an uncompressed tar ({e}); webdataset input must "
-                     "be plain .tar shards (img2dataset's default) - decompress .tar.gz first."
-                     ) from e
+    raise ValueError(
+        f"{path} cannot be read as an uncompressed tar ({e}); webdataset input must "
+        "be plain .tar shards (img2dataset's default) - decompress .tar.gz first."
+    ) from e
   return list(groups.items())
 
 
@@ -153,6 +157,7 @@ def _wds_caption(f: Any, members: dict[str, tuple[int, int]]) -> str:
 @dataclasses.dataclass(frozen=True)
 class ShardTask:
   """One output shard: CSV rows [key_start, key_stop), or that key range of one tar."""
+
   index: int
   path: str  # Final shard file.
   image_size: int
@@ -170,7 +175,7 @@ class ShardTask:
 
   @property
   def stats_path(self) -> str:
-    return self.path[:-len(array_record.SHARD_SUFFIX)] + ".json"
+    return self.path[: -len(array_record.SHARD_SUFFIX)] + ".json"
 
 
 def _items(task: ShardTask) -> Iterator[tuple[int, str, bytes | None, str, int, int, str | None]]:
@@ -185,7 +190,7 @@ def _items(task: ShardTask) -> Iterator[tuple[int, str, bytes | None, str, int, 
         continue
       yield source_id, path, data, caption, label, poisoned, None
     return
-  keys = index_tar(task.tar_path)[task.key_start:task.key_stop]
+  keys = index_tar(task.tar_path)[task.key_start : task.key_stop]
   tar_name = os.path.basename(task.tar_path)
   with open(task.tar_path, "rb") as f:
     for offset, (key, members) in enumerate(keys):
@@ -216,16 +221,20 @@ class ShardWriter:
 
   def __init__(self, path: str):
     from array_record.python.array_record_module import ArrayRecordWriter  # pylint: disable=g-import-not-at-top
+
     self.path = path
     self._tmp = f"{path}.tmp-{os.getpid()}"
     self._writer = ArrayRecordWriter(self._tmp, "group_size:1")
     self._headers: list[dict[str, Any]] = []  # Captions etc. only: a few bytes per record.
 
-  def write(self, *, source_id: int, caption: str, image_bytes: bytes, origin: str = "", label: int = -1,
-            poisoned: int = 0) -> None:
-    self._writer.write(array_record.encode_record(
-        source_id=source_id, caption=caption, image_bytes=image_bytes, origin=origin, label=label,
-        poisoned=poisoned))
+  def write(
+      self, *, source_id: int, caption: str, image_bytes: bytes, origin: str = "", label: int = -1, poisoned: int = 0
+  ) -> None:
+    self._writer.write(
+        array_record.encode_record(
+            source_id=source_id, caption=caption, image_bytes=image_bytes, origin=origin, label=label, poisoned=poisoned
+        )
+    )
     self._headers.append({"id": source_id, "caption": caption, "label": label, "poisoned": poisoned})
 
   @property
@@ -256,12 +265,17 @@ def convert_shard(task: ShardTask) -> dict[str, Any]:
       if reason is not None:
         failures.append({"id": source_id, "origin": origin, "reason": reason})
         continue
-      writer.write(source_id=source_id, caption=caption, image_bytes=jpeg, origin=origin, label=label,
-                   poisoned=poisoned)
+      writer.write(
+          source_id=source_id, caption=caption, image_bytes=jpeg, origin=origin, label=label, poisoned=poisoned
+      )
   finally:
     writer.close()
-  stats = {"shard": os.path.basename(task.path), "written": writer.num_written, "failures": failures,
-           "seconds": round(time.perf_counter() - start, 3)}
+  stats = {
+      "shard": os.path.basename(task.path),
+      "written": writer.num_written,
+      "failures": failures,
+      "seconds": round(time.perf_counter() - start, 3),
+  }
   writer.finish(task.stats_path, stats)
   return stats
 
@@ -279,6 +293,7 @@ def _finished_stats(task: ShardTask) -> dict[str, Any] | None:
 @dataclasses.dataclass
 class _Plan:
   """What defines the shards; a rerun must match it to resume."""
+
   format: str
   inputs: list[str]
   image_size: int
@@ -296,8 +311,9 @@ def _shard_path(output_dir: str, index: int, num_shards: int) -> str:
 def _csv_tasks(plan: _Plan, output_dir: str) -> Iterator[ShardTask]:
   for index in range(plan.num_shards):
     lo, hi = index * plan.shard_size, min(plan.num_items, (index + 1) * plan.shard_size)
-    yield ShardTask(index, _shard_path(output_dir, index, plan.num_shards), plan.image_size,
-                    plan.quality, key_start=lo, key_stop=hi)
+    yield ShardTask(
+        index, _shard_path(output_dir, index, plan.num_shards), plan.image_size, plan.quality, key_start=lo, key_stop=hi
+    )
 
 
 def _with_rows(tasks: Sequence[ShardTask], source: sources.CsvSource) -> Iterator[ShardTask]:
@@ -310,15 +326,21 @@ def _with_rows(tasks: Sequence[ShardTask], source: sources.CsvSource) -> Iterato
     yield dataclasses.replace(task, rows=tuple(rows))
 
 
-def _wds_tasks(tars: Sequence[str], counts: Sequence[int], plan: _Plan,
-               output_dir: str) -> Iterator[ShardTask]:
+def _wds_tasks(tars: Sequence[str], counts: Sequence[int], plan: _Plan, output_dir: str) -> Iterator[ShardTask]:
   """Shards never span tars, so a worker reads one tar per shard."""
   index, first_id = 0, 0
   for tar, count in zip(tars, counts):
     for lo in range(0, count, plan.shard_size):
-      yield ShardTask(index, _shard_path(output_dir, index, plan.num_shards), plan.image_size,
-                      plan.quality, key_start=lo, key_stop=min(count, lo + plan.shard_size),
-                      tar_path=tar, first_id=first_id + lo)
+      yield ShardTask(
+          index,
+          _shard_path(output_dir, index, plan.num_shards),
+          plan.image_size,
+          plan.quality,
+          key_start=lo,
+          key_stop=min(count, lo + plan.shard_size),
+          tar_path=tar,
+          first_id=first_id + lo,
+      )
       index += 1
     first_id += count
 
@@ -329,8 +351,10 @@ def infer_format(input_pattern: str) -> str:
     return "csv"
   if lowered.endswith(".tar") or os.path.isdir(input_pattern):
     return "wds"
-  raise ValueError(f"Cannot tell the format of --input={input_pattern!r}; pass --format=csv for a "
-                   "CSV/TSV file or --format=wds for webdataset .tar shards.")
+  raise ValueError(
+      f"Cannot tell the format of --input={input_pattern!r}; pass --format=csv for a "
+      "CSV/TSV file or --format=wds for webdataset .tar shards."
+  )
 
 
 def _tar_paths(input_pattern: str) -> list[str]:
@@ -341,8 +365,10 @@ def _tar_paths(input_pattern: str) -> list[str]:
       pattern = os.path.join(pattern, "*.tar")
     paths.update(p for p in glob.glob(pattern) if os.path.isfile(p))
   if not paths:
-    raise FileNotFoundError(f"No .tar file matches --input={input_pattern!r}; pass a glob like "
-                            "'/data/wds/*.tar', a directory of tars, or a comma list.")
+    raise FileNotFoundError(
+        f"No .tar file matches --input={input_pattern!r}; pass a glob like "
+        "'/data/wds/*.tar', a directory of tars, or a comma list."
+    )
   return sorted(os.path.abspath(p) for p in paths)
 
 
@@ -357,7 +383,8 @@ def _check_plan(output_dir: str, plan: _Plan) -> None:
     if changed:
       raise ValueError(
           f"{output_dir} holds shards of a different conversion ({'; '.join(changed)}). Fix: rerun "
-          "with the original arguments to resume, or choose a new --output_dir.")
+          "with the original arguments to resume, or choose a new --output_dir."
+      )
   _atomic_write_text(path, json.dumps(new, indent=2))
 
 
@@ -367,6 +394,7 @@ def _check_plan(output_dir: str, plan: _Plan) -> None:
 @dataclasses.dataclass
 class ConversionSummary:
   """What a run did; `summary.json` holds the same fields."""
+
   output_dir: str
   num_shards: int
   shards_written: int  # By this run.
@@ -383,10 +411,22 @@ class ConversionSummary:
     return json.dumps(dataclasses.asdict(self), indent=2)
 
 
-def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: int = 256,
-            shard_size: int = 1000, workers: int = 1, quality: int = 95, image_root: str = "",
-            image_key: str = "image_path", caption_key: str = "caption", label_key: str = "label",
-            delimiter: str = "", progress: bool = True) -> ConversionSummary:
+def convert(
+    input_pattern: str,
+    output_dir: str,
+    *,
+    fmt: str = "",
+    image_size: int = 256,
+    shard_size: int = 1000,
+    workers: int = 1,
+    quality: int = 95,
+    image_root: str = "",
+    image_key: str = "image_path",
+    caption_key: str = "caption",
+    label_key: str = "label",
+    delimiter: str = "",
+    progress: bool = True,
+) -> ConversionSummary:
   """Converts a CSV or webdataset tars to ArrayRecord shards (see the module docstring).
 
   Args:
@@ -409,8 +449,10 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
   if fmt not in FORMATS:
     raise ValueError(f"--format={fmt!r} is unknown; use one of {FORMATS}.")
   if image_size < 1 or shard_size < 1 or workers < 1 or not 1 <= quality <= 100:
-    raise ValueError(f"image_size={image_size}, shard_size={shard_size} and workers={workers} must "
-                     f"be positive and quality={quality} in [1, 100].")
+    raise ValueError(
+        f"image_size={image_size}, shard_size={shard_size} and workers={workers} must "
+        f"be positive and quality={quality} in [1, 100]."
+    )
   output_dir = os.path.abspath(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   for stale in glob.glob(os.path.join(output_dir, "shard-*.tmp-*")):
@@ -423,11 +465,25 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
       if not os.path.isfile(input_pattern):
         raise FileNotFoundError(f"--input={input_pattern!r} is not a file; pass the CSV/TSV path.")
       delimiter = delimiter or ("\t" if input_pattern.lower().endswith(".tsv") else ",")
-      source = sources.CsvSource(input_pattern, image_root=image_root, image_key=image_key,
-                                 caption_key=caption_key, label_key=label_key, delimiter=delimiter)
+      source = sources.CsvSource(
+          input_pattern,
+          image_root=image_root,
+          image_key=image_key,
+          caption_key=caption_key,
+          label_key=label_key,
+          delimiter=delimiter,
+      )
       num_items = len(source)
-      plan = _Plan(fmt, [source.path], image_size, quality, shard_size, num_items,
-                   -(-num_items // shard_size), bad_rows=source.num_bad_rows)
+      plan = _Plan(
+          fmt,
+          [source.path],
+          image_size,
+          quality,
+          shard_size,
+          num_items,
+          -(-num_items // shard_size),
+          bad_rows=source.num_bad_rows,
+      )
       tasks = list(_csv_tasks(plan, output_dir))
     else:
       tars = _tar_paths(input_pattern)
@@ -446,8 +502,7 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
         all_stats.append(done)
     # Finished shards of a conversion from before the caption index existed: index them now.
     todo_paths = {t.path for t in todo}
-    written = array_record.write_indexes([t.path for t in tasks if t.path not in todo_paths],
-                                         progress=progress)
+    written = array_record.write_indexes([t.path for t in tasks if t.path not in todo_paths], progress=progress)
     if written:
       logging.info("Wrote the missing caption indexes of %d finished shards.", written)
     shards_skipped = len(all_stats)
@@ -455,6 +510,7 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
     if fmt == "csv":
       todo = _with_rows(todo, source)
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+
     with tqdm(total=todo_items, unit="img", disable=not progress, desc="convert") as bar:
       results = pool.imap_unordered(convert_shard, todo) if pool else map(convert_shard, todo)
       new_stats = []
@@ -471,12 +527,18 @@ def convert(input_pattern: str, output_dir: str, *, fmt: str = "", image_size: i
   for failure in failures:
     by_reason[failure["reason"]] = by_reason.get(failure["reason"], 0) + 1
   summary = ConversionSummary(
-      output_dir=output_dir, num_shards=plan.num_shards, shards_written=len(new_stats),
-      shards_skipped=shards_skipped, items=plan.num_items,
+      output_dir=output_dir,
+      num_shards=plan.num_shards,
+      shards_written=len(new_stats),
+      shards_skipped=shards_skipped,
+      items=plan.num_items,
       records=sum(s["written"] for s in all_stats + new_stats),
-      records_written=sum(s["written"] for s in new_stats), failures_by_reason=by_reason,
-      bad_rows=plan.bad_rows, failures=failures[:MAX_LISTED_FAILURES],
-      seconds=round(time.perf_counter() - start, 2))
+      records_written=sum(s["written"] for s in new_stats),
+      failures_by_reason=by_reason,
+      bad_rows=plan.bad_rows,
+      failures=failures[:MAX_LISTED_FAILURES],
+      seconds=round(time.perf_counter() - start, 2),
+  )
   _atomic_write_text(os.path.join(output_dir, SUMMARY_FILE), summary.to_json())
   return summary
 
@@ -493,6 +555,7 @@ def index_shards(shards: str, *, overwrite: bool = False, progress: bool = True)
 
 # --------------------------------------------------------------------- CLI
 
+
 def _define_flags() -> None:
   """CLI flags, defined only when run as a program (importing this module defines none)."""
   flags.DEFINE_string("input", None, "CSV/TSV file, or webdataset .tar glob/dir/comma list.")
@@ -507,8 +570,12 @@ def _define_flags() -> None:
   flags.DEFINE_string("caption_key", "caption", "CSV: caption column.")
   flags.DEFINE_string("delimiter", "", "CSV: delimiter ('' = ',' or tab for .tsv).")
   flags.DEFINE_bool("progress", True, "Show a progress bar.")
-  flags.DEFINE_bool("index_only", False, "Convert nothing: write the caption index (*.index.npz) of "
-                    "every shard in --output_dir that lacks one, reading each such shard once.")
+  flags.DEFINE_bool(
+      "index_only",
+      False,
+      "Convert nothing: write the caption index (*.index.npz) of "
+      "every shard in --output_dir that lacks one, reading each such shard once.",
+  )
   flags.DEFINE_bool("overwrite_index", False, "With --index_only: rewrite every index.")
 
 
@@ -521,20 +588,34 @@ def main(argv: Sequence[str]) -> None:
       raise app.UsageError("--index_only needs --output_dir (the shards' directory or a glob).")
     start = time.perf_counter()
     written, total = index_shards(f.output_dir, overwrite=f.overwrite_index, progress=f.progress)
-    print(f"Wrote {written} caption index(es) for {total} shards in {f.output_dir} "
-          f"({total - written} already had one); {time.perf_counter() - start:.1f}s.")
+    print(
+        f"Wrote {written} caption index(es) for {total} shards in {f.output_dir} "
+        f"({total - written} already had one); {time.perf_counter() - start:.1f}s."
+    )
     return
   if not f.input or not f.output_dir:
     raise app.UsageError("--input and --output_dir are required.")
   summary = convert(
-      f.input, f.output_dir, fmt=f.format, image_size=f.image_size, shard_size=f.shard_size,
-      workers=f.workers, quality=f.quality, image_root=f.image_root, image_key=f.image_key,
-      caption_key=f.caption_key, delimiter=f.delimiter, progress=f.progress)
+      f.input,
+      f.output_dir,
+      fmt=f.format,
+      image_size=f.image_size,
+      shard_size=f.shard_size,
+      workers=f.workers,
+      quality=f.quality,
+      image_root=f.image_root,
+      image_key=f.image_key,
+      caption_key=f.caption_key,
+      delimiter=f.delimiter,
+      progress=f.progress,
+  )
   failed = ", ".join(f"{n} {r}" for r, n in sorted(summary.failures_by_reason.items())) or "none"
-  print(f"{summary.records} records in {summary.num_shards} shards ({summary.shards_written} "
-        f"written, {summary.shards_skipped} already done) from {summary.items} items; failed: "
-        f"{failed}; {summary.bad_rows} blank CSV rows; {summary.seconds:.1f}s. Details: "
-        f"{os.path.join(summary.output_dir, SUMMARY_FILE)}")
+  print(
+      f"{summary.records} records in {summary.num_shards} shards ({summary.shards_written} "
+      f"written, {summary.shards_skipped} already done) from {summary.items} items; failed: "
+      f"{failed}; {summary.bad_rows} blank CSV rows; {summary.seconds:.1f}s. Details: "
+      f"{os.path.join(summary.output_dir, SUMMARY_FILE)}"
+  )
 
 
 if __name__ == "__main__":

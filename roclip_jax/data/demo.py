@@ -16,6 +16,7 @@ safe and a crash never leaves a half-written dataset behind):
   params.json           the generation parameters (marks a complete dataset)
   train/*.png, test/*.png
 """
+
 from __future__ import annotations
 
 from collections.abc import Mapping
@@ -112,8 +113,7 @@ _POSITION_PHRASES = (
 BACKGROUNDS = ("noisy", "striped", "gradient", "checkered", "mottled")
 
 _SUPERSAMPLE = 4  # Shapes are drawn at 4x and box-filtered: anti-aliasing.
-_DEFAULTS = dict(num_classes=24, train_per_class=250, test_per_class=50,
-                 image_size=32, seed=0)
+_DEFAULTS = dict(num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0)
 _SPLIT_SEED_TAG = {"train": 0, "test": 1}
 
 
@@ -122,6 +122,7 @@ _SPLIT_SEED_TAG = {"train": 0, "test": 1}
 
 def _unit_polygon(shape: str) -> list[np.ndarray]:
   """Polygons of a shape around the origin with radius ~1; holes follow."""
+
   def circle(radius: float) -> np.ndarray:
     t = np.linspace(0, 2 * np.pi, 48, endpoint=False)
     return radius * np.stack([np.cos(t), np.sin(t)], -1)
@@ -142,19 +143,20 @@ def _unit_polygon(shape: str) -> list[np.ndarray]:
     return [radius[:, None] * np.stack([np.cos(t), np.sin(t)], -1)]
   if shape == "cross":
     w = 0.32
-    return [np.array([(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w),
-                      (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)])]
+    return [
+        np.array(
+            [(-w, -1), (w, -1), (w, -w), (1, -w), (1, w), (w, w), (w, 1), (-w, 1), (-w, w), (-1, w), (-1, -w), (-w, -w)]
+        )
+    ]
   raise ValueError(f"Unknown shape {shape!r}; expected one of {SHAPES}.")
 
 
-def _shape_alpha(shape: str, size: int, centre: tuple[float, float],
-                 radius: float, angle: float) -> np.ndarray:
+def _shape_alpha(shape: str, size: int, centre: tuple[float, float], radius: float, angle: float) -> np.ndarray:
   """Anti-aliased coverage mask in [0, 1] of one rotated, placed shape."""
   big = size * _SUPERSAMPLE
   mask = Image.new("L", (big, big), 0)
   draw = ImageDraw.Draw(mask)
-  rotation = np.array([[np.cos(angle), -np.sin(angle)],
-                       [np.sin(angle), np.cos(angle)]])
+  rotation = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
   for k, poly in enumerate(_unit_polygon(shape)):
     points = (poly @ rotation.T * radius + np.asarray(centre)) * _SUPERSAMPLE
     # The first polygon is the body, later ones are holes.
@@ -170,8 +172,7 @@ def _muted_colour(rng: np.random.Generator, level: float) -> np.ndarray:
   return level + rng.uniform(-18, 18, size=3)
 
 
-def _background(kind: str, size: int,
-                rng: np.random.Generator) -> np.ndarray:
+def _background(kind: str, size: int, rng: np.random.Generator) -> np.ndarray:
   """A float32 [size, size, 3] texture in low-saturation colours."""
   level = rng.uniform(60, 190)
   other = np.clip(level + rng.choice([-1, 1]) * rng.uniform(30, 65), 30, 225)
@@ -191,8 +192,7 @@ def _background(kind: str, size: int,
     mix = ((np.floor(x / cell) + np.floor(y / cell)) % 2).astype(np.float32)
   elif kind == "mottled":
     coarse = rng.uniform(0, 1, (5, 5)).astype(np.float32)
-    mix = np.asarray(Image.fromarray(coarse, mode="F").resize(
-        (size, size), Image.Resampling.BICUBIC))
+    mix = np.asarray(Image.fromarray(coarse, mode="F").resize((size, size), Image.Resampling.BICUBIC))
     mix = np.clip(mix, 0, 1)
   else:
     raise ValueError(f"Unknown background {kind!r}; expected {BACKGROUNDS}.")
@@ -202,8 +202,7 @@ def _background(kind: str, size: int,
 # ---------------------------------------------------------------- examples
 
 
-def draw_example(label: int, size: int,
-                 rng: np.random.Generator) -> tuple[np.ndarray, str]:
+def draw_example(label: int, size: int, rng: np.random.Generator) -> tuple[np.ndarray, str]:
   """Draws one image of class `label` and writes a caption for it."""
   colour, shape = CLASS_NAMES[label].split(" ")
   background = BACKGROUNDS[rng.integers(len(BACKGROUNDS))]
@@ -212,8 +211,7 @@ def draw_example(label: int, size: int,
   extent = rng.uniform(0.3, 0.8)  # Diameter as a fraction of the image.
   radius = extent * size / 2
   margin = 0.8 * radius  # Lets the shape touch the border, rarely leave it.
-  centre = (rng.uniform(margin, size - margin),
-            rng.uniform(margin, size - margin))
+  centre = (rng.uniform(margin, size - margin), rng.uniform(margin, size - margin))
   alpha = _shape_alpha(shape, size, centre, radius, rng.uniform(0, 2 * np.pi))
   fill = np.array([rng.uniform(lo, hi) for lo, hi in _COLOUR_RANGES[colour]])
   image = image * (1 - alpha) + fill * alpha
@@ -228,8 +226,7 @@ def draw_example(label: int, size: int,
     size_word = _MEDIUM_WORDS[rng.integers(len(_MEDIUM_WORDS))]
   row, col = (min(int(3 * v / size), 2) for v in (centre[1], centre[0]))
   template = CAPTION_TEMPLATES[rng.integers(len(CAPTION_TEMPLATES))]
-  caption = template.format(name=CLASS_NAMES[label], size=size_word,
-                            pos=_POSITION_PHRASES[row][col], bg=background)
+  caption = template.format(name=CLASS_NAMES[label], size=size_word, pos=_POSITION_PHRASES[row][col], bg=background)
   return pixels, " ".join(caption.split())
 
 
@@ -239,8 +236,12 @@ def possible_captions() -> list[str]:
   positions = [phrase for row in _POSITION_PHRASES for phrase in row]
   captions = {
       " ".join(template.format(name=name, size=size, pos=pos, bg=background).split())
-      for template in CAPTION_TEMPLATES for name in CLASS_NAMES for size in size_words
-      for pos in positions for background in BACKGROUNDS}
+      for template in CAPTION_TEMPLATES
+      for name in CLASS_NAMES
+      for size in size_words
+      for pos in positions
+      for background in BACKGROUNDS
+  }
   return sorted(captions)
 
 
@@ -259,29 +260,27 @@ def _param(demo_cfg: Any, name: str, default: Any) -> Any:
 def generation_params(demo_cfg: Any) -> dict[str, int | str]:
   """The parameters that determine the dataset's bytes (validated)."""
   params: dict[str, int | str] = {"version": DATASET_VERSION}
-  for name in ("num_classes", "train_per_class", "test_per_class",
-               "image_size", "seed"):
+  for name in ("num_classes", "train_per_class", "test_per_class", "image_size", "seed"):
     params[name] = int(_param(demo_cfg, name, _DEFAULTS[name]))
   if not 1 <= params["num_classes"] <= len(CLASS_NAMES):
     raise ValueError(
         f"config.data.demo.num_classes={params['num_classes']} is out of "
-        f"range; the demo dataset has 1..{len(CLASS_NAMES)} classes.")
+        f"range; the demo dataset has 1..{len(CLASS_NAMES)} classes."
+    )
   for name in ("train_per_class", "test_per_class"):
     if params[name] < 1:
       raise ValueError(f"config.data.demo.{name}={params[name]} must be >= 1.")
   if params["image_size"] < 8:
     raise ValueError(
-        f"config.data.demo.image_size={params['image_size']} is too small to "
-        "draw shapes; use >= 8 (default 32).")
+        f"config.data.demo.image_size={params['image_size']} is too small to " "draw shapes; use >= 8 (default 32)."
+    )
   return params
 
 
 def default_root(params: dict[str, int | str]) -> str:
   """$ROCLIP_DATA_DIR (else ~/.cache/roclip_jax)/demo_v1-<params hash>."""
-  digest = hashlib.sha256(
-      json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
-  base = os.environ.get("ROCLIP_DATA_DIR") or os.path.join(
-      os.path.expanduser("~"), ".cache", "roclip_jax")
+  digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
+  base = os.environ.get("ROCLIP_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "roclip_jax")
   return os.path.join(base, f"{DATASET_VERSION}-{digest}")
 
 
@@ -293,14 +292,12 @@ def _write_split(root: str, split: str, params: dict[str, Any]) -> None:
   # Index-major order: any prefix of the CSV is class balanced.
   for index in range(per_class):
     for label in range(params["num_classes"]):
-      rng = np.random.default_rng(
-          [params["seed"], _SPLIT_SEED_TAG[split], label, index])
+      rng = np.random.default_rng([params["seed"], _SPLIT_SEED_TAG[split], label, index])
       pixels, caption = draw_example(label, size, rng)
       rel_path = f"{split}/{label:02d}_{index:05d}.png"
       Image.fromarray(pixels).save(os.path.join(root, rel_path), format="PNG")
       rows.append((rel_path, caption, label))
-  with open(os.path.join(root, f"{split}.csv"), "w", newline="",
-            encoding="utf-8") as f:
+  with open(os.path.join(root, f"{split}.csv"), "w", newline="", encoding="utf-8") as f:
     writer = csv.writer(f, lineterminator="\n")
     writer.writerow(("image_path", "caption", "label"))
     writer.writerows(rows)
@@ -319,8 +316,7 @@ def _generate(root: str, params: dict[str, Any]) -> None:
   try:
     for split in ("train", "test"):
       _write_split(tmp, split, params)
-    classes = {"classes": list(CLASS_NAMES[:params["num_classes"]]),
-               "templates": list(TEMPLATES)}
+    classes = {"classes": list(CLASS_NAMES[: params["num_classes"]]), "templates": list(TEMPLATES)}
     with open(os.path.join(tmp, "classes.json"), "w", encoding="utf-8") as f:
       json.dump(classes, f, indent=1)
     # Written last: its presence marks a complete dataset.
@@ -359,5 +355,6 @@ def ensure_demo_dataset(demo_cfg: Any) -> str:
         f"The demo dataset at {root} was generated with {existing}, but the "
         f"config asks for {params}. Delete that directory or point "
         "config.data.demo.root elsewhere (an empty root picks a "
-        "per-parameter directory automatically).")
+        "per-parameter directory automatically)."
+    )
   return root

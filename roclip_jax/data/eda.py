@@ -29,6 +29,7 @@ NLTK, no download. It holds exactly what EDA can look up and gives exactly what 
 reader gives (`SynonymTable`). It is loaded lazily, once per process (about half a second), so
 `eda` is cheap to call per example in grain workers, from any thread.
 """
+
 from __future__ import annotations
 
 import functools
@@ -42,20 +43,138 @@ import ml_collections
 import numpy as np
 
 # EDA's stop-word list (NLTK's English list, plus the empty string), verbatim.
-STOP_WORDS = frozenset([
-    'i', 'me', 'my', 'myself', 'we', 'our', 'ours', 'ourselves', 'you', 'your', 'yours',
-    'yourself', 'yourselves', 'he', 'him', 'his', 'himself', 'she', 'her', 'hers', 'herself',
-    'it', 'its', 'itself', 'they', 'them', 'their', 'theirs', 'themselves', 'what', 'which',
-    'who', 'whom', 'this', 'that', 'these', 'those', 'am', 'is', 'are', 'was', 'were', 'be',
-    'been', 'being', 'have', 'has', 'had', 'having', 'do', 'does', 'did', 'doing', 'a', 'an',
-    'the', 'and', 'but', 'if', 'or', 'because', 'as', 'until', 'while', 'of', 'at', 'by', 'for',
-    'with', 'about', 'against', 'between', 'into', 'through', 'during', 'before', 'after',
-    'above', 'below', 'to', 'from', 'up', 'down', 'in', 'out', 'on', 'off', 'over', 'under',
-    'again', 'further', 'then', 'once', 'here', 'there', 'when', 'where', 'why', 'how', 'all',
-    'any', 'both', 'each', 'few', 'more', 'most', 'other', 'some', 'such', 'no', 'nor', 'not',
-    'only', 'own', 'same', 'so', 'than', 'too', 'very', 's', 't', 'can', 'will', 'just', 'don',
-    'should', 'now', '',
-])
+STOP_WORDS = frozenset(
+    [
+        'i',
+        'me',
+        'my',
+        'myself',
+        'we',
+        'our',
+        'ours',
+        'ourselves',
+        'you',
+        'your',
+        'yours',
+        'yourself',
+        'yourselves',
+        'he',
+        'him',
+        'his',
+        'himself',
+        'she',
+        'her',
+        'hers',
+        'herself',
+        'it',
+        'its',
+        'itself',
+        'they',
+        'them',
+        'their',
+        'theirs',
+        'themselves',
+        'what',
+        'which',
+        'who',
+        'whom',
+        'this',
+        'that',
+        'these',
+        'those',
+        'am',
+        'is',
+        'are',
+        'was',
+        'were',
+        'be',
+        'been',
+        'being',
+        'have',
+        'has',
+        'had',
+        'having',
+        'do',
+        'does',
+        'did',
+        'doing',
+        'a',
+        'an',
+        'the',
+        'and',
+        'but',
+        'if',
+        'or',
+        'because',
+        'as',
+        'until',
+        'while',
+        'of',
+        'at',
+        'by',
+        'for',
+        'with',
+        'about',
+        'against',
+        'between',
+        'into',
+        'through',
+        'during',
+        'before',
+        'after',
+        'above',
+        'below',
+        'to',
+        'from',
+        'up',
+        'down',
+        'in',
+        'out',
+        'on',
+        'off',
+        'over',
+        'under',
+        'again',
+        'further',
+        'then',
+        'once',
+        'here',
+        'there',
+        'when',
+        'where',
+        'why',
+        'how',
+        'all',
+        'any',
+        'both',
+        'each',
+        'few',
+        'more',
+        'most',
+        'other',
+        'some',
+        'such',
+        'no',
+        'nor',
+        'not',
+        'only',
+        'own',
+        'same',
+        'so',
+        'than',
+        'too',
+        'very',
+        's',
+        't',
+        'can',
+        'will',
+        'just',
+        'don',
+        'should',
+        'now',
+        '',
+    ]
+)
 
 _RI_TRIES = 10  # EDA's add_word gives a random word this many tries to have a synonym.
 _SWAP_TRIES = 3  # EDA's swap_word redraws the second index this often before giving up.
@@ -64,8 +183,9 @@ _SPACES = re.compile(' +')
 
 # EDA's synonyms: a table derived from WordNet 3.0, shipped in the package with WordNet's licence
 # (assets/WORDNET_LICENSE); built by tools/build_wordnet_synonyms.py.
-WORDNET_TABLE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets',
-                             'wordnet_synonyms.json.gz')
+WORDNET_TABLE = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'assets', 'wordnet_synonyms.json.gz'
+)
 
 Synonyms = Callable[[str], Sequence[str]]
 
@@ -87,8 +207,17 @@ def preprocess(text: str) -> str:
 # NLTK's `WordNetCorpusReader.MORPHOLOGICAL_SUBSTITUTIONS` (WordNet's morphy(7WN) detachment rules),
 # per part of speech, in the order they are tried.
 MORPHY_RULES = {
-    'n': (('s', ''), ('ses', 's'), ('ves', 'f'), ('xes', 'x'), ('zes', 'z'), ('ches', 'ch'), ('shes', 'sh'),
-          ('men', 'man'), ('ies', 'y')),
+    'n': (
+        ('s', ''),
+        ('ses', 's'),
+        ('ves', 'f'),
+        ('xes', 'x'),
+        ('zes', 'z'),
+        ('ches', 'ch'),
+        ('shes', 'sh'),
+        ('men', 'man'),
+        ('ies', 'y'),
+    ),
     'v': (('s', ''), ('ies', 'y'), ('es', 'e'), ('es', ''), ('ed', 'e'), ('ed', ''), ('ing', 'e'), ('ing', '')),
     'a': (('er', ''), ('est', ''), ('er', 'e'), ('est', 'e')),
     'r': (),
@@ -130,7 +259,7 @@ class SynonymTable:
     if word in exceptions:
       candidates = exceptions[word]
     else:
-      candidates = [word[:-len(old)] + new for old, new in MORPHY_RULES[pos] if word.endswith(old)]
+      candidates = [word[: -len(old)] + new for old, new in MORPHY_RULES[pos] if word.endswith(old)]
     index = self._index[pos]
     return list(dict.fromkeys(form for form in [word] + candidates if form in index))
 
@@ -158,8 +287,7 @@ def load_wordnet() -> SynonymTable:
 # -------------------------------------------------------------------------------------------------
 
 
-def synonym_replacement(words: Sequence[str], n: int, rng: np.random.Generator,
-                        synonyms: Synonyms) -> list[str]:
+def synonym_replacement(words: Sequence[str], n: int, rng: np.random.Generator, synonyms: Synonyms) -> list[str]:
   """SR: up to n distinct non-stop-words, each replaced everywhere by a random synonym."""
   candidates = list(dict.fromkeys(w for w in words if w not in STOP_WORDS))
   new_words = list(words)
@@ -177,8 +305,7 @@ def synonym_replacement(words: Sequence[str], n: int, rng: np.random.Generator,
   return ' '.join(new_words).split(' ')
 
 
-def random_insertion(words: Sequence[str], n: int, rng: np.random.Generator,
-                     synonyms: Synonyms) -> list[str]:
+def random_insertion(words: Sequence[str], n: int, rng: np.random.Generator, synonyms: Synonyms) -> list[str]:
   """RI: n times, insert the first synonym of a random word at a random position."""
   new_words = list(words)
   for _ in range(n):
@@ -226,15 +353,15 @@ def random_deletion(words: Sequence[str], p: float, rng: np.random.Generator) ->
 
 def _check(rng: np.random.Generator, cfg: ml_collections.ConfigDict) -> None:
   if not isinstance(rng, np.random.Generator):
-    raise TypeError(f'eda needs a numpy.random.Generator (np.random.default_rng(seed)), got '
-                    f'{type(rng).__name__}.')
+    raise TypeError(f'eda needs a numpy.random.Generator (np.random.default_rng(seed)), got ' f'{type(rng).__name__}.')
   for name in ('eda_alpha_sr', 'eda_alpha_ri', 'eda_alpha_rs', 'eda_p_rd'):
     if name not in cfg:
-      raise ValueError(f'config.augment has no field {name!r}; start from '
-                       '`config.augment = roclip_jax.data.augment.default_config()`.')
+      raise ValueError(
+          f'config.augment has no field {name!r}; start from '
+          '`config.augment = roclip_jax.data.augment.default_config()`.'
+      )
     if not 0.0 <= cfg[name] <= 1.0:
-      raise ValueError(f'config.augment.{name}={cfg[name]} must lie in [0, 1] (0 turns the op '
-                       'off; EDA uses 0.1).')
+      raise ValueError(f'config.augment.{name}={cfg[name]} must lie in [0, 1] (0 turns the op ' 'off; EDA uses 0.1).')
 
 
 def eda(caption: str, rng: np.random.Generator, cfg: ml_collections.ConfigDict) -> str:

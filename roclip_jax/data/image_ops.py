@@ -19,6 +19,7 @@ Reading an image separates two kinds of failure:
 on numpy arrays on the host and on jax arrays inside `jax.jit` (the trainer
 normalises on device, so the host ships compact uint8 batches).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable
@@ -42,8 +43,7 @@ MAX_IMAGE_PIXELS = Image.MAX_IMAGE_PIXELS or 89_478_485
 # Everything PIL raises for bytes that are truncated, corrupt or not an image.
 # Decoding reads from memory, so an OSError here is about the content, not the
 # storage. MemoryError is left out on purpose: it is the host, not the image.
-_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError,
-                  Image.DecompressionBombError)
+_DECODE_ERRORS = (OSError, ValueError, SyntaxError, EOFError, Image.DecompressionBombError)
 # A path that names nothing readable as a file: bad data, like a corrupt file.
 _MISSING_ERRORS = (FileNotFoundError, IsADirectoryError, NotADirectoryError)
 # What `call_with_retries` treats as a (possibly transient) storage fault.
@@ -69,9 +69,9 @@ class StorageError(RuntimeError):
   """
 
 
-def call_with_retries(fn: Callable[[], _T], *, what: str,
-                      retries: int = IO_RETRIES,
-                      base_seconds: float = IO_RETRY_BASE_SECONDS) -> _T:
+def call_with_retries(
+    fn: Callable[[], _T], *, what: str, retries: int = IO_RETRIES, base_seconds: float = IO_RETRY_BASE_SECONDS
+) -> _T:
   """`fn()`, retried with exponential backoff on `STORAGE_FAULTS`.
 
   `fn` must raise an OSError or MemoryError only for a storage fault (see the
@@ -93,11 +93,18 @@ def call_with_retries(fn: Callable[[], _T], *, what: str,
             "(NFS / GCS fuse), its credentials and permissions, and the "
             "network, then rerun with the same workdir; training resumes from "
             "its last checkpoint. config.data.io_retries and "
-            "config.data.io_retry_base_seconds set how long to retry.") from e
+            "config.data.io_retry_base_seconds set how long to retry."
+        ) from e
       delay = float(base_seconds) * 2**attempt
-      logging.warning("Storage fault reading %s (attempt %d of %d): %s: %s; "
-                      "retrying in %.1fs.", what, attempt + 1, retries + 1,
-                      type(e).__name__, e, delay)
+      logging.warning(
+          "Storage fault reading %s (attempt %d of %d): %s: %s; " "retrying in %.1fs.",
+          what,
+          attempt + 1,
+          retries + 1,
+          type(e).__name__,
+          e,
+          delay,
+      )
       _sleep(delay)
       attempt, waited = attempt + 1, waited + delay
 
@@ -135,10 +142,13 @@ def decode_image_bytes(data: bytes) -> np.ndarray | None:
     return None
 
 
-def decode_image(path_or_bytes: str | os.PathLike[str] | bytes, *,
-                 retries: int = IO_RETRIES,
-                 retry_base_seconds: float = IO_RETRY_BASE_SECONDS,
-                 name: str = "") -> np.ndarray | None:
+def decode_image(
+    path_or_bytes: str | os.PathLike[str] | bytes,
+    *,
+    retries: int = IO_RETRIES,
+    retry_base_seconds: float = IO_RETRY_BASE_SECONDS,
+    name: str = "",
+) -> np.ndarray | None:
   """Reads and decodes an image file (or encoded bytes) to uint8 RGB [H, W, 3].
 
   Returns None for bad data: a missing file, or bytes that are corrupt,
@@ -149,9 +159,12 @@ def decode_image(path_or_bytes: str | os.PathLike[str] | bytes, *,
   """
   if isinstance(path_or_bytes, (bytes, bytearray, memoryview)):
     data = bytes(path_or_bytes)
-    return call_with_retries(lambda: decode_image_bytes(data),
-                             what=f"the encoded image of {name or 'a record'}",
-                             retries=retries, base_seconds=retry_base_seconds)
+    return call_with_retries(
+        lambda: decode_image_bytes(data),
+        what=f"the encoded image of {name or 'a record'}",
+        retries=retries,
+        base_seconds=retry_base_seconds,
+    )
 
   def read_and_decode() -> np.ndarray | None:
     # The bytes are read here, not by PIL, so that an I/O error is told apart
@@ -159,9 +172,9 @@ def decode_image(path_or_bytes: str | os.PathLike[str] | bytes, *,
     data = read_file_bytes(path_or_bytes)
     return None if data is None else decode_image_bytes(data)
 
-  return call_with_retries(read_and_decode,
-                           what=f"image file {os.fspath(path_or_bytes)!r}",
-                           retries=retries, base_seconds=retry_base_seconds)
+  return call_with_retries(
+      read_and_decode, what=f"image file {os.fspath(path_or_bytes)!r}", retries=retries, base_seconds=retry_base_seconds
+  )
 
 
 def as_rgb_uint8(image: Any) -> np.ndarray:
@@ -186,10 +199,10 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
     raise ValueError(
         f"resize_center_crop expects uint8 [H, W, 3], got {image.dtype} "
-        f"{image.shape}; decode with decode_image() first.")
+        f"{image.shape}; decode with decode_image() first."
+    )
   if size <= 0:
-    raise ValueError(f"size must be positive, got {size}; check "
-                     "config.model.image.image_size.")
+    raise ValueError(f"size must be positive, got {size}; check " "config.model.image.image_size.")
   height, width = image.shape[:2]
   if (height, width) == (size, size):
     return image
@@ -198,12 +211,11 @@ def resize_center_crop(image: np.ndarray, size: int) -> np.ndarray:
   else:
     new_h, new_w = int(size * height / width), size
   if (new_h, new_w) != (height, width):
-    resized = Image.fromarray(image).resize((new_w, new_h),
-                                            Image.Resampling.BICUBIC)
+    resized = Image.fromarray(image).resize((new_w, new_h), Image.Resampling.BICUBIC)
     image = np.asarray(resized, np.uint8)
   top = int(round((new_h - size) / 2.0))
   left = int(round((new_w - size) / 2.0))
-  return image[top:top + size, left:left + size]
+  return image[top : top + size, left : left + size]
 
 
 def normalize(images: Any) -> Any:

@@ -15,6 +15,7 @@ source exposes `metadata() -> Metadata` computed without touching image bytes:
 `metadata_of(source)` calls that method, or reads every record once (with a progress bar) for a
 source without one. docs/data.md describes the index and the lazy poisoning built on this.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
@@ -47,10 +48,17 @@ class StringColumn:
   def from_blob(cls, blob: bytes, offsets: np.ndarray) -> StringColumn:
     """The column whose string i is `blob[offsets[i]:offsets[i + 1]]` (UTF-8)."""
     offsets = np.asarray(offsets, np.int64)
-    if offsets.ndim != 1 or offsets.size < 1 or offsets[0] != 0 or offsets[-1] != len(blob) or np.any(
-        np.diff(offsets) < 0):
-      raise ValueError(f"Caption offsets must rise from 0 to the blob's length {len(blob)}; got "
-                       f"{offsets.size} offsets ending at {offsets[-1] if offsets.size else None}.")
+    if (
+        offsets.ndim != 1
+        or offsets.size < 1
+        or offsets[0] != 0
+        or offsets[-1] != len(blob)
+        or np.any(np.diff(offsets) < 0)
+    ):
+      raise ValueError(
+          f"Caption offsets must rise from 0 to the blob's length {len(blob)}; got "
+          f"{offsets.size} offsets ending at {offsets[-1] if offsets.size else None}."
+      )
     column = cls()
     column._blob, column._offsets = bytes(blob), offsets
     return column
@@ -121,6 +129,7 @@ class Metadata:
   ids: int64 [N], `source[i]['id']`. captions: [N] str. labels: int64 [N], -1 when unknown.
   poisoned: int8 [N], the records' `poisoned` codes (0 clean, 1 backdoor, 2 targeted).
   """
+
   ids: np.ndarray
   captions: Sequence[str]
   labels: np.ndarray
@@ -130,8 +139,7 @@ class Metadata:
     ids = np.asarray(self.ids, np.int64)
     labels = np.asarray(self.labels, np.int64)
     poisoned = np.asarray(self.poisoned, np.int8)
-    shapes = {"ids": ids.shape, "labels": labels.shape, "poisoned": poisoned.shape,
-              "captions": (len(self.captions),)}
+    shapes = {"ids": ids.shape, "labels": labels.shape, "poisoned": poisoned.shape, "captions": (len(self.captions),)}
     if len(set(shapes.values())) != 1 or ids.ndim != 1:
       raise ValueError(f"Metadata columns must be 1-D and of one length; got shapes {shapes}.")
     object.__setattr__(self, "ids", ids)
@@ -144,14 +152,26 @@ class Metadata:
   def take(self, indices: np.ndarray) -> Metadata:
     """The metadata of the records at `indices` (captions are copied: only the taken ones)."""
     indices = np.asarray(indices, np.int64)
-    return Metadata(ids=self.ids[indices], captions=StringColumn([self.captions[i] for i in indices]),
-                    labels=self.labels[indices], poisoned=self.poisoned[indices])
+    return Metadata(
+        ids=self.ids[indices],
+        captions=StringColumn([self.captions[i] for i in indices]),
+        labels=self.labels[indices],
+        poisoned=self.poisoned[indices],
+    )
 
 
 def progress_bar(total: int, desc: str, *, enabled: bool = True) -> tqdm.tqdm:
   """The bar every full pass over a source shows: examples done, examples/s, time left."""
-  return tqdm.tqdm(total=total, desc=desc, unit="ex", unit_scale=True, mininterval=1.0,
-                   file=sys.stderr, dynamic_ncols=True, disable=not enabled)
+  return tqdm.tqdm(
+      total=total,
+      desc=desc,
+      unit="ex",
+      unit_scale=True,
+      mininterval=1.0,
+      file=sys.stderr,
+      dynamic_ncols=True,
+      disable=not enabled,
+  )
 
 
 def read_metadata(source: Any, *, desc: str = "metadata (full pass)", progress: bool = True) -> Metadata:
@@ -182,19 +202,23 @@ def metadata_of(source: Any, *, progress: bool = True) -> Metadata:
       logging.warning(
           "%s has no metadata() method, so its ids, captions and labels are read by a full pass "
           "over its %d records (images included). Give the source a metadata() returning "
-          "roclip_jax.data.metadata.Metadata to skip this.", type(source).__name__, len(source))
+          "roclip_jax.data.metadata.Metadata to skip this.",
+          type(source).__name__,
+          len(source),
+      )
     metadata = read_metadata(source, progress=progress)
   if len(metadata) != len(source):
-    raise ValueError(f"{source!r}.metadata() describes {len(metadata)} records but the source has "
-                     f"{len(source)}; its metadata is stale (for ArrayRecord shards: rerun "
-                     "`python -m roclip_jax.data.convert --index_only --overwrite_index --output_dir=<shard dir>`).")
+    raise ValueError(
+        f"{source!r}.metadata() describes {len(metadata)} records but the source has "
+        f"{len(source)}; its metadata is stale (for ArrayRecord shards: rerun "
+        "`python -m roclip_jax.data.convert --index_only --overwrite_index --output_dir=<shard dir>`)."
+    )
   return metadata
 
 
 def poisoned_flags(source_or_metadata: Any) -> np.ndarray:
   """bool [N]: which records carry a poison (`poisoned != 0`), e.g. for SafeCLIP's split report."""
-  metadata = source_or_metadata if isinstance(source_or_metadata, Metadata) else metadata_of(
-      source_or_metadata)
+  metadata = source_or_metadata if isinstance(source_or_metadata, Metadata) else metadata_of(source_or_metadata)
   return metadata.poisoned != 0
 
 
@@ -204,8 +228,10 @@ def clean_indices(source_or_metadata: Any, num_examples: int, seed: int) -> np.n
   clean = np.flatnonzero(~poisoned_flags(source_or_metadata)).astype(np.int64)
   if num_examples:
     if num_examples > clean.size:
-      raise ValueError(f"cleanclip.num_clean_examples={num_examples} but the training source has only "
-                       f"{clean.size} clean records; lower it, or use 0 for all of them.")
+      raise ValueError(
+          f"cleanclip.num_clean_examples={num_examples} but the training source has only "
+          f"{clean.size} clean records; lower it, or use 0 for all of them."
+      )
     rng = np.random.default_rng([seed, _CLEAN_SUBSET_STREAM])
     clean = np.sort(rng.choice(clean, size=num_examples, replace=False))
   return clean
@@ -235,8 +261,7 @@ class SubsetSource:
     return f"SubsetSource({self._base!r}, records={len(self)})"
 
 
-def clean_subset(source: Any, num_examples: int, seed: int, *, metadata: Metadata | None = None
-                 ) -> SubsetSource:
+def clean_subset(source: Any, num_examples: int, seed: int, *, metadata: Metadata | None = None) -> SubsetSource:
   """CleanCLIP's clean training data: `clean_indices` of `source`, as a source. Records keep their ids.
 
   `metadata`: the source's, when the caller already has it; otherwise `metadata_of(source)`.

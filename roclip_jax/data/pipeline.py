@@ -44,6 +44,7 @@ exactly what `views = 1` gives.
 `scoring_batches` is a single in-order, eval-preprocessed pass over this
 host's slice (SafeCLIP scores every training pair with it each epoch).
 """
+
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
@@ -96,7 +97,8 @@ def _check_views(views: Any) -> int:
     raise ValueError(
         f"views={views!r} is not supported; set it to 1 (one "
         "view per example) or 2 (an extra augmented view `image2`/`text2`, "
-        "for SafeCLIP and CleanCLIP).")
+        "for SafeCLIP and CleanCLIP)."
+    )
   return int(views)
 
 
@@ -115,26 +117,35 @@ class ImageReader:
   storage fault is retried (`retries` times, from `base_seconds`, see
   `image_ops.call_with_retries`) and then raises `StorageError`.
   """
+
   image_size: int = 0  # For `eval_image`.
   image_transform: ImageTransform | None = None
   retries: int = image_ops.IO_RETRIES
   base_seconds: float = image_ops.IO_RETRY_BASE_SECONDS
 
   @classmethod
-  def from_config(cls, config: Any, image_transform: ImageTransform | None = None,
-                  image_size: int | None = None) -> ImageReader:
+  def from_config(
+      cls, config: Any, image_transform: ImageTransform | None = None, image_size: int | None = None
+  ) -> ImageReader:
     """Retries from `config.data.io_retries` / `io_retry_base_seconds`, size from the model."""
     size = int(config.model.image.image_size) if image_size is None else int(image_size)
     # The defaults are image_ops' constants, which config_lib's defaults are too.
-    return cls(size, image_transform, int(config.data.get("io_retries", image_ops.IO_RETRIES)),
-               float(config.data.get("io_retry_base_seconds", image_ops.IO_RETRY_BASE_SECONDS)))
+    return cls(
+        size,
+        image_transform,
+        int(config.data.get("io_retries", image_ops.IO_RETRIES)),
+        float(config.data.get("io_retry_base_seconds", image_ops.IO_RETRY_BASE_SECONDS)),
+    )
 
   def read_record(self, source: Any, index: int) -> dict[str, Any]:
     """`source[index]`; an OSError there (an ArrayRecord reader, a missing
     shard, a custom source's I/O) is a storage fault, retried."""
     return image_ops.call_with_retries(
-        lambda: source[index], what=f"record {index} of {source!r}",
-        retries=self.retries, base_seconds=self.base_seconds)
+        lambda: source[index],
+        what=f"record {index} of {source!r}",
+        retries=self.retries,
+        base_seconds=self.base_seconds,
+    )
 
   def decode(self, record: dict[str, Any]) -> np.ndarray | None:
     """The record's image, uint8 [H, W, 3], with `image_transform` applied; None for bad data."""
@@ -145,8 +156,10 @@ class ImageReader:
       encoded = record.get("image_bytes")
       image = image_ops.decode_image(
           encoded if encoded is not None else record["image_path"],
-          retries=self.retries, retry_base_seconds=self.base_seconds,
-          name=_record_name(record))
+          retries=self.retries,
+          retry_base_seconds=self.base_seconds,
+          name=_record_name(record),
+      )
     if image is not None and self.image_transform is not None:
       image = self.image_transform(record, image)
     return image
@@ -162,12 +175,10 @@ def _record_name(record: dict[str, Any]) -> str:
   return record.get("image_path", record.get("origin", f"record {record.get('id', '?')}"))
 
 
-def host_example_indices(num_examples: int, process_index: int,
-                         process_count: int) -> np.ndarray:
+def host_example_indices(num_examples: int, process_index: int, process_count: int) -> np.ndarray:
   """The example ids host `process_index` reads: a strided, disjoint slice."""
   if not 0 <= process_index < process_count:
-    raise ValueError(f"process_index={process_index} is not in "
-                     f"[0, process_count={process_count}).")
+    raise ValueError(f"process_index={process_index} is not in " f"[0, process_count={process_count}).")
   return np.arange(process_index, num_examples, process_count, dtype=np.int64)
 
 
@@ -185,11 +196,20 @@ class _ExampleLoader:
   A storage fault raises `StorageError` (after `io_retries`) instead.
   """
 
-  def __init__(self, source: Any, *, epoch_length: int,
-               image_size: int, context_length: int, seed: int,
-               process_index: int, augment_cfg: Any,
-               image_transform: ImageTransform | None, views: int = 1,
-               reader: ImageReader = ImageReader()):
+  def __init__(
+      self,
+      source: Any,
+      *,
+      epoch_length: int,
+      image_size: int,
+      context_length: int,
+      seed: int,
+      process_index: int,
+      augment_cfg: Any,
+      image_transform: ImageTransform | None,
+      views: int = 1,
+      reader: ImageReader = ImageReader(),
+  ):
     self._source = source
     # Decodes and stamps the trigger; the size is this loader's (augmentation or eval crop).
     self._reader = dataclasses.replace(reader, image_size=image_size, image_transform=image_transform)
@@ -198,26 +218,20 @@ class _ExampleLoader:
     self._tokenizer = tokenizer_lib.get_tokenizer(context_length)
     self._seed = seed
     # Hosts share positions, so the host index goes into the image key.
-    self._image_key = _derived_seed(seed, _IMAGE_AUG_TAG, process_index,
-                                    bits=64)
+    self._image_key = _derived_seed(seed, _IMAGE_AUG_TAG, process_index, bits=64)
     self._augment_cfg = augment_cfg
     self._augment_image = bool(augment_cfg.get("image", False))
     self._augment_text = bool(augment_cfg.get("text", False))
-    self._resample_text = bool(
-        augment_cfg.get("text_resample_per_epoch", False))
+    self._resample_text = bool(augment_cfg.get("text_resample_per_epoch", False))
     self._views = _check_views(views)
-    self._image2_key = _derived_seed(seed, _IMAGE_VIEW2_TAG, process_index,
-                                     bits=64)
+    self._image2_key = _derived_seed(seed, _IMAGE_VIEW2_TAG, process_index, bits=64)
 
-  def _augmented_image(self, raw: np.ndarray, key: int,
-                       position: int) -> np.ndarray:
+  def _augmented_image(self, raw: np.ndarray, key: int, position: int) -> np.ndarray:
     # Keyed by stream position: differs across epochs, fixed on resume.
     rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
-    return augment.augment_image(raw, rng, self._augment_cfg,
-                                 self._image_size)
+    return augment.augment_image(raw, rng, self._augment_cfg, self._image_size)
 
-  def _eda_caption(self, caption: str, tag: int, example_id: int,
-                   position: int) -> str:
+  def _eda_caption(self, caption: str, tag: int, example_id: int, position: int) -> str:
     # One fixed EDA version per caption for the whole run (docs/methods.md,
     # section 3.2), unless resampling per epoch was asked for.
     entropy = [self._seed, tag, example_id]
@@ -249,8 +263,7 @@ class _ExampleLoader:
     if self._views == 2:
       # The second view is always augmented, whatever augment.image/text say.
       image2 = self._augmented_image(raw, self._image2_key, position)
-      caption2 = self._eda_caption(record["caption"], _TEXT_VIEW2_TAG,
-                                   example_id, position)
+      caption2 = self._eda_caption(record["caption"], _TEXT_VIEW2_TAG, example_id, position)
       element["image2"] = np.ascontiguousarray(image2, np.uint8)
       element["text2"] = self._tokenizer(caption2)[0]
     return element
@@ -262,10 +275,17 @@ class _ExampleLoader:
 class _EpochBatchIterator(grain.DatasetIterator):
   """Batches the in-order element stream without crossing epochs."""
 
-  def __init__(self, parent: grain.DatasetIterator, *,
-               random_access: grain.MapDataset, batch_size: int,
-               steps_per_epoch: int, epoch_length: int, num_epochs: int,
-               keys: tuple[str, ...] = BATCH_KEYS):
+  def __init__(
+      self,
+      parent: grain.DatasetIterator,
+      *,
+      random_access: grain.MapDataset,
+      batch_size: int,
+      steps_per_epoch: int,
+      epoch_length: int,
+      num_epochs: int,
+      keys: tuple[str, ...] = BATCH_KEYS,
+  ):
     super().__init__(parent)
     self._keys = tuple(keys)
     self._random_access = random_access
@@ -286,7 +306,8 @@ class _EpochBatchIterator(grain.DatasetIterator):
       raise RuntimeError(
           f"Input stream out of order: expected position "
           f"{self._next_position}, got {element['_position']}. Was the "
-          "iterator state restored with a different num_workers?")
+          "iterator state restored with a different num_workers?"
+      )
     self._next_position += 1
     return element
 
@@ -294,15 +315,15 @@ class _EpochBatchIterator(grain.DatasetIterator):
     self._num_skipped_logged += 1
     count = self._num_skipped_logged
     if count <= _LOG_FIRST_SKIPS or count % _LOG_SKIP_EVERY == 0:
-      logging.warning("Skipping an image that cannot be decoded: %s (%d "
-                      "skipped by this iterator so far).", path, count)
+      logging.warning(
+          "Skipping an image that cannot be decoded: %s (%d " "skipped by this iterator so far).", path, count
+      )
 
   def _top_up(self, epoch: int, elements: list[dict[str, Any]]) -> None:
     """Fills a batch from the start of the epoch when images ran short."""
     misses = 0
     while len(elements) < self._batch_size:
-      position = epoch * self._epoch_length + (
-          self._topup_cursor % self._epoch_length)
+      position = epoch * self._epoch_length + (self._topup_cursor % self._epoch_length)
       self._topup_cursor += 1
       element = self._random_access[position]
       if "_skipped_path" in element:
@@ -310,7 +331,8 @@ class _EpochBatchIterator(grain.DatasetIterator):
         if misses >= self._epoch_length:
           raise RuntimeError(
               "No image in this host's share of the dataset can be decoded; "
-              "check the image paths and config.data.image_root.")
+              "check the image paths and config.data.image_root."
+          )
         continue
       elements.append(dict(element, skipped=0))
 
@@ -340,8 +362,7 @@ class _EpochBatchIterator(grain.DatasetIterator):
     epoch_end = (epoch + 1) * self._epoch_length
     elements: list[dict[str, Any]] = []
     skipped = 0
-    while (len(elements) < self._batch_size
-           and self._next_position < epoch_end):
+    while len(elements) < self._batch_size and self._next_position < epoch_end:
       element = self._read()
       if "_skipped_path" in element:
         skipped += 1
@@ -386,8 +407,7 @@ class _EpochBatchIterator(grain.DatasetIterator):
     self._failed_at = None
 
   def __str__(self) -> str:
-    return (f"_EpochBatchIterator(batch_size={self._batch_size}, "
-            f"steps_per_epoch={self._steps})")
+    return f"_EpochBatchIterator(batch_size={self._batch_size}, " f"steps_per_epoch={self._steps})"
 
 
 class _EpochBatchIterDataset(grain.IterDataset):
@@ -410,6 +430,7 @@ class _EpochBatchIterDataset(grain.IterDataset):
 @dataclasses.dataclass
 class TrainData:
   """A training iterator plus the numbers the trainer needs."""
+
   iterator: grain.DatasetIterator  # Yields dicts of numpy arrays.
   steps_per_epoch: int
   num_examples: int  # Examples in the source (all hosts together).
@@ -418,10 +439,15 @@ class TrainData:
   num_epochs: int = 1
 
 
-def make_train_data(config: Any, *, process_index: int = 0,
-                    process_count: int = 1,
-                    image_transform: ImageTransform | None = None,
-                    source: Any | None = None, views: int = 1) -> TrainData:
+def make_train_data(
+    config: Any,
+    *,
+    process_index: int = 0,
+    process_count: int = 1,
+    image_transform: ImageTransform | None = None,
+    source: Any | None = None,
+    views: int = 1,
+) -> TrainData:
   """Builds this host's training iterator.
 
   Args:
@@ -451,19 +477,20 @@ def make_train_data(config: Any, *, process_index: int = 0,
   if data_cfg.batch_size % process_count:
     raise ValueError(
         f"config.data.batch_size={data_cfg.batch_size} is not divisible by "
-        f"the {process_count} processes; pick a multiple of {process_count}.")
+        f"the {process_count} processes; pick a multiple of {process_count}."
+    )
   local_batch_size = data_cfg.batch_size // process_count
   views = _check_views(views)
   num_epochs = int(config.num_epochs)
   if local_batch_size < 1 or num_epochs < 1:
-    raise ValueError(f"config.data.batch_size={data_cfg.batch_size} and "
-                     f"config.num_epochs={num_epochs} must be positive.")
+    raise ValueError(
+        f"config.data.batch_size={data_cfg.batch_size} and " f"config.num_epochs={num_epochs} must be positive."
+    )
   if config.seed < 0:
     raise ValueError(f"config.seed={config.seed} must be non-negative.")
   if source is None:
     source = sources.make_source(data_cfg, "train")
-  host_indices = host_example_indices(len(source), process_index,
-                                      process_count)
+  host_indices = host_example_indices(len(source), process_index, process_count)
   # Every host must run the same number of steps: size them by the smallest
   # slice, len(source) // process_count.
   steps_per_epoch = (len(source) // process_count) // local_batch_size
@@ -471,43 +498,61 @@ def make_train_data(config: Any, *, process_index: int = 0,
     raise ValueError(
         f"The training source has {len(source)} examples, fewer than one "
         f"batch of {local_batch_size} per host; lower config.data.batch_size "
-        "or use more data.")
+        "or use more data."
+    )
 
   loader = _ExampleLoader(
-      source, epoch_length=len(host_indices),
+      source,
+      epoch_length=len(host_indices),
       image_size=config.model.image.image_size,
-      context_length=config.model.text.context_length, seed=config.seed,
-      process_index=process_index, augment_cfg=config.augment,
-      image_transform=image_transform, views=views,
-      reader=ImageReader.from_config(config))
+      context_length=config.model.text.context_length,
+      seed=config.seed,
+      process_index=process_index,
+      augment_cfg=config.augment,
+      image_transform=image_transform,
+      views=views,
+      reader=ImageReader.from_config(config),
+  )
   dataset = (
       grain.MapDataset.source(host_indices)
       .shuffle(seed=_derived_seed(config.seed, _SHUFFLE_TAG))
       .repeat(num_epochs)
-      .map_with_index(loader))
+      .map_with_index(loader)
+  )
 
   num_workers = int(data_cfg.get("num_workers", 0) or 0)
   prefetch_batches = max(1, int(data_cfg.get("prefetch_buffer", 2) or 1))
   buffered = prefetch_batches * local_batch_size  # In elements.
-  stream = dataset.to_iter_dataset(grain.ReadOptions(
-      num_threads=max(1, min(8, os.cpu_count() or 1)),
-      prefetch_buffer_size=buffered))
+  stream = dataset.to_iter_dataset(
+      grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1)), prefetch_buffer_size=buffered)
+  )
   if num_workers > 0:
-    stream = stream.mp_prefetch(grain.MultiprocessingOptions(
-        num_workers=num_workers,
-        per_worker_buffer_size=max(1, buffered // num_workers)))
+    stream = stream.mp_prefetch(
+        grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, buffered // num_workers))
+    )
   batches = _EpochBatchIterDataset(
-      stream, random_access=dataset, batch_size=local_batch_size,
-      steps_per_epoch=steps_per_epoch, epoch_length=len(host_indices),
-      num_epochs=num_epochs, keys=batch_keys(views))
-  return TrainData(iterator=iter(batches), steps_per_epoch=steps_per_epoch,
-                   num_examples=len(source), local_batch_size=local_batch_size,
-                   source=source, num_epochs=num_epochs)
+      stream,
+      random_access=dataset,
+      batch_size=local_batch_size,
+      steps_per_epoch=steps_per_epoch,
+      epoch_length=len(host_indices),
+      num_epochs=num_epochs,
+      keys=batch_keys(views),
+  )
+  return TrainData(
+      iterator=iter(batches),
+      steps_per_epoch=steps_per_epoch,
+      num_examples=len(source),
+      local_batch_size=local_batch_size,
+      source=source,
+      num_epochs=num_epochs,
+  )
 
 
 @dataclasses.dataclass
 class EvalSet:
   """A labelled eval split held in memory, eval-preprocessed."""
+
   images: np.ndarray  # uint8 [N, S, S, 3]
   labels: np.ndarray  # int64 [N]
   captions: list[str]
@@ -522,17 +567,19 @@ def _read_classes(path: str) -> tuple[list[str], list[str]]:
     with open(path, encoding="utf-8") as f:
       spec = json.load(f)
   except (OSError, json.JSONDecodeError) as e:
-    raise ValueError(f"Cannot read the classes file {path!r} ({e}); set "
-                     "config.data.classes_json to a JSON file with "
-                     '{"classes": [...], "templates": [...]}.') from e
+    raise ValueError(
+        f"Cannot read the classes file {path!r} ({e}); set "
+        "config.data.classes_json to a JSON file with "
+        '{"classes": [...], "templates": [...]}.'
+    ) from e
   classes = spec.get("classes") if isinstance(spec, dict) else None
   if not classes or not all(isinstance(c, str) for c in classes):
-    raise ValueError(f"{path} needs a non-empty list of strings under "
-                     '"classes" (class names in label order).')
+    raise ValueError(f"{path} needs a non-empty list of strings under " '"classes" (class names in label order).')
   templates = spec.get("templates") or list(demo.TEMPLATES)
   if not all(isinstance(t, str) and "{}" in t for t in templates):
-    raise ValueError(f'{path}: every entry of "templates" must be a string '
-                     "with a '{}' placeholder for the class name.")
+    raise ValueError(
+        f'{path}: every entry of "templates" must be a string ' "with a '{}' placeholder for the class name."
+    )
   return list(classes), list(templates)
 
 
@@ -554,9 +601,11 @@ def labelled_split(config: Any, split: str = "test") -> LabelledSplit:
   if eval_csv:
     classes_json = data_cfg.get("classes_json", "") or ""
     if not classes_json:
-      raise ValueError("config.data.eval_csv is set but config.data."
-                       "classes_json is empty; point it at a JSON file with "
-                       '{"classes": [...], "templates": [...]}.')
+      raise ValueError(
+          "config.data.eval_csv is set but config.data."
+          "classes_json is empty; point it at a JSON file with "
+          '{"classes": [...], "templates": [...]}.'
+      )
     source = sources.csv_source_from_config(data_cfg, eval_csv)
   elif data_cfg.source == "demo":
     source = sources.make_source(data_cfg, split)
@@ -565,14 +614,16 @@ def labelled_split(config: Any, split: str = "test") -> LabelledSplit:
     raise ValueError(
         f"config.data.source={data_cfg.source!r} has no built-in eval split; "
         "set config.data.eval_csv (with a label column) and "
-        "config.data.classes_json.")
+        "config.data.classes_json."
+    )
   class_names, templates = _read_classes(classes_json)
   labels = source.labels
   if labels.min() < 0 or labels.max() >= len(class_names):
     raise ValueError(
         f"{source.path} has labels in [{labels.min()}, {labels.max()}] but "
         f"{classes_json} lists {len(class_names)} classes; every row needs a "
-        f"label in [0, {len(class_names)}) (config.data.label_key).")
+        f"label in [0, {len(class_names)}) (config.data.label_key)."
+    )
   return LabelledSplit(source=source, class_names=class_names, templates=templates)
 
 
@@ -591,19 +642,18 @@ def make_eval_arrays(config: Any, split: str = "test") -> EvalSet:
     images = list(pool.map(reader.eval_image, records))
   keep = [i for i, image in enumerate(images) if image is not None]
   for i in [i for i, image in enumerate(images) if image is None][:20]:
-    logging.warning("Eval split: skipping undecodable image %s",
-                    records[i]["image_path"])
+    logging.warning("Eval split: skipping undecodable image %s", records[i]["image_path"])
   if not keep:
-    raise ValueError(f"No image of {source.path} could be decoded; check "
-                     "the paths and config.data.image_root.")
+    raise ValueError(f"No image of {source.path} could be decoded; check " "the paths and config.data.image_root.")
   return EvalSet(
       images=np.stack([images[i] for i in keep]),
       labels=np.asarray([records[i]["label"] for i in keep], np.int64),
       captions=[records[i]["caption"] for i in keep],
       ids=np.asarray([records[i]["id"] for i in keep], np.int64),
-      class_names=class_names, templates=templates,
-      num_skipped=len(records) - len(keep))
-
+      class_names=class_names,
+      templates=templates,
+      num_skipped=len(records) - len(keep),
+  )
 
 
 # ---------------------------------------------------------------- scoring
@@ -616,8 +666,7 @@ class ScoringBatches:
   (undecodable images seen so far) is final once the iterator is exhausted.
   """
 
-  def __init__(self, batches: Iterator[dict[str, np.ndarray]],
-               num_batches: int):
+  def __init__(self, batches: Iterator[dict[str, np.ndarray]], num_batches: int):
     self._batches = batches
     self.num_batches = num_batches
     self.num_skipped = 0
@@ -632,10 +681,15 @@ class ScoringBatches:
     return self.num_batches
 
 
-def scoring_batches(config: Any, source: Any, *, batch_size: int,
-                    image_transform: ImageTransform | None = None,
-                    process_index: int = 0,
-                    process_count: int = 1) -> ScoringBatches:
+def scoring_batches(
+    config: Any,
+    source: Any,
+    *,
+    batch_size: int,
+    image_transform: ImageTransform | None = None,
+    process_index: int = 0,
+    process_count: int = 1,
+) -> ScoringBatches:
   """One in-order, eval-preprocessed pass over this host's slice of `source`.
 
   For scoring every training pair (SafeCLIP's per-epoch cosine). Reads the
@@ -661,10 +715,8 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
     array), each [batch_size].
   """
   if batch_size < 1:
-    raise ValueError(f"scoring_batches needs batch_size >= 1, got "
-                     f"{batch_size}.")
-  host_indices = host_example_indices(len(source), process_index,
-                                      process_count)
+    raise ValueError(f"scoring_batches needs batch_size >= 1, got " f"{batch_size}.")
+  host_indices = host_example_indices(len(source), process_index, process_count)
   per_host = -(-len(source) // process_count)
   num_batches = -(-per_host // batch_size)
   size = int(config.model.image.image_size)
@@ -680,7 +732,7 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
   def generate() -> Iterator[dict[str, np.ndarray]]:
     with concurrent.futures.ThreadPoolExecutor(os.cpu_count() or 1) as pool:
       for b in range(num_batches):
-        chunk = host_indices[b * batch_size:(b + 1) * batch_size]
+        chunk = host_indices[b * batch_size : (b + 1) * batch_size]
         batch = {
             "image": np.zeros((batch_size, size, size, 3), np.uint8),
             "text": np.zeros((batch_size, context_length), np.int32),
@@ -694,8 +746,7 @@ def scoring_batches(config: Any, source: Any, *, batch_size: int,
           if image is None:
             result.num_skipped += 1
             if result.num_skipped <= _LOG_FIRST_SKIPS:
-              logging.warning("Scoring pass: skipping undecodable image %s",
-                              _record_name(record))
+              logging.warning("Scoring pass: skipping undecodable image %s", _record_name(record))
             continue
           batch["image"][row] = image
           batch["id"][row] = record["id"]

@@ -20,6 +20,7 @@ the decision lazily, as each record is read.
 Everything random is drawn from `np.random.default_rng([seed, <stream>, ...])`, one stream per
 purpose, so that turning one attack on or off never changes what the other one draws.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -82,35 +83,32 @@ def default_config() -> ml_collections.ConfigDict:
     `python -m roclip_jax.attacks.badclip`).
   targeted.adversarial_classes: names allowed as adversarial classes; empty = every class name.
   """
-  return ml_collections.ConfigDict(dict(
-      enabled=False,
-      seed=0,
-      targeted=dict(
+  return ml_collections.ConfigDict(
+      dict(
           enabled=False,
-          num_targets=16,
-          poisons_per_target=100,
-          adversarial_classes=(),
-      ),
-      backdoor=dict(
-          enabled=False,
-          target_class="mushroom",
-          num_poisons=300,
-          rate=0.0,
-          selection="random",
-          caption_source="train",
-          trigger="patch",
-          patch_size=0,
-          position="random",
-          pattern="noise",
-          resample_pattern=False,
-          alpha=0.2,
-          warp_k=4,
-          warp_s=0.5,
-          sig_delta=SIG_DEFAULT_DELTA,
-          sig_frequency=SIG_DEFAULT_FREQUENCY,
-          patch_file="",
-      ),
-  ))
+          seed=0,
+          targeted=dict(enabled=False, num_targets=16, poisons_per_target=100, adversarial_classes=()),
+          backdoor=dict(
+              enabled=False,
+              target_class="mushroom",
+              num_poisons=300,
+              rate=0.0,
+              selection="random",
+              caption_source="train",
+              trigger="patch",
+              patch_size=0,
+              position="random",
+              pattern="noise",
+              resample_pattern=False,
+              alpha=0.2,
+              warp_k=4,
+              warp_s=0.5,
+              sig_delta=SIG_DEFAULT_DELTA,
+              sig_frequency=SIG_DEFAULT_FREQUENCY,
+              patch_file="",
+          ),
+      )
+  )
 
 
 def validate_config(cfg: ml_collections.ConfigDict) -> None:
@@ -128,12 +126,16 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
   # .get: configs saved by runs from before the SIG trigger lack these fields.
   sig_delta = bd.get("sig_delta", SIG_DEFAULT_DELTA)
   if not 0.0 < sig_delta <= 255.0:
-    raise ValueError(f"poison.backdoor.sig_delta={sig_delta} must lie in (0, 255], the amplitude "
-                     f"on the 0-255 pixel scale (Barni et al. use {SIG_DEFAULT_DELTA:g}).")
+    raise ValueError(
+        f"poison.backdoor.sig_delta={sig_delta} must lie in (0, 255], the amplitude "
+        f"on the 0-255 pixel scale (Barni et al. use {SIG_DEFAULT_DELTA:g})."
+    )
   sig_frequency = bd.get("sig_frequency", SIG_DEFAULT_FREQUENCY)
   if not sig_frequency > 0.0:
-    raise ValueError(f"poison.backdoor.sig_frequency={sig_frequency} must be > 0 cycles per image "
-                     f"width (Barni et al. use {SIG_DEFAULT_FREQUENCY:g}).")
+    raise ValueError(
+        f"poison.backdoor.sig_frequency={sig_frequency} must be > 0 cycles per image "
+        f"width (Barni et al. use {SIG_DEFAULT_FREQUENCY:g})."
+    )
   if bd.patch_size < 0:
     raise ValueError(f"poison.backdoor.patch_size={bd.patch_size} must be >= 0 (0 = automatic).")
   if bd.trigger == "optimized":
@@ -142,12 +144,12 @@ def validate_config(cfg: ml_collections.ConfigDict) -> None:
       raise ValueError(
           f"poison.backdoor.patch_size={bd.patch_size} but the optimized patch in "
           f"{bd.patch_file!r} is {patch.shape[0]} px wide, and its pixels are stamped as saved; set "
-          f"patch_size to 0 (or {patch.shape[0]}), or optimise a patch of the size you want.")
+          f"patch_size to 0 (or {patch.shape[0]}), or optimise a patch of the size you want."
+      )
   if bd.num_poisons < 0 or not 0.0 <= bd.rate < 1.0:
     raise ValueError("poison.backdoor.num_poisons must be >= 0 and poison.backdoor.rate in [0, 1).")
   if bd.num_poisons > 0 and bd.rate > 0:
-    raise ValueError("Set only one of poison.backdoor.num_poisons and poison.backdoor.rate "
-                     "(set the other to 0).")
+    raise ValueError("Set only one of poison.backdoor.num_poisons and poison.backdoor.rate " "(set the other to 0).")
   if cfg.targeted.num_targets < 0 or cfg.targeted.poisons_per_target < 1:
     raise ValueError("poison.targeted.num_targets must be >= 0 and poisons_per_target >= 1.")
   if not isinstance(cfg.seed, int) or cfg.seed < 0:
@@ -173,8 +175,7 @@ def mentions(name: str) -> re.Pattern[str]:
 # ------------------------------------------------------------------------------------------------
 
 
-def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, *,
-                  example_id: int = 0) -> np.ndarray:
+def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, *, example_id: int = 0) -> np.ndarray:
   """Stamps the backdoor trigger of `cfg.backdoor` on one uint8 HWC RGB image.
 
   The pattern, the blend image and the warp field are fixed by the attack `seed`, so training and
@@ -209,8 +210,9 @@ def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, 
     return warp_image(image, wanet_displacement(cfg, seed, *image.shape[:2]))
   if bd.trigger == "sig":
     # Configs written before SIG existed lack the fields: the module constants are their defaults.
-    signal = sig_signal(image.shape[1], bd.get("sig_delta", SIG_DEFAULT_DELTA),
-                        bd.get("sig_frequency", SIG_DEFAULT_FREQUENCY))
+    signal = sig_signal(
+        image.shape[1], bd.get("sig_delta", SIG_DEFAULT_DELTA), bd.get("sig_frequency", SIG_DEFAULT_FREQUENCY)
+    )
     return _to_uint8(image.astype(np.float64) + signal[None, :, None])
   raise ValueError(f"poison.backdoor.trigger={bd.trigger!r} is not one of {list(TRIGGERS)}.")
 
@@ -218,8 +220,10 @@ def apply_trigger(image: np.ndarray, cfg: ml_collections.ConfigDict, seed: int, 
 def _check_image(image: np.ndarray) -> np.ndarray:
   image = np.asarray(image)
   if image.ndim != 3 or image.shape[-1] != 3 or image.dtype != np.uint8:
-    raise ValueError(f"A trigger needs a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}; "
-                     "decode with roclip_jax.data.image_ops.decode_image first.")
+    raise ValueError(
+        f"A trigger needs a uint8 HxWx3 RGB image, got {image.dtype} {image.shape}; "
+        "decode with roclip_jax.data.image_ops.decode_image first."
+    )
   return image
 
 
@@ -246,8 +250,7 @@ def patch_side(patch_size: int, height: int, width: int) -> int:
   return min(side, max(_MIN_PATCH, round(side * _PATCH_FRACTION)))
 
 
-def patch_corner(position: str, side: int, height: int, width: int,
-                 rng: np.random.Generator) -> tuple[int, int]:
+def patch_corner(position: str, side: int, height: int, width: int, rng: np.random.Generator) -> tuple[int, int]:
   """(top, left) of a `side`-px patch at `position`; `random` draws it from `rng`."""
   if position == "random":
     return int(rng.integers(0, height - side + 1)), int(rng.integers(0, width - side + 1))
@@ -259,13 +262,11 @@ def patch_corner(position: str, side: int, height: int, width: int,
       "center": ((height - side) // 2, (width - side) // 2),
   }
   if position not in corners:
-    raise ValueError(
-        f"poison.backdoor.position={position!r} is not one of {list(PATCH_POSITIONS)}.")
+    raise ValueError(f"poison.backdoor.position={position!r} is not one of {list(PATCH_POSITIONS)}.")
   return corners[position]
 
 
-def _patch_pattern(bd: ml_collections.ConfigDict, seed: int, side: int,
-                   rng: np.random.Generator) -> np.ndarray:
+def _patch_pattern(bd: ml_collections.ConfigDict, seed: int, side: int, rng: np.random.Generator) -> np.ndarray:
   if bd.pattern == "noise":
     source = rng if bd.resample_pattern else np.random.default_rng([seed, _STREAM_PATCH_PATTERN])
     base = source.integers(0, 256, (_NOISE_PATCH_BASE, _NOISE_PATCH_BASE, 3), dtype=np.uint8)
@@ -275,13 +276,11 @@ def _patch_pattern(bd: ml_collections.ConfigDict, seed: int, side: int,
   elif bd.pattern == "yellow":
     base = np.array([[[255, 255, 0]]], np.uint8)
   else:
-    raise ValueError(
-        f"poison.backdoor.pattern={bd.pattern!r} is not one of {list(PATCH_PATTERNS)}.")
+    raise ValueError(f"poison.backdoor.pattern={bd.pattern!r} is not one of {list(PATCH_PATTERNS)}.")
   return _resize_nearest(base, side, side)
 
 
-def _stamp_patch(image: np.ndarray, bd: ml_collections.ConfigDict, seed: int,
-                 example_id: int) -> np.ndarray:
+def _stamp_patch(image: np.ndarray, bd: ml_collections.ConfigDict, seed: int, example_id: int) -> np.ndarray:
   """The `patch` and `optimized` triggers: a square of pixels at `bd.position`."""
   height, width = image.shape[:2]
   optimized = None
@@ -289,16 +288,19 @@ def _stamp_patch(image: np.ndarray, bd: ml_collections.ConfigDict, seed: int,
     optimized = load_patch_file(bd.patch_file)[0]
     side = optimized.shape[0]
     if side > min(height, width):
-      raise ValueError(f"The optimized patch in {bd.patch_file!r} is {side} px wide but the image is "
-                       f"{height}x{width}; optimise the patch for images of this size.")
+      raise ValueError(
+          f"The optimized patch in {bd.patch_file!r} is {side} px wide but the image is "
+          f"{height}x{width}; optimise the patch for images of this size."
+      )
   else:
     side = patch_side(bd.patch_size, height, width)
   rng = _per_image_rng(seed, example_id)
   top, left = patch_corner(bd.position, side, height, width, rng)
   out = image.copy()
   # The corner is drawn before the pattern: a resampled noise pattern draws from the same rng.
-  out[top:top + side, left:left + side] = (
-      optimized if optimized is not None else _patch_pattern(bd, seed, side, rng))
+  out[top : top + side, left : left + side] = (
+      optimized if optimized is not None else _patch_pattern(bd, seed, side, rng)
+  )
   return out
 
 
@@ -329,13 +331,17 @@ def load_patch_file(path: str) -> tuple[np.ndarray, dict[str, Any]]:
   rewritten in place is read again.
   """
   if not path:
-    raise ValueError("poison.backdoor.trigger='optimized' needs poison.backdoor.patch_file: the .npz "
-                     "written by `python -m roclip_jax.attacks.badclip --out=...`.")
+    raise ValueError(
+        "poison.backdoor.trigger='optimized' needs poison.backdoor.patch_file: the .npz "
+        "written by `python -m roclip_jax.attacks.badclip --out=...`."
+    )
   try:
     stat = os.stat(path)
   except FileNotFoundError:
-    raise ValueError(f"poison.backdoor.patch_file={path!r} does not exist; write it with "
-                     "`python -m roclip_jax.attacks.badclip --out=...` or fix the path.") from None
+    raise ValueError(
+        f"poison.backdoor.patch_file={path!r} does not exist; write it with "
+        "`python -m roclip_jax.attacks.badclip --out=...` or fix the path."
+    ) from None
   return _load_patch_file(os.path.abspath(path), stat.st_mtime_ns, stat.st_size)
 
 
@@ -349,12 +355,16 @@ def _load_patch_file(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, d
       with data:
         arrays = {name: data[name] for name in data.files}
   except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # Not an .npz, truncated, pickled, ...
-    raise ValueError(f"poison.backdoor.patch_file={path!r} is not a readable .npz ({e}); write it with "
-                     "`python -m roclip_jax.attacks.badclip --out=...`.") from None
+    raise ValueError(
+        f"poison.backdoor.patch_file={path!r} is not a readable .npz ({e}); write it with "
+        "`python -m roclip_jax.attacks.badclip --out=...`."
+    ) from None
   missing = {"patch", "metadata"} - set(arrays)
   if missing:
-    raise ValueError(f"poison.backdoor.patch_file={path!r} lacks {sorted(missing)}; it is not a patch "
-                     "written by roclip_jax.attacks.badclip (poison.save_patch_file).")
+    raise ValueError(
+        f"poison.backdoor.patch_file={path!r} lacks {sorted(missing)}; it is not a patch "
+        "written by roclip_jax.attacks.badclip (poison.save_patch_file)."
+    )
   patch, text = arrays["patch"], str(arrays["metadata"])
   patch = _check_patch(patch, path)
   patch.setflags(write=False)  # Shared by every stamped image.
@@ -362,18 +372,29 @@ def _load_patch_file(path: str, mtime_ns: int, size: int) -> tuple[np.ndarray, d
 
 
 def _check_patch(patch: np.ndarray, path: str) -> np.ndarray:
-  if patch.dtype != np.uint8 or patch.ndim != 3 or patch.shape[-1] != 3 or patch.shape[0] != patch.shape[1] \
-      or patch.shape[0] < 1:
-    raise ValueError(f"The optimized patch in {path!r} must be a square uint8 [S, S, 3] RGB array, got "
-                     f"{patch.dtype} {patch.shape}; write it with roclip_jax.data.poison.save_patch_file.")
+  if (
+      patch.dtype != np.uint8
+      or patch.ndim != 3
+      or patch.shape[-1] != 3
+      or patch.shape[0] != patch.shape[1]
+      or patch.shape[0] < 1
+  ):
+    raise ValueError(
+        f"The optimized patch in {path!r} must be a square uint8 [S, S, 3] RGB array, got "
+        f"{patch.dtype} {patch.shape}; write it with roclip_jax.data.poison.save_patch_file."
+    )
   return patch
 
 
 def patch_file_info(path: str) -> dict[str, Any]:
   """What a run records about the patch it stamped: the file, its pixels' SHA-256 and its metadata."""
   patch, metadata = load_patch_file(path)
-  return {"file": os.path.abspath(path), "sha256": hashlib.sha256(patch.tobytes()).hexdigest(),
-          "shape": list(patch.shape), "metadata": metadata}
+  return {
+      "file": os.path.abspath(path),
+      "sha256": hashlib.sha256(patch.tobytes()).hexdigest(),
+      "shape": list(patch.shape),
+      "metadata": metadata,
+  }
 
 
 def _blend_noise(seed: int) -> np.ndarray:
@@ -383,10 +404,13 @@ def _blend_noise(seed: int) -> np.ndarray:
 
 def _cubic_weights(t: np.ndarray, a: float = -0.75) -> np.ndarray:
   """Keys cubic-convolution weights of the taps at offsets -1, 0, 1, 2 (PyTorch: a=-0.75)."""
+
   def near(x):  # |x| <= 1
     return ((a + 2) * x - (a + 3)) * x * x + 1
+
   def far(x):  # 1 < |x| < 2
     return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
   return np.stack([far(t + 1), near(t), near(1 - t), far(2 - t)], axis=-1)
 
 
@@ -398,8 +422,7 @@ def _bicubic_matrix(size_in: int, size_out: int) -> np.ndarray:
   weights = _cubic_weights(src - base)
   matrix = np.zeros((size_out, size_in))
   for tap in range(4):
-    np.add.at(matrix, (np.arange(size_out), np.clip(base - 1 + tap, 0, size_in - 1)),
-              weights[:, tap])
+    np.add.at(matrix, (np.arange(size_out), np.clip(base - 1 + tap, 0, size_in - 1)), weights[:, tap])
   return matrix
 
 
@@ -418,8 +441,7 @@ def wanet_control_grid(seed: int, k: int) -> np.ndarray:
   return grid / np.mean(np.abs(grid))
 
 
-def wanet_displacement(cfg: ml_collections.ConfigDict, seed: int, height: int,
-                       width: int) -> np.ndarray:
+def wanet_displacement(cfg: ml_collections.ConfigDict, seed: int, height: int, width: int) -> np.ndarray:
   """Per-pixel displacement [height, width, 2] (dx, dy), in pixels, of the WaNet trigger.
 
   WaNet shifts the normalised sampling grid (range [-1, 1]) by `s * flow / size`, with `flow` the
@@ -486,8 +508,7 @@ class BackdoorImageTransform:
     return f"BackdoorImageTransform(trigger={self._cfg.backdoor.trigger!r}, seed={self._seed})"
 
 
-def make_image_transform(cfg: ml_collections.ConfigDict,
-                         seed: int) -> BackdoorImageTransform | None:
+def make_image_transform(cfg: ml_collections.ConfigDict, seed: int) -> BackdoorImageTransform | None:
   """The pipeline's `image_transform`, or None when no backdoor is configured (nothing to stamp)."""
   if not (cfg.enabled and cfg.backdoor.enabled):
     return None
@@ -502,9 +523,11 @@ def make_image_transform(cfg: ml_collections.ConfigDict,
 class RecordSource(Protocol):
   """A random-access source of training records (grain's protocol)."""
 
-  def __len__(self) -> int: ...
+  def __len__(self) -> int:
+    ...
 
-  def __getitem__(self, index: int) -> Mapping[str, Any]: ...
+  def __getitem__(self, index: int) -> Mapping[str, Any]:
+    ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -514,6 +537,7 @@ class TargetPool:
   `ids` are the examples' ids in that split (defaults to their positions). Examples with label -1
   are never picked.
   """
+
   image_paths: Sequence[str]
   labels: np.ndarray
   class_names: Sequence[str]
@@ -522,11 +546,12 @@ class TargetPool:
   def __post_init__(self):
     labels = np.asarray(self.labels, np.int64)
     if labels.shape != (len(self.image_paths),):
-      raise ValueError(f"TargetPool has {len(self.image_paths)} image paths but labels of shape "
-                       f"{labels.shape}; give one label per image.")
+      raise ValueError(
+          f"TargetPool has {len(self.image_paths)} image paths but labels of shape "
+          f"{labels.shape}; give one label per image."
+      )
     if labels.size and (labels.min() < -1 or labels.max() >= len(self.class_names)):
-      raise ValueError(f"TargetPool labels must lie in [-1, {len(self.class_names)}) to index "
-                       "class_names.")
+      raise ValueError(f"TargetPool labels must lie in [-1, {len(self.class_names)}) to index " "class_names.")
     ids = np.arange(len(labels)) if self.ids is None else np.asarray(self.ids, np.int64)
     if ids.shape != labels.shape:
       raise ValueError("TargetPool.ids must have one id per image.")
@@ -539,15 +564,18 @@ class TargetPool:
   def from_records(cls, records: RecordSource, class_names: Sequence[str]) -> TargetPool:
     """Reads `image_path`, `label` and `id` of every record of a labelled source."""
     rows = [records[i] for i in range(len(records))]
-    return cls(image_paths=[str(r["image_path"]) for r in rows],
-               labels=np.array([int(r["label"]) for r in rows], np.int64),
-               class_names=class_names,
-               ids=np.array([int(r["id"]) for r in rows], np.int64))
+    return cls(
+        image_paths=[str(r["image_path"]) for r in rows],
+        labels=np.array([int(r["label"]) for r in rows], np.int64),
+        class_names=class_names,
+        ids=np.array([int(r["id"]) for r in rows], np.int64),
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class PoisonTarget:
   """One target of the targeted attack."""
+
   image_path: str
   pool_index: int  # position in the TargetPool
   pool_id: int  # id in the held-out split
@@ -561,6 +589,7 @@ class PoisonTarget:
 @dataclasses.dataclass(frozen=True)
 class PoisonInfo:
   """Which training examples were poisoned, and how; written by the trainer to the workdir."""
+
   seed: int
   num_clean_examples: int
   targeted_ids: tuple[int, ...] = ()
@@ -581,8 +610,7 @@ class PoisonInfo:
   @classmethod
   def from_json(cls, text: str) -> PoisonInfo:
     fields = json.loads(text)
-    fields["targets"] = tuple(
-        PoisonTarget(**{**t, "poison_ids": tuple(t["poison_ids"])}) for t in fields["targets"])
+    fields["targets"] = tuple(PoisonTarget(**{**t, "poison_ids": tuple(t["poison_ids"])}) for t in fields["targets"])
     fields["targeted_ids"] = tuple(fields["targeted_ids"])
     fields["backdoor_ids"] = tuple(fields["backdoor_ids"])
     return cls(**fields)
@@ -597,8 +625,7 @@ class PoisonedSource:
   grain can shuffle and shard it; `metadata()` describes it without reading an image.
   """
 
-  def __init__(self, base: RecordSource, replaced: Mapping[int, str | None],
-               appended: Sequence[Mapping[str, Any]]):
+  def __init__(self, base: RecordSource, replaced: Mapping[int, str | None], appended: Sequence[Mapping[str, Any]]):
     """`replaced`: example id -> new caption (None keeps the caption); `appended`: new records."""
     self._base = base
     self._num_base = len(base)
@@ -631,17 +658,20 @@ class PoisonedSource:
     poisoned[positions] = BACKDOOR
     new_captions = {int(i): self._replaced[int(base.ids[i])] for i in positions}
     captions = metadata_lib.CaptionOverlay(
-        base.captions, {i: c for i, c in new_captions.items() if c is not None},
-        [str(r["caption"]) for r in self._appended])
+        base.captions,
+        {i: c for i, c in new_captions.items() if c is not None},
+        [str(r["caption"]) for r in self._appended],
+    )
     appended = lambda key, dtype: np.array([int(r[key]) for r in self._appended], dtype)
     return metadata_lib.Metadata(
-        ids=np.concatenate([base.ids, appended("id", np.int64)]), captions=captions,
+        ids=np.concatenate([base.ids, appended("id", np.int64)]),
+        captions=captions,
         labels=np.concatenate([base.labels, appended("label", np.int64)]),
-        poisoned=np.concatenate([poisoned, appended("poisoned", np.int8)]))
+        poisoned=np.concatenate([poisoned, appended("poisoned", np.int8)]),
+    )
 
   def __repr__(self) -> str:
-    return (f"PoisonedSource(base={self._num_base}, replaced={len(self._replaced)}, "
-            f"appended={len(self._appended)})")
+    return f"PoisonedSource(base={self._num_base}, replaced={len(self._replaced)}, " f"appended={len(self._appended)})"
 
 
 def _matching(captions: Sequence[str], name: str) -> np.ndarray:
@@ -673,7 +703,7 @@ class CaptionSearch:
     chunks, captions = [], iter(self._captions)
     for start in range(0, n, self._CHUNK):
       part = [next(captions) for _ in range(min(self._CHUNK, n - start))]
-      lengths[start:start + len(part)] = [len(c) for c in part]
+      lengths[start : start + len(part)] = [len(c) for c in part]
       chunks.append(self._SEPARATOR.join(part))
     self._text = self._SEPARATOR.join(chunks)
     self._starts = np.concatenate([[0], np.cumsum(lengths + 1)[:-1]]).astype(np.int64)
@@ -688,9 +718,14 @@ class CaptionSearch:
     return np.unique(np.searchsorted(self._starts, found, side="right") - 1).astype(np.int64)
 
 
-def _targeted(table: metadata_lib.Metadata, search: CaptionSearch, pool: TargetPool,
-              cfg: ml_collections.ConfigDict, seed: int,
-              first_new_id: int) -> tuple[list[PoisonTarget], list[dict[str, Any]]]:
+def _targeted(
+    table: metadata_lib.Metadata,
+    search: CaptionSearch,
+    pool: TargetPool,
+    cfg: ml_collections.ConfigDict,
+    seed: int,
+    first_new_id: int,
+) -> tuple[list[PoisonTarget], list[dict[str, Any]]]:
   """Targets, adversarial classes and the appended poison records.
 
   The attack: docs/attacks_and_metrics.md, section 2.
@@ -699,13 +734,14 @@ def _targeted(table: metadata_lib.Metadata, search: CaptionSearch, pool: TargetP
   rng = np.random.default_rng([seed, _STREAM_TARGETED])
   labelled = np.flatnonzero(pool.labels >= 0)
   if tc.num_targets > labelled.size:
-    raise ValueError(f"poison.targeted.num_targets={tc.num_targets} but the target pool has only "
-                     f"{labelled.size} labelled images; lower num_targets or use a larger split.")
+    raise ValueError(
+        f"poison.targeted.num_targets={tc.num_targets} but the target pool has only "
+        f"{labelled.size} labelled images; lower num_targets or use a larger split."
+    )
   allowed = list(tc.adversarial_classes) or list(pool.class_names)
   unknown = [c for c in allowed if c not in pool.class_names]
   if unknown:
-    raise ValueError(f"poison.targeted.adversarial_classes {unknown} are not class names of the "
-                     "target pool.")
+    raise ValueError(f"poison.targeted.adversarial_classes {unknown} are not class names of the " "target pool.")
   picked = rng.choice(labelled, size=tc.num_targets, replace=False)
   targets, records, used = [], [], set()
   next_id = first_new_id
@@ -718,7 +754,8 @@ def _targeted(table: metadata_lib.Metadata, search: CaptionSearch, pool: TargetP
       raise ValueError(
           f"No adversarial class is left for target {len(targets)} (true class {true_class!r}): "
           "each target needs an allowed class that is neither its own nor another target's; "
-          "allow more classes in poison.targeted.adversarial_classes or lower num_targets.")
+          "allow more classes in poison.targeted.adversarial_classes or lower num_targets."
+      )
     adversarial = candidates[int(rng.integers(len(candidates)))]
     used.add(adversarial)
     matches = search.matching(adversarial)
@@ -726,25 +763,44 @@ def _targeted(table: metadata_lib.Metadata, search: CaptionSearch, pool: TargetP
       raise ValueError(
           f"Only {matches.size} training captions mention {adversarial!r} but "
           f"poison.targeted.poisons_per_target={tc.poisons_per_target}; lower it, or restrict "
-          "poison.targeted.adversarial_classes to classes the captions mention often enough.")
+          "poison.targeted.adversarial_classes to classes the captions mention often enough."
+      )
     chosen = rng.choice(matches, size=tc.poisons_per_target, replace=False)
     ids = tuple(range(next_id, next_id + tc.poisons_per_target))
     next_id += tc.poisons_per_target
     for new_id, caption_index in zip(ids, chosen):
-      records.append({"id": np.int64(new_id), "image_path": pool.image_paths[index],
-                      "caption": table.captions[caption_index],
-                      # A web pair carries no label; no label-based consumer should train on it.
-                      "label": np.int64(-1), "poisoned": np.int8(TARGETED)})
-    targets.append(PoisonTarget(
-        image_path=pool.image_paths[index], pool_index=int(index),
-        pool_id=int(pool.ids[index]), true_label=true_label, true_class=true_class,
-        adversarial_label=pool.class_names.index(adversarial), adversarial_class=adversarial,
-        poison_ids=ids))
+      records.append(
+          {
+              "id": np.int64(new_id),
+              "image_path": pool.image_paths[index],
+              "caption": table.captions[caption_index],
+              # A web pair carries no label; no label-based consumer should train on it.
+              "label": np.int64(-1),
+              "poisoned": np.int8(TARGETED),
+          }
+      )
+    targets.append(
+        PoisonTarget(
+            image_path=pool.image_paths[index],
+            pool_index=int(index),
+            pool_id=int(pool.ids[index]),
+            true_label=true_label,
+            true_class=true_class,
+            adversarial_label=pool.class_names.index(adversarial),
+            adversarial_class=adversarial,
+            poison_ids=ids,
+        )
+    )
   return targets, records
 
 
-def _backdoor(table: metadata_lib.Metadata, search: CaptionSearch, class_names: Sequence[str] | None,
-              cfg: ml_collections.ConfigDict, seed: int) -> dict[int, str | None]:
+def _backdoor(
+    table: metadata_lib.Metadata,
+    search: CaptionSearch,
+    class_names: Sequence[str] | None,
+    cfg: ml_collections.ConfigDict,
+    seed: int,
+) -> dict[int, str | None]:
   """Base position -> new caption (None: kept) of the backdoored examples.
 
   The attack: docs/attacks_and_metrics.md, section 3.
@@ -765,8 +821,10 @@ def _backdoor(table: metadata_lib.Metadata, search: CaptionSearch, class_names: 
     candidates = np.flatnonzero(~of_target)
     what = f"examples not of the class {bd.target_class!r}"
   if num > candidates.size:
-    raise ValueError(f"The backdoor needs {num} poisons but there are only {candidates.size} "
-                     f"{what}; lower poison.backdoor.num_poisons/rate.")
+    raise ValueError(
+        f"The backdoor needs {num} poisons but there are only {candidates.size} "
+        f"{what}; lower poison.backdoor.num_poisons/rate."
+    )
   chosen = np.sort(rng.choice(candidates, size=num, replace=False))
   if bd.selection == "label_consistent":
     return {int(i): None for i in chosen}
@@ -776,9 +834,11 @@ def _backdoor(table: metadata_lib.Metadata, search: CaptionSearch, class_names: 
     # Positions, not strings: only the `num` drawn captions are ever decoded.
     mentioning_positions = np.flatnonzero(mentioning)
     if not mentioning_positions.size:
-      raise ValueError(f"No training caption mentions {bd.target_class!r}, so "
-                       "poison.backdoor.caption_source='train' has nothing to draw from; use "
-                       "'templates' or another target_class.")
+      raise ValueError(
+          f"No training caption mentions {bd.target_class!r}, so "
+          "poison.backdoor.caption_source='train' has nothing to draw from; use "
+          "'templates' or another target_class."
+      )
     pool = _PositionedCaptions(table.captions, mentioning_positions)
   picks = rng.integers(len(pool), size=num)
   return {int(i): pool[p] for i, p in zip(chosen, picks)}
@@ -809,13 +869,19 @@ def _as_target_pool(held_out: Any) -> TargetPool:
     raise ValueError(
         "poison.targeted is enabled but the held-out split given has no image paths, and the "
         "poisons are (target image path, caption) records; pass "
-        "TargetPool.from_records(<eval split source>, class_names) instead.")
-  return TargetPool(image_paths=held_out.image_paths, labels=held_out.labels,
-                    class_names=held_out.class_names, ids=getattr(held_out, "ids", None))
+        "TargetPool.from_records(<eval split source>, class_names) instead."
+    )
+  return TargetPool(
+      image_paths=held_out.image_paths,
+      labels=held_out.labels,
+      class_names=held_out.class_names,
+      ids=getattr(held_out, "ids", None),
+  )
 
 
-def poison_source(base_source: RecordSource, held_out: TargetPool | Any | None,
-                  cfg: ml_collections.ConfigDict, seed: int) -> tuple[RecordSource, PoisonInfo]:
+def poison_source(
+    base_source: RecordSource, held_out: TargetPool | Any | None, cfg: ml_collections.ConfigDict, seed: int
+) -> tuple[RecordSource, PoisonInfo]:
   """Applies the configured attacks to a clean training source.
 
   Args:
@@ -850,8 +916,10 @@ def poison_source(base_source: RecordSource, held_out: TargetPool | Any | None,
     targets, appended = _targeted(table, search, target_pool, cfg, seed, first_new_id)
   replaced = {}
   if use_backdoor:
-    replaced = {int(table.ids[i]): caption
-                for i, caption in _backdoor(table, search, _class_names_of(held_out), cfg, seed).items()}
+    replaced = {
+        int(table.ids[i]): caption
+        for i, caption in _backdoor(table, search, _class_names_of(held_out), cfg, seed).items()
+    }
 
   info = dataclasses.replace(
       clean,
@@ -860,6 +928,8 @@ def poison_source(base_source: RecordSource, held_out: TargetPool | Any | None,
       targets=tuple(targets),
       backdoor_target_class=cfg.backdoor.target_class if use_backdoor else None,
       backdoor_trigger=cfg.backdoor.trigger if use_backdoor else None,
-      backdoor_patch=(patch_file_info(cfg.backdoor.patch_file)
-                      if use_backdoor and cfg.backdoor.trigger == "optimized" else None))
+      backdoor_patch=(
+          patch_file_info(cfg.backdoor.patch_file) if use_backdoor and cfg.backdoor.trigger == "optimized" else None
+      ),
+  )
   return PoisonedSource(base_source, replaced, appended), info

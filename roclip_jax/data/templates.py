@@ -6,6 +6,7 @@
 CyCLIP, CleanCLIP and RoCLIP use these 80 templates for every zero-shot and attack evaluation,
 CIFAR included.
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -106,8 +107,7 @@ def resolve_templates(option: str, dataset_templates: Sequence[str] | None) -> l
   elif option == "dataset":
     chosen = list(dataset_templates or [])
     if not chosen:
-      raise ValueError("templates='dataset' but the eval set has no templates; use "
-                       "templates='imagenet80'.")
+      raise ValueError("templates='dataset' but the eval set has no templates; use " "templates='imagenet80'.")
   else:
     raise ValueError(f"templates={option!r} is not one of {list(TEMPLATE_SETS)}.")
   bad = [t for t in chosen if t.count("{}") != 1]

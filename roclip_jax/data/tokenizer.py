@@ -20,6 +20,7 @@ token, which matters because the text tower pools at the argmax token id (EOT
 is the largest id). This differs from CyCLIP / the RoCLIP code, whose
 truncation can cut EOT off (docs/methods.md, section 3.3).
 """
+
 from __future__ import annotations
 
 from collections.abc import Sequence
@@ -46,8 +47,7 @@ _MAX_CACHE_WORDS = 200_000
 
 # OpenAI's pre-tokenisation pattern (applied to lowercased text).
 _WORD_PATTERN = regex.compile(
-    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|"""
-    r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
+    r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|""" r"""[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+""",
     regex.IGNORECASE,
 )
 _WHITESPACE = regex.compile(r"\s+")
@@ -56,9 +56,9 @@ _WHITESPACE = regex.compile(r"\s+")
 @functools.cache
 def bytes_to_unicode() -> dict[int, str]:
   """Maps each byte to a printable unicode char (GPT-2/CLIP byte-level BPE)."""
-  printable = (list(range(ord("!"), ord("~") + 1))
-               + list(range(ord("¡"), ord("¬") + 1))
-               + list(range(ord("®"), ord("ÿ") + 1)))
+  printable = (
+      list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + list(range(ord("®"), ord("ÿ") + 1))
+  )
   codes = printable[:]
   extra = 0
   for b in range(256):
@@ -82,7 +82,7 @@ def load_merges() -> list[tuple[str, str]]:
   with asset.open("rb") as f:
     lines = gzip.decompress(f.read()).decode("utf-8").split("\n")
   # Line 0 is a "#version" header; OpenAI keeps exactly _NUM_MERGES merges.
-  return [tuple(line.split()) for line in lines[1:_NUM_MERGES + 1]]
+  return [tuple(line.split()) for line in lines[1 : _NUM_MERGES + 1]]
 
 
 def build_vocab(merges: Sequence[tuple[str, str]]) -> list[str]:
@@ -101,14 +101,14 @@ class Tokenizer:
     if context_length < 2:
       raise ValueError(
           f"context_length={context_length} cannot hold [SOT] and [EOT]; "
-          "set config.model.text.context_length >= 2 (CLIP uses 77).")
+          "set config.model.text.context_length >= 2 (CLIP uses 77)."
+      )
     self.context_length = context_length
     merges = load_merges()
     vocab = build_vocab(merges)
     self.encoder: dict[str, int] = {tok: i for i, tok in enumerate(vocab)}
     self.decoder: dict[int, str] = dict(enumerate(vocab))
-    self.bpe_ranks: dict[tuple[str, str], int] = {
-        m: i for i, m in enumerate(merges)}
+    self.bpe_ranks: dict[tuple[str, str], int] = {m: i for i, m in enumerate(merges)}
     self.byte_encoder = bytes_to_unicode()
     self.byte_decoder = {v: k for k, v in self.byte_encoder.items()}
     self._cache: dict[str, list[int]] = {}
@@ -131,8 +131,7 @@ class Tokenizer:
       merged = []
       i = 0
       while i < len(parts):
-        if (i < len(parts) - 1 and parts[i] == first
-            and parts[i + 1] == second):
+        if i < len(parts) - 1 and parts[i] == first and parts[i + 1] == second:
           merged.append(first + second)
           i += 2
         else:
@@ -185,10 +184,11 @@ class Tokenizer:
       if not isinstance(text, str):
         raise TypeError(
             f"Tokenizer expects str captions, got {type(text).__name__} at "
-            f"position {row}; convert captions to str before tokenizing.")
+            f"position {row}; convert captions to str before tokenizing."
+        )
       ids = self.encode(text)[:body]
       out[row, 0] = SOT_ID
-      out[row, 1:len(ids) + 1] = ids
+      out[row, 1 : len(ids) + 1] = ids
       out[row, len(ids) + 1] = EOT_ID
     return out
 

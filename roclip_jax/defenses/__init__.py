@@ -6,6 +6,7 @@ Each is a `base.Defense` subclass; adding one is a module plus one `register`
 line (docs/architecture.md, "Adding a defense"). The methods:
 docs/methods.md and docs/roclip.md.
 """
+
 from __future__ import annotations
 
 import ml_collections

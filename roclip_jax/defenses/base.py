@@ -26,6 +26,7 @@ The generic step encodes the views a step kind names, so gradient
 accumulation (`steps._accumulated_loss_and_grads`) works for every defense:
 the loss only ever sees embeddings.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -45,6 +46,7 @@ class StepKind:
   with the text tower (batch keys, e.g. 'image' and 'image2'), then calls the
   defense's `loss` with the unit embeddings under the same keys.
   """
+
   name: str
   image_views: tuple[str, ...] = ("image",)
   text_views: tuple[str, ...] = ("text",)
@@ -69,6 +71,7 @@ class StepKind:
 @dataclasses.dataclass(frozen=True)
 class RunContext:
   """What host-side epoch hooks may use: built once by the trainer after the data and state."""
+
   config: ml_collections.ConfigDict
   spec: Any  # steps.ModelSpec
   mesh: Mesh
@@ -102,6 +105,7 @@ class Defense:
     num_examples: training examples of the run (0 when unknown, e.g. in a dry run); sizes
       per-example state such as SafeCLIP's safe mask.
   """
+
   name: ClassVar[str] = ""
   config_block: ClassVar[str | None] = None  # The config field holding `default_config()`, if any.
   views: ClassVar[int] = 1  # Views of each example the pipeline delivers (2: 'image2', 'text2' too).
@@ -161,8 +165,16 @@ class Defense:
     del epoch, steps_per_epoch
     return "clip"
 
-  def loss(self, kind: StepKind, z: dict[str, jax.Array], scalars: dict[str, jax.Array], state: Any,
-           batch: dict[str, jax.Array], mesh: Mesh, pair_loss) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss(
+      self,
+      kind: StepKind,
+      z: dict[str, jax.Array],
+      scalars: dict[str, jax.Array],
+      state: Any,
+      batch: dict[str, jax.Array],
+      mesh: Mesh,
+      pair_loss,
+  ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss of a `kind` step and its auxiliary outputs.
 
     Args:
@@ -179,15 +191,29 @@ class Defense:
     del kind, state, batch, mesh
     return pair_loss(z["image"], z["text"], scalars)
 
-  def update_state(self, kind: StepKind, state: Any, z: dict[str, jax.Array], aux: dict[str, jax.Array],
-                   batch: dict[str, jax.Array], mesh: Mesh) -> Any:
+  def update_state(
+      self,
+      kind: StepKind,
+      state: Any,
+      z: dict[str, jax.Array],
+      aux: dict[str, jax.Array],
+      batch: dict[str, jax.Array],
+      mesh: Mesh,
+  ) -> Any:
     """`TrainState.defense` after the step; `z` are the step's embeddings (stop-gradient)."""
     del kind, z, aux, batch, mesh
     return state
 
-  def update_stats(self, kind: StepKind, stats: dict[str, jax.Array], z: dict[str, jax.Array],
-                   aux: dict[str, jax.Array], batch: dict[str, jax.Array], step: jax.Array,
-                   steps_per_epoch: int) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
+  def update_stats(
+      self,
+      kind: StepKind,
+      stats: dict[str, jax.Array],
+      z: dict[str, jax.Array],
+      aux: dict[str, jax.Array],
+      batch: dict[str, jax.Array],
+      step: jax.Array,
+      steps_per_epoch: int,
+  ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """The defense's counters after the step and its extra step metrics."""
     del kind, z, aux, batch, step, steps_per_epoch
     return stats, {}

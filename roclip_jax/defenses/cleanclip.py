@@ -22,6 +22,7 @@ not poisoned, optionally a seeded sample of them, standing in for the
 defender's separately curated clean set (CleanCLIP fine-tunes on 100K clean
 CC3M pairs).
 """
+
 from __future__ import annotations
 
 from typing import Any, Callable
@@ -36,9 +37,12 @@ from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
 
 
-def step_loss(z: dict[str, jax.Array], scalars: dict[str, jax.Array], cfg: ml_collections.ConfigDict,
-              cross_modal_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]]
-              ) -> tuple[jax.Array, dict[str, jax.Array]]:
+def step_loss(
+    z: dict[str, jax.Array],
+    scalars: dict[str, jax.Array],
+    cfg: ml_collections.ConfigDict,
+    cross_modal_loss: Callable[..., tuple[jax.Array, dict[str, jax.Array]]],
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The CleanCLIP loss on unit embeddings 'image', 'text' (originals) and 'image2', 'text2' (augmented)."""
   cross, aux = cross_modal_loss(z["image"], z["text"], scalars)
   # loss_i2t of clip_loss(a, b) is exactly InfoNCE with rows a, columns b.
@@ -58,6 +62,7 @@ def clean_subset(source: Any, num_examples: int, seed: int) -> metadata_lib.Subs
 
 class CleanClip(base.Defense):
   """CleanCLIP fine-tuning: one two-view step kind on the clean subset, starting from `config.init_from`."""
+
   name = "cleanclip"
   config_block = "cleanclip"
   views = 2
@@ -78,15 +83,21 @@ class CleanClip(base.Defense):
     del num_batch_shards
     c = config.cleanclip
     if not config.init_from:
-      raise config_error("init_from", "is empty but defense='cleanclip' fine-tunes an already trained model.",
-                         "point config.init_from at a run's workdir, a Hugging Face CLIP directory or an OpenAI "
-                         "weights file.")
+      raise config_error(
+          "init_from",
+          "is empty but defense='cleanclip' fine-tunes an already trained model.",
+          "point config.init_from at a run's workdir, a Hugging Face CLIP directory or an OpenAI " "weights file.",
+      )
     if c.clip_weight < 0 or c.inmodal_weight < 0 or c.clip_weight + c.inmodal_weight == 0:
-      raise config_error("cleanclip.clip_weight", "and cleanclip.inmodal_weight must be >= 0 and not both 0.",
-                         "use CleanCLIP's 1.0 and 1.0.")
+      raise config_error(
+          "cleanclip.clip_weight",
+          "and cleanclip.inmodal_weight must be >= 0 and not both 0.",
+          "use CleanCLIP's 1.0 and 1.0.",
+      )
     if c.num_clean_examples < 0:
-      raise config_error("cleanclip.num_clean_examples", f"is {c.num_clean_examples}.",
-                         "use 0 (every clean example) or more.")
+      raise config_error(
+          "cleanclip.num_clean_examples", f"is {c.num_clean_examples}.", "use 0 (every clean example) or more."
+      )
 
   def train_records(self, source: Any, image_transform: Any) -> tuple[Any, Any]:
     del image_transform  # No poisoned record is left to stamp a trigger on.
@@ -96,8 +107,11 @@ class CleanClip(base.Defense):
 
   def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
     del steps_per_epoch
-    return {"cleanclip": base.StepKind("cleanclip", image_views=("image", "image2"), text_views=("text", "text2"),
-                                       gather=True)}
+    return {
+        "cleanclip": base.StepKind(
+            "cleanclip", image_views=("image", "image2"), text_views=("text", "text2"), gather=True
+        )
+    }
 
   def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
     del epoch, steps_per_epoch

@@ -4,6 +4,7 @@ Everything it does is `base.Defense`'s default: one step kind, the configured
 pair loss (CLIP's InfoNCE or SigLIP's sigmoid loss) on each image and its own
 caption, no state.
 """
+
 from __future__ import annotations
 
 from roclip_jax.defenses import base

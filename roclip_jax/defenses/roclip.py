@@ -24,6 +24,7 @@ communication. The pool is then n independent rings of M/n rows; together they
 hold the most recent M/n embeddings of every shard's stream, i.e. the same
 steps' captions as one global ring of M rows.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -78,6 +79,7 @@ VARIANTS = ("paper", "robust")
 @dataclasses.dataclass(frozen=True)
 class Settings:
   """The matching rule, resolved from `config.roclip` (`settings`)."""
+
   variant: str
   k: int  # A matching epoch every k epochs ...
   first_epoch: int  # ... starting with this one (epochs count from 1).
@@ -119,9 +121,15 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0) -> Setting
       warmup_epochs = -(-int(warmup_steps) // max(int(steps_per_epoch), 1))  # ceil
       while first <= warmup_epochs:
         first += k
-  return Settings(variant=variant, k=k, first_epoch=int(first), pool_every_step=bool(knobs["update_pool_every_step"]),
-                  csls_k=int(knobs["csls_k"]), mask_duplicates=bool(knobs["mask_duplicates"]),
-                  exclude_own=bool(knobs["exclude_own"]))
+  return Settings(
+      variant=variant,
+      k=k,
+      first_epoch=int(first),
+      pool_every_step=bool(knobs["update_pool_every_step"]),
+      csls_k=int(knobs["csls_k"]),
+      mask_duplicates=bool(knobs["mask_duplicates"]),
+      exclude_own=bool(knobs["exclude_own"]),
+  )
 
 
 def is_matching_epoch(epoch: int, k: int, first_epoch: int | None = None) -> bool:
@@ -174,8 +182,9 @@ def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array, mask_dupl
 # Matching.
 
 
-def nearest_captions(pool: Pool, zimg: jax.Array, mesh: Mesh, shard_pool: bool, csls_k: int = 0,
-                     exclude_ids: jax.Array | None = None) -> Match:
+def nearest_captions(
+    pool: Pool, zimg: jax.Array, mesh: Mesh, shard_pool: bool, csls_k: int = 0, exclude_ids: jax.Array | None = None
+) -> Match:
   """The pool row each image is paired with (rows and queries are unit vectors).
 
   `csls_k=0` (the paper): the cosine top-1 row. `csls_k>0`: the row of highest
@@ -239,8 +248,7 @@ def _matching_scores(sims: jax.Array, csls_k: int) -> jax.Array:
   return 2 * sims - row_hubness[None, :]
 
 
-def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local, ids_local, *, axes, csls_k,
-                     exclude):
+def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local, ids_local, *, axes, csls_k, exclude):
   """Per device: local best over its pool rows, then a global winner.
 
   Only B-sized vectors cross devices (the queries, each shard's best score and
@@ -268,16 +276,29 @@ def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local
   b = zimg_local.shape[0]
   start = shard * b
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, b, axis=0)
-  return Match(embeddings=take(embeddings), index=take(index), similarity=take(similarity),
-               source_poisoned=take(poisoned), source_label=take(label))
+  return Match(
+      embeddings=take(embeddings),
+      index=take(index),
+      similarity=take(similarity),
+      source_poisoned=take(poisoned),
+      source_label=take(label),
+  )
 
 
 # ----------------------------------------------------------------------------
 # Enqueueing.
 
 
-def enqueue(pool: Pool, ztxt: jax.Array, ids: jax.Array, poisoned: jax.Array, mesh: Mesh, shard_pool: bool,
-            fifo: str = "ring", labels: jax.Array | None = None) -> Pool:
+def enqueue(
+    pool: Pool,
+    ztxt: jax.Array,
+    ids: jax.Array,
+    poisoned: jax.Array,
+    mesh: Mesh,
+    shard_pool: bool,
+    fifo: str = "ring",
+    labels: jax.Array | None = None,
+) -> Pool:
   """Writes a batch of caption embeddings (detached) after the pointer.
 
   `fifo='ring'` wraps around; `fifo='lightly'` reproduces the original memory
@@ -295,17 +316,21 @@ def enqueue(pool: Pool, ztxt: jax.Array, ids: jax.Array, poisoned: jax.Array, me
   pool_labels = pool.source_labels if pool.source_labels is not None else jnp.full_like(pool.source_ids, -1)
   write = functools.partial(_fifo_write, fifo=fifo)
   if not shard_pool:
-    emb, sid, spois, slab, ptr = write(pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr,
-                                       ztxt, ids, poisoned, labels)
+    emb, sid, spois, slab, ptr = write(
+        pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr, ztxt, ids, poisoned, labels
+    )
     return Pool(emb, sid, spois, ptr, slab)
   rows = P(sharding_lib.batch_axes(mesh))
   fn = jax.shard_map(
-      write, mesh=mesh, in_specs=(rows, rows, rows, rows, P(), rows, rows, rows, rows),
+      write,
+      mesh=mesh,
+      in_specs=(rows, rows, rows, rows, P(), rows, rows, rows, rows),
       out_specs=(rows, rows, rows, rows, P()),
       check_vma=False,  # The pointer update is identical on every shard, so the replicated output is exact.
   )
-  emb, sid, spois, slab, ptr = fn(pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr, ztxt,
-                                  ids, poisoned, labels)
+  emb, sid, spois, slab, ptr = fn(
+      pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr, ztxt, ids, poisoned, labels
+  )
   return Pool(emb, sid, spois, ptr, slab)
 
 
@@ -329,12 +354,22 @@ def _fifo_write(emb, sid, spois, slab, ptr, rows, row_ids, row_poisoned, row_lab
 # Diagnostics: is the matching meaningful, or collapsing?
 
 # Per-step sums of a matching step, averaged per matching epoch by `epoch_diagnostics`.
-DIAGNOSTIC_SUMS = ("match_similarity", "own_similarity", "distinct_matches", "largest_hub", "matched_same_class",
-                   "labelled_matches", "poisoned_in_batch", "poisoned_matched_clean", "steps")
+DIAGNOSTIC_SUMS = (
+    "match_similarity",
+    "own_similarity",
+    "distinct_matches",
+    "largest_hub",
+    "matched_same_class",
+    "labelled_matches",
+    "poisoned_in_batch",
+    "poisoned_matched_clean",
+    "steps",
+)
 
 
-def step_diagnostics(zimg: jax.Array, ztxt: jax.Array, match: Match, labels: jax.Array,
-                     poisoned: jax.Array) -> dict[str, jax.Array]:
+def step_diagnostics(
+    zimg: jax.Array, ztxt: jax.Array, match: Match, labels: jax.Array, poisoned: jax.Array
+) -> dict[str, jax.Array]:
   """One matching step's contribution to `DIAGNOSTIC_SUMS` (global batch, on device).
 
   * distinct_matches: pool rows matched by the batch (B when every image has
@@ -400,30 +435,38 @@ class CollapseThresholds:
   * same_class_over_chance: where labels exist, matches of the image's own class
     below this multiple of chance (1 / number of classes) are close to random.
   """
+
   distinct_frac: float = 0.15
   match_to_own: float = 0.5
   same_class_over_chance: float = 2.0
 
 
-def collapse_warnings(row: dict[str, float], num_classes: int | None = None,
-                      thresholds: CollapseThresholds = CollapseThresholds()) -> list[str]:
+def collapse_warnings(
+    row: dict[str, float], num_classes: int | None = None, thresholds: CollapseThresholds = CollapseThresholds()
+) -> list[str]:
   """What in one matching epoch's diagnostics (`epoch_diagnostics`) signals a collapse; [] if healthy."""
   found = []
   frac = row["roclip/distinct_match_frac"]
   if frac < thresholds.distinct_frac:
-    found.append(f"hubness: only {100 * frac:.1f}% of each batch's images matched distinct pool rows "
-                 f"(threshold {100 * thresholds.distinct_frac:.0f}%; largest hub {row['roclip/largest_hub']:.0f} "
-                 "images)")
+    found.append(
+        f"hubness: only {100 * frac:.1f}% of each batch's images matched distinct pool rows "
+        f"(threshold {100 * thresholds.distinct_frac:.0f}%; largest hub {row['roclip/largest_hub']:.0f} "
+        "images)"
+    )
   match, own = row["roclip/match_similarity"], row["roclip/own_similarity"]
   if match < thresholds.match_to_own * own:
-    found.append(f"drift: mean matched-caption cosine {match:.3f} is below {thresholds.match_to_own:g} x the "
-                 f"own-caption cosine {own:.3f}")
+    found.append(
+        f"drift: mean matched-caption cosine {match:.3f} is below {thresholds.match_to_own:g} x the "
+        f"own-caption cosine {own:.3f}"
+    )
   same = row.get("roclip/matched_same_class_frac")
   if same is not None and num_classes:
     chance = 1.0 / num_classes
     if same < thresholds.same_class_over_chance * chance:
-      found.append(f"random matches: {100 * same:.1f}% of images matched a caption of their own class "
-                   f"(chance {100 * chance:.1f}%, threshold {thresholds.same_class_over_chance:g}x chance)")
+      found.append(
+          f"random matches: {100 * same:.1f}% of images matched a caption of their own class "
+          f"(chance {100 * chance:.1f}%, threshold {thresholds.same_class_over_chance:g}x chance)"
+      )
   return found
 
 
@@ -438,6 +481,7 @@ class RoClip(base.Defense):
   so) and 'match' (each image's positive is its nearest pool caption; the text
   tower runs forward only, to write the pool).
   """
+
   name = "roclip"
   config_block = "roclip"
 
@@ -465,41 +509,54 @@ class RoClip(base.Defense):
   def validate(cls, config: ml_collections.ConfigDict, num_batch_shards: int) -> None:
     r, b = config.roclip, config.data.batch_size
     if r.k < 2:
-      raise config_error("roclip.k", f"is {r.k}; with k=1 every epoch is a matching epoch and the text tower never "
-                         "trains.", "use k >= 2 (the original uses 2 or 3).")
+      raise config_error(
+          "roclip.k",
+          f"is {r.k}; with k=1 every epoch is a matching epoch and the text tower never " "trains.",
+          "use k >= 2 (the original uses 2 or 3).",
+      )
     if r.variant not in VARIANTS:
       raise config_error("roclip.variant", f"{r.variant!r} is unknown.", f"use one of {VARIANTS}.")
     if r.first_epoch is not None and r.first_epoch < 1:
-      raise config_error("roclip.first_epoch", f"is {r.first_epoch}; epochs count from 1.",
-                         "use 1 or more, or leave it unset.")
+      raise config_error(
+          "roclip.first_epoch", f"is {r.first_epoch}; epochs count from 1.", "use 1 or more, or leave it unset."
+      )
     if r.csls_k is not None and r.csls_k < 0:
-      raise config_error("roclip.csls_k", f"is {r.csls_k}.",
-                         "use 0 (cosine top-1) or a positive neighbourhood size such as 10.")
+      raise config_error(
+          "roclip.csls_k", f"is {r.csls_k}.", "use 0 (cosine top-1) or a positive neighbourhood size such as 10."
+      )
     if r.fifo not in FIFO_MODES:
       raise config_error("roclip.fifo", f"{r.fifo!r} is unknown.", "use 'ring' or 'lightly'.")
     if r.pool_size < b:
-      raise config_error("roclip.pool_size", f"{r.pool_size} is smaller than the global batch {b}.",
-                         "use a pool at least as large as the batch (the original: 21845 for batch 512).")
+      raise config_error(
+          "roclip.pool_size",
+          f"{r.pool_size} is smaller than the global batch {b}.",
+          "use a pool at least as large as the batch (the original: 21845 for batch 512).",
+      )
     if r.shard_pool and r.pool_size % num_batch_shards:
       lo = r.pool_size // num_batch_shards * num_batch_shards
-      raise config_error("roclip.pool_size", f"{r.pool_size} is not divisible by the {num_batch_shards} batch "
-                         "shards, which a sharded pool needs.",
-                         f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.")
+      raise config_error(
+          "roclip.pool_size",
+          f"{r.pool_size} is not divisible by the {num_batch_shards} batch " "shards, which a sharded pool needs.",
+          f"use {lo} or {lo + num_batch_shards}, or set roclip.shard_pool=False.",
+      )
     if config.optim["lock"] == "image":
       # A matching step trains only the image tower (docs/roclip.md, section 1): locked, every
       # matching epoch would train nothing but the logit scale.
-      raise config_error("optim.lock", "is 'image' with defense='roclip', whose matching steps train only the image "
-                         "tower.", "lock the text tower instead (optim.lock='text'), or use defense='none' for a "
-                         "locked-image (LiT) model.")
+      raise config_error(
+          "optim.lock",
+          "is 'image' with defense='roclip', whose matching steps train only the image " "tower.",
+          "lock the text tower instead (optim.lock='text'), or use defense='none' for a " "locked-image (LiT) model.",
+      )
 
   def settings(self, steps_per_epoch: int = 1) -> Settings:
-    return settings(self.config.roclip, steps_per_epoch=steps_per_epoch,
-                    warmup_steps=self.config.optim.warmup_steps)
+    return settings(self.config.roclip, steps_per_epoch=steps_per_epoch, warmup_steps=self.config.optim.warmup_steps)
 
   def describe(self) -> str:
     s = self.settings()
-    return (f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, k={s.k}, csls_k={s.csls_k}, "
-            f"pool every step={s.pool_every_step})")
+    return (
+        f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, k={s.k}, csls_k={s.csls_k}, "
+        f"pool every step={s.pool_every_step})"
+    )
 
   # State: the pool.
   def init_state(self, key: jax.Array) -> Pool:
@@ -514,8 +571,10 @@ class RoClip(base.Defense):
   # Steps.
   def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
     every_step = self.settings(steps_per_epoch).pool_every_step
-    return {"clip": base.StepKind("clip", options=(("enqueue", every_step),)),
-            "match": base.StepKind("match", text_grad=False, options=(("enqueue", True),))}
+    return {
+        "clip": base.StepKind("clip", options=(("enqueue", every_step),)),
+        "match": base.StepKind("match", text_grad=False, options=(("enqueue", True),)),
+    }
 
   def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
     s = self.settings(steps_per_epoch)
@@ -529,8 +588,9 @@ class RoClip(base.Defense):
     # (AdamW still applies momentum and weight decay to it, as the original does: docs/methods.md, section 4).
     rc = self.settings()
     zimg = z["image"]
-    match = nearest_captions(state, zimg, mesh, self.config.roclip.shard_pool, rc.csls_k,
-                             batch["id"] if rc.exclude_own else None)
+    match = nearest_captions(
+        state, zimg, mesh, self.config.roclip.shard_pool, rc.csls_k, batch["id"] if rc.exclude_own else None
+    )
     if self.config.loss == "clip":
       loss, aux = matching_loss(zimg, match, scalars["logit_scale"], rc.mask_duplicates)
     else:
@@ -540,8 +600,16 @@ class RoClip(base.Defense):
   def update_state(self, kind, state, z, aux, batch, mesh):
     if not kind.option("enqueue"):
       return state
-    return enqueue(state, z["text"], batch["id"], batch["poisoned"], mesh, self.config.roclip.shard_pool,
-                   self.config.roclip.fifo, labels=batch.get("label"))
+    return enqueue(
+        state,
+        z["text"],
+        batch["id"],
+        batch["poisoned"],
+        mesh,
+        self.config.roclip.shard_pool,
+        self.config.roclip.fifo,
+        labels=batch.get("label"),
+    )
 
   def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
     # The epoch's matching diagnostics: zeroed by the epoch's first step, so the sums in a checkpoint
@@ -556,8 +624,10 @@ class RoClip(base.Defense):
       step_diag = step_diagnostics(z["image"], z["text"], aux["match"], labels, batch["poisoned"])
       for key, value in step_diag.items():
         stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
-      metrics = {"roclip/match_similarity": step_diag["match_similarity"],
-                 "roclip/distinct_matches": step_diag["distinct_matches"]}
+      metrics = {
+          "roclip/match_similarity": step_diag["match_similarity"],
+          "roclip/distinct_matches": step_diag["distinct_matches"],
+      }
     return stats, metrics
 
   def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
@@ -581,7 +651,7 @@ class MatchingMonitor(base.EpochHooks):
   def end_epoch(self, state: Any, epoch: int, kind: str) -> dict[str, Any] | None:
     if kind != "match":
       return None
-    sums = {k[len("roclip/"):]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
+    sums = {k[len("roclip/") :]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
     row = dict(epoch_diagnostics(sums, self._batch_size), epoch=epoch)
     warnings = collapse_warnings(row, self._num_classes)
     row["roclip/collapse_warning"] = bool(warnings)
@@ -592,7 +662,10 @@ class MatchingMonitor(base.EpochHooks):
           "RoCLIP matching epoch %d looks like a COLLAPSE: %s. The model is being trained toward captions that do "
           "not describe its images; its accuracy will fall toward chance while the attack success rate looks "
           "good. Fix: config.roclip.variant='robust' (docs/roclip.md), a later config.roclip.first_epoch, or a "
-          "smaller learning rate.", epoch, "; ".join(warnings))
+          "smaller learning rate.",
+          epoch,
+          "; ".join(warnings),
+      )
     else:
       logging.info("Matching epoch %d: %s", epoch, row)
     return row

@@ -36,6 +36,7 @@ original's separate safe and risky loaders) instead of two passes per epoch
 with two learning-rate schedules; and the banks receive every example's
 view-1 embeddings, safe or risky.
 """
+
 from __future__ import annotations
 
 from collections.abc import Iterable
@@ -102,8 +103,7 @@ def state_shardings(mesh: Mesh) -> SafeState:
   return SafeState(image_bank=bank, text_bank=bank, safe=replicated, ratio=replicated)
 
 
-def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int,
-                           total_steps: int) -> optax.Schedule:
+def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
   """Per phase: warm-up + cosine at `in_lr` over the unimodal epochs, constant `filter_lr`
   over the CLIP warm-up, then warm-up + cosine at `optim.lr` over the rest."""
   s = config.safeclip
@@ -111,8 +111,11 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
   cross_steps = s.multimodal_warmup * steps_per_epoch
   rest = max(total_steps - unimodal_steps - cross_steps, 1)
   unimodal_cfg = ml_collections.ConfigDict(dict(config.optim.to_dict(), lr=s.in_lr, schedule="cosine"))
-  parts = [optim.learning_rate_schedule(unimodal_cfg, unimodal_steps), optax.constant_schedule(s.filter_lr),
-           optim.learning_rate_schedule(config.optim, rest)]
+  parts = [
+      optim.learning_rate_schedule(unimodal_cfg, unimodal_steps),
+      optax.constant_schedule(s.filter_lr),
+      optim.learning_rate_schedule(config.optim, rest),
+  ]
   return optax.join_schedules(parts, [unimodal_steps, unimodal_steps + cross_steps])
 
 
@@ -120,8 +123,9 @@ def learning_rate_schedule(config: ml_collections.ConfigDict, steps_per_epoch: i
 # Losses (global batch; every embedding a unit row).
 
 
-def masked_info_nce(queries: jax.Array, keys: jax.Array, log_scale: jax.Array,
-                    mask: jax.Array | None = None) -> jax.Array:
+def masked_info_nce(
+    queries: jax.Array, keys: jax.Array, log_scale: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
   """Mean over the masked rows of -log softmax(exp(t) * q_i . k_j)_i, over the masked columns j.
 
   Row i's positive is key i; the negatives are the other masked keys. With no
@@ -136,14 +140,16 @@ def masked_info_nce(queries: jax.Array, keys: jax.Array, log_scale: jax.Array,
   return jnp.sum(jnp.where(mask, per_row, 0.0)) / jnp.maximum(jnp.sum(mask), 1)
 
 
-def masked_clip_loss(zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array,
-                     mask: jax.Array | None = None) -> jax.Array:
+def masked_clip_loss(
+    zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array, mask: jax.Array | None = None
+) -> jax.Array:
   """Symmetric InfoNCE restricted to the masked pairs (both as anchors and as negatives)."""
   return 0.5 * (masked_info_nce(zimg, ztxt, log_scale, mask) + masked_info_nce(ztxt, zimg, log_scale, mask))
 
 
-def nn_contrastive_loss(view1: jax.Array, view2: jax.Array, bank: roclip.Pool, log_scale: jax.Array,
-                        mask: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+def nn_contrastive_loss(
+    view1: jax.Array, view2: jax.Array, bank: roclip.Pool, log_scale: jax.Array, mask: jax.Array | None = None
+) -> tuple[jax.Array, jax.Array]:
   """NNCLR-style loss of one modality: view 2 of example i must pick NN(view 1 of i) among the
   batch's NN(view 1 of j), NN being the most similar bank row (a constant: the bank is read
   before this batch is written). Returns the loss and the cosine of each view 1 with its NN."""
@@ -154,8 +160,9 @@ def nn_contrastive_loss(view1: jax.Array, view2: jax.Array, bank: roclip.Pool, l
   return masked_info_nce(view2, neighbours, log_scale, mask), jnp.max(sims, axis=1)
 
 
-def step_loss(phase: str, z: dict[str, jax.Array], state: SafeState, ids: jax.Array,
-              log_scale: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+def step_loss(
+    phase: str, z: dict[str, jax.Array], state: SafeState, ids: jax.Array, log_scale: jax.Array
+) -> tuple[jax.Array, dict[str, jax.Array]]:
   """The loss of a `phase` step.
 
   Args:
@@ -182,8 +189,10 @@ def step_loss(phase: str, z: dict[str, jax.Array], state: SafeState, ids: jax.Ar
   loss = jnp.zeros((), jnp.float32)
   if phase != "unimodal":
     # Cross-augmented CLIP loss: image view 1 with caption view 2, and image view 2 with caption view 1.
-    clip_part = 0.5 * (masked_clip_loss(z["image"], z["text2"], log_scale, safe)
-                       + masked_clip_loss(z["image2"], z["text"], log_scale, safe))
+    clip_part = 0.5 * (
+        masked_clip_loss(z["image"], z["text2"], log_scale, safe)
+        + masked_clip_loss(z["image2"], z["text"], log_scale, safe)
+    )
     aux["loss_clip"] = clip_part
     loss = loss + clip_part
   if phase != "cross_clip":
@@ -198,12 +207,14 @@ def step_loss(phase: str, z: dict[str, jax.Array], state: SafeState, ids: jax.Ar
   return loss, aux
 
 
-def write_banks(state: SafeState, z: dict[str, jax.Array], ids: jax.Array, poisoned: jax.Array,
-                mesh: Mesh) -> SafeState:
+def write_banks(
+    state: SafeState, z: dict[str, jax.Array], ids: jax.Array, poisoned: jax.Array, mesh: Mesh
+) -> SafeState:
   """Appends this batch's view-1 embeddings to the banks (after they were read)."""
   return state.replace(
       image_bank=roclip.enqueue(state.image_bank, z["image"], ids, poisoned, mesh, shard_pool=False),
-      text_bank=roclip.enqueue(state.text_bank, z["text"], ids, poisoned, mesh, shard_pool=False))
+      text_bank=roclip.enqueue(state.text_bank, z["text"], ids, poisoned, mesh, shard_pool=False),
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -219,8 +230,9 @@ class GaussianMixture1D:
   def log_densities(self, x: np.ndarray) -> np.ndarray:
     """[N, 2]: log(weight_k * N(x; mean_k, var_k))."""
     x = np.asarray(x, np.float64)[:, None]
-    return (np.log(self.weights) - 0.5 * np.log(2 * np.pi * self.variances)
-            - 0.5 * (x - self.means) ** 2 / self.variances)
+    return (
+        np.log(self.weights) - 0.5 * np.log(2 * np.pi * self.variances) - 0.5 * (x - self.means) ** 2 / self.variances
+    )
 
   def posterior_high(self, x: np.ndarray) -> np.ndarray:
     """P(high-mean component | x) for every x."""
@@ -241,9 +253,12 @@ def fit_gmm(x: np.ndarray, max_iters: int = 200, tol: float = 1e-8, var_floor: f
     raise ValueError(f"fit_gmm needs at least 2 finite values; got {x.size} (finite: {np.isfinite(x).sum()}).")
   floor = var_floor * max(float(np.var(x)), 1e-12)
   order = np.sort(x)
-  low, high = order[: x.size // 2], order[x.size // 2:]
-  gmm = GaussianMixture1D(weights=np.array([0.5, 0.5]), means=np.array([low.mean(), high.mean()]),
-                          variances=np.maximum(np.array([low.var(), high.var()]), floor))
+  low, high = order[: x.size // 2], order[x.size // 2 :]
+  gmm = GaussianMixture1D(
+      weights=np.array([0.5, 0.5]),
+      means=np.array([low.mean(), high.mean()]),
+      variances=np.maximum(np.array([low.var(), high.var()]), floor),
+  )
   previous = -np.inf
   for _ in range(max_iters):
     log_p = gmm.log_densities(x)
@@ -258,13 +273,15 @@ def fit_gmm(x: np.ndarray, max_iters: int = 200, tol: float = 1e-8, var_floor: f
       break
     previous = likelihood
   if gmm.means[0] > gmm.means[1]:
-    gmm = GaussianMixture1D(weights=gmm.weights[::-1].copy(), means=gmm.means[::-1].copy(),
-                            variances=gmm.variances[::-1].copy())
+    gmm = GaussianMixture1D(
+        weights=gmm.weights[::-1].copy(), means=gmm.means[::-1].copy(), variances=gmm.variances[::-1].copy()
+    )
   return gmm
 
 
-def select_safe(posterior: np.ndarray, *, first_split: bool, previous_ratio: float,
-                cfg: ml_collections.ConfigDict) -> tuple[np.ndarray, float]:
+def select_safe(
+    posterior: np.ndarray, *, first_split: bool, previous_ratio: float, cfg: ml_collections.ConfigDict
+) -> tuple[np.ndarray, float]:
   """The safe set of one epoch as a boolean mask over `posterior`'s examples, and its ratio.
 
   First split after the warm-ups: posterior >= `threshold`. Later: the
@@ -300,15 +317,21 @@ def make_similarity_fn(spec: Any, mesh: Mesh):
   return jax.jit(similarity, out_shardings=(replicated, replicated))
 
 
-def dataset_similarities(similarity_fn, params, model_state, batches: Iterable[dict[str, np.ndarray]],
-                         mesh: Mesh, num_examples: int) -> np.ndarray:
+def dataset_similarities(
+    similarity_fn, params, model_state, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, num_examples: int
+) -> np.ndarray:
   """The own-caption cosine of every example id in [0, num_examples); NaN for ids not seen
   (undecodable images). `batches` is this host's `pipeline.scoring_batches`."""
   out = np.full((num_examples,), np.nan, np.float64)
   for local in batches:
     batch = sharding_lib.global_batch(
-        {"image": local["image"], "text": local["text"],
-         "id": np.where(local["valid"], local["id"], -1).astype(np.int32)}, mesh)
+        {
+            "image": local["image"],
+            "text": local["text"],
+            "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
+        },
+        mesh,
+    )
     with jax.set_mesh(mesh):
       sims, ids = jax.device_get(similarity_fn(params, model_state, batch["image"], batch["text"], batch["id"]))
     keep = ids >= 0
@@ -324,8 +347,9 @@ class Split:
   gmm: GaussianMixture1D
 
 
-def split_dataset(similarities: np.ndarray, *, first_split: bool, previous_ratio: float,
-                  cfg: ml_collections.ConfigDict) -> Split:
+def split_dataset(
+    similarities: np.ndarray, *, first_split: bool, previous_ratio: float, cfg: ml_collections.ConfigDict
+) -> Split:
   """GMM on the known similarities, then `select_safe`; unknown ids are never safe."""
   known = np.isfinite(similarities)
   gmm = fit_gmm(similarities[known])
@@ -345,7 +369,6 @@ def place_split(state: SafeState, split: Split, shardings: SafeState) -> SafeSta
   return state.replace(safe=put(mask, shardings.safe), ratio=put(ratio, shardings.ratio))
 
 
-
 # ----------------------------------------------------------------------------
 # The defense.
 
@@ -354,6 +377,7 @@ TWO_VIEWS = dict(image_views=("image", "image2"), text_views=("text", "text2"), 
 
 class SafeClip(base.Defense):
   """SafeCLIP: one two-view step kind per phase; the split runs on the host before each 'safe_split' epoch."""
+
   name = "safeclip"
   config_block = "safeclip"
   views = 2
@@ -377,27 +401,37 @@ class SafeClip(base.Defense):
     del num_batch_shards
     s = config.safeclip
     if config.loss != "clip":
-      raise config_error("loss", f"is {config.loss!r} with defense='safeclip', whose safe/risky split masks an "
-                         "InfoNCE loss.", "use config.loss='clip' with SafeCLIP.")
+      raise config_error(
+          "loss",
+          f"is {config.loss!r} with defense='safeclip', whose safe/risky split masks an " "InfoNCE loss.",
+          "use config.loss='clip' with SafeCLIP.",
+      )
     if s.inmodal_warmup < 0 or s.multimodal_warmup < 0:
-      raise config_error("safeclip.inmodal_warmup", "and safeclip.multimodal_warmup must be >= 0.",
-                         "use e.g. 5 and 1.")
+      raise config_error("safeclip.inmodal_warmup", "and safeclip.multimodal_warmup must be >= 0.", "use e.g. 5 and 1.")
     if s.inmodal_warmup + s.multimodal_warmup >= config.num_epochs:
-      raise config_error("safeclip.inmodal_warmup", f"+ multimodal_warmup = {s.inmodal_warmup + s.multimodal_warmup} "
-                         f"leaves no epoch of the {config.num_epochs} for the safe/risky split.",
-                         "train for more epochs or shorten the warm-ups.")
+      raise config_error(
+          "safeclip.inmodal_warmup",
+          f"+ multimodal_warmup = {s.inmodal_warmup + s.multimodal_warmup} "
+          f"leaves no epoch of the {config.num_epochs} for the safe/risky split.",
+          "train for more epochs or shorten the warm-ups.",
+      )
     if s.bank_size < config.data.batch_size:
-      raise config_error("safeclip.bank_size", f"{s.bank_size} is smaller than the global batch "
-                         f"{config.data.batch_size}.", "use a bank at least as large as the batch.")
+      raise config_error(
+          "safeclip.bank_size",
+          f"{s.bank_size} is smaller than the global batch " f"{config.data.batch_size}.",
+          "use a bank at least as large as the batch.",
+      )
     if not 0 < s.threshold < 1 or not 0 < s.max_ratio <= 1 or s.ratio_step < 0:
-      raise config_error("safeclip.threshold", "must lie in (0, 1), max_ratio in (0, 1] and ratio_step >= 0.",
-                         "use SafeCLIP's published 0.9, 0.85 and 0.01.")
+      raise config_error(
+          "safeclip.threshold",
+          "must lie in (0, 1), max_ratio in (0, 1] and ratio_step >= 0.",
+          "use SafeCLIP's published 0.9, 0.85 and 0.01.",
+      )
     if min(s.in_lr, s.filter_lr) <= 0:
       raise config_error("safeclip.in_lr", "and safeclip.filter_lr must be positive.", "use e.g. 5e-4 and 5e-6.")
 
   def init_state(self, key: jax.Array) -> SafeState:
-    return init_state(jax.random.fold_in(key, 1), self.config.safeclip, self.config.model.embed_dim,
-                      self.num_examples)
+    return init_state(jax.random.fold_in(key, 1), self.config.safeclip, self.config.model.embed_dim, self.num_examples)
 
   def state_shardings(self, mesh: Mesh) -> SafeState:
     return state_shardings(mesh)
@@ -424,8 +458,9 @@ class SafeClip(base.Defense):
 
   def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
     del kind, z, step, steps_per_epoch
-    metrics = {f"safeclip/{k}": aux[k] for k in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch")
-               if k in aux}
+    metrics = {
+        f"safeclip/{k}": aux[k] for k in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch") if k in aux
+    }
     if "safe" in aux:  # A safe_split step: the batch's poisons that got the CLIP loss.
       metrics["safeclip/poisoned_in_safe"] = jnp.sum(aux["safe"] & (batch["poisoned"] > 0)).astype(jnp.float32)
     return stats, metrics
@@ -456,17 +491,28 @@ class SafeSplitter(base.EpochHooks):
       return state, None
     t0 = time.perf_counter()
     batches = pipeline.scoring_batches(
-        self._config, self._data.source, batch_size=self._data.local_batch_size, image_transform=self._transform,
-        process_index=jax.process_index(), process_count=jax.process_count())
-    sims = dataset_similarities(self._similarity, state.params, state.model_state, batches, self._mesh,
-                                self._data.num_examples)
+        self._config,
+        self._data.source,
+        batch_size=self._data.local_batch_size,
+        image_transform=self._transform,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    sims = dataset_similarities(
+        self._similarity, state.params, state.model_state, batches, self._mesh, self._data.num_examples
+    )
     first = epoch == self._first_split_epoch
     previous = float(jax.device_get(state.defense.ratio))
     split = split_dataset(sims, first_split=first, previous_ratio=previous, cfg=self._config.safeclip)
     state = state.replace(defense=place_split(state.defense, split, self._shardings))
-    row = {"epoch": epoch, "safeclip/safe_ratio": split.ratio, "safeclip/gmm_low_mean": float(split.gmm.means[0]),
-           "safeclip/gmm_high_mean": float(split.gmm.means[1]), "safeclip/split_seconds": time.perf_counter() - t0,
-           "safeclip/unscored": int(np.sum(~np.isfinite(sims)))}
+    row = {
+        "epoch": epoch,
+        "safeclip/safe_ratio": split.ratio,
+        "safeclip/gmm_low_mean": float(split.gmm.means[0]),
+        "safeclip/gmm_high_mean": float(split.gmm.means[1]),
+        "safeclip/split_seconds": time.perf_counter() - t0,
+        "safeclip/unscored": int(np.sum(~np.isfinite(sims))),
+    }
     if self._poisoned is not None and self._poisoned.any():  # Poisons let into the safe set (ideally none).
       row["safeclip/poisons_in_safe_frac"] = float(np.mean(split.safe[self._poisoned]))
     logging.info("SafeCLIP split for epoch %d: %s", epoch, row)

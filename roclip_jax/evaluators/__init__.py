@@ -17,6 +17,7 @@ Per type:
 Eval data is loaded on an evaluator's first run and shared by all evaluators built by the same
 `from_config` call.
 """
+
 from __future__ import annotations
 
 import functools
@@ -37,8 +38,7 @@ _TYPES = {
     "targeted_poison": "attack:TargetedPoisonEvaluator",
     "backdoor_asr": "attack:BackdoorAsrEvaluator",
 }
-_DATA_FIELDS = dict(dataset="demo", data_dir="", image_size=0, image_key="image",
-                    label_key="label", max_examples=0)
+_DATA_FIELDS = dict(dataset="demo", data_dir="", image_size=0, image_key="image", label_key="label", max_examples=0)
 
 
 def _evaluator_class(kind: str, name: str) -> type[Evaluator]:
@@ -48,8 +48,7 @@ def _evaluator_class(kind: str, name: str) -> type[Evaluator]:
   return getattr(importlib.import_module(f"roclip_jax.evaluators.{module}"), cls)
 
 
-def _check_fields(cls: type[Evaluator], name: str, kind: str, fields: dict[str, Any],
-                  supplied: dict[str, Any]) -> None:
+def _check_fields(cls: type[Evaluator], name: str, kind: str, fields: dict[str, Any], supplied: dict[str, Any]) -> None:
   """Rejects config fields the evaluator does not take (typos, or fields from_config supplies)."""
   params = set(inspect.signature(cls.__init__).parameters) - {"self", "name", "every_steps"}
   allowed = params - set(supplied) - {"load_image"}
@@ -57,12 +56,10 @@ def _check_fields(cls: type[Evaluator], name: str, kind: str, fields: dict[str, 
   if unknown:
     splits = ["train_split", "test_split"] if kind == "linear_probe" else ["split"]
     valid = sorted(allowed | set(_DATA_FIELDS) | set(splits) | {"type", "every_steps"})
-    raise ValueError(f"config.evals.{name} ({kind}) has unknown field(s) {unknown}; valid fields: "
-                     f"{valid}.")
+    raise ValueError(f"config.evals.{name} ({kind}) has unknown field(s) {unknown}; valid fields: " f"{valid}.")
 
 
-def from_config(config: ml_collections.ConfigDict, *,
-                poison_info: Any | None = None) -> list[Evaluator]:
+def from_config(config: ml_collections.ConfigDict, *, poison_info: Any | None = None) -> list[Evaluator]:
   """Builds every evaluator of `config.evals` (data is loaded lazily, on first run).
 
   Args:
@@ -71,6 +68,7 @@ def from_config(config: ml_collections.ConfigDict, *,
     poison_info: the `PoisonInfo` of this run's training data; `targeted_poison` needs it and
       `backdoor_asr` takes the attack seed and target class from it when given.
   """
+
   @functools.cache
   def load(split: str, **data_fields) -> Any:
     return datasets.load_eval_set(config, data_fields.pop("dataset"), split, **data_fields)
@@ -92,15 +90,18 @@ def from_config(config: ml_collections.ConfigDict, *,
       supplied["load_split"] = functools.partial(loader, fields.pop("split", "test"))
     if kind == "targeted_poison":
       if poison_info is None or not poison_info.targets:
-        raise ValueError(f"config.evals.{name} (targeted_poison) needs the targets of a targeted "
-                         "attack: enable config.poison.targeted, or remove this evaluator.")
+        raise ValueError(
+            f"config.evals.{name} (targeted_poison) needs the targets of a targeted "
+            "attack: enable config.poison.targeted, or remove this evaluator."
+        )
       supplied["targets"] = poison_info.targets
     if kind == "backdoor_asr":
       poison_cfg = config.poison
       supplied["poison_cfg"] = poison_cfg
       supplied["seed"] = poison_info.seed if poison_info is not None else poison_cfg.seed
-      supplied["target_class"] = ((poison_info.backdoor_target_class if poison_info else None)
-                                  or poison_cfg.backdoor.target_class)
+      supplied["target_class"] = (
+          poison_info.backdoor_target_class if poison_info else None
+      ) or poison_cfg.backdoor.target_class
     _check_fields(cls, name, kind, fields, supplied)
     evaluators.append(cls(name, every_steps=every_steps, **supplied, **fields))
   return evaluators

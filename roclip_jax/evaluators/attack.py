@@ -4,6 +4,7 @@ Both classify with the zero-shot prompt ensemble over the eval set's class names
 (docs/attacks_and_metrics.md, sections 7-8; RoCLIP's `verify_with_template_full.py`: 80
 templates, top-1 success, top-k also recorded).
 """
+
 from __future__ import annotations
 
 import functools
@@ -26,8 +27,10 @@ def load_eval_image(path: str, size: int) -> np.ndarray:
   """Decodes a file and applies CLIP's eval preprocessing (shorter side to `size`, centre crop)."""
   image = pipeline.ImageReader(size).eval_image({"image_path": path})
   if image is None:
-    raise ValueError(f"Cannot decode target image {path!r}; the targeted-poisoning evaluator needs "
-                     "the held-out images the poisons were made from.")
+    raise ValueError(
+        f"Cannot decode target image {path!r}; the targeted-poisoning evaluator needs "
+        "the held-out images the poisons were made from."
+    )
   return image
 
 
@@ -35,21 +38,32 @@ def _class_index(name: str, class_names: Sequence[str], evaluator: str, what: st
   try:
     return list(class_names).index(name)
   except ValueError:
-    raise ValueError(f"Evaluator {evaluator!r}: the {what} {name!r} is not a class of the eval "
-                     f"set ({len(class_names)} classes); evaluate on the dataset the attack "
-                     "targeted.") from None
+    raise ValueError(
+        f"Evaluator {evaluator!r}: the {what} {name!r} is not a class of the eval "
+        f"set ({len(class_names)} classes); evaluate on the dataset the attack "
+        "targeted."
+    ) from None
 
 
 class TargetedPoisonEvaluator(common.Evaluator):
   """Fraction of targets whose clean image is classified as their adversarial class."""
 
-  def __init__(self, name: str, *, every_steps: int, load_split: common.LoadSplit,
-               targets: Sequence[poison_lib.PoisonTarget], templates: str = "imagenet80",
-               load_image: LoadImage = load_eval_image):
+  def __init__(
+      self,
+      name: str,
+      *,
+      every_steps: int,
+      load_split: common.LoadSplit,
+      targets: Sequence[poison_lib.PoisonTarget],
+      templates: str = "imagenet80",
+      load_image: LoadImage = load_eval_image,
+  ):
     super().__init__(name, every_steps=every_steps)
     if not targets:
-      raise ValueError(f"Evaluator {name!r} (targeted_poison) has no targets: enable "
-                       "config.poison.targeted, or drop this evaluator.")
+      raise ValueError(
+          f"Evaluator {name!r} (targeted_poison) has no targets: enable "
+          "config.poison.targeted, or drop this evaluator."
+      )
     self._load_split = load_split
     self._targets = tuple(targets)
     self._templates_option = templates
@@ -61,8 +75,9 @@ class TargetedPoisonEvaluator(common.Evaluator):
     data = self._load_split()
     side = data.images.shape[1]
     images = np.stack([self._load_image(t.image_path, side) for t in self._targets])
-    adversarial = np.array([_class_index(t.adversarial_class, data.class_names, self.name,
-                                         "adversarial class") for t in self._targets])
+    adversarial = np.array(
+        [_class_index(t.adversarial_class, data.class_names, self.name, "adversarial class") for t in self._targets]
+    )
     return data, images, adversarial
 
   def run(self, encoder: common.Encoder) -> dict[str, float]:
@@ -70,11 +85,13 @@ class TargetedPoisonEvaluator(common.Evaluator):
     templates = templates_lib.resolve_templates(self._templates_option, data.templates)
     classifier = zeroshot.class_embeddings(encoder, data.class_names, templates, name=self.name)
     logits = zeroshot.zero_shot_logits(encoder, images, classifier, name=self.name)
-    return self._metrics({
-        "success_rate": common.topk_hits(logits, adversarial, 1).mean(),
-        "success_rate_top5": common.topk_hits(logits, adversarial, 5).mean(),
-        "num_targets": len(self._targets),
-    })
+    return self._metrics(
+        {
+            "success_rate": common.topk_hits(logits, adversarial, 1).mean(),
+            "success_rate_top5": common.topk_hits(logits, adversarial, 5).mean(),
+            "num_targets": len(self._targets),
+        }
+    )
 
 
 class BackdoorAsrEvaluator(common.Evaluator):
@@ -84,9 +101,17 @@ class BackdoorAsrEvaluator(common.Evaluator):
   which they are already classified as the target class (the ASR a clean model would get).
   """
 
-  def __init__(self, name: str, *, every_steps: int, load_split: common.LoadSplit,
-               poison_cfg: ml_collections.ConfigDict, seed: int, target_class: str,
-               templates: str = "imagenet80"):
+  def __init__(
+      self,
+      name: str,
+      *,
+      every_steps: int,
+      load_split: common.LoadSplit,
+      poison_cfg: ml_collections.ConfigDict,
+      seed: int,
+      target_class: str,
+      templates: str = "imagenet80",
+  ):
     super().__init__(name, every_steps=every_steps)
     poison_lib.validate_config(poison_cfg)
     self._load_split = load_split
@@ -104,13 +129,18 @@ class BackdoorAsrEvaluator(common.Evaluator):
     labels = common.check_labels(self.name, data.labels, len(data.class_names))
     keep = np.flatnonzero(labels != target)
     if not keep.size:
-      raise ValueError(f"Evaluator {self.name!r}: every eval image is of the target class "
-                       f"{self._target_class!r}; there is nothing to attack.")
+      raise ValueError(
+          f"Evaluator {self.name!r}: every eval image is of the target class "
+          f"{self._target_class!r}; there is nothing to attack."
+      )
     clean = data.images[keep]
     # The trigger depends on the attack seed and the image's id only, as at training time.
-    triggered = np.stack([
-        poison_lib.apply_trigger(image, self._poison_cfg, self._seed, example_id=int(i))
-        for image, i in zip(clean, np.asarray(data.ids)[keep])])
+    triggered = np.stack(
+        [
+            poison_lib.apply_trigger(image, self._poison_cfg, self._seed, example_id=int(i))
+            for image, i in zip(clean, np.asarray(data.ids)[keep])
+        ]
+    )
     return data, target, clean, triggered, labels[keep]
 
   def run(self, encoder: common.Encoder) -> dict[str, float]:
@@ -120,10 +150,12 @@ class BackdoorAsrEvaluator(common.Evaluator):
     targets = np.full(len(labels), target)
     triggered_logits = zeroshot.zero_shot_logits(encoder, triggered, classifier, name=self.name)
     clean_logits = zeroshot.zero_shot_logits(encoder, clean, classifier, name=self.name)
-    return self._metrics({
-        "asr": common.topk_hits(triggered_logits, targets, 1).mean(),
-        "asr_top5": common.topk_hits(triggered_logits, targets, 5).mean(),
-        "clean_top1": common.topk_hits(clean_logits, labels, 1).mean(),
-        "clean_target_rate": common.topk_hits(clean_logits, targets, 1).mean(),
-        "num_images": len(labels),
-    })
+    return self._metrics(
+        {
+            "asr": common.topk_hits(triggered_logits, targets, 1).mean(),
+            "asr_top5": common.topk_hits(triggered_logits, targets, 5).mean(),
+            "clean_top1": common.topk_hits(clean_logits, labels, 1).mean(),
+            "clean_target_rate": common.topk_hits(clean_logits, targets, 1).mean(),
+            "num_images": len(labels),
+        }
+    )

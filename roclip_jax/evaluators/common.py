@@ -5,6 +5,7 @@ the top k iff fewer than k OTHER candidates score at least as high as it. A coll
 gives every candidate the same score therefore gets zero top-1 accuracy, zero recall@1 and zero
 attack success, instead of whatever an argsort happens to return.
 """
+
 from __future__ import annotations
 
 import abc
@@ -30,6 +31,7 @@ class Encoder(Protocol):
 
 class EvalSetLike(Protocol):
   """The eval data every loader returns (`roclip_jax.data.pipeline.EvalSet`)."""
+
   images: np.ndarray  # uint8 [N, S, S, 3], eval-preprocessed
   labels: np.ndarray  # int64 [N]
   captions: list[str]
@@ -50,8 +52,7 @@ class Evaluator(abc.ABC):
 
   def __init__(self, name: str, *, every_steps: int):
     if every_steps < 0:
-      raise ValueError(
-          f"evals.{name}.every_steps={every_steps} must be >= 0 (0 = only at the end).")
+      raise ValueError(f"evals.{name}.every_steps={every_steps} must be >= 0 (0 = only at the end).")
     self.name = name
     self.every_steps = int(every_steps)
 
@@ -94,8 +95,10 @@ def check_encoded(name: str, array: np.ndarray, rows: int) -> np.ndarray:
   """The encoder output as [rows, d] float32, or an error naming the evaluator."""
   array = to_numpy(array)
   if array.ndim != 2 or array.shape[0] != rows:
-    raise ValueError(f"Evaluator {name!r}: the encoder returned shape {array.shape} for {rows} "
-                     "inputs; it must return one row per input ([N, d]).")
+    raise ValueError(
+        f"Evaluator {name!r}: the encoder returned shape {array.shape} for {rows} "
+        "inputs; it must return one row per input ([N, d])."
+    )
   if not np.all(np.isfinite(array)):
     raise ValueError(f"Evaluator {name!r}: the encoder returned non-finite values.")
   return array
@@ -105,6 +108,8 @@ def check_labels(name: str, labels: np.ndarray, num_classes: int) -> np.ndarray:
   """Labels as int64 [N], or an error if one does not index the class names."""
   labels = np.asarray(labels, np.int64)
   if labels.ndim != 1 or (labels.size and (labels.min() < 0 or labels.max() >= num_classes)):
-    raise ValueError(f"Evaluator {name!r}: labels must be a 1-D array in [0, {num_classes}) "
-                     "(one per image, indexing class_names); drop unlabelled (-1) examples.")
+    raise ValueError(
+        f"Evaluator {name!r}: labels must be a 1-D array in [0, {num_classes}) "
+        "(one per image, indexing class_names); drop unlabelled (-1) examples."
+    )
   return labels

@@ -3,6 +3,7 @@
 Image i's correct text is caption i and vice versa. Recall@k is the fraction of queries whose
 correct item is within the top k by cosine (ties count against it, see `common`).
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,8 +29,7 @@ def recall_at_k(similarity: np.ndarray, ks: Sequence[int]) -> dict[str, float]:
 class RetrievalEvaluator(common.Evaluator):
   """Image->text and text->image R@1/5/10 (or `ks`)."""
 
-  def __init__(self, name: str, *, every_steps: int, load_split: common.LoadSplit,
-               ks: Sequence[int] = (1, 5, 10)):
+  def __init__(self, name: str, *, every_steps: int, load_split: common.LoadSplit, ks: Sequence[int] = (1, 5, 10)):
     super().__init__(name, every_steps=every_steps)
     if not ks or min(ks) < 1:
       raise ValueError(f"evals.{name}.ks={ks!r} must be positive integers.")
@@ -40,8 +40,10 @@ class RetrievalEvaluator(common.Evaluator):
   def _data(self) -> common.EvalSetLike:
     data = self._load_split()
     if len(data.captions) != len(data.images):
-      raise ValueError(f"Evaluator {self.name!r} needs one caption per image, got "
-                       f"{len(data.captions)} captions for {len(data.images)} images.")
+      raise ValueError(
+          f"Evaluator {self.name!r} needs one caption per image, got "
+          f"{len(data.captions)} captions for {len(data.images)} images."
+      )
     return data
 
   def run(self, encoder: common.Encoder) -> dict[str, float]:

@@ -4,6 +4,7 @@ Class embedding = normalise(mean over templates of normalise(encode_texts(templa
 Logits = cosine between the normalised image embedding and each class embedding (no scale).
 The protocol as implemented: docs/attacks_and_metrics.md, section 4.
 """
+
 from __future__ import annotations
 
 import functools
@@ -15,8 +16,9 @@ from roclip_jax.evaluators import common
 from roclip_jax.data import templates as templates_lib
 
 
-def class_embeddings(encoder: common.Encoder, class_names: Sequence[str],
-                     templates: Sequence[str], *, name: str = "zeroshot") -> np.ndarray:
+def class_embeddings(
+    encoder: common.Encoder, class_names: Sequence[str], templates: Sequence[str], *, name: str = "zeroshot"
+) -> np.ndarray:
   """[C, d] unit-norm prompt-ensemble embedding of every class, in one encoder call."""
   if not class_names:
     raise ValueError(f"Evaluator {name!r}: the eval set has no class names.")
@@ -26,8 +28,9 @@ def class_embeddings(encoder: common.Encoder, class_names: Sequence[str],
   return common.l2_normalize(emb.mean(axis=1))
 
 
-def zero_shot_logits(encoder: common.Encoder, images: np.ndarray, classifier: np.ndarray, *,
-                     name: str = "zeroshot") -> np.ndarray:
+def zero_shot_logits(
+    encoder: common.Encoder, images: np.ndarray, classifier: np.ndarray, *, name: str = "zeroshot"
+) -> np.ndarray:
   """[N, C] cosine of each image embedding with each class embedding."""
   emb = common.check_encoded(name, encoder.encode_images(images), len(images))
   return common.l2_normalize(emb) @ classifier.T
@@ -36,8 +39,7 @@ def zero_shot_logits(encoder: common.Encoder, images: np.ndarray, classifier: np
 class ZeroShotEvaluator(common.Evaluator):
   """Top-1 and top-5 (clipped to the number of classes) zero-shot accuracy on one split."""
 
-  def __init__(self, name: str, *, every_steps: int, load_split: common.LoadSplit,
-               templates: str = "imagenet80"):
+  def __init__(self, name: str, *, every_steps: int, load_split: common.LoadSplit, templates: str = "imagenet80"):
     super().__init__(name, every_steps=every_steps)
     self._load_split = load_split
     self._templates_option = templates
@@ -53,7 +55,6 @@ class ZeroShotEvaluator(common.Evaluator):
     classifier = class_embeddings(encoder, data.class_names, templates, name=self.name)
     logits = zero_shot_logits(encoder, data.images, classifier, name=self.name)
     labels = common.check_labels(self.name, data.labels, len(data.class_names))
-    return self._metrics({
-        "top1": common.topk_hits(logits, labels, 1).mean(),
-        "top5": common.topk_hits(logits, labels, 5).mean(),
-    })
+    return self._metrics(
+        {"top1": common.topk_hits(logits, labels, 1).mean(), "top5": common.topk_hits(logits, labels, 5).mean()}
+    )

@@ -9,6 +9,7 @@ each `roclip/*` diagnostic over all their matching epochs (the `kind: "epoch"` r
 target (an ASR that only equals that share is a bias toward the target caption, not the trigger).
 docs/roclip.md, section 6, quotes its output.
 """
+
 from __future__ import annotations
 
 import collections
@@ -33,8 +34,7 @@ _COLUMNS = (
 
 def matching_epochs(run_dir: str) -> list[dict]:
   """The end-of-matching-epoch rows of a run (those that carry the diagnostics)."""
-  return [r for r in metrics.read_metrics(run_dir)
-          if r.get("kind") == "epoch" and "roclip/match_similarity" in r]
+  return [r for r in metrics.read_metrics(run_dir) if r.get("kind") == "epoch" and "roclip/match_similarity" in r]
 
 
 def summarize(run_dirs: list[str]) -> str:
@@ -42,8 +42,7 @@ def summarize(run_dirs: list[str]) -> str:
   groups: dict[str, list[str]] = collections.defaultdict(list)
   for run_dir in run_dirs:
     groups[os.path.basename(os.path.normpath(run_dir))].append(run_dir)
-  header = (["run", "runs"] + [c[0] for c in _COLUMNS]
-            + ["epochs flagged", "backdoor ASR (clean images -> target)"])
+  header = ["run", "runs"] + [c[0] for c in _COLUMNS] + ["epochs flagged", "backdoor ASR (clean images -> target)"]
   lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
   for name, dirs in groups.items():
     epochs = [row for d in dirs for row in matching_epochs(d)]
@@ -53,16 +52,19 @@ def summarize(run_dirs: list[str]) -> str:
       cells.append(fmt.format(scale * float(np.mean(values))) if values else "n/a")
     flagged, attack = [], []
     for d in dirs:
-      flagged.append(",".join(str(r["epoch"]) for r in matching_epochs(d)
-                              if r.get("roclip/collapse_warning")) or "none")
+      flagged.append(
+          ",".join(str(r["epoch"]) for r in matching_epochs(d) if r.get("roclip/collapse_warning")) or "none"
+      )
       final_path = os.path.join(d, "final_results.json")
       if os.path.exists(final_path):
         with open(final_path) as f:
           final = json.load(f)
-        attack.append(f"{100 * final['backdoor_asr/asr']:.1f}% "
-                      f"({100 * final['backdoor_asr/clean_target_rate']:.1f}%)")
-    lines.append(f"| {name} | {len(dirs)} | " + " | ".join(cells)
-                 + f" | {'; '.join(flagged)} | {'; '.join(attack) or 'n/a'} |")
+        attack.append(
+            f"{100 * final['backdoor_asr/asr']:.1f}% " f"({100 * final['backdoor_asr/clean_target_rate']:.1f}%)"
+        )
+    lines.append(
+        f"| {name} | {len(dirs)} | " + " | ".join(cells) + f" | {'; '.join(flagged)} | {'; '.join(attack) or 'n/a'} |"
+    )
   return "\n".join(lines) + "\n"
 
 

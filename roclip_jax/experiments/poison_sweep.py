@@ -8,6 +8,7 @@ For each count n, every selected row of `config.experiment.runs` is trained with
 `experiments.robustness`); then `DIR/sweep.png` plots backdoor ASR (and zero-shot accuracy) against
 the poison rate, one line per row, and `DIR/sweep.md` lists the numbers.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,7 @@ def run_sweep(config: ml_collections.ConfigDict, workdir: str, counts, only=()) 
 def format_sweep(results: dict[int, dict[str, dict]], clean_pairs: int) -> str:
   names = list(dict.fromkeys(name for per_n in results.values() for name in per_n))
   rate = lambda n: f"{100 * n / clean_pairs:.2f}%" if clean_pairs else str(n)
-  lines = ["| run | " + " | ".join(f"ASR @ {n} ({rate(n)})" for n in results) + " |",
-           "|" + "---|" * (len(results) + 1)]
+  lines = ["| run | " + " | ".join(f"ASR @ {n} ({rate(n)})" for n in results) + " |", "|" + "---|" * (len(results) + 1)]
   for name in names:
     cells = []
     for per_n in results.values():
@@ -55,6 +55,7 @@ def format_sweep(results: dict[int, dict[str, dict]], clean_pairs: int) -> str:
 
 def plot_sweep(results: dict[int, dict[str, dict]], clean_pairs: int, path: str) -> None:
   import matplotlib  # pylint: disable=import-outside-toplevel
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=import-outside-toplevel
 
@@ -63,8 +64,11 @@ def plot_sweep(results: dict[int, dict[str, dict]], clean_pairs: int, path: str)
   fig, axes = plt.subplots(1, 2, figsize=(10, 4))
   for name in names:
     for ax, key in zip(axes, ("backdoor_asr/asr", "zeroshot/top1")):
-      pts = [(x_of(n), 100 * per_n[name][key]) for n, per_n in sorted(results.items())
-             if name in per_n and per_n[name].get(key) is not None]
+      pts = [
+          (x_of(n), 100 * per_n[name][key])
+          for n, per_n in sorted(results.items())
+          if name in per_n and per_n[name].get(key) is not None
+      ]
       if pts:
         ax.plot(*zip(*pts), marker="o", label=name)
   for ax, title in zip(axes, ("backdoor ASR (%)", "zero-shot top-1 (%)")):

@@ -13,6 +13,7 @@ whose config is unchanged resumes from its checkpoints, or, once finished, is
 not trained again; a row whose config changed is trained anew, and its old
 directory is moved aside to `DIR/<name>.stale-<hash>` (nothing is deleted).
 """
+
 from __future__ import annotations
 
 import copy
@@ -39,8 +40,12 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Benchmark config (configs/robustness_demo.py).", lock_config=False)
 flags.DEFINE_string("workdir", None, "Directory for every run and the results.")
 flags.DEFINE_list("only", [], "Run only these rows (names from config.experiment.runs).")
-flags.DEFINE_list("seeds", [], "Run the whole benchmark once per seed (training and poison seed both set to it), "
-                  "each in DIR/seed_<s>, and write the mean and standard deviation over seeds to DIR/results.md.")
+flags.DEFINE_list(
+    "seeds",
+    [],
+    "Run the whole benchmark once per seed (training and poison seed both set to it), "
+    "each in DIR/seed_<s>, and write the mean and standard deviation over seeds to DIR/results.md.",
+)
 flags.mark_flags_as_required(["config", "workdir"])
 
 # Column label -> metric key in the final evaluation results.
@@ -87,8 +92,7 @@ def prepare_run_dir(run_dir: str, key: str) -> bool:
         suffix += 1
       stale = stale if not suffix else f"{stale}.{suffix}"
       os.rename(run_dir, stale)
-      logging.warning("%s was trained with another config; moved it to %s and training this row anew.",
-                      run_dir, stale)
+      logging.warning("%s was trained with another config; moved it to %s and training this row anew.", run_dir, stale)
   os.makedirs(run_dir, exist_ok=True)
   with open(key_file, "w") as f:
     f.write(key)
@@ -129,17 +133,22 @@ def collapse_notes(results: dict[str, dict[str, Any]], workdir: str) -> list[str
     path = os.path.join(workdir, slug(name))
     if not os.path.exists(os.path.join(path, "metrics.jsonl")):
       continue
-    flagged = [r for r in metrics_lib.read_metrics(path) if r.get("kind") == "epoch" and r.get("roclip/collapse_warning")]
+    flagged = [
+        r for r in metrics_lib.read_metrics(path) if r.get("kind") == "epoch" and r.get("roclip/collapse_warning")
+    ]
     if flagged:
       epochs = ", ".join(str(r["epoch"]) for r in flagged)
-      notes.append(f"WARNING {name}: the RoCLIP collapse detector fired in matching epoch(s) {epochs} "
-                   f"(last: {flagged[-1]['roclip/collapse_reasons']}); its low attack success comes with a model "
-                   "trained toward captions that do not describe its images.")
+      notes.append(
+          f"WARNING {name}: the RoCLIP collapse detector fired in matching epoch(s) {epochs} "
+          f"(last: {flagged[-1]['roclip/collapse_reasons']}); its low attack success comes with a model "
+          "trained toward captions that do not describe its images."
+      )
   return notes
 
 
-def format_table(results: dict[str, dict[str, Any]], config: ml_collections.ConfigDict,
-                 workdir: str | None = None) -> str:
+def format_table(
+    results: dict[str, dict[str, Any]], config: ml_collections.ConfigDict, workdir: str | None = None
+) -> str:
   header = "| run | defense | " + " | ".join(COLUMNS) + " |"
   lines = [header, "|" + "---|" * (len(COLUMNS) + 2)]
   for name, res in results.items():
@@ -154,30 +163,38 @@ def format_table(results: dict[str, dict[str, Any]], config: ml_collections.Conf
       f"({config.data.demo.num_classes} classes, {config.data.demo.train_per_class}/class train, "
       f"{config.data.demo.test_per_class}/class test), {config.num_epochs} epochs, global batch "
       f"{config.data.batch_size}, model preset with image size {config.model.image.image_size}. "
-      f"Zero-shot chance: {100 / config.data.demo.num_classes:.1f}%.",
+      f"Zero-shot chance: {100 / config.data.demo.num_classes:.1f}%."
   ]
   if p.backdoor.enabled:
-    notes.append(f"Backdoor: {p.backdoor.trigger} trigger, target '{p.backdoor.target_class}', "
-                 f"{p.backdoor.num_poisons} poisoned training pairs ({p.backdoor.selection} selection). "
-                 "ASR: triggered test images of other classes classified as the target.")
+    notes.append(
+        f"Backdoor: {p.backdoor.trigger} trigger, target '{p.backdoor.target_class}', "
+        f"{p.backdoor.num_poisons} poisoned training pairs ({p.backdoor.selection} selection). "
+        "ASR: triggered test images of other classes classified as the target."
+    )
   if p.targeted.enabled:
-    notes.append(f"Targeted poisoning: {p.targeted.num_targets} target images x "
-                 f"{p.targeted.poisons_per_target} adversarial captions appended. Success: target "
-                 "classified as its adversarial class.")
+    notes.append(
+        f"Targeted poisoning: {p.targeted.num_targets} target images x "
+        f"{p.targeted.poisons_per_target} adversarial captions appended. Success: target "
+        "classified as its adversarial class."
+    )
   defenses = {dict(o).get("defense") for name, o in config.experiment.runs if name in results}
   if "safeclip" in defenses:
     sc = config.safeclip
-    notes.append(f"SafeCLIP: {sc.inmodal_warmup} unimodal warm-up epochs (lr {sc.in_lr:g}), {sc.multimodal_warmup} "
-                 f"CLIP epoch(s) at lr {sc.filter_lr:g}, then a Gaussian-mixture safe/risky split every epoch "
-                 f"(first: posterior >= {sc.threshold:g}; then +{sc.ratio_step:g} per epoch, at most {sc.max_ratio:g}).")
+    notes.append(
+        f"SafeCLIP: {sc.inmodal_warmup} unimodal warm-up epochs (lr {sc.in_lr:g}), {sc.multimodal_warmup} "
+        f"CLIP epoch(s) at lr {sc.filter_lr:g}, then a Gaussian-mixture safe/risky split every epoch "
+        f"(first: posterior >= {sc.threshold:g}; then +{sc.ratio_step:g} per epoch, at most {sc.max_ratio:g})."
+    )
   for name, overrides in config.experiment.runs:
     overrides = dict(overrides)
     if name in results and overrides.get("defense") == "cleanclip":
       clean = overrides.get("cleanclip.num_clean_examples", config.cleanclip.num_clean_examples) or "all"
-      notes.append(f"{name}: starts from the final model of {overrides['init_from'].replace('{workdir}/', '')!r} "
-                   f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
-                   f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
-                   f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g}).")
+      notes.append(
+          f"{name}: starts from the final model of {overrides['init_from'].replace('{workdir}/', '')!r} "
+          f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
+          f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
+          f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g})."
+      )
   if workdir is not None:
     notes.extend(collapse_notes(results, workdir))
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
@@ -196,6 +213,7 @@ CURVES = (
 
 def plot_curves(results: dict[str, dict[str, Any]], workdir: str, path: str) -> None:
   import matplotlib
+
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
@@ -234,8 +252,12 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str,
     for key in COLUMNS.values():
       if key in entry:
         values = np.asarray(entry[key]["values"])
-        entry[key].update(mean=float(values.mean()), std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-                          min=float(values.min()), max=float(values.max()))
+        entry[key].update(
+            mean=float(values.mean()),
+            std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            min=float(values.min()),
+            max=float(values.max()),
+        )
   return rows
 
 
@@ -252,8 +274,9 @@ def format_seed_table(summary: dict[str, dict[str, Any]], config: ml_collections
     seeds = ",".join(str(s) for s in entry["seeds"])
     lines.append(f"| {name} | {entry.get('defense', '?')} | {seeds} | " + " | ".join(cells) + f" | {worst} |")
   chance = 100 / config.data.demo.num_classes if config.data.source == "demo" else None
-  note = (f"Mean ± sample standard deviation over seeds (training seed = poison seed = s). "
-          + (f"Zero-shot chance: {chance:.1f}%." if chance else ""))
+  note = f"Mean ± sample standard deviation over seeds (training seed = poison seed = s). " + (
+      f"Zero-shot chance: {chance:.1f}%." if chance else ""
+  )
   return "\n".join(lines) + "\n\n" + note + "\n"
 
 

@@ -86,6 +86,7 @@ How it scales (N training examples, d embedding size, M pool rows, B = `--block_
   Every host runs the searches (on its first local device) and only process 0
   writes the files.
 """
+
 from __future__ import annotations
 
 import copy
@@ -210,16 +211,22 @@ def _block_top_k(queries, query_tags, key_blocks, key_tags, key_valid, *, k: int
 
 def _int32_tags(tags: np.ndarray, what: str) -> np.ndarray:
   tags = np.asarray(tags, np.int64)
-  if tags.size and (tags.max() >= 2**31 or tags.min() < -2**31):
+  if tags.size and (tags.max() >= 2**31 or tags.min() < -(2**31)):
     raise ValueError(f"{what} must fit in int32 for the on-device search; got values in [{tags.min()}, {tags.max()}].")
   return tags.astype(np.int32)
 
 
-def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
-                      exclude_self: bool = True,
-                      query_tags: np.ndarray | None = None, key_tags: np.ndarray | None = None,
-                      key_valid: np.ndarray | None = None,
-                      block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def nearest_neighbors(
+    queries: np.ndarray,
+    keys: np.ndarray,
+    k: int,
+    *,
+    exclude_self: bool = True,
+    query_tags: np.ndarray | None = None,
+    key_tags: np.ndarray | None = None,
+    key_valid: np.ndarray | None = None,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> tuple[np.ndarray, np.ndarray]:
   """The k keys of highest dot product with each query: (similarities, indices), [N, k] each,
   most similar first.
 
@@ -238,15 +245,17 @@ def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
   if queries.ndim != 2 or keys.ndim != 2 or queries.shape[1] != keys.shape[1]:
     raise ValueError(f"nearest_neighbors needs [N, d] queries and [M, d] keys; got {queries.shape} and {keys.shape}.")
   if exclude_self and num_queries != num_keys:
-    raise ValueError(f"exclude_self pairs query i with key i, but there are {num_queries} queries "
-                     f"and {num_keys} keys.")
+    raise ValueError(
+        f"exclude_self pairs query i with key i, but there are {num_queries} queries " f"and {num_keys} keys."
+    )
   if exclude_self and (query_tags is not None or key_tags is not None):
     raise ValueError("Pass either exclude_self or query_tags/key_tags (exclude_self tags every row by its index).")
   if (query_tags is None) != (key_tags is None):
     raise ValueError("query_tags and key_tags go together: a key is excluded when its tag equals the query's.")
   if not 1 <= k <= num_keys - int(exclude_self):
-    raise ValueError(f"k={k} neighbours need more than {num_keys} keys"
-                     f"{' (the query itself excluded)' if exclude_self else ''}.")
+    raise ValueError(
+        f"k={k} neighbours need more than {num_keys} keys" f"{' (the query itself excluded)' if exclude_self else ''}."
+    )
   if block_size < 1:
     raise ValueError(f"block_size={block_size} must be >= 1 (rows of queries and keys per on-device block).")
   if exclude_self:
@@ -255,8 +264,10 @@ def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
     query_tags, key_tags = np.full(num_queries, -1), np.arange(num_keys)
   query_tags, key_tags = _int32_tags(query_tags, "query_tags"), _int32_tags(key_tags, "key_tags")
   if len(query_tags) != num_queries or len(key_tags) != num_keys:
-    raise ValueError(f"{len(query_tags)} query tags and {len(key_tags)} key tags for {num_queries} queries and "
-                     f"{num_keys} keys: give one tag per row.")
+    raise ValueError(
+        f"{len(query_tags)} query tags and {len(key_tags)} key tags for {num_queries} queries and "
+        f"{num_keys} keys: give one tag per row."
+    )
   key_valid = np.ones(num_keys, bool) if key_valid is None else np.asarray(key_valid, bool)
   if key_valid.shape != (num_keys,):
     raise ValueError(f"key_valid {key_valid.shape} must hold one flag per key ({num_keys}).")
@@ -270,14 +281,17 @@ def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
   dim = keys.shape[1]
   device = jax.local_devices()[0]  # Every host searches on its own first device.
   put = lambda x: jax.device_put(x, device)
-  key_blocks = put(np.concatenate([keys.astype(np.float32), np.zeros((pad, dim), np.float32)]).reshape(
-      num_key_blocks, key_block, dim))
+  key_blocks = put(
+      np.concatenate([keys.astype(np.float32), np.zeros((pad, dim), np.float32)]).reshape(
+          num_key_blocks, key_block, dim
+      )
+  )
   tag_blocks = put(np.concatenate([key_tags, np.zeros(pad, np.int32)]).reshape(num_key_blocks, key_block))
   valid_blocks = put(np.concatenate([key_valid, np.zeros(pad, bool)]).reshape(num_key_blocks, key_block))
   found = []
   for start in range(0, num_queries, query_block):
-    block = queries[start:start + query_block].astype(np.float32)
-    tags = query_tags[start:start + query_block]
+    block = queries[start : start + query_block].astype(np.float32)
+    tags = query_tags[start : start + query_block]
     short = query_block - len(block)
     if short:  # The last block, padded to the compiled shape.
       block = np.concatenate([block, np.zeros((short, dim), np.float32)])
@@ -295,8 +309,7 @@ def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
     stop = min(start + rows, num_queries)
     idx = indices[start:stop]
     ok = np.isfinite(coarse[start:stop]) & (idx >= 0)
-    exact = np.einsum("nd,nkd->nk", queries[start:stop].astype(np.float64),
-                      keys[np.maximum(idx, 0)].astype(np.float64))
+    exact = np.einsum("nd,nkd->nk", queries[start:stop].astype(np.float64), keys[np.maximum(idx, 0)].astype(np.float64))
     similarities[start:stop] = np.where(ok, exact, -np.inf)
   indices[~np.isfinite(similarities)] = -1
   # Stable: equal float64 similarities keep the device's order, the lower key index first.
@@ -308,8 +321,9 @@ def nearest_neighbors(queries: np.ndarray, keys: np.ndarray, k: int, *,
 # Scores (on unit-norm embeddings; [N] float64 arrays).
 
 
-def local_outlier_scores(embeddings: np.ndarray, k: int = DEFAULT_DENSITY_NEIGHBORS,
-                         block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, np.ndarray]:
+def local_outlier_scores(
+    embeddings: np.ndarray, k: int = DEFAULT_DENSITY_NEIGHBORS, block_size: int = DEFAULT_BLOCK_SIZE
+) -> dict[str, np.ndarray]:
   """`k_distance`, `slof` and `lof` of every row (formulas in the module docstring), [N] each.
 
   Rows are L2-normalised first; distances are cosine distances 1 - cos. k is capped at N - 1.
@@ -329,16 +343,24 @@ def local_outlier_scores(embeddings: np.ndarray, k: int = DEFAULT_DENSITY_NEIGHB
   reachability = np.maximum(k_distance[neighbors], distances)
   lrd = 1.0 / (reachability.mean(axis=1) + _DENSITY_EPS)
   simple_lrd = 1.0 / (k_distance + _DENSITY_EPS)
-  return {"k_distance": k_distance,
-          "slof": simple_lrd[neighbors].mean(axis=1) / simple_lrd,
-          "lof": lrd[neighbors].mean(axis=1) / lrd}
+  return {
+      "k_distance": k_distance,
+      "slof": simple_lrd[neighbors].mean(axis=1) / simple_lrd,
+      "lof": lrd[neighbors].mean(axis=1) / lrd,
+  }
 
 
-def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarray, *,
-                   pool_emb: np.ndarray | None = None, pool_ids: np.ndarray | None = None,
-                   neighbors: int = DEFAULT_NEIGHBORS,
-                   density_neighbors: int = DEFAULT_DENSITY_NEIGHBORS,
-                   block_size: int = DEFAULT_BLOCK_SIZE) -> dict[str, np.ndarray]:
+def score_examples(
+    image_emb: np.ndarray,
+    caption_emb: np.ndarray,
+    ids: np.ndarray,
+    *,
+    pool_emb: np.ndarray | None = None,
+    pool_ids: np.ndarray | None = None,
+    neighbors: int = DEFAULT_NEIGHBORS,
+    density_neighbors: int = DEFAULT_DENSITY_NEIGHBORS,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+) -> dict[str, np.ndarray]:
   """Every score of the module docstring, one [N] float64 array each (pool scores only with a pool).
 
   Args:
@@ -367,8 +389,9 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
   rows = max(1, _REFINE_ELEMENTS // (nearest.shape[1] * caption_emb.shape[1]))
   for start in range(0, n, rows):
     stop = min(start + rows, n)
-    agreement[start:stop] = np.einsum("nd,nkd->nk", caption_emb[start:stop].astype(np.float64),
-                                      caption_emb[nearest[start:stop]].astype(np.float64)).mean(axis=1)
+    agreement[start:stop] = np.einsum(
+        "nd,nkd->nk", caption_emb[start:stop].astype(np.float64), caption_emb[nearest[start:stop]].astype(np.float64)
+    ).mean(axis=1)
   out["caption_atypicality"] = 1.0 - agreement
   out.update(local_outlier_scores(image_emb, density_neighbors, block_size=block_size))
 
@@ -379,8 +402,16 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
     valid = pool_ids >= 0
     if valid.any():
       # The best pool row other than the random initial ones and the example's own caption.
-      top1, _ = nearest_neighbors(image_emb, pool_emb, 1, exclude_self=False, query_tags=np.asarray(ids),
-                                  key_tags=pool_ids, key_valid=valid, block_size=block_size)
+      top1, _ = nearest_neighbors(
+          image_emb,
+          pool_emb,
+          1,
+          exclude_self=False,
+          query_tags=np.asarray(ids),
+          key_tags=pool_ids,
+          key_valid=valid,
+          block_size=block_size,
+      )
       top1 = top1[:, 0]
       has_other = np.isfinite(top1)
       out["pool_top1_similarity"] = np.where(has_other, top1, np.nan)
@@ -389,8 +420,9 @@ def score_examples(image_emb: np.ndarray, caption_emb: np.ndarray, ids: np.ndarr
   return out
 
 
-def rank_and_evaluate(scores: dict[str, np.ndarray],
-                      is_poisoned: np.ndarray | None) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
+def rank_and_evaluate(
+    scores: dict[str, np.ndarray], is_poisoned: np.ndarray | None
+) -> tuple[np.ndarray, dict[str, dict[str, float]]]:
   """The order of examples (most suspicious first, by `score`) and, with labels,
   precision@k / recall@k (k = number of poisons) and AUROC per score."""
   order = np.argsort(-np.nan_to_num(scores["score"], nan=-np.inf), kind="stable")
@@ -407,8 +439,13 @@ def rank_and_evaluate(scores: dict[str, np.ndarray],
     if not 0 < int(is_poisoned[finite].sum()) < int(finite.sum()):
       continue
     precision, recall = precision_recall_at_k(values[finite], is_poisoned[finite], min(k, int(finite.sum())))
-    metrics[name] = {"k": k, "precision_at_k": precision, "recall_at_k": recall,
-                     "auroc": auroc(values[finite], is_poisoned[finite]), "num_scored": int(finite.sum())}
+    metrics[name] = {
+        "k": k,
+        "precision_at_k": precision,
+        "recall_at_k": recall,
+        "auroc": auroc(values[finite], is_poisoned[finite]),
+        "num_scored": int(finite.sum()),
+    }
   return order, metrics
 
 
@@ -434,6 +471,7 @@ def training_source(config: Any) -> tuple[Any, Any]:
 @dataclasses.dataclass
 class EmbeddedTrainingSet:
   """Every decodable training example of a run, encoded; rows in ascending id order."""
+
   ids: np.ndarray  # int64 [N]
   captions: list[str]
   image_emb: np.ndarray  # float32 [N, d], unit rows (eval preprocessing, trigger stamped as in training).
@@ -447,6 +485,7 @@ def make_embedding_fn(spec: Any, mesh: Any):
   on a global batch (eval mode, unit rows). Every output is replicated, so every host reads back the
   whole global batch, as in SafeCLIP's scoring pass (`safeclip.make_similarity_fn`)."""
   from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
   replicated = NamedSharding(mesh, P())
 
   def embed(params, model_state, images, tokens, ids, codes):
@@ -463,11 +502,12 @@ def _gather_captions(local: np.ndarray) -> np.ndarray:
   if jax.process_count() == 1:
     return local
   from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
   encoded = [str(c).encode("utf-8") for c in local]
   width = int(np.max(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0))))) or 1
   padded = np.zeros((len(encoded), width), np.uint8)
   for row, text in enumerate(encoded):
-    padded[row, :len(text)] = np.frombuffer(text, np.uint8)
+    padded[row, : len(text)] = np.frombuffer(text, np.uint8)
   gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
   return np.array([bytes(row).rstrip(b"\0").decode("utf-8") for row in gathered], object)
 
@@ -483,9 +523,14 @@ def embed_training_set(run: Any, batches: Iterable[dict[str, np.ndarray]]) -> Em
   num_seen = 0
   for local in batches:
     batch = sharding_lib.global_batch(
-        {"image": local["image"], "text": local["text"],
-         "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
-         "code": local["poisoned"].astype(np.int32)}, mesh)
+        {
+            "image": local["image"],
+            "text": local["text"],
+            "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
+            "code": local["poisoned"].astype(np.int32),
+        },
+        mesh,
+    )
     with jax.set_mesh(mesh):
       out = embed(run.state.params, run.state.model_state, batch["image"], batch["text"], batch["id"], batch["code"])
     batch_image_emb, batch_caption_emb, batch_ids, batch_codes = (np.asarray(x) for x in jax.device_get(out))
@@ -506,13 +551,19 @@ def embed_training_set(run: Any, batches: Iterable[dict[str, np.ndarray]]) -> Em
   num_skipped = int(getattr(batches, "num_skipped", 0))
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
     num_skipped = int(np.sum(multihost_utils.process_allgather(np.int64(num_skipped))))
   ids = np.concatenate(ids)
   order = np.argsort(ids, kind="stable")  # Hosts read strided slices: back to id order.
   logging.info("Embedding pass: %d examples in %.1f s.", num_seen, time.perf_counter() - start)
-  return EmbeddedTrainingSet(ids=ids[order], captions=[captions[i] for i in order],
-                             image_emb=np.concatenate(image_emb)[order], caption_emb=np.concatenate(caption_emb)[order],
-                             poison_codes=np.concatenate(codes)[order], num_skipped=num_skipped)
+  return EmbeddedTrainingSet(
+      ids=ids[order],
+      captions=[captions[i] for i in order],
+      image_emb=np.concatenate(image_emb)[order],
+      caption_emb=np.concatenate(caption_emb)[order],
+      poison_codes=np.concatenate(codes)[order],
+      num_skipped=num_skipped,
+  )
 
 
 def _injected_poison_ids(workdir: str) -> set[int] | None:
@@ -526,8 +577,17 @@ def _injected_poison_ids(workdir: str) -> set[int] | None:
 # ----------------------------------------------------------------------------
 # The report.
 
-CSV_SCORE_COLUMNS = ("own_similarity", "mixture_risk", "pool_top1_similarity", "pool_margin", "caption_atypicality",
-                     "k_distance", "slof", "lof", "score")
+CSV_SCORE_COLUMNS = (
+    "own_similarity",
+    "mixture_risk",
+    "pool_top1_similarity",
+    "pool_margin",
+    "caption_atypicality",
+    "k_distance",
+    "slof",
+    "lof",
+    "score",
+)
 
 
 @dataclasses.dataclass
@@ -539,8 +599,13 @@ class SuspicionReport:
   csv_path: str
 
 
-def write_ranked_csv(path: str, order: np.ndarray, data: EmbeddedTrainingSet, scores: dict[str, np.ndarray],
-                     is_poisoned: np.ndarray | None) -> None:
+def write_ranked_csv(
+    path: str,
+    order: np.ndarray,
+    data: EmbeddedTrainingSet,
+    scores: dict[str, np.ndarray],
+    is_poisoned: np.ndarray | None,
+) -> None:
   """The CSV, one row per example in `order` (rank 1 first), written a chunk of rows at a time."""
   columns = [c for c in CSV_SCORE_COLUMNS if c in scores]
   os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -548,19 +613,31 @@ def write_ranked_csv(path: str, order: np.ndarray, data: EmbeddedTrainingSet, sc
     writer = csv.writer(f)
     writer.writerow(["rank", "id", "caption", *columns, "poisoned", "poison_code"])
     for start in range(0, len(order), _CSV_CHUNK_ROWS):
-      chunk = order[start:start + _CSV_CHUNK_ROWS]
+      chunk = order[start : start + _CSV_CHUNK_ROWS]
       values = [scores[c][chunk].tolist() for c in columns]  # Python floats: written as repr, as before.
       poisoned = [""] * len(chunk) if is_poisoned is None else is_poisoned[chunk].astype(int).tolist()
       writer.writerows(
-          [start + row + 1, int(data.ids[i]), data.captions[i], *(v[row] for v in values), poisoned[row],
-           int(data.poison_codes[i])] for row, i in enumerate(chunk))
+          [
+              start + row + 1,
+              int(data.ids[i]),
+              data.captions[i],
+              *(v[row] for v in values),
+              poisoned[row],
+              int(data.poison_codes[i]),
+          ]
+          for row, i in enumerate(chunk)
+      )
 
 
-def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_NEIGHBORS,
-                 step: int | None = None,
-                 density_neighbors: int = DEFAULT_DENSITY_NEIGHBORS,
-                 block_size: int = DEFAULT_BLOCK_SIZE,
-                 batch_size: int = DEFAULT_BATCH_SIZE) -> SuspicionReport:
+def build_report(
+    workdir: str,
+    out: str | None = None,
+    neighbors: int = DEFAULT_NEIGHBORS,
+    step: int | None = None,
+    density_neighbors: int = DEFAULT_DENSITY_NEIGHBORS,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    batch_size: int = DEFAULT_BATCH_SIZE,
+) -> SuspicionReport:
   """Scores every training example of the run in `workdir` and writes the ranked CSV to `out`
   (default `workdir/suspicion.csv`) and the metrics next to it (`.json`); on a multi-host run
   every host takes part and process 0 writes."""
@@ -568,44 +645,78 @@ def build_report(workdir: str, out: str | None = None, neighbors: int = DEFAULT_
   if block_size < 1 or batch_size < 1:
     raise ValueError(f"block_size={block_size} and batch_size={batch_size} must be >= 1.")
   if batch_size % jax.local_device_count():
-    raise ValueError(f"batch_size={batch_size} must be a multiple of the {jax.local_device_count()} local devices "
-                     "(each host's batch is split over them); pass --batch_size accordingly.")
+    raise ValueError(
+        f"batch_size={batch_size} must be a multiple of the {jax.local_device_count()} local devices "
+        "(each host's batch is split over them); pass --batch_size accordingly."
+    )
   run = inspect_lib.load(workdir, step=step)
   source, transform = training_source(run.config)
-  batches = pipeline.scoring_batches(run.config, source, batch_size=batch_size, image_transform=transform,
-                                     process_index=jax.process_index(), process_count=jax.process_count())
+  batches = pipeline.scoring_batches(
+      run.config,
+      source,
+      batch_size=batch_size,
+      image_transform=transform,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+  )
   data = embed_training_set(run, batches)
   pool_emb = pool_ids = None
   if run.pool is not None:
     pool_emb = np.asarray(run.pool.embeddings, np.float32)
     pool_ids = np.asarray(run.pool.source_ids, np.int64)
   t0 = time.perf_counter()
-  scores = score_examples(data.image_emb, data.caption_emb, data.ids, pool_emb=pool_emb, pool_ids=pool_ids,
-                          neighbors=neighbors, density_neighbors=density_neighbors, block_size=block_size)
+  scores = score_examples(
+      data.image_emb,
+      data.caption_emb,
+      data.ids,
+      pool_emb=pool_emb,
+      pool_ids=pool_ids,
+      neighbors=neighbors,
+      density_neighbors=density_neighbors,
+      block_size=block_size,
+  )
   logging.info("Scores of %d examples in %.1f s.", len(data.ids), time.perf_counter() - t0)
   injected = _injected_poison_ids(workdir)
   is_poisoned = None if injected is None else np.isin(data.ids, sorted(injected))
   order, metrics = rank_and_evaluate(scores, is_poisoned)
 
   csv_path = out or os.path.join(workdir, "suspicion.csv")
-  report = SuspicionReport(num_examples=len(data.ids), metrics=metrics,
-                           num_poisons=None if is_poisoned is None else int(is_poisoned.sum()),
-                           num_skipped=data.num_skipped, csv_path=csv_path)
+  report = SuspicionReport(
+      num_examples=len(data.ids),
+      metrics=metrics,
+      num_poisons=None if is_poisoned is None else int(is_poisoned.sum()),
+      num_skipped=data.num_skipped,
+      csv_path=csv_path,
+  )
   if jax.process_index() == 0:
     write_ranked_csv(csv_path, order, data, scores, is_poisoned)
     with open(os.path.splitext(csv_path)[0] + ".json", "w") as f:
-      json.dump({"step": run.step, "num_examples": report.num_examples, "num_poisons": report.num_poisons,
-                 "num_skipped": data.num_skipped, "neighbors": neighbors,
-                 "density_neighbors": density_neighbors, "metrics": metrics}, f, indent=1)
+      json.dump(
+          {
+              "step": run.step,
+              "num_examples": report.num_examples,
+              "num_poisons": report.num_poisons,
+              "num_skipped": data.num_skipped,
+              "neighbors": neighbors,
+              "density_neighbors": density_neighbors,
+              "metrics": metrics,
+          },
+          f,
+          indent=1,
+      )
   return report
 
 
 def format_metrics(report: SuspicionReport) -> str:
   if not report.metrics:
-    return (f"{report.num_examples} examples scored; no poison_info.json with poisons in the run, "
-            "so no detection metrics.")
-  lines = [f"{report.num_examples} examples, {report.num_poisons} injected poisons (k = {report.num_poisons}):",
-           f"{'score':<22}{'precision@k':>12}{'recall@k':>10}{'AUROC':>8}"]
+    return (
+        f"{report.num_examples} examples scored; no poison_info.json with poisons in the run, "
+        "so no detection metrics."
+    )
+  lines = [
+      f"{report.num_examples} examples, {report.num_poisons} injected poisons (k = {report.num_poisons}):",
+      f"{'score':<22}{'precision@k':>12}{'recall@k':>10}{'AUROC':>8}",
+  ]
   for name, m in report.metrics.items():
     lines.append(f"{name:<22}{m['precision_at_k']:>12.3f}{m['recall_at_k']:>10.3f}{m['auroc']:>8.3f}")
   return "\n".join(lines)
@@ -620,14 +731,23 @@ def _define_flags() -> None:
   flags.DEFINE_string("workdir", None, "The training run to inspect (its --workdir).")
   flags.DEFINE_string("out", None, "Ranked CSV to write (default: WORKDIR/suspicion.csv).")
   flags.DEFINE_integer("neighbors", DEFAULT_NEIGHBORS, "Nearest captions averaged by caption_atypicality.")
-  flags.DEFINE_integer("density_neighbors", DEFAULT_DENSITY_NEIGHBORS,
-                       "Nearest images (k) of the density scores k_distance, slof and lof.")
+  flags.DEFINE_integer(
+      "density_neighbors",
+      DEFAULT_DENSITY_NEIGHBORS,
+      "Nearest images (k) of the density scores k_distance, slof and lof.",
+  )
   flags.DEFINE_integer("step", None, "Checkpoint step to load (default: the latest).")
-  flags.DEFINE_integer("block_size", DEFAULT_BLOCK_SIZE,
-                       "Queries and keys per block of the on-device nearest-neighbour search: device memory is "
-                       "the keys plus one [block_size, block_size] float32 block.")
-  flags.DEFINE_integer("batch_size", DEFAULT_BATCH_SIZE,
-                       "Examples per host per batch of the embedding pass (a multiple of the local device count).")
+  flags.DEFINE_integer(
+      "block_size",
+      DEFAULT_BLOCK_SIZE,
+      "Queries and keys per block of the on-device nearest-neighbour search: device memory is "
+      "the keys plus one [block_size, block_size] float32 block.",
+  )
+  flags.DEFINE_integer(
+      "batch_size",
+      DEFAULT_BATCH_SIZE,
+      "Examples per host per batch of the embedding pass (a multiple of the local device count).",
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -635,9 +755,15 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the --workdir of a finished or checkpointed training run.")
-  report = build_report(FLAGS.workdir, FLAGS.out, neighbors=FLAGS.neighbors, step=FLAGS.step,
-                        density_neighbors=FLAGS.density_neighbors, block_size=FLAGS.block_size,
-                        batch_size=FLAGS.batch_size)
+  report = build_report(
+      FLAGS.workdir,
+      FLAGS.out,
+      neighbors=FLAGS.neighbors,
+      step=FLAGS.step,
+      density_neighbors=FLAGS.density_neighbors,
+      block_size=FLAGS.block_size,
+      batch_size=FLAGS.batch_size,
+  )
   logging.info("Wrote %s", report.csv_path)
   print(format_metrics(report))
   print(f"Ranked examples: {report.csv_path}")

@@ -1,9 +1,10 @@
 """CLIP model towers in Flax NNX, a preset registry, and parameter/FLOP accounting.
 
-  cfg = models.preset("ViT-B/32")            # ml_collections.ConfigDict (schema: clip.py)
-  model = models.build(cfg, rngs=nnx.Rngs(0))
-  img, txt = model(images_nhwc, tokens, train=True)   # float32, un-normalised
+cfg = models.preset("ViT-B/32")            # ml_collections.ConfigDict (schema: clip.py)
+model = models.build(cfg, rngs=nnx.Rngs(0))
+img, txt = model(images_nhwc, tokens, train=True)   # float32, un-normalised
 """
+
 from roclip_jax.models.clip import CLIP
 from roclip_jax.models.clip import OPTIONAL_DEFAULTS
 from roclip_jax.models.clip import build
@@ -18,6 +19,16 @@ from roclip_jax.models.presets import register
 from roclip_jax.models.spec import ModelSpec
 
 __all__ = [
-    "CLIP", "ModelSpec", "OPTIONAL_DEFAULTS", "build", "count_params", "flops_per_pair", "mlp_width", "option",
-    "validate_config", "preset", "preset_names", "register",
+    "CLIP",
+    "ModelSpec",
+    "OPTIONAL_DEFAULTS",
+    "build",
+    "count_params",
+    "flops_per_pair",
+    "mlp_width",
+    "option",
+    "validate_config",
+    "preset",
+    "preset_names",
+    "register",
 ]

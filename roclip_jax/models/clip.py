@@ -36,6 +36,7 @@ Model config schema (every field is required by `build`):
 The optional fields' defaults (`OPTIONAL_DEFAULTS`) are the CLIP layout, so configs written before a
 field existed build the same model with the same initial weights.
 """
+
 from __future__ import annotations
 
 import math
@@ -59,8 +60,13 @@ SIGLIP_INIT_LOGIT_SCALE = math.log(10.0)  # SigLIP (Zhai et al. 2023): t' = ln 1
 SIGLIP_INIT_LOGIT_BIAS = -10.0  # ... and b = -10, so training starts from "every pair is negative".
 # Optional architecture fields and the value a config without them means (CLIP's layout).
 OPTIONAL_DEFAULTS = {
-    "image.pool": "cls", "image.patch_bias": False, "image.pre_norm": True, "text.causal": True,
-    "text.pool": "eot", "text.proj_bias": False, "layer_norm_eps": layers_lib.LAYER_NORM_EPS,
+    "image.pool": "cls",
+    "image.patch_bias": False,
+    "image.pre_norm": True,
+    "text.causal": True,
+    "text.pool": "eot",
+    "text.proj_bias": False,
+    "layer_norm_eps": layers_lib.LAYER_NORM_EPS,
     "logit_bias": False,
 }
 
@@ -105,32 +111,68 @@ class CLIP(nnx.Module):
     if image.type == "vit":
       pool = option(model_cfg, "image.pool")
       self.vision_model = vit_lib.VisionTransformer(
-          image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-          layers=image.layers, heads=image.heads, mlp_width=mlp_width(image), act=model_cfg.act,
-          dtype=dtype, remat=_remat(model_cfg), pool=pool,
-          patch_bias=option(model_cfg, "image.patch_bias"), pre_norm=option(model_cfg, "image.pre_norm"),
-          layer_norm_eps=eps, rngs=rngs)
+          image_size=image.image_size,
+          patch_size=image.patch_size,
+          width=image.width,
+          layers=image.layers,
+          heads=image.heads,
+          mlp_width=mlp_width(image),
+          act=model_cfg.act,
+          dtype=dtype,
+          remat=_remat(model_cfg),
+          pool=pool,
+          patch_bias=option(model_cfg, "image.patch_bias"),
+          pre_norm=option(model_cfg, "image.pre_norm"),
+          layer_norm_eps=eps,
+          rngs=rngs,
+      )
       if pool == "map":
         self.visual_projection = None  # SigLIP: the pooling head's output is the image embedding.
       else:
         self.visual_projection = nnx.Linear(
-            image.width, model_cfg.embed_dim, use_bias=False, param_dtype=jnp.float32,
-            kernel_init=jax.nn.initializers.normal(image.width ** -0.5), rngs=rngs)
+            image.width,
+            model_cfg.embed_dim,
+            use_bias=False,
+            param_dtype=jnp.float32,
+            kernel_init=jax.nn.initializers.normal(image.width**-0.5),
+            rngs=rngs,
+        )
     else:
       # OpenAI: the attention pool's c_proj already maps to embed_dim; no separate projection.
       self.vision_model = resnet_lib.ModifiedResNet(
-          image_size=image.image_size, layers=tuple(image.layers), width=image.width,
-          heads=image.heads, output_dim=model_cfg.embed_dim, dtype=dtype, rngs=rngs)
+          image_size=image.image_size,
+          layers=tuple(image.layers),
+          width=image.width,
+          heads=image.heads,
+          output_dim=model_cfg.embed_dim,
+          dtype=dtype,
+          rngs=rngs,
+      )
       self.visual_projection = None
     self.text_model = text_lib.TextTransformer(
-        vocab_size=text.vocab_size, context_length=text.context_length, width=text.width,
-        layers=text.layers, heads=text.heads, mlp_width=mlp_width(text), act=model_cfg.act,
-        dtype=dtype, remat=_remat(model_cfg), causal=option(model_cfg, "text.causal"),
-        pool=option(model_cfg, "text.pool"), layer_norm_eps=eps, rngs=rngs)
+        vocab_size=text.vocab_size,
+        context_length=text.context_length,
+        width=text.width,
+        layers=text.layers,
+        heads=text.heads,
+        mlp_width=mlp_width(text),
+        act=model_cfg.act,
+        dtype=dtype,
+        remat=_remat(model_cfg),
+        causal=option(model_cfg, "text.causal"),
+        pool=option(model_cfg, "text.pool"),
+        layer_norm_eps=eps,
+        rngs=rngs,
+    )
     self.text_projection = nnx.Linear(
-        text.width, model_cfg.embed_dim, use_bias=option(model_cfg, "text.proj_bias"),
-        param_dtype=jnp.float32, kernel_init=jax.nn.initializers.normal(text.width ** -0.5),
-        bias_init=jax.nn.initializers.zeros, rngs=rngs)
+        text.width,
+        model_cfg.embed_dim,
+        use_bias=option(model_cfg, "text.proj_bias"),
+        param_dtype=jnp.float32,
+        kernel_init=jax.nn.initializers.normal(text.width**-0.5),
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
     # The bias exists only for the sigmoid loss; without it the parameter tree is
     # OpenAI's, so weight import and parameter counts are unchanged.
     with_bias = bool(model_cfg.get("logit_bias", False))
@@ -155,8 +197,7 @@ class CLIP(nnx.Module):
     token) -> f32 [B, embed_dim], un-normalised."""
     return self.text_projection(self.text_model(tokens)).astype(jnp.float32)
 
-  def __call__(self, images: jax.Array, tokens: jax.Array, *,
-               train: bool = False) -> tuple[jax.Array, jax.Array]:
+  def __call__(self, images: jax.Array, tokens: jax.Array, *, train: bool = False) -> tuple[jax.Array, jax.Array]:
     """Returns (image_features, text_features), both float32 [B, embed_dim], un-normalised."""
     return self.encode_image(images, train=train), self.encode_text(tokens)
 
@@ -181,8 +222,10 @@ def _positive_int(cfg: Any, path: str) -> int:
 def _optional_mlp_width(cfg: Any, tower: str) -> None:
   value = cfg[tower].get("mlp_width", 0)
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-    raise ValueError(f"model config `{tower}.mlp_width`={value!r} must be a non-negative int "
-                     "(0 = 4 * width, as in OpenAI's CLIP).")
+    raise ValueError(
+        f"model config `{tower}.mlp_width`={value!r} must be a non-negative int "
+        "(0 = 4 * width, as in OpenAI's CLIP)."
+    )
 
 
 def _optional_choice(cfg: Any, path: str, choices: tuple[Any, ...], hint: str) -> Any:
@@ -198,7 +241,8 @@ def _divisible(cfg: Any, width_path: str, heads_path: str) -> None:
   if width % heads:
     raise ValueError(
         f"model config `{width_path}`={width} is not divisible by `{heads_path}`={heads}; "
-        "pick a head count that divides the width.")
+        "pick a head count that divides the width."
+    )
 
 
 def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
@@ -206,8 +250,7 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
   _positive_int(model_cfg, "embed_dim")
   image_type = _field(model_cfg, "image.type")
   if image_type not in IMAGE_TYPES:
-    raise ValueError(
-        f"model config `image.type`={image_type!r} is unknown; use one of {IMAGE_TYPES}.")
+    raise ValueError(f"model config `image.type`={image_type!r} is unknown; use one of {IMAGE_TYPES}.")
   image_size = _positive_int(model_cfg, "image.image_size")
   patch_size = _field(model_cfg, "image.patch_size")
   if image_type == "vit":
@@ -215,66 +258,74 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
     if image_size % patch_size:
       raise ValueError(
           f"model config `image.image_size`={image_size} is not divisible by "
-          f"`image.patch_size`={patch_size}; choose sizes where the patches tile the image.")
+          f"`image.patch_size`={patch_size}; choose sizes where the patches tile the image."
+      )
     _positive_int(model_cfg, "image.layers")
     _divisible(model_cfg, "image.width", "image.heads")
     _optional_mlp_width(model_cfg, "image")
-    pool = _optional_choice(model_cfg, "image.pool", vit_lib.POOLS,
-                            "'cls': CLIP's class token; 'map': SigLIP's attention-pooling head")
+    pool = _optional_choice(
+        model_cfg, "image.pool", vit_lib.POOLS, "'cls': CLIP's class token; 'map': SigLIP's attention-pooling head"
+    )
     _optional_choice(model_cfg, "image.patch_bias", (False, True), "True: SigLIP's patch embedding bias")
     _optional_choice(model_cfg, "image.pre_norm", (True, False), "False: no layer norm before the blocks, as SigLIP")
     if pool == "map" and model_cfg.embed_dim != model_cfg.image.width:
       raise ValueError(
           f"model config `embed_dim`={model_cfg.embed_dim} must equal `image.width`={model_cfg.image.width} "
           "with image.pool='map': SigLIP's pooling head has no projection, its output is the embedding. "
-          "Set embed_dim to the image width (the text projection maps to it).")
+          "Set embed_dim to the image width (the text projection maps to it)."
+      )
   else:
     if patch_size != 0:
-      raise ValueError(
-          f"model config `image.patch_size`={patch_size!r} must be 0 for image.type='resnet'.")
+      raise ValueError(f"model config `image.patch_size`={patch_size!r} must be 0 for image.type='resnet'.")
     if image_size % 32:
-      raise ValueError(
-          f"model config `image.image_size`={image_size} must be a multiple of 32 for a resnet.")
+      raise ValueError(f"model config `image.image_size`={image_size} must be a multiple of 32 for a resnet.")
     depths = _field(model_cfg, "image.layers")
-    if (not isinstance(depths, (tuple, list)) or len(depths) != 4
-        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in depths)):
+    if (
+        not isinstance(depths, (tuple, list))
+        or len(depths) != 4
+        or not all(isinstance(d, int) and not isinstance(d, bool) and d > 0 for d in depths)
+    ):
       raise ValueError(
-          f"model config `image.layers`={depths!r} must be 4 positive ints for a resnet, "
-          "e.g. (3, 4, 6, 3).")
+          f"model config `image.layers`={depths!r} must be 4 positive ints for a resnet, " "e.g. (3, 4, 6, 3)."
+      )
     width = _positive_int(model_cfg, "image.width")
     heads = _positive_int(model_cfg, "image.heads")
     if width % 2 or (32 * width) % heads:
       raise ValueError(
           f"model config `image.width`={width} must be even and 32*width divisible by "
-          f"`image.heads`={heads} (OpenAI uses heads = width*32//64).")
+          f"`image.heads`={heads} (OpenAI uses heads = width*32//64)."
+      )
     if model_cfg.image.get("mlp_width", 0):
       raise ValueError(
           f"model config `image.mlp_width`={model_cfg.image.mlp_width!r} must be 0 (or absent) for "
-          "image.type='resnet', which has no transformer MLP; set text.mlp_width for the text tower.")
+          "image.type='resnet', which has no transformer MLP; set text.mlp_width for the text tower."
+      )
     for path in ("image.pool", "image.patch_bias", "image.pre_norm"):
       if option(model_cfg, path) != OPTIONAL_DEFAULTS[path]:
-        raise ValueError(f"model config `{path}`={option(model_cfg, path)!r} applies to ViT towers only; "
-                         f"remove it (or set {OPTIONAL_DEFAULTS[path]!r}) for image.type='resnet'.")
+        raise ValueError(
+            f"model config `{path}`={option(model_cfg, path)!r} applies to ViT towers only; "
+            f"remove it (or set {OPTIONAL_DEFAULTS[path]!r}) for image.type='resnet'."
+        )
   for name in ("vocab_size", "context_length", "layers"):
     _positive_int(model_cfg, f"text.{name}")
   _divisible(model_cfg, "text.width", "text.heads")
   _optional_mlp_width(model_cfg, "text")
   _optional_choice(model_cfg, "text.causal", (True, False), "False: SigLIP's bidirectional text attention")
-  _optional_choice(model_cfg, "text.pool", text_lib.POOLS,
-                   "'eot': the argmax token id, CLIP; 'last': the last position, SigLIP")
+  _optional_choice(
+      model_cfg, "text.pool", text_lib.POOLS, "'eot': the argmax token id, CLIP; 'last': the last position, SigLIP"
+  )
   _optional_choice(model_cfg, "text.proj_bias", (False, True), "True: SigLIP's text head bias")
   eps = option(model_cfg, "layer_norm_eps")
   if isinstance(eps, bool) or not isinstance(eps, (float, int)) or not 0 < eps < 1:
-    raise ValueError(f"model config `layer_norm_eps`={eps!r} must be a float in (0, 1), e.g. 1e-5 (CLIP) "
-                     "or 1e-6 (SigLIP).")
+    raise ValueError(
+        f"model config `layer_norm_eps`={eps!r} must be a float in (0, 1), e.g. 1e-5 (CLIP) " "or 1e-6 (SigLIP)."
+    )
   act = _field(model_cfg, "act")
   if act not in layers_lib.ACTIVATIONS:
-    raise ValueError(
-        f"model config `act`={act!r} is unknown; use one of {sorted(layers_lib.ACTIVATIONS)}.")
+    raise ValueError(f"model config `act`={act!r} is unknown; use one of {sorted(layers_lib.ACTIVATIONS)}.")
   dtype = _field(model_cfg, "dtype")
   if dtype not in COMPUTE_DTYPES:
-    raise ValueError(
-        f"model config `dtype`={dtype!r} is unknown; use one of {sorted(COMPUTE_DTYPES)}.")
+    raise ValueError(f"model config `dtype`={dtype!r} is unknown; use one of {sorted(COMPUTE_DTYPES)}.")
   remat = _field(model_cfg, "remat")
   if not isinstance(remat, bool):
     raise ValueError(f"model config `remat`={remat!r} must be a bool.")
@@ -315,15 +366,20 @@ def flops_per_pair(model_cfg: ml_collections.ConfigDict) -> float:
   if image.type == "vit":
     pool = option(model_cfg, "image.pool")
     image_flops = vit_lib.vit_flops(
-        image_size=image.image_size, patch_size=image.patch_size, width=image.width,
-        layers=image.layers, mlp_width=mlp_width(image), pool=pool)
+        image_size=image.image_size,
+        patch_size=image.patch_size,
+        width=image.width,
+        layers=image.layers,
+        mlp_width=mlp_width(image),
+        pool=pool,
+    )
     if pool == "cls":
       image_flops += 2 * image.width * model_cfg.embed_dim
   else:
     image_flops = resnet_lib.resnet_flops(
-        image_size=image.image_size, layers=tuple(image.layers), width=image.width,
-        output_dim=model_cfg.embed_dim)
+        image_size=image.image_size, layers=tuple(image.layers), width=image.width, output_dim=model_cfg.embed_dim
+    )
   text_flops = text_lib.text_flops(
-      context_length=text.context_length, width=text.width, layers=text.layers,
-      mlp_width=mlp_width(text))
+      context_length=text.context_length, width=text.width, layers=text.layers, mlp_width=mlp_width(text)
+  )
   return float(image_flops + text_flops + 2 * text.width * model_cfg.embed_dim)

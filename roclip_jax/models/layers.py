@@ -8,6 +8,7 @@ importer transposes PyTorch `[out, in]` weights.
 Mixed precision: matmuls run in `dtype` (float32 or bfloat16); parameters are always float32;
 layer norms and the attention softmax always run in float32, as in OpenAI's fp16 training.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -63,15 +64,13 @@ class LayerNorm(nnx.LayerNorm):
   """
 
   def __init__(self, num_features: int, *, epsilon: float = LAYER_NORM_EPS, rngs: nnx.Rngs):
-    super().__init__(
-        num_features, epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
+    super().__init__(num_features, epsilon=epsilon, dtype=jnp.float32, param_dtype=jnp.float32, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:  # pytype: disable=signature-mismatch
     return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def dot_product_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
+def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
   """Softmax attention over heads with a float32 softmax.
 
   Args:
@@ -96,8 +95,15 @@ class MultiHeadAttention(nnx.Module):
   """Self-attention with separate q/k/v/out projections (Hugging Face `CLIPAttention` layout)."""
 
   def __init__(
-      self, width: int, heads: int, *, dtype: jnp.dtype = jnp.float32,
-      in_proj_std: float | None = None, out_proj_std: float | None = None, rngs: nnx.Rngs):
+      self,
+      width: int,
+      heads: int,
+      *,
+      dtype: jnp.dtype = jnp.float32,
+      in_proj_std: float | None = None,
+      out_proj_std: float | None = None,
+      rngs: nnx.Rngs,
+  ):
     """Builds the four projections.
 
     Args:
@@ -109,8 +115,7 @@ class MultiHeadAttention(nnx.Module):
       rngs: parameter RNG streams.
     """
     if width % heads:
-      raise ValueError(
-          f"width={width} is not divisible by heads={heads}; pick heads that divide it.")
+      raise ValueError(f"width={width} is not divisible by heads={heads}; pick heads that divide it.")
     self.width = width
     self.heads = heads
     self.head_dim = width // heads
@@ -119,8 +124,15 @@ class MultiHeadAttention(nnx.Module):
     def linear(std: float | None) -> nnx.Linear:
       init = torch_default_init() if std is None else jax.nn.initializers.normal(std)
       return nnx.Linear(
-          width, width, use_bias=True, dtype=dtype, param_dtype=jnp.float32, kernel_init=init,
-          bias_init=jax.nn.initializers.zeros, rngs=rngs)
+          width,
+          width,
+          use_bias=True,
+          dtype=dtype,
+          param_dtype=jnp.float32,
+          kernel_init=init,
+          bias_init=jax.nn.initializers.zeros,
+          rngs=rngs,
+      )
 
     self.q_proj = linear(in_proj_std)
     self.k_proj = linear(in_proj_std)
@@ -138,7 +150,7 @@ class MultiHeadAttention(nnx.Module):
     """
     batch = queries.shape[0]
     split = lambda t: t.reshape(batch, t.shape[1], self.heads, self.head_dim)
-    q = split(self.q_proj(queries)) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    q = split(self.q_proj(queries)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
     k = split(self.k_proj(tokens))
     v = split(self.v_proj(tokens))
     out = dot_product_attention(q, k, v, causal=causal)
@@ -153,19 +165,38 @@ class MLP(nnx.Module):
   """
 
   def __init__(
-      self, width: int, *, mlp_width: int | None = None, act: str = "quick_gelu",
-      dtype: jnp.dtype = jnp.float32, fc1_std: float | None = None, fc2_std: float | None = None,
-      rngs: nnx.Rngs):
+      self,
+      width: int,
+      *,
+      mlp_width: int | None = None,
+      act: str = "quick_gelu",
+      dtype: jnp.dtype = jnp.float32,
+      fc1_std: float | None = None,
+      fc2_std: float | None = None,
+      rngs: nnx.Rngs,
+  ):
     self.act = act
     activation_by_name(act)  # fail at construction, not at the first call
     hidden = 4 * width if mlp_width is None else mlp_width
     init = lambda std: torch_default_init() if std is None else jax.nn.initializers.normal(std)
     self.fc1 = nnx.Linear(
-        width, hidden, dtype=dtype, param_dtype=jnp.float32, kernel_init=init(fc1_std),
-        bias_init=jax.nn.initializers.zeros, rngs=rngs)
+        width,
+        hidden,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=init(fc1_std),
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
     self.fc2 = nnx.Linear(
-        hidden, width, dtype=dtype, param_dtype=jnp.float32, kernel_init=init(fc2_std),
-        bias_init=jax.nn.initializers.zeros, rngs=rngs)
+        hidden,
+        width,
+        dtype=dtype,
+        param_dtype=jnp.float32,
+        kernel_init=init(fc2_std),
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
 
   def __call__(self, x: jax.Array) -> jax.Array:
     return self.fc2(activation_by_name(self.act)(self.fc1(x)))
@@ -175,9 +206,18 @@ class ResidualAttentionBlock(nnx.Module):
   """Pre-LN transformer block: x + attn(ln1(x)), then x + mlp(ln2(x))."""
 
   def __init__(
-      self, width: int, heads: int, *, layers_in_stack: int, mlp_width: int | None = None,
-      act: str = "quick_gelu", causal: bool = False, dtype: jnp.dtype = jnp.float32,
-      layer_norm_eps: float = LAYER_NORM_EPS, rngs: nnx.Rngs):
+      self,
+      width: int,
+      heads: int,
+      *,
+      layers_in_stack: int,
+      mlp_width: int | None = None,
+      act: str = "quick_gelu",
+      causal: bool = False,
+      dtype: jnp.dtype = jnp.float32,
+      layer_norm_eps: float = LAYER_NORM_EPS,
+      rngs: nnx.Rngs,
+  ):
     """Builds one block with OpenAI CLIP's `initialize_parameters` stds.
 
     Args:
@@ -192,16 +232,16 @@ class ResidualAttentionBlock(nnx.Module):
       layer_norm_eps: epsilon of both layer norms.
       rngs: parameter RNG streams.
     """
-    attn_std = width ** -0.5
-    proj_std = width ** -0.5 * (2 * layers_in_stack) ** -0.5
+    attn_std = width**-0.5
+    proj_std = width**-0.5 * (2 * layers_in_stack) ** -0.5
     fc_std = (2 * width) ** -0.5
     self.causal = causal
     self.layer_norm1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.self_attn = MultiHeadAttention(
-        width, heads, dtype=dtype, in_proj_std=attn_std, out_proj_std=proj_std, rngs=rngs)
+        width, heads, dtype=dtype, in_proj_std=attn_std, out_proj_std=proj_std, rngs=rngs
+    )
     self.layer_norm2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
-    self.mlp = MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, fc1_std=fc_std,
-                   fc2_std=proj_std, rngs=rngs)
+    self.mlp = MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, fc1_std=fc_std, fc2_std=proj_std, rngs=rngs)
 
   def __call__(self, x: jax.Array) -> jax.Array:
     x = x + self.self_attn(self.layer_norm1(x), causal=self.causal).astype(x.dtype)
@@ -214,15 +254,34 @@ def _apply_block(block: ResidualAttentionBlock, x: jax.Array) -> jax.Array:
 
 
 def make_blocks(
-    width: int, layers: int, heads: int, *, act: str, causal: bool, dtype: jnp.dtype,
-    rngs: nnx.Rngs, mlp_width: int | None = None, layer_norm_eps: float = LAYER_NORM_EPS) -> nnx.List:
+    width: int,
+    layers: int,
+    heads: int,
+    *,
+    act: str,
+    causal: bool,
+    dtype: jnp.dtype,
+    rngs: nnx.Rngs,
+    mlp_width: int | None = None,
+    layer_norm_eps: float = LAYER_NORM_EPS,
+) -> nnx.List:
   """A stack of `layers` independent ResidualAttentionBlocks (no shared submodules)."""
-  return nnx.List([
-      ResidualAttentionBlock(
-          width, heads, layers_in_stack=layers, mlp_width=mlp_width, act=act, causal=causal,
-          dtype=dtype, layer_norm_eps=layer_norm_eps, rngs=rngs)
-      for _ in range(layers)
-  ])
+  return nnx.List(
+      [
+          ResidualAttentionBlock(
+              width,
+              heads,
+              layers_in_stack=layers,
+              mlp_width=mlp_width,
+              act=act,
+              causal=causal,
+              dtype=dtype,
+              layer_norm_eps=layer_norm_eps,
+              rngs=rngs,
+          )
+          for _ in range(layers)
+      ]
+  )
 
 
 # `model.remat`: False, True (= 'full'), or a policy naming what each block keeps for the backward pass.

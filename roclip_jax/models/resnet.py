@@ -11,6 +11,7 @@ BatchNorm follows PyTorch's defaults (momentum 0.1, i.e. flax momentum 0.9; eps 
 statistics live in `nnx.BatchStat` and are updated only when `train=True`. One difference from
 PyTorch: flax tracks the biased batch variance, PyTorch the unbiased one.
 """
+
 from __future__ import annotations
 
 from typing import Sequence
@@ -27,20 +28,32 @@ BN_EPS = 1e-5
 _PAD1 = ((1, 1), (1, 1))  # PyTorch padding=1; "SAME" would pad (0, 1) on strided even inputs
 
 
-def _conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype: jnp.dtype,
-          rngs: nnx.Rngs) -> nnx.Conv:
+def _conv(in_ch: int, out_ch: int, kernel: int, *, stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.Conv:
   return nnx.Conv(
-      in_ch, out_ch, kernel_size=(kernel, kernel), strides=(stride, stride),
-      padding=_PAD1 if kernel == 3 else "VALID", use_bias=False, dtype=dtype,
-      param_dtype=jnp.float32, kernel_init=layers_lib.torch_default_init(), rngs=rngs)
+      in_ch,
+      out_ch,
+      kernel_size=(kernel, kernel),
+      strides=(stride, stride),
+      padding=_PAD1 if kernel == 3 else "VALID",
+      use_bias=False,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      kernel_init=layers_lib.torch_default_init(),
+      rngs=rngs,
+  )
 
 
-def _batch_norm(features: int, *, dtype: jnp.dtype, zero_scale: bool = False,
-                rngs: nnx.Rngs) -> nnx.BatchNorm:
+def _batch_norm(features: int, *, dtype: jnp.dtype, zero_scale: bool = False, rngs: nnx.Rngs) -> nnx.BatchNorm:
   scale_init = jax.nn.initializers.zeros if zero_scale else jax.nn.initializers.ones
   return nnx.BatchNorm(
-      features, momentum=BN_MOMENTUM, epsilon=BN_EPS, dtype=dtype, param_dtype=jnp.float32,
-      scale_init=scale_init, rngs=rngs)
+      features,
+      momentum=BN_MOMENTUM,
+      epsilon=BN_EPS,
+      dtype=dtype,
+      param_dtype=jnp.float32,
+      scale_init=scale_init,
+      rngs=rngs,
+  )
 
 
 def _avg_pool(x: jax.Array, size: int) -> jax.Array:
@@ -53,8 +66,7 @@ def _avg_pool(x: jax.Array, size: int) -> jax.Array:
 class Bottleneck(nnx.Module):
   """1x1 -> 3x3 -> avgpool(stride) -> 1x1 (x4 channels), plus an identity or downsample branch."""
 
-  def __init__(self, in_ch: int, planes: int, *, stride: int = 1, dtype: jnp.dtype,
-               rngs: nnx.Rngs):
+  def __init__(self, in_ch: int, planes: int, *, stride: int = 1, dtype: jnp.dtype, rngs: nnx.Rngs):
     self.stride = stride
     out_ch = planes * EXPANSION
     self.conv1 = _conv(in_ch, planes, 1, dtype=dtype, rngs=rngs)
@@ -66,10 +78,9 @@ class Bottleneck(nnx.Module):
     self.bn3 = _batch_norm(out_ch, dtype=dtype, zero_scale=True, rngs=rngs)
     if stride > 1 or in_ch != out_ch:
       # OpenAI's Sequential("-1": AvgPool2d, "0": Conv2d, "1": BatchNorm2d); the pool has no params.
-      self.downsample = nnx.List([
-          _conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs),
-          _batch_norm(out_ch, dtype=dtype, rngs=rngs),
-      ])
+      self.downsample = nnx.List(
+          [_conv(in_ch, out_ch, 1, dtype=dtype, rngs=rngs), _batch_norm(out_ch, dtype=dtype, rngs=rngs)]
+      )
     else:
       self.downsample = None
 
@@ -89,24 +100,32 @@ class Bottleneck(nnx.Module):
 class AttentionPool2d(nnx.Module):
   """The mean token queries all HW+1 tokens: CLIP's replacement for global average pooling."""
 
-  def __init__(self, *, spatial_dim: int, embed_dim: int, heads: int, output_dim: int,
-               dtype: jnp.dtype, rngs: nnx.Rngs):
+  def __init__(
+      self, *, spatial_dim: int, embed_dim: int, heads: int, output_dim: int, dtype: jnp.dtype, rngs: nnx.Rngs
+  ):
     if embed_dim % heads:
       raise ValueError(
           f"attention-pool width {embed_dim} (= 32*width) is not divisible by heads={heads}; "
-          "pick heads that divide it (OpenAI uses width*32//64).")
+          "pick heads that divide it (OpenAI uses width*32//64)."
+      )
     self.heads = heads
     self.head_dim = embed_dim // heads
     self.dtype = dtype
     self.positional_embedding = nnx.Param(
-        jax.random.normal(rngs.params(), (spatial_dim ** 2 + 1, embed_dim)) * embed_dim ** -0.5)
-    std = embed_dim ** -0.5  # OpenAI initialize_parameters: c_proj.in_features ** -0.5
+        jax.random.normal(rngs.params(), (spatial_dim**2 + 1, embed_dim)) * embed_dim**-0.5
+    )
+    std = embed_dim**-0.5  # OpenAI initialize_parameters: c_proj.in_features ** -0.5
 
     def linear(out_dim: int) -> nnx.Linear:
       return nnx.Linear(
-          embed_dim, out_dim, dtype=dtype, param_dtype=jnp.float32,
-          kernel_init=jax.nn.initializers.normal(std), bias_init=jax.nn.initializers.zeros,
-          rngs=rngs)
+          embed_dim,
+          out_dim,
+          dtype=dtype,
+          param_dtype=jnp.float32,
+          kernel_init=jax.nn.initializers.normal(std),
+          bias_init=jax.nn.initializers.zeros,
+          rngs=rngs,
+      )
 
     self.q_proj = linear(embed_dim)
     self.k_proj = linear(embed_dim)
@@ -120,7 +139,7 @@ class AttentionPool2d(nnx.Module):
     tokens = jnp.concatenate([tokens.mean(axis=1, keepdims=True), tokens], axis=1)
     tokens = tokens + self.positional_embedding[...].astype(tokens.dtype)
     heads = lambda t: t.reshape(batch, t.shape[1], self.heads, self.head_dim)
-    q = heads(self.q_proj(tokens[:, :1])) * jnp.asarray(self.head_dim ** -0.5, self.dtype)
+    q = heads(self.q_proj(tokens[:, :1])) * jnp.asarray(self.head_dim**-0.5, self.dtype)
     k = heads(self.k_proj(tokens))
     v = heads(self.v_proj(tokens))
     pooled = layers_lib.dot_product_attention(q, k, v, causal=False)  # [B, 1, heads, head_dim]
@@ -130,11 +149,19 @@ class AttentionPool2d(nnx.Module):
 class ModifiedResNet(nnx.Module):
   """Stem (3 convs, avgpool 2) -> layer1..layer4 of Bottlenecks -> AttentionPool2d."""
 
-  def __init__(self, *, image_size: int, layers: Sequence[int], width: int, heads: int,
-               output_dim: int, dtype: jnp.dtype = jnp.float32, rngs: nnx.Rngs):
+  def __init__(
+      self,
+      *,
+      image_size: int,
+      layers: Sequence[int],
+      width: int,
+      heads: int,
+      output_dim: int,
+      dtype: jnp.dtype = jnp.float32,
+      rngs: nnx.Rngs,
+  ):
     if image_size % 32:
-      raise ValueError(
-          f"image_size={image_size} must be a multiple of 32 for the ResNet (total stride 32).")
+      raise ValueError(f"image_size={image_size} must be a multiple of 32 for the ResNet (total stride 32).")
     if len(layers) != 4:
       raise ValueError(f"layers={tuple(layers)} must give 4 stage depths, e.g. (3, 4, 6, 3).")
     self.image_size = image_size
@@ -162,8 +189,8 @@ class ModifiedResNet(nnx.Module):
     self.layer3 = stage(width * 4, layers[2], 2)
     self.layer4 = stage(width * 8, layers[3], 2)
     self.attnpool = AttentionPool2d(
-        spatial_dim=image_size // 32, embed_dim=width * 32, heads=heads, output_dim=output_dim,
-        dtype=dtype, rngs=rngs)
+        spatial_dim=image_size // 32, embed_dim=width * 32, heads=heads, output_dim=output_dim, dtype=dtype, rngs=rngs
+    )
 
   def __call__(self, images: jax.Array, *, train: bool = False) -> jax.Array:
     """Float NHWC images [B, S, S, 3] -> [B, output_dim]; `train`: batch (else running) BN stats."""
@@ -171,7 +198,8 @@ class ModifiedResNet(nnx.Module):
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
       raise ValueError(
           f"images have shape {tuple(images.shape)}; expected NHWC [B, *{expected}] "
-          "(transpose NCHW inputs, resize to the model's image_size).")
+          "(transpose NCHW inputs, resize to the model's image_size)."
+      )
     eval_mode = not train
     x = images.astype(self.dtype)
     x = jax.nn.relu(self.bn1(self.conv1(x), use_running_average=eval_mode))
@@ -191,6 +219,7 @@ def resnet_flops(*, image_size: int, layers: Sequence[int], width: int, output_d
   tokens to k and v, only the query token to q, attends (2 * 2 * T * E) and projects to
   `output_dim`. BatchNorm, ReLU and average pools are ignored.
   """
+
   def conv(res: int, c_in: int, c_out: int, k: int) -> int:
     return 2 * res * res * c_in * c_out * k * k
 
@@ -200,7 +229,7 @@ def resnet_flops(*, image_size: int, layers: Sequence[int], width: int, output_d
   res //= 2
   in_ch = width
   for stage_index, depth in enumerate(layers):
-    planes = width * 2 ** stage_index
+    planes = width * 2**stage_index
     out_ch = planes * EXPANSION
     for block_index in range(depth):
       stride = 2 if stage_index > 0 and block_index == 0 else 1

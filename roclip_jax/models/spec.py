@@ -1,4 +1,5 @@
 """`ModelSpec`: the static half of an NNX model, to rebuild it from the train state's plain dicts."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -19,6 +20,7 @@ class ModelSpec:
   statistics) as plain nested dicts (`split`), which orbax and notebooks read
   directly; `merge` turns them back into a module inside a jitted function.
   """
+
   graphdef: Any
   params_template: nnx.State
   rest_template: nnx.State

@@ -10,6 +10,7 @@ position, which is padding whenever the caption is shorter than the context; Sig
 caption to the full context with its pad token and uses no attention mask, so the pad tokens are
 part of the input the model was trained on.
 """
+
 from __future__ import annotations
 
 import jax
@@ -17,7 +18,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from roclip_jax.models import layers as layers_lib
-
 
 POOLS = ("eot", "last")
 
@@ -29,10 +29,22 @@ class TextTransformer(nnx.Module):
   """
 
   def __init__(
-      self, *, vocab_size: int, context_length: int, width: int, layers: int, heads: int,
-      mlp_width: int | None = None, act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32,
-      remat: bool = False, causal: bool = True, pool: str = "eot",
-      layer_norm_eps: float = layers_lib.LAYER_NORM_EPS, rngs: nnx.Rngs):
+      self,
+      *,
+      vocab_size: int,
+      context_length: int,
+      width: int,
+      layers: int,
+      heads: int,
+      mlp_width: int | None = None,
+      act: str = "quick_gelu",
+      dtype: jnp.dtype = jnp.float32,
+      remat: bool = False,
+      causal: bool = True,
+      pool: str = "eot",
+      layer_norm_eps: float = layers_lib.LAYER_NORM_EPS,
+      rngs: nnx.Rngs,
+  ):
     if pool not in POOLS:
       raise ValueError(f"pool={pool!r} is unknown; use one of {POOLS}.")
     self.pool = pool
@@ -41,13 +53,19 @@ class TextTransformer(nnx.Module):
     self.dtype = jnp.dtype(dtype)
     self.remat = remat
     # OpenAI initialize_parameters: token std 0.02, positional std 0.01.
-    self.token_embedding = nnx.Param(
-        0.02 * jax.random.normal(rngs.params(), (vocab_size, width)))
-    self.position_embedding = nnx.Param(
-        0.01 * jax.random.normal(rngs.params(), (context_length, width)))
+    self.token_embedding = nnx.Param(0.02 * jax.random.normal(rngs.params(), (vocab_size, width)))
+    self.position_embedding = nnx.Param(0.01 * jax.random.normal(rngs.params(), (context_length, width)))
     self.layers = layers_lib.make_blocks(
-        width, layers, heads, mlp_width=mlp_width, act=act, causal=causal, dtype=self.dtype,
-        layer_norm_eps=layer_norm_eps, rngs=rngs)
+        width,
+        layers,
+        heads,
+        mlp_width=mlp_width,
+        act=act,
+        causal=causal,
+        dtype=self.dtype,
+        layer_norm_eps=layer_norm_eps,
+        rngs=rngs,
+    )
     self.final_layer_norm = layers_lib.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
 
   def token_features(self, tokens: jax.Array) -> jax.Array:
@@ -57,13 +75,13 @@ class TextTransformer(nnx.Module):
     (SigLIP); `__call__` pools one position.
     """
     if tokens.ndim != 2 or not jnp.issubdtype(tokens.dtype, jnp.integer):
-      raise ValueError(
-          f"tokens must be an integer array [B, L]; got {tokens.dtype}{list(tokens.shape)}.")
+      raise ValueError(f"tokens must be an integer array [B, L]; got {tokens.dtype}{list(tokens.shape)}.")
     length = tokens.shape[1]
     if length > self.context_length:
       raise ValueError(
           f"tokens have length {length} > context_length={self.context_length}; truncate them in "
-          "the tokenizer or raise text.context_length.")
+          "the tokenizer or raise text.context_length."
+      )
     x = jnp.take(self.token_embedding[...], tokens, axis=0)
     x = (x + self.position_embedding[:length]).astype(self.dtype)
     x = layers_lib.apply_blocks(self.layers, x, remat=self.remat)
@@ -79,8 +97,7 @@ class TextTransformer(nnx.Module):
     return jnp.take_along_axis(features, eot_position[:, None, None], axis=1)[:, 0]
 
 
-def text_flops(*, context_length: int, width: int, layers: int,
-               mlp_width: int | None = None) -> float:
+def text_flops(*, context_length: int, width: int, layers: int, mlp_width: int | None = None) -> float:
   """Forward FLOPs of one caption (projection excluded), 2 per multiply-add.
 
   Per block 8*L*D^2 (q, k, v, out) + 4*L*D*M (the MLP of hidden width M; 24*L*D^2 in all with
@@ -90,5 +107,4 @@ def text_flops(*, context_length: int, width: int, layers: int,
   """
   length = context_length
   mlp_width = 4 * width if mlp_width is None else mlp_width
-  return float(layers * (8 * length * width ** 2 + 4 * length * width * mlp_width
-                         + 4 * length ** 2 * width))
+  return float(layers * (8 * length * width**2 + 4 * length * width * mlp_width + 4 * length**2 * width))

@@ -5,6 +5,7 @@ Attribute names follow Hugging Face (`patch_embedding`, `class_embedding`, `posi
 CLS feature [B, width], or SigLIP's attention-pooled one; the projection to the joint embedding
 (CLIP only) lives in `clip.py`.
 """
+
 from __future__ import annotations
 
 import jax
@@ -12,7 +13,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from roclip_jax.models import layers as layers_lib
-
 
 POOLS = ("cls", "map")
 
@@ -24,9 +24,18 @@ class AttentionPoolingHead(nnx.Module):
   and activation. Attribute names follow Hugging Face (`probe`, `attention`, `layernorm`, `mlp`).
   """
 
-  def __init__(self, width: int, heads: int, *, mlp_width: int | None, act: str, dtype: jnp.dtype,
-               layer_norm_eps: float, rngs: nnx.Rngs):
-    self.probe = nnx.Param(width ** -0.5 * jax.random.normal(rngs.params(), (1, 1, width)))
+  def __init__(
+      self,
+      width: int,
+      heads: int,
+      *,
+      mlp_width: int | None,
+      act: str,
+      dtype: jnp.dtype,
+      layer_norm_eps: float,
+      rngs: nnx.Rngs,
+  ):
+    self.probe = nnx.Param(width**-0.5 * jax.random.normal(rngs.params(), (1, 1, width)))
     self.attention = layers_lib.MultiHeadAttention(width, heads, dtype=dtype, rngs=rngs)
     self.layernorm = layers_lib.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.mlp = layers_lib.MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, rngs=rngs)
@@ -47,14 +56,28 @@ class VisionTransformer(nnx.Module):
   """
 
   def __init__(
-      self, *, image_size: int, patch_size: int, width: int, layers: int, heads: int,
-      mlp_width: int | None = None, act: str = "quick_gelu", dtype: jnp.dtype = jnp.float32,
-      remat: bool = False, pool: str = "cls", patch_bias: bool = False, pre_norm: bool = True,
-      layer_norm_eps: float = layers_lib.LAYER_NORM_EPS, rngs: nnx.Rngs):
+      self,
+      *,
+      image_size: int,
+      patch_size: int,
+      width: int,
+      layers: int,
+      heads: int,
+      mlp_width: int | None = None,
+      act: str = "quick_gelu",
+      dtype: jnp.dtype = jnp.float32,
+      remat: bool = False,
+      pool: str = "cls",
+      patch_bias: bool = False,
+      pre_norm: bool = True,
+      layer_norm_eps: float = layers_lib.LAYER_NORM_EPS,
+      rngs: nnx.Rngs,
+  ):
     if patch_size <= 0 or image_size % patch_size:
       raise ValueError(
           f"image_size={image_size} is not divisible by patch_size={patch_size}; "
-          "choose a patch size that tiles the image.")
+          "choose a patch size that tiles the image."
+      )
     if pool not in POOLS:
       raise ValueError(f"pool={pool!r} is unknown; use one of {POOLS}.")
     self.image_size = image_size
@@ -64,11 +87,20 @@ class VisionTransformer(nnx.Module):
     self.remat = remat
     self.pool = pool
     grid = image_size // patch_size
-    scale = width ** -0.5  # OpenAI: class/positional embeddings ~ N(0, 1/width)
+    scale = width**-0.5  # OpenAI: class/positional embeddings ~ N(0, 1/width)
     self.patch_embedding = nnx.Conv(
-        3, width, kernel_size=(patch_size, patch_size), strides=(patch_size, patch_size),
-        padding="VALID", use_bias=patch_bias, dtype=self.dtype, param_dtype=jnp.float32,
-        kernel_init=layers_lib.torch_default_init(), bias_init=jax.nn.initializers.zeros, rngs=rngs)
+        3,
+        width,
+        kernel_size=(patch_size, patch_size),
+        strides=(patch_size, patch_size),
+        padding="VALID",
+        use_bias=patch_bias,
+        dtype=self.dtype,
+        param_dtype=jnp.float32,
+        kernel_init=layers_lib.torch_default_init(),
+        bias_init=jax.nn.initializers.zeros,
+        rngs=rngs,
+    )
     # The draws happen in this order for the CLIP layout, so its initial weights stay as they were.
     if pool == "cls":
       self.class_embedding = nnx.Param(scale * jax.random.normal(rngs.params(), (width,)))
@@ -79,12 +111,21 @@ class VisionTransformer(nnx.Module):
     else:
       self.pre_layrnorm = None
     self.layers = layers_lib.make_blocks(
-        width, layers, heads, mlp_width=mlp_width, act=act, causal=False, dtype=self.dtype,
-        layer_norm_eps=layer_norm_eps, rngs=rngs)
+        width,
+        layers,
+        heads,
+        mlp_width=mlp_width,
+        act=act,
+        causal=False,
+        dtype=self.dtype,
+        layer_norm_eps=layer_norm_eps,
+        rngs=rngs,
+    )
     self.post_layernorm = layers_lib.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     if pool == "map":
-      self.head = AttentionPoolingHead(width, heads, mlp_width=mlp_width, act=act, dtype=self.dtype,
-                                       layer_norm_eps=layer_norm_eps, rngs=rngs)
+      self.head = AttentionPoolingHead(
+          width, heads, mlp_width=mlp_width, act=act, dtype=self.dtype, layer_norm_eps=layer_norm_eps, rngs=rngs
+      )
 
   def __call__(self, images: jax.Array) -> jax.Array:
     """Float NHWC images [B, image_size, image_size, 3] -> float32 pooled feature [B, width]."""
@@ -92,7 +133,8 @@ class VisionTransformer(nnx.Module):
     if images.ndim != 4 or tuple(images.shape[1:]) != expected:
       raise ValueError(
           f"images have shape {tuple(images.shape)}; expected NHWC [B, *{expected}] "
-          "(transpose NCHW inputs, resize to the model's image_size).")
+          "(transpose NCHW inputs, resize to the model's image_size)."
+      )
     x = self.patch_embedding(images.astype(self.dtype))  # [B, g, g, width]
     batch = x.shape[0]
     x = x.reshape(batch, -1, self.width)  # row-major (h, w), as torch's flatten of [C, g, g]
@@ -109,8 +151,9 @@ class VisionTransformer(nnx.Module):
     return self.post_layernorm(x[:, 0].astype(jnp.float32))
 
 
-def vit_flops(*, image_size: int, patch_size: int, width: int, layers: int,
-              mlp_width: int | None = None, pool: str = "cls") -> float:
+def vit_flops(
+    *, image_size: int, patch_size: int, width: int, layers: int, mlp_width: int | None = None, pool: str = "cls"
+) -> float:
   """Forward FLOPs of one image through the tower (projection excluded), 2 per multiply-add.
 
   Counts only matmuls/convolutions: patch conv N*(3*p*p)*D, then per block
@@ -125,6 +168,6 @@ def vit_flops(*, image_size: int, patch_size: int, width: int, layers: int,
   tokens = patches + 1 if pool == "cls" else patches
   mlp_width = 4 * width if mlp_width is None else mlp_width
   patch_conv = 2 * patches * 3 * patch_size * patch_size * width
-  per_block = 8 * tokens * width ** 2 + 4 * tokens * width * mlp_width + 4 * tokens ** 2 * width
-  head = 0 if pool == "cls" else 4 * width ** 2 + 4 * tokens * width ** 2 + 4 * tokens * width + 4 * width * mlp_width
+  per_block = 8 * tokens * width**2 + 4 * tokens * width * mlp_width + 4 * tokens**2 * width
+  head = 0 if pool == "cls" else 4 * width**2 + 4 * tokens * width**2 + 4 * tokens * width + 4 * width * mlp_width
   return float(patch_conv + layers * per_block + head)
