@@ -7,7 +7,7 @@ TEST_ENV := JAX_PLATFORMS=cpu XLA_FLAGS=--xla_force_host_platform_device_count=8
 # Test worker processes (pytest-xdist); 0 runs the suite in this process.
 TEST_WORKERS ?= 2
 
-.PHONY: install demo train-demo test bench clean
+.PHONY: install demo train-demo test format bench clean
 
 $(VENV)/.installed: requirements.txt setup.cfg
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -34,6 +34,10 @@ $(VENV)/.installed-test: $(VENV)/.installed requirements-test.txt
 
 test: install $(VENV)/.installed-test
 	$(TEST_ENV) $(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile
+
+# The one formatter (pyproject.toml [tool.pyink]); tests/test_formatting.py checks the result.
+format: $(VENV)/.installed-test
+	$(PY) -m pyink .
 
 clean:
 	rm -rf workdirs .pytest_cache .cache
