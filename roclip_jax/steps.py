@@ -35,6 +35,7 @@ from roclip_jax import losses
 from roclip_jax import models
 from roclip_jax import optim
 from roclip_jax import sharding as sharding_lib
+from roclip_jax.data import augment
 from roclip_jax.data import image_ops
 from roclip_jax.models import text as text_lib
 
@@ -334,6 +335,33 @@ def _accumulated_loss_and_grads(
   return loss, dict(aux, z=z), grads, new_model_state
 
 
+def augment_on_device(
+    batch: dict[str, jax.Array], config: ml_collections.ConfigDict, kind: StepKind, views: int
+) -> dict[str, jax.Array]:
+  """`config.augment.placement='device'`: augments, before encoding, each image view of `kind` that the
+  pipeline left to the device (the whole image at `augment.device_source_size` plus the parameters it
+  drew, `augment.params_key(view)`), to the model's image size; float32 in [0, 255], unrounded.
+
+  Parameters of views this kind does not read are dropped unused. With placement='host' the batch is
+  returned as it is.
+  """
+  on_device = augment.device_views(config.augment, views)
+  if not on_device:
+    return batch
+  batch = dict(batch)
+  for view in on_device:
+    key = augment.params_key(view)
+    if key not in batch:
+      raise ValueError(
+          f"config.augment.placement='device' but the batch has no {key!r}: build the data with "
+          "pipeline.make_train_data from the same config (and the defense's views)."
+      )
+    packed = batch.pop(key)
+    if view in kind.image_views:
+      batch[view] = augment.apply_packed_batch_jax(batch[view], packed, config.model.image.image_size)
+  return batch
+
+
 def train_step(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -349,6 +377,7 @@ def train_step(
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   batch = dict(batch)
   skipped = batch.pop("skipped", None)
+  batch = augment_on_device(batch, config, kind, defense.views)
   loss, aux, grads, new_model_state = loss_and_grads(
       state, batch, spec=spec, mesh=mesh, config=config, kind=kind, defense=defense
   )
@@ -437,8 +466,15 @@ def abstract_batch(
       "poisoned": sds((b,), jnp.int8),
       "skipped": sds((b,), jnp.int32),
   }
-  if _defense(config, defense).views == 2:
+  views = _defense(config, defense).views
+  if views == 2:
     batch.update(image2=batch["image"], text2=batch["text"])
+  on_device = augment.device_views(config.augment, views)
+  if on_device:
+    source = augment.device_source_size(config.augment, size)
+    for view in on_device:
+      batch[view] = sds((b, source, source, 3), jnp.uint8)
+      batch[augment.params_key(view)] = sds((b, augment.NUM_PACKED), jnp.float32)
   return batch
 
 

@@ -712,3 +712,76 @@ def test_scoring_batches_transform_and_corrupt_images(tmp_path):
     seen |= set(ids[valid].tolist())
   assert counts == [2, 2]
   assert seen == set(range(num_rows)) - bad_ids
+
+
+# ------------------------------------------------- augmentation placement
+
+
+def test_host_placement_is_unchanged(demo_root):
+  # placement='host' (the default) is the host augmentation bit for bit, and a config from before the
+  # field existed reads the same batches.
+  from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+  legacy = _augment_config()
+  del legacy["placement"], legacy["device_source_size"]
+  explicit = _augment_config(placement="host")
+  batches = collect(pipeline.make_train_data(make_config(demo_root, augment=explicit), views=2).iterator, 2)
+  assert_batches_equal(
+      batches, collect(pipeline.make_train_data(make_config(demo_root, augment=legacy), views=2).iterator, 2)
+  )
+  assert set(batches[0]) == set(pipeline.batch_keys(2))
+  loader = pipeline._ExampleLoader(  # pylint: disable=protected-access
+      sources.make_source(make_config(demo_root).data),
+      epoch_length=32,
+      image_size=16,
+      context_length=16,
+      seed=0,
+      process_index=0,
+      augment_cfg=explicit,
+      image_transform=None,
+  )
+  raw = np.asarray(Image.open(os.path.join(demo_root, _demo_rows(demo_root)[3]["image_path"])).convert("RGB"))
+  key = pipeline._derived_seed(0, 2, 0, bits=64)  # pylint: disable=protected-access  # (seed, image tag, host)
+  expected = augment.augment_image(raw, np.random.Generator(np.random.Philox(key=(key << 64) | 7)), explicit, 16)
+  np.testing.assert_array_equal(loader(7, 3)["image"], expected)
+
+
+def test_device_placement_delivers_the_host_draws(demo_root):
+  from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+
+  # The demo images are 16 px: a delivered size of 16 makes the resize the identity, so the device's
+  # pixels must be the host's up to rounding if, and only if, both used the same draws.
+  device_cfg = _augment_config(placement="device", device_source_size=16)
+  host_batches = collect(pipeline.make_train_data(make_config(demo_root, augment=_augment_config()), views=2).iterator)
+  data = pipeline.make_train_data(make_config(demo_root, augment=device_cfg), views=2)
+  device_batches = collect(data.iterator)
+  assert set(device_batches[0]) == set(pipeline.batch_keys(2, ("image", "image2")))
+  for host, device in zip(host_batches, device_batches):
+    for view in ("image", "image2"):
+      params = device[augment.params_key(view)]
+      assert params.shape == (8, augment.NUM_PACKED) and params.dtype == np.float32
+      out = np.asarray(augment.apply_packed_batch_jax(jnp.asarray(device[view]), jnp.asarray(params), 16))
+      diff = np.abs(out - host[view])
+      # Rounding amplified by the colour ops, as in test_augment's same-draws test.
+      assert diff.max() <= 6.0 and diff.mean() < 0.6, view
+    for key in ("text", "text2", "id", "label", "poisoned", "skipped"):
+      np.testing.assert_array_equal(host[key], device[key])
+  # Deterministic (stream position, as on the host) and resumable.
+  assert_batches_equal(
+      collect(pipeline.make_train_data(make_config(demo_root, augment=device_cfg), views=2).iterator), device_batches
+  )
+  assert_resumes_exactly(make_config(demo_root, augment=device_cfg), device_batches, after=3, views=2)
+
+  # Default size round(16 * 8 / 7) = 18: the whole image resized; a plain first view stays the eval crop.
+  plain_first = _augment_config(image=False, text=False, placement="device")
+  batch = collect(pipeline.make_train_data(make_config(demo_root, augment=plain_first), views=2).iterator, 1)[0]
+  assert set(batch) == set(pipeline.batch_keys(2, ("image2",)))
+  assert batch["image"].shape == (8, 16, 16, 3) and batch["image2"].shape == (8, 18, 18, 3)
+  rows = _demo_rows(demo_root)
+  for i, example_id in enumerate(batch["id"][:3]):
+    raw = np.asarray(Image.open(os.path.join(demo_root, rows[example_id]["image_path"])).convert("RGB"))
+    np.testing.assert_array_equal(batch["image2"][i], np.asarray(Image.fromarray(raw).resize((18, 18), Image.BICUBIC)))
+    np.testing.assert_array_equal(batch["image"][i], image_ops.resize_center_crop(raw, 16))
+  with pytest.raises(ValueError, match=r"placement='tpu'"):
+    pipeline.make_train_data(make_config(demo_root, augment=_augment_config(placement="tpu")))

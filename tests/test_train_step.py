@@ -149,3 +149,43 @@ def test_logit_scale_is_clamped_at_ln_100():
   with jax.set_mesh(mesh):
     state, _ = fn(state, sharding.global_batch(random_batch(), mesh))
   assert 0.0 <= float(state.params["logit_scale"]) <= np.log(100) + 1e-6
+
+
+def test_device_augmentation_runs_inside_the_step():
+  from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
+
+  config = _config(defense="none")
+  config.augment.placement, config.augment.image = "device", True
+  size = augment.device_source_size(config.augment, 16)  # 18
+  rng = np.random.default_rng(0)
+  batch = random_batch(3)
+  sources = rng.integers(0, 256, size=(B, size, size, 3), dtype=np.uint8)
+  params = [augment.sample_params(rng, config.augment, size, size) for _ in range(B)]
+  packed = np.stack([augment.pack_params(p, size, size, size) for p in params])
+  host = np.stack([augment.apply_params(im, p, 16) for im, p in zip(sources, params)])
+  two_views = defenses.StepKind("two", image_views=("image", "image2"), text_views=("text",))
+  device_batch = dict(batch, image=sources, image2=sources, image_augment=packed, image2_augment=packed[::-1])
+  out = jax.jit(lambda b: steps.augment_on_device(b, config, two_views, 2))(device_batch)
+  assert "image_augment" not in out and "image2_augment" not in out
+  # Against the host's numpy + PIL on the same draws (rounding amplified by the colour ops, see test_augment).
+  host2 = np.stack([augment.apply_params(im, p, 16) for im, p in zip(sources, params[::-1])])
+  for view, expected in (("image", host), ("image2", host2)):
+    diff = np.abs(np.asarray(out[view]) - expected)
+    assert diff.max() <= 6.0 and diff.mean() < 0.6, view
+  # A kind that reads one view drops the other view's parameters and leaves it alone.
+  one_view = steps.augment_on_device(device_batch, config, defenses.StepKind("one"), 2)
+  assert one_view["image2"] is sources and "image2_augment" not in one_view
+  with pytest.raises(ValueError, match="no 'image_augment'"):
+    steps.augment_on_device(batch, config, defenses.StepKind("one"), 1)
+
+  # The jitted train step takes the pipeline's batch (shapes as abstract_batch says) and trains.
+  mesh, tx, schedule, spec, shardings, state = _setup(config)
+  step_batch = dict(batch, image=sources, image_augment=packed, skipped=np.zeros(B, np.int32))
+  abstract = steps.abstract_batch(config, mesh)
+  assert {k: (v.shape, v.dtype) for k, v in abstract.items() if k not in ("id", "label")} == {
+      k: (np.shape(v), np.asarray(v).dtype) for k, v in step_batch.items() if k not in ("id", "label")
+  }
+  fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
+  with jax.set_mesh(mesh):
+    state, metrics = fn(state, sharding.global_batch(step_batch, mesh))
+  assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1

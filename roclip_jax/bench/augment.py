@@ -6,7 +6,8 @@ r"""Throughput of RoCLIP's image augmentation: host (per core) versus on device.
 The host version (`augment.augment_image`, numpy + PIL) runs in this one process, so its figure is
 images/s per core; a grain pipeline with N workers scales it by about N. The device version
 (`augment.augment_batch_jax`) is jitted, warmed up, and timed with `block_until_ready` on the
-default jax device. Inputs are random uint8 images a bit larger than the output (256 for 224), the
+default jax device; so is `apply_packed_batch_jax`, what the train step runs with
+`augment.placement='device'` (parameters drawn on the host). Inputs are random uint8 images a bit larger than the output (256 for 224), the
 size a host would deliver to the on-device path.
 """
 
@@ -40,6 +41,24 @@ def host_images_per_second(images: np.ndarray, out_size: int, count: int) -> flo
   return count / (time.perf_counter() - start)
 
 
+def device_placement_images_per_second(images: np.ndarray, out_size: int, repeats: int) -> float:
+  """What the train step runs with augment.placement='device': the host's draws, applied on device."""
+  cfg = augment.default_config()
+  rng = np.random.default_rng(0)
+  side = images.shape[1]
+  packed = np.stack(
+      [augment.pack_params(augment.sample_params(rng, cfg, side, side), side, side, side) for _ in images]
+  )
+  run = jax.jit(functools.partial(augment.apply_packed_batch_jax, out_size=out_size))
+  batch, packed = jax.device_put(images), jax.device_put(packed)
+  run(batch, packed).block_until_ready()  # compile + warm-up
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = run(batch, packed)
+  out.block_until_ready()
+  return repeats * len(images) / (time.perf_counter() - start)
+
+
 def device_images_per_second(images: np.ndarray, out_size: int, repeats: int) -> float:
   cfg = augment.default_config()
   run = jax.jit(functools.partial(augment.augment_batch_jax, cfg=cfg, out_size=out_size, dtype=jnp.uint8))
@@ -62,9 +81,11 @@ def main(argv):
     images = np.random.default_rng(out_size).integers(0, 256, (_BATCH.value, source, source, 3), dtype=np.uint8)
     host = host_images_per_second(images, out_size, _HOST_IMAGES.value)
     dev = device_images_per_second(images, out_size, _DEVICE_REPEATS.value)
+    placed = device_placement_images_per_second(images, out_size, _DEVICE_REPEATS.value)
     print(
         f'{source}->{out_size}: host {host:9.1f} img/s per core | '
-        f'on-device {dev:9.1f} img/s ({dev / host:.1f}x one host core)'
+        f'on-device {dev:9.1f} img/s ({dev / host:.1f}x one host core) | '
+        f"placement='device' (host draws, device applies) {placed:9.1f} img/s"
     )
     verdicts.append(
         f'{out_size}px: {"on-device" if dev > host else "host"} ' f'({max(dev, host) / min(dev, host):.1f}x)'

@@ -10,8 +10,10 @@ centre crop) and on (RoCLIP's image augmentation; `--text_augment` adds EDA, whi
   in one thread of this process;
 * the real training pipeline (`pipeline.make_train_data`, data.source='array_record') with each
   `--workers` count (0 = grain's threads in this process), after the first batch (worker start).
+Augmentation is measured with both placements: 'host' (grain workers augment) and 'device' (workers
+decode, resize to `augment.device_source_size` and draw the parameters; the train step augments).
 The last lines estimate the CPU cores needed to feed `--target_pairs_per_sec` (8000 pairs/s is
-roughly one H100 training ViT-B/32 at 224 px).
+roughly one H100 training ViT-B/32 at 224 px) for each.
 """
 
 from __future__ import annotations
@@ -83,7 +85,12 @@ def write_shards(directory: str, num_images: int, short: int, per_shard: int = 1
   return float(np.mean(sizes)) / 1024
 
 
-def bench_config(shard_dir: str, augment: bool, workers: int) -> ml_collections.ConfigDict:
+# (label, augment images, augment.placement): with 'device' the host decodes, resizes the whole image to
+# augment.device_source_size and draws the parameters; the train step applies them.
+MODES = (("augment off", False, "host"), ("augment host", True, "host"), ("augment device", True, "device"))
+
+
+def bench_config(shard_dir: str, augment: bool, workers: int, placement: str = "host") -> ml_collections.ConfigDict:
   config = config_lib.base_config()
   config.model.image.image_size = FLAGS.image_size
   config.model.text.context_length = 77
@@ -93,6 +100,7 @@ def bench_config(shard_dir: str, augment: bool, workers: int) -> ml_collections.
   config.data.num_workers = workers
   config.num_epochs = 1000  # Never the limit here.
   config.augment.image = augment
+  config.augment.placement = placement
   config.augment.text = augment and FLAGS.text_augment
   return config
 
@@ -145,21 +153,21 @@ def main(argv):
         f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}"
     )
     per_core = {}
-    for augment in (False, True):
-      label = "augment on " if augment else "augment off"
-      per_core[augment] = per_core_rate(bench_config(shard_dir, augment, 0))
-      print(f"{label}: {'per core (1 thread)':40s} {per_core[augment]:8.1f} examples/s")
+    for label, augment, placement in MODES:
+      per_core[label] = per_core_rate(bench_config(shard_dir, augment, 0, placement))
+      print(f"{label:14s}: {'per core (1 thread)':40s} {per_core[label]:8.1f} examples/s")
       for workers in FLAGS.workers:
-        rate = pipeline_rate(bench_config(shard_dir, augment, workers))
+        rate = pipeline_rate(bench_config(shard_dir, augment, workers, placement))
         what = f"{workers} grain workers" if workers else "0 workers (main process threads)"
-        print(f"{label}: {'pipeline, ' + what:40s} {rate:8.1f} examples/s")
+        print(f"{label:14s}: {'pipeline, ' + what:40s} {rate:8.1f} examples/s")
     target = FLAGS.target_pairs_per_sec
-    for augment in (False, True):
-      cores = math.ceil(target / per_core[augment])
+    for label, _, placement in MODES:
+      cores = math.ceil(target / per_core[label])
+      where = " (host: decode + resize + draws; the step augments)" if placement == "device" else ""
       print(
-          f"to feed {target:.0f} pairs/s with augment {'on ' if augment else 'off'}: about "
-          f"{cores} worker cores at {per_core[augment]:.0f} examples/s per core (plus headroom "
-          "for the trainer's own host thread and imperfect scaling)."
+          f"to feed {target:.0f} pairs/s per accelerator with {label}{where}: about {cores} worker cores at "
+          f"{per_core[label]:.0f} examples/s per core (plus headroom for the trainer's own host thread "
+          "and imperfect scaling)."
       )
 
 

@@ -48,6 +48,7 @@ _LUMA = (0.299, 0.587, 0.114)
 _NUM_CROP_TRIES = 10  # torchvision RandomResizedCrop tries this often before a centre crop.
 # Order of the ColorJitter ops in `AugmentParams.jitter_order`.
 _BRIGHTNESS, _CONTRAST, _SATURATION, _HUE = range(4)
+PLACEMENTS = ('host', 'device')
 
 
 def default_config() -> ml_collections.ConfigDict:
@@ -55,6 +56,12 @@ def default_config() -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(
       dict(
           image=False,  # Augment training images (RoCLIP's --cross_aug).
+          # Where images are augmented: 'host' (grain workers, numpy + PIL) or 'device' (the jitted
+          # train step; the host only decodes and resizes to `device_source_size`). See `PLACEMENTS`.
+          placement='host',
+          # With placement='device': the side of the square image the host delivers (the whole decoded
+          # image resized to it); 0 = round(image_size * 8 / 7), 256 at 224.
+          device_source_size=0,
           text=False,  # Replace captions by one EDA version (RoCLIP's --cross_aug).
           # The original draws one EDA caption per sample for the whole run; True re-draws each epoch.
           text_resample_per_epoch=False,
@@ -468,6 +475,8 @@ def sample_params_jax(key: jax.Array, cfg: ml_collections.ConfigDict, height: in
 def _resize_weights(start, length, in_size: int, out_size: int) -> jax.Array:
   """[out_size, in_size] matrix of PIL's antialiased bilinear resize of in[start:start+length].
 
+  `start` and `length` may be fractional (pixel edges at integers).
+
   Output pixel o samples the crop at centre start + (o + 0.5) * scale with a triangle filter
   widened by the scale when shrinking (antialiasing); pixels outside the crop get no weight, and
   each row is normalised, as PIL does after `crop`.
@@ -477,8 +486,12 @@ def _resize_weights(start, length, in_size: int, out_size: int) -> jax.Array:
   centres = start + (jnp.arange(out_size, dtype=jnp.float32) + 0.5) * scale
   pixels = jnp.arange(in_size, dtype=jnp.float32)
   weights = jnp.maximum(0.0, 1.0 - jnp.abs(pixels[None, :] + 0.5 - centres[:, None]) / support)
-  inside = (pixels >= start) & (pixels < start + length)
-  weights = jnp.where(inside[None, :], weights, 0.0)
+  # Pixels whose centre lies in the box: for an integer box exactly crop-then-resize; a fractional box
+  # (device placement maps the crop into a resized image) keeps the straddling pixels half-way in.
+  inside = (pixels + 0.5 >= start) & (pixels + 0.5 < start + length)
+  masked = jnp.where(inside[None, :], weights, 0.0)
+  # A box narrower than a pixel may hold no pixel centre: then the unmasked filter, never 0 / 0.
+  weights = jnp.where(masked.sum(axis=1, keepdims=True) > 0, masked, weights)
   return weights / weights.sum(axis=1, keepdims=True)
 
 
@@ -581,3 +594,143 @@ def augment_batch_jax(
   if jnp.dtype(dtype) == jnp.uint8:
     return jnp.clip(jnp.round(out), 0, 255).astype(jnp.uint8)
   return out.astype(dtype)
+
+
+# -------------------------------------------------------------------------------------------------
+# Device placement (`config.augment.placement='device'`): the host draws the parameters exactly as
+# the host path does and resizes the decoded image to a fixed square; the train step applies them.
+# -------------------------------------------------------------------------------------------------
+
+# Layout of one view's packed parameters (`pack_params`): float32, the crop box in the coordinates
+# of the delivered square image, booleans as 0/1.
+PACKED_FIELDS = (
+    'flip',
+    'crop_top',
+    'crop_left',
+    'crop_height',
+    'crop_width',
+    'jitter',
+    'order0',
+    'order1',
+    'order2',
+    'order3',
+    'brightness',
+    'contrast',
+    'saturation',
+    'hue',
+    'grayscale',
+    'blur',
+    'blur_sigma',
+)
+NUM_PACKED = len(PACKED_FIELDS)
+
+
+def placement(cfg: ml_collections.ConfigDict) -> str:
+  """`cfg.placement` (= `config.augment.placement`, 'host' when absent), checked."""
+  value = cfg.get('placement', 'host')
+  if value not in PLACEMENTS:
+    raise ValueError(
+        f"config.augment.placement={value!r} is unknown; use 'host' (grain workers augment with numpy + "
+        "PIL) or 'device' (the train step augments; the host only decodes and resizes)."
+    )
+  return value
+
+
+def device_source_size(cfg: ml_collections.ConfigDict, image_size: int) -> int:
+  """The side of the square image the host delivers with placement='device'."""
+  size = int(cfg.get('device_source_size', 0) or 0)
+  if size == 0:
+    return int(round(image_size * 8 / 7))
+  if size < image_size:
+    raise ValueError(
+        f"config.augment.device_source_size={size} is smaller than the model's image size {image_size}: "
+        f'every crop would be upsampled from it. Use 0 (= {round(image_size * 8 / 7)}) or at least {image_size}.'
+    )
+  return size
+
+
+def device_views(cfg: ml_collections.ConfigDict, views: int) -> tuple[str, ...]:
+  """The image views augmented in the train step: none with placement='host'; else 'image' when
+  `cfg.image` and, with two views, 'image2' (the second view is always augmented)."""
+  if placement(cfg) != 'device':
+    return ()
+  return (('image',) if cfg.get('image', False) else ()) + (('image2',) if views == 2 else ())
+
+
+def params_key(view: str) -> str:
+  """The batch key of a device-augmented view's packed parameters, e.g. 'image_augment'."""
+  return f'{view}_augment'
+
+
+def resize_for_device(image: np.ndarray, size: int) -> np.ndarray:
+  """The whole uint8 [H, W, 3] image resized (antialiased bicubic, aspect not kept) to [size, size, 3].
+
+  Not the eval centre crop: RandomResizedCrop may pick a box anywhere in the image, so all of it must
+  reach the device; `pack_params` maps the box drawn on the original into this square. Bicubic keeps
+  more of the detail the crop later enlarges than bilinear (closer to the host path: mean 0.50 vs 0.54
+  grey levels at 256 -> 224).
+  """
+  _check_image(image)
+  if image.shape[:2] == (size, size):
+    return image
+  return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))
+
+
+def pack_params(params: AugmentParams, height: int, width: int, size: int) -> np.ndarray:
+  """float32 [NUM_PACKED]: `params`, drawn for a [height, width] image, for its [size, size] resize."""
+  row_scale, col_scale = size / height, size / width
+  values = (
+      params.flip,
+      params.crop_top * row_scale,
+      params.crop_left * col_scale,
+      params.crop_height * row_scale,
+      params.crop_width * col_scale,
+      params.jitter,
+      *params.jitter_order,
+      params.brightness,
+      params.contrast,
+      params.saturation,
+      params.hue,
+      params.grayscale,
+      params.blur,
+      params.blur_sigma,
+  )
+  return np.asarray(values, np.float64).astype(np.float32)
+
+
+def unpack_params(packed) -> AugmentParams:
+  """`pack_params`' inverse for jax arrays [..., NUM_PACKED] (the crop box stays fractional)."""
+  if packed.shape[-1] != NUM_PACKED:
+    raise ValueError(
+        f'packed augmentation parameters have {packed.shape[-1]} values per image, expected {NUM_PACKED} '
+        '(augment.pack_params); the pipeline and the train step must come from the same version.'
+    )
+  field = {name: packed[..., i] for i, name in enumerate(PACKED_FIELDS)}
+  flag = lambda name: field[name] > 0.5
+  return AugmentParams(
+      flip=flag('flip'),
+      crop_top=field['crop_top'],
+      crop_left=field['crop_left'],
+      crop_height=field['crop_height'],
+      crop_width=field['crop_width'],
+      jitter=flag('jitter'),
+      jitter_order=jnp.round(packed[..., 6:10]).astype(jnp.int32),
+      brightness=field['brightness'],
+      contrast=field['contrast'],
+      saturation=field['saturation'],
+      hue=field['hue'],
+      grayscale=flag('grayscale'),
+      blur=flag('blur'),
+      blur_sigma=field['blur_sigma'],
+  )
+
+
+def apply_packed_batch_jax(images, packed, out_size: int) -> jax.Array:
+  """Device placement's augmentation: uint8 [B, S, S, 3] (`resize_for_device`) and float32 [B,
+  NUM_PACKED] (`pack_params`) -> float32 [B, out_size, out_size, 3] in [0, 255], unrounded."""
+  if images.ndim != 4 or images.shape[-1] != 3 or packed.shape != (images.shape[0], NUM_PACKED):
+    raise ValueError(
+        f'apply_packed_batch_jax expects images [B, S, S, 3] and parameters [B, {NUM_PACKED}], got '
+        f"{images.shape} and {packed.shape}; batch what the pipeline delivers with placement='device'."
+    )
+  return jax.vmap(functools.partial(apply_params_jax, out_size=out_size))(images, unpack_params(packed))

@@ -87,9 +87,10 @@ def _derived_seed(*entropy: int, bits: int = 32) -> int:
   return value % (2**bits)
 
 
-def batch_keys(views: int = 1) -> tuple[str, ...]:
-  """The keys of a training batch with `views` views per example."""
-  return BATCH_KEYS + (VIEW2_KEYS if views == 2 else ())
+def batch_keys(views: int = 1, device_views: tuple[str, ...] = ()) -> tuple[str, ...]:
+  """The keys of a training batch with `views` views per example; `device_views` (from
+  `augment.device_views`) add each such view's packed augmentation parameters."""
+  return BATCH_KEYS + (VIEW2_KEYS if views == 2 else ()) + tuple(augment.params_key(v) for v in device_views)
 
 
 def _check_views(views: Any) -> int:
@@ -194,6 +195,11 @@ class _ExampleLoader:
   drop it and the skip could no longer be counted. With `views=2` it also
   returns `image2` (always image-augmented) and `text2` (always EDA'd).
   A storage fault raises `StorageError` (after `io_retries`) instead.
+
+  With `augment.placement='device'` an augmented view is the whole decoded
+  image resized to `augment.device_source_size` plus `<view>_augment`, the
+  parameters the host path would have drawn at this position (same random
+  stream), packed for the train step (`augment.pack_params`).
   """
 
   def __init__(
@@ -225,11 +231,20 @@ class _ExampleLoader:
     self._resample_text = bool(augment_cfg.get("text_resample_per_epoch", False))
     self._views = _check_views(views)
     self._image2_key = _derived_seed(seed, _IMAGE_VIEW2_TAG, process_index, bits=64)
+    self._device_views = augment.device_views(augment_cfg, self._views)
+    if self._device_views:
+      self._device_source_size = augment.device_source_size(augment_cfg, image_size)
 
   def _augmented_image(self, raw: np.ndarray, key: int, position: int) -> np.ndarray:
     # Keyed by stream position: differs across epochs, fixed on resume.
     rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
     return augment.augment_image(raw, rng, self._augment_cfg, self._image_size)
+
+  def _device_view(self, raw: np.ndarray, source: np.ndarray, key: int, position: int) -> np.ndarray:
+    """The packed parameters `_augmented_image` would draw (same stream) for the train step."""
+    rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
+    params = augment.sample_params(rng, self._augment_cfg, raw.shape[0], raw.shape[1])
+    return augment.pack_params(params, raw.shape[0], raw.shape[1], source.shape[0])
 
   def _eda_caption(self, caption: str, tag: int, example_id: int, position: int) -> str:
     # One fixed EDA version per caption for the whole run (docs/methods.md,
@@ -244,7 +259,14 @@ class _ExampleLoader:
     raw = self._reader.decode(record)
     if raw is None:
       return {"_position": position, "_skipped_path": _record_name(record)}
-    if self._augment_image:
+    device = {}  # view -> packed augmentation parameters, for views augmented in the train step.
+    if self._device_views:
+      # One resize serves both views.
+      source = augment.resize_for_device(raw, self._device_source_size)
+    if "image" in self._device_views:
+      image = source
+      device["image"] = self._device_view(raw, source, self._image_key, position)
+    elif self._augment_image:
       image = self._augmented_image(raw, self._image_key, position)
     else:
       image = image_ops.resize_center_crop(raw, self._image_size)
@@ -262,10 +284,16 @@ class _ExampleLoader:
     }
     if self._views == 2:
       # The second view is always augmented, whatever augment.image/text say.
-      image2 = self._augmented_image(raw, self._image2_key, position)
+      if "image2" in self._device_views:
+        image2 = source
+        device["image2"] = self._device_view(raw, source, self._image2_key, position)
+      else:
+        image2 = self._augmented_image(raw, self._image2_key, position)
       caption2 = self._eda_caption(record["caption"], _TEXT_VIEW2_TAG, example_id, position)
       element["image2"] = np.ascontiguousarray(image2, np.uint8)
       element["text2"] = self._tokenizer(caption2)[0]
+    for view, packed in device.items():
+      element[augment.params_key(view)] = packed
     return element
 
 
@@ -471,7 +499,11 @@ def make_train_data(
     int32, each [b] (b = local batch size). With `views = 2` they also hold `image2` uint8 [b, S, S, 3] and `text2` int32
     [b, L]: a second view of the same example, always image-augmented and
     EDA-augmented (from the same `image_transform`-ed raw image), whatever
-    `augment.image` / `augment.text` say; `batch_keys(views)` lists the keys.
+    `augment.image` / `augment.text` say. With `augment.placement='device'`
+    each augmented view is instead uint8 [b, D, D, 3] (the whole image resized
+    to D = `augment.device_source_size`) with its float32 parameters
+    `<view>_augment` [b, augment.NUM_PACKED], applied by the train step;
+    `batch_keys(views, augment.device_views(config.augment, views))` lists the keys.
   """
   data_cfg = config.data
   if data_cfg.batch_size % process_count:
@@ -537,7 +569,7 @@ def make_train_data(
       steps_per_epoch=steps_per_epoch,
       epoch_length=len(host_indices),
       num_epochs=num_epochs,
-      keys=batch_keys(views),
+      keys=batch_keys(views, augment.device_views(config.augment, views)),
   )
   return TrainData(
       iterator=iter(batches),
