@@ -3,6 +3,8 @@ mixtures and brute force, and end-to-end runs (phases, split, resume, fine-tunin
 
 import json
 import os
+import re
+import time
 
 import jax
 import jax.numpy as jnp
@@ -253,12 +255,20 @@ def safeclip_config(demo_root, **overrides):
   )
 
 
-def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
+def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path, capsys):
   """3 steps per epoch: unimodal (steps 1-3), cross CLIP (4-6), splits before steps 7, 10, 13.
-  14 steps straight == 7, a restart mid-epoch (the mask comes from the checkpoint), 7 more."""
+  14 steps straight == 7, a restart mid-epoch (the mask comes from the checkpoint), 7 more.
+  The straight run shows its progress bars (which change no number) and each split reports its time."""
   n = 14
   straight = tmp_path / "straight"
-  train.train_and_evaluate(safeclip_config(demo_root, max_steps=n), str(straight))
+  capsys.readouterr()
+  t0 = time.perf_counter()
+  train.train_and_evaluate(safeclip_config(demo_root, max_steps=n, progress_bar=True), str(straight))
+  straight_seconds = time.perf_counter() - t0
+  # One bar per split pass over the 48 examples, with its rate.
+  err = capsys.readouterr().err
+  for epoch in (3, 4, 5):
+    assert re.search(rf"SafeCLIP split, epoch {epoch}: 100%.* 48\.0/48\.0 .*ex/s", err), err[-2000:]
   split = tmp_path / "split"
   train.train_and_evaluate(safeclip_config(demo_root, max_steps=n // 2, **{"checkpoint.every_steps": 100}), str(split))
   train.train_and_evaluate(safeclip_config(demo_root, max_steps=n), str(split))
@@ -279,6 +289,9 @@ def test_safeclip_runs_its_phases_and_resumes_exactly(demo_root, tmp_path):
   ]
   splits = [r for r in rows if "safeclip/safe_ratio" in r]
   assert [r["epoch"] for r in splits] == [3, 4, 5]
+  for r in splits:  # Each pass took part of the run's time; per 100k = its seconds scaled from the 48 examples.
+    assert 0 < r["safeclip/split_seconds"] < straight_seconds
+    assert r["safeclip/split_seconds_per_100k"] == pytest.approx(r["safeclip/split_seconds"] * 100_000 / 48)
   # Later splits grow the safe fraction by ratio_step from the first one.
   assert splits[1]["safeclip/safe_ratio"] == pytest.approx(min(0.85, splits[0]["safeclip/safe_ratio"] + 0.01))
   # The stored mask holds round(ratio * N) safe examples of the 48.

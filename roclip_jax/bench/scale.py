@@ -17,14 +17,30 @@ process, and above a process that only imported the same modules):
 * full pass (the path before the index): reading every record once, as start-up did before, for
   N <= `--full_pass_max` (it reads every image).
 
+With `--training` (the default), also, each in a fresh process, with the `tiny` model at 16 px
+(so that the model does not dominate), poisoning as above, a global batch of `--batch_size`, no
+evaluators and no data workers:
+
+* time to the first train step of `train.train_and_evaluate` (`max_steps=1`) for each defense:
+  'none' (its run, finished, is the checkpoint the next two start from), 'roclip', 'safeclip'
+  (published warm-ups: no split before step 1), 'safeclip (split first)' (warm-ups 0: SafeCLIP's
+  full split pass over every image runs before step 1; N <= `--full_pass_max`; its
+  `safeclip/split_seconds_per_100k` is printed) and 'cleanclip' (`init_from` the 'none' run); from
+  the launch of the process (interpreter, imports, compilation included) to the first completed
+  step, and the process's peak RSS at that moment;
+* the suspicion report (`experiments.suspicion.build_report`) on the 'none' run: its embedding
+  pass over every image and its nearest-neighbour searches (N <= `--full_pass_max`), total time
+  and peak RSS.
+
 Growth with N should be linear in the captions (tens of bytes per example) and independent of the
-image bytes; the full pass grows with the image bytes.
+image bytes; the full pass, SafeCLIP's split and the suspicion report grow with the image bytes.
 """
 
 from __future__ import annotations
 
 import concurrent.futures
 import io
+import json
 import multiprocessing
 import os
 import resource
@@ -52,7 +68,14 @@ def _define_flags() -> None:
   flags.DEFINE_integer("image_side", 32, "Side of the synthetic JPEGs.")
   flags.DEFINE_integer("distinct_images", 256, "Distinct JPEGs drawn (records reuse them in turn).")
   flags.DEFINE_float("poison_rate", 0.001, "Backdoor poison rate.")
-  flags.DEFINE_integer("full_pass_max", 100000, "Largest N for which the old full pass is timed.")
+  flags.DEFINE_integer(
+      "full_pass_max",
+      100000,
+      "Largest N for which the tasks that read every image run: the old full pass, SafeCLIP with its split "
+      "before step 1, and the suspicion report.",
+  )
+  flags.DEFINE_bool("training", True, "Also time each defense to its first train step, and the suspicion report.")
+  flags.DEFINE_integer("batch_size", 256, "Global batch of the training runs and of the suspicion report's pass.")
 
 
 def caption(i: int) -> str:
@@ -142,6 +165,157 @@ def _in_fresh_process(kind: str, directory: str, rate: float) -> dict[str, Any]:
     return pool.submit(_task, kind, directory, rate).result()
 
 
+# ----------------------------------------------------------------------------
+# Time to the first train step, and the suspicion report.
+
+# (row name, defense, config overrides); 'cleanclip' starts from the 'none' run, so 'none' goes first.
+TRAINING_RUNS = (
+    ("none", "none", {}),
+    ("roclip", "roclip", {}),
+    ("safeclip", "safeclip", {}),
+    ("safeclip (split first)", "safeclip", {"safeclip.inmodal_warmup": 0, "safeclip.multimodal_warmup": 0}),
+    ("cleanclip", "cleanclip", {}),
+)
+SPLIT_FIRST = "safeclip (split first)"
+
+
+def write_held_out(directory: str, image_side: int) -> tuple[str, str]:
+  """The labelled held-out split poisoning draws its targets from: 40 JPEGs (4 per class), a CSV and
+  the classes JSON. Returns (csv path, classes path)."""
+  os.makedirs(directory, exist_ok=True)
+  rng = np.random.default_rng(1)
+  rows = ["image_path,caption,label"]
+  for i in range(40):
+    path = os.path.join(directory, f"{i}.jpg")
+    Image.fromarray(rng.integers(0, 256, (image_side, image_side, 3), dtype=np.uint8)).save(path, quality=95)
+    rows.append(f"{path},a photo of a {OBJECTS[i % len(OBJECTS)]},{i % len(OBJECTS)}")
+  csv_path, classes_path = os.path.join(directory, "test.csv"), os.path.join(directory, "classes.json")
+  with open(csv_path, "w") as f:
+    f.write("\n".join(rows) + "\n")
+  with open(classes_path, "w") as f:
+    json.dump({"classes": list(OBJECTS), "templates": ["a photo of a {}."]}, f)
+  return csv_path, classes_path
+
+
+def training_config(
+    defense: str, shard_dir: str, held_out: tuple[str, str], rate: float, batch_size: int, overrides: dict[str, Any]
+):
+  """A one-step run of `defense` on the synthetic shards with the tiny model (16 px, 16 tokens)."""
+  import ml_collections  # pylint: disable=g-import-not-at-top
+  from roclip_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from roclip_jax import models  # pylint: disable=g-import-not-at-top
+
+  c = config_lib.base_config()
+  c.model = models.preset("tiny")
+  c.model.image.image_size, c.model.image.patch_size = 16, 8
+  c.model.text.context_length = 16
+  c.data.source = "array_record"
+  c.data.array_record_pattern = shard_dir
+  c.data.eval_csv, c.data.classes_json = held_out
+  c.data.batch_size = batch_size
+  c.data.num_workers = 0  # Workers are other processes: this process's RSS would miss their memory.
+  c.poison = _poison_cfg(rate)
+  c.defense = defense
+  c.num_epochs = 10  # Room for SafeCLIP's published warm-ups (5 + 1 epochs) before its split.
+  c.max_steps = 1
+  c.log_every_steps = 1
+  c.progress_bar = False
+  c.checkpoint.async_save = False
+  c.evals = ml_collections.ConfigDict()
+  return config_lib.override(c, overrides)
+
+
+def _peak_mib() -> float:
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux.
+
+
+def _training_task(
+    name: str,
+    defense: str,
+    shard_dir: str,
+    held_out: tuple[str, str],
+    rate: float,
+    batch_size: int,
+    overrides: dict[str, Any],
+    workdir: str,
+    launched: float,
+) -> dict[str, Any]:
+  """One run to its first step in this (fresh) process; `launched` is the parent's time.time() at the launch."""
+  from roclip_jax import metrics as metrics_lib  # pylint: disable=g-import-not-at-top
+  from roclip_jax import train  # pylint: disable=g-import-not-at-top
+
+  del name
+  first: dict[str, float] = {}
+  write = metrics_lib.MetricWriter.write
+
+  def write_and_time(self, step, scalars, kind="train"):
+    # The loop writes step 1's row after reading its metrics back, i.e. once the step has completed.
+    if kind == "train" and not first:
+      first.update(at=time.time(), peak_mib=_peak_mib())
+    return write(self, step, scalars, kind)
+
+  metrics_lib.MetricWriter.write = write_and_time
+  start = time.time()
+  config = training_config(defense, shard_dir, held_out, rate, batch_size, overrides)
+  train.train_and_evaluate(config, workdir)
+  result = {"seconds": first["at"] - launched, "in_trainer": first["at"] - start, "peak_mib": first["peak_mib"]}
+  for row in metrics_lib.read_metrics(workdir):
+    if "safeclip/split_seconds_per_100k" in row:
+      result["split_seconds_per_100k"] = row["safeclip/split_seconds_per_100k"]
+  return result
+
+
+def _suspicion_task(workdir: str, batch_size: int, launched: float) -> dict[str, Any]:
+  from roclip_jax.experiments import suspicion  # pylint: disable=g-import-not-at-top
+
+  start = time.time()
+  report = suspicion.build_report(workdir, os.path.join(workdir, "suspicion.csv"), batch_size=batch_size)
+  end = time.time()
+  return {
+      "seconds": end - launched,
+      "in_report": end - start,
+      "peak_mib": _peak_mib(),
+      "scored": report.num_examples,
+      "metrics": {k: round(v["auroc"], 3) for k, v in report.metrics.items()},
+  }
+
+
+def _launch(fn, *args) -> dict[str, Any]:
+  """`fn(*args, launched)` in a fresh process; `launched` is the time just before its start."""
+  context = multiprocessing.get_context("spawn")
+  with concurrent.futures.ProcessPoolExecutor(1, mp_context=context) as pool:
+    return pool.submit(fn, *args, time.time()).result()  # The pool starts its process on this submit.
+
+
+def training_rows(num: int, directory: str, work_root: str, held_out: tuple[str, str]) -> list[tuple]:
+  """(task, seconds to step 1, peak MiB, detail) for each defense and the suspicion report at this N."""
+  rows = []
+  none_dir = os.path.join(work_root, f"n{num}_none")
+  for name, defense, overrides in TRAINING_RUNS:
+    if name == SPLIT_FIRST and num > FLAGS.full_pass_max:
+      continue
+    workdir = os.path.join(work_root, f"n{num}_{name.replace(' ', '_').replace('(', '').replace(')', '')}")
+    shutil.rmtree(workdir, ignore_errors=True)  # A fresh run, not a resumed one.
+    if defense == "cleanclip":
+      overrides = dict(overrides, init_from=none_dir)
+    result = _launch(
+        _training_task, name, defense, directory, held_out, FLAGS.poison_rate, FLAGS.batch_size, overrides, workdir
+    )
+    detail = f"{result['in_trainer']:.1f} s in train_and_evaluate"
+    if "split_seconds_per_100k" in result:
+      detail += f"; split pass {result['split_seconds_per_100k']:.1f} s per 100k examples"
+    rows.append((num, name, result["seconds"], result["peak_mib"], detail))
+    print(f"  {name:24s} {result['seconds']:8.1f}s to step 1  peak {result['peak_mib']:7.0f} MiB  {detail}", flush=True)
+  if num <= FLAGS.full_pass_max:
+    result = _launch(_suspicion_task, none_dir, FLAGS.batch_size)
+    detail = f"{result['in_report']:.1f} s in build_report; {result['scored']:,} scored; AUROC {result['metrics']}"
+    rows.append((num, "suspicion report", result["seconds"], result["peak_mib"], detail))
+    print(
+        f"  {'suspicion report':24s} {result['seconds']:8.1f}s in all    peak {result['peak_mib']:7.0f} MiB  {detail}"
+    )
+  return rows
+
+
 def _disk_mib(directory: str, suffix: str) -> float:
   return sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory) if f.endswith(suffix)) / 2**20
 
@@ -154,7 +328,8 @@ def main(argv) -> None:
   root = FLAGS.shard_dir or tempfile.mkdtemp(prefix="roclip_scale_")
   baseline = _in_fresh_process("imports", root, FLAGS.poison_rate)["peak_mib"]
   print(f"Peak RSS of a process that only imports the modules: {baseline:.0f} MiB (subtracted below).")
-  rows = []
+  rows, train_rows = [], []
+  held_out = write_held_out(os.path.join(root, "held_out"), FLAGS.image_side) if FLAGS.training else None
   try:
     for num in sizes:
       directory = os.path.join(root, f"n{num}")
@@ -173,6 +348,8 @@ def main(argv) -> None:
             (num, kind, result["seconds"], result["peak_mib"], result["peak_mib"] - baseline, shards_mib, index_mib)
         )
         print(f"  {kind:13s} {result['seconds']:8.2f}s  peak {result['peak_mib']:7.0f} MiB  {result}", flush=True)
+      if FLAGS.training:
+        train_rows += training_rows(num, directory, os.path.join(root, "runs"), held_out)
   finally:
     if not FLAGS.shard_dir:
       shutil.rmtree(root, ignore_errors=True)
@@ -180,6 +357,11 @@ def main(argv) -> None:
   print("|---:|---|---:|---:|---:|---:|---:|")
   for num, kind, seconds, peak, above, shards_mib, index_mib in rows:
     print(f"| {num:,} | {kind} | {seconds:.2f} | {peak:.0f} | {above:.0f} | {shards_mib:.0f} | {index_mib:.1f} |")
+  if train_rows:
+    print("\n| N | run | seconds to step 1 (report: in all) | peak RSS (MiB) | |")
+    print("|---:|---|---:|---:|---|")
+    for num, name, seconds, peak, detail in train_rows:
+      print(f"| {num:,} | {name} | {seconds:.1f} | {peak:.0f} | {detail} |")
 
 
 if __name__ == "__main__":

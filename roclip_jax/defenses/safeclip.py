@@ -318,10 +318,17 @@ def make_similarity_fn(spec: Any, mesh: Mesh):
 
 
 def dataset_similarities(
-    similarity_fn, params, model_state, batches: Iterable[dict[str, np.ndarray]], mesh: Mesh, num_examples: int
+    similarity_fn,
+    params,
+    model_state,
+    batches: Iterable[dict[str, np.ndarray]],
+    mesh: Mesh,
+    num_examples: int,
+    progress: Any = None,
 ) -> np.ndarray:
   """The own-caption cosine of every example id in [0, num_examples); NaN for ids not seen
-  (undecodable images). `batches` is this host's `pipeline.scoring_batches`."""
+  (undecodable images). `batches` is this host's `pipeline.scoring_batches`; `progress`, if
+  given (a `metadata.progress_bar`), advances by the examples of each global batch."""
   out = np.full((num_examples,), np.nan, np.float64)
   for local in batches:
     batch = sharding_lib.global_batch(
@@ -336,6 +343,8 @@ def dataset_similarities(
       sims, ids = jax.device_get(similarity_fn(params, model_state, batch["image"], batch["text"], batch["id"]))
     keep = ids >= 0
     out[ids[keep]] = sims[keep]
+    if progress is not None:  # Every host has the whole global batch: this counts all hosts' examples.
+      progress.update(int(keep.sum()))
   return out
 
 
@@ -498,22 +507,36 @@ class SafeSplitter(base.EpochHooks):
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
-    sims = dataset_similarities(
-        self._similarity, state.params, state.model_state, batches, self._mesh, self._data.num_examples
-    )
+    num_examples = self._data.num_examples
+    show = jax.process_index() == 0 and self._config.progress_bar
+    with metadata_lib.progress_bar(num_examples, f"SafeCLIP split, epoch {epoch}", enabled=show) as bar:
+      sims = dataset_similarities(
+          self._similarity, state.params, state.model_state, batches, self._mesh, num_examples, progress=bar
+      )
     first = epoch == self._first_split_epoch
     previous = float(jax.device_get(state.defense.ratio))
     split = split_dataset(sims, first_split=first, previous_ratio=previous, cfg=self._config.safeclip)
     state = state.replace(defense=place_split(state.defense, split, self._shardings))
+    seconds = time.perf_counter() - t0
     row = {
         "epoch": epoch,
         "safeclip/safe_ratio": split.ratio,
         "safeclip/gmm_low_mean": float(split.gmm.means[0]),
         "safeclip/gmm_high_mean": float(split.gmm.means[1]),
-        "safeclip/split_seconds": time.perf_counter() - t0,
+        "safeclip/split_seconds": seconds,
+        # The pass is linear in the examples: this figure carries over to another dataset size.
+        "safeclip/split_seconds_per_100k": seconds * 100_000 / max(num_examples, 1),
         "safeclip/unscored": int(np.sum(~np.isfinite(sims))),
     }
     if self._poisoned is not None and self._poisoned.any():  # Poisons let into the safe set (ideally none).
       row["safeclip/poisons_in_safe_frac"] = float(np.mean(split.safe[self._poisoned]))
-    logging.info("SafeCLIP split for epoch %d: %s", epoch, row)
+    logging.info(
+        "SafeCLIP split for epoch %d: %d examples in %.1f s (%.1f s per 100k examples, %.0f examples/s): %s",
+        epoch,
+        num_examples,
+        seconds,
+        row["safeclip/split_seconds_per_100k"],
+        num_examples / max(seconds, 1e-9),
+        row,
+    )
     return state, row

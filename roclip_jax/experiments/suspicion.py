@@ -113,6 +113,7 @@ from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
 from roclip_jax import train
 from roclip_jax.data import image_ops
+from roclip_jax.data import metadata as metadata_lib
 from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
 from roclip_jax.defenses import safeclip
@@ -130,7 +131,6 @@ _DENSITY_EPS = 1e-10
 _REFINE_ELEMENTS = 1 << 22
 # CSV rows formatted and written at a time.
 _CSV_CHUNK_ROWS = 65536
-_PROGRESS_SECONDS = 30.0
 
 
 # ----------------------------------------------------------------------------
@@ -512,40 +512,41 @@ def _gather_captions(local: np.ndarray) -> np.ndarray:
   return np.array([bytes(row).rstrip(b"\0").decode("utf-8") for row in gathered], object)
 
 
-def embed_training_set(run: Any, batches: Iterable[dict[str, np.ndarray]]) -> EmbeddedTrainingSet:
+def embed_training_set(
+    run: Any, batches: Iterable[dict[str, np.ndarray]], num_examples: int | None = None
+) -> EmbeddedTrainingSet:
   """Encodes `batches` (this host's `pipeline.scoring_batches`; every host must yield as many),
-  one batch at a time: images never outlive their batch. Every host gets every example."""
+  one batch at a time: images never outlive their batch. Every host gets every example.
+  Process 0 shows a progress bar (examples/s) over `num_examples`, the source's length."""
 
   mesh = sharding_lib.make_mesh([("data", -1)])  # The mesh `inspect.load` restored the state on.
   embed = make_embedding_fn(steps_lib.ModelSpec.create(run.config.model), mesh)
   ids, captions, image_emb, caption_emb, codes = [], [], [], [], []
-  start = last_log = time.perf_counter()
+  start = time.perf_counter()
   num_seen = 0
-  for local in batches:
-    batch = sharding_lib.global_batch(
-        {
-            "image": local["image"],
-            "text": local["text"],
-            "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
-            "code": local["poisoned"].astype(np.int32),
-        },
-        mesh,
-    )
-    with jax.set_mesh(mesh):
-      out = embed(run.state.params, run.state.model_state, batch["image"], batch["text"], batch["id"], batch["code"])
-    batch_image_emb, batch_caption_emb, batch_ids, batch_codes = (np.asarray(x) for x in jax.device_get(out))
-    batch_captions = _gather_captions(local["caption"])
-    keep = batch_ids >= 0
-    ids.append(batch_ids[keep].astype(np.int64))
-    image_emb.append(batch_image_emb[keep].astype(np.float32))
-    caption_emb.append(batch_caption_emb[keep].astype(np.float32))
-    codes.append(batch_codes[keep].astype(np.int8))
-    captions.extend(str(c) for c in batch_captions[keep])
-    num_seen += int(keep.sum())
-    now = time.perf_counter()
-    if now - last_log > _PROGRESS_SECONDS:
-      last_log = now
-      logging.info("Embedding pass: %d examples, %.0f examples/s.", num_seen, num_seen / (now - start))
+  with metadata_lib.progress_bar(num_examples, "suspicion: embedding pass", enabled=jax.process_index() == 0) as bar:
+    for local in batches:
+      batch = sharding_lib.global_batch(
+          {
+              "image": local["image"],
+              "text": local["text"],
+              "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
+              "code": local["poisoned"].astype(np.int32),
+          },
+          mesh,
+      )
+      with jax.set_mesh(mesh):
+        out = embed(run.state.params, run.state.model_state, batch["image"], batch["text"], batch["id"], batch["code"])
+      batch_image_emb, batch_caption_emb, batch_ids, batch_codes = (np.asarray(x) for x in jax.device_get(out))
+      batch_captions = _gather_captions(local["caption"])
+      keep = batch_ids >= 0
+      ids.append(batch_ids[keep].astype(np.int64))
+      image_emb.append(batch_image_emb[keep].astype(np.float32))
+      caption_emb.append(batch_caption_emb[keep].astype(np.float32))
+      codes.append(batch_codes[keep].astype(np.int8))
+      captions.extend(str(c) for c in batch_captions[keep])
+      num_seen += int(keep.sum())
+      bar.update(int(keep.sum()))  # The global batch: every host's examples.
   if not num_seen:
     raise ValueError("No training image could be decoded; check config.data of the run.")
   num_skipped = int(getattr(batches, "num_skipped", 0))
@@ -555,7 +556,10 @@ def embed_training_set(run: Any, batches: Iterable[dict[str, np.ndarray]]) -> Em
     num_skipped = int(np.sum(multihost_utils.process_allgather(np.int64(num_skipped))))
   ids = np.concatenate(ids)
   order = np.argsort(ids, kind="stable")  # Hosts read strided slices: back to id order.
-  logging.info("Embedding pass: %d examples in %.1f s.", num_seen, time.perf_counter() - start)
+  seconds = time.perf_counter() - start
+  logging.info(
+      "Embedding pass: %d examples in %.1f s (%.0f examples/s).", num_seen, seconds, num_seen / max(seconds, 1e-9)
+  )
   return EmbeddedTrainingSet(
       ids=ids[order],
       captions=[captions[i] for i in order],
@@ -659,7 +663,7 @@ def build_report(
       process_index=jax.process_index(),
       process_count=jax.process_count(),
   )
-  data = embed_training_set(run, batches)
+  data = embed_training_set(run, batches, num_examples=len(source))
   pool_emb = pool_ids = None
   if run.pool is not None:
     pool_emb = np.asarray(run.pool.embeddings, np.float32)
