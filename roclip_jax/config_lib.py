@@ -225,6 +225,11 @@ def validate(config: ml_collections.ConfigDict, num_batch_shards: int = 1) -> No
       poison.validate_config(config.poison)
     except ValueError as e:
       raise ConfigError(f"config.{e}") from None
+  try:  # Where images are augmented (host workers or the train step), and the device path's source size.
+    if augment.placement(config.augment) == "device":
+      augment.device_source_size(config.augment, config.model.image.image_size)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
   _validate_loss_and_lock(config, losses.LOSSES)
   _validate_scale(config, num_batch_shards)
   defense = defenses.get(config.defense)

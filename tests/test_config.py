@@ -109,3 +109,16 @@ def test_dotted_overrides_copy_and_reject_unknown_fields():
   assert (config.roclip.k, config.augment.image) == (2, False)  # The original is untouched.
   with pytest.raises(config_lib.ConfigError, match="'roclip.kk'"):
     config_lib.override(config, {"roclip.kk": 3})
+
+
+def test_augment_placement_is_validated():
+  c = config_lib.base_config()
+  c.augment.placement = "gpu"
+  with pytest.raises(config_lib.ConfigError, match=r"config\.augment\.placement='gpu' is unknown"):
+    config_lib.validate(c)
+  c.augment.placement = "device"
+  c.augment.device_source_size = c.model.image.image_size - 1
+  with pytest.raises(config_lib.ConfigError, match=r"device_source_size=.* is smaller than the model's image size"):
+    config_lib.validate(c)
+  c.augment.device_source_size = 0
+  config_lib.validate(c)
