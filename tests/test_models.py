@@ -230,6 +230,211 @@ def test_residual_block_matches_numpy(causal):
   np.testing.assert_allclose(np.asarray(got), expected, atol=1e-5, rtol=1e-5)
 
 
+# ---------------------------------------------------------------- attention kernels (model.attention_impl)
+
+
+def _today_einsum_attention(q, k, v, causal):
+  """The hand-written attention exactly as it was before `attention_impl` existed (same ops, same order)."""
+  logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+  if causal:
+    visible = jnp.tril(jnp.ones(logits.shape[-2:], dtype=bool))
+    logits = jnp.where(visible, logits, jnp.finfo(jnp.float32).min)
+  return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1).astype(v.dtype), v)
+
+
+def _np_attention(q, k, v, causal):
+  """softmax(q k^T + causal mask) v per head in float64 NumPy; q (already scaled), k, v: [B, L, H, Dh]."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k)
+  if causal:
+    logits = np.where(np.tri(q.shape[1], k.shape[1], dtype=bool), logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights /= weights.sum(-1, keepdims=True)
+  return np.einsum("bhqk,bkhd->bqhd", weights, v)
+
+
+def _np_attention_bf16(q, k, v, causal, *, bf16_logits=False):
+  """OpenAI's fp16 recipe in NumPy for bfloat16 q, k, v: float32 logits and softmax, the probabilities
+  rounded to bfloat16, then probabilities.v rounded to bfloat16.
+
+  `bf16_logits=True` rounds the logits to bfloat16 before the softmax instead: what a kernel with a
+  half-precision softmax computes, which the test must tell apart.
+  """
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))  # bfloat16 values, exact in float64
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k).astype(np.float32)
+  if bf16_logits:
+    logits = logits.astype(jnp.bfloat16).astype(np.float32)
+  if causal:
+    logits = np.where(np.tri(q.shape[1], k.shape[1], dtype=bool), logits, -np.inf)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights = (weights / weights.sum(-1, keepdims=True)).astype(jnp.bfloat16)
+  return np.einsum("bhqk,bkhd->bqhd", weights.astype(np.float64), v).astype(jnp.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_auto_attention_off_gpu_is_the_einsum_attention_bit_for_bit(dtype, causal):
+  """The default kernel on CPU/TPU computes exactly what every published table was measured with."""
+  rng = np.random.default_rng(5)
+  q, k, v = (jnp.asarray(rng.normal(0, 2, size=(2, 7, 3, 24)), dtype) for _ in range(3))
+  for fn in (jax.jit, lambda f: f):  # Eagerly and under jit, forward and backward.
+    auto = fn(lambda q, k, v: layers_lib.dot_product_attention(q, k, v, causal=causal))
+    today = fn(lambda q, k, v: _today_einsum_attention(q, k, v, causal))
+    np.testing.assert_array_equal(np.asarray(auto(q, k, v), np.float32), np.asarray(today(q, k, v), np.float32))
+  loss = lambda attend: jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v).astype(jnp.float32) ** 2), (0, 1, 2))
+  for got, want in zip(
+      loss(lambda q, k, v: layers_lib.dot_product_attention(q, k, v, causal=causal))(q, k, v),
+      loss(lambda q, k, v: _today_einsum_attention(q, k, v, causal))(q, k, v),
+  ):
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(want, np.float32))
+
+
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+@pytest.mark.parametrize("causal, q_len", [(False, 7), (True, 7), (False, 1)])  # q_len 1: SigLIP's MAP probe
+def test_attention_kernels_match_numpy_in_float32(implementation, causal, q_len):
+  rng = np.random.default_rng(6)
+  # Dh = 24 (scale 24**-0.5 is not a power of two), 3 heads, odd lengths.
+  q = (rng.normal(0, 2, size=(2, q_len, 3, 24)) * 24**-0.5).astype(np.float32)
+  k, v = (rng.normal(0, 2, size=(2, 7, 3, 24)).astype(np.float32) for _ in range(2))
+  with jax.default_matmul_precision("highest"):
+    got = layers_lib.dot_product_attention(
+        jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=causal, implementation=implementation
+    )
+  assert got.dtype == jnp.float32
+  np.testing.assert_allclose(np.asarray(got), _np_attention(q, k, v, causal), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("implementation", ["auto", "xla"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_bfloat16_attention_computes_the_softmax_in_float32(implementation, causal):
+  rng = np.random.default_rng(8)
+  shape = (2, 9, 2, 16)
+  q, k, v = (rng.normal(size=shape).astype(jnp.bfloat16) for _ in range(3))
+  # A shared channel puts every logit near 16 * 4 = 64 with a spread of about 1. Softmax is
+  # shift-invariant, so float32 logits keep the spread exactly, while bfloat16 (spacing 0.5 at 64)
+  # would move each logit by up to 0.25 and each probability by up to e**0.25 - 1 = 28%.
+  q[..., 0], k[..., 0] = 4, 16
+  got = layers_lib.dot_product_attention(
+      jnp.asarray(q), jnp.asarray(k), jnp.asarray(v), causal=causal, implementation=implementation
+  )
+  assert got.dtype == jnp.bfloat16
+  got = np.asarray(got, np.float64)
+  ref = _np_attention_bf16(q, k, v, causal).astype(np.float64)
+  half_softmax = _np_attention_bf16(q, k, v, causal, bf16_logits=True).astype(np.float64)
+  # With the same float32 softmax a kernel and the reference differ only where a probability or an
+  # output rounds to the other neighbouring bfloat16 (a float32-ulp difference in the logits):
+  # <= 2u * sum_j p_j |v_j| + u |out| <= 3u max|v|, u = 2**-9. Allow 4u = 2**-7 of max |v|.
+  tol = 2**-7 * np.abs(np.asarray(v, np.float64)).max()
+  assert np.abs(got - ref).max() <= tol, (np.abs(got - ref).max(), tol)
+  # These inputs do tell the two softmax precisions apart (so the check above can fail).
+  assert np.abs(half_softmax - ref).max() > 4 * tol, (np.abs(half_softmax - ref).max(), tol)
+
+
+# Stated tolerances of 'xla' against the einsum attention on whole models: outputs relative to their largest
+# magnitude, gradients relative to the largest gradient entry of the model (not per leaf: a leaf like the
+# k-projection bias has a gradient that is zero in exact arithmetic, so only rounding noise is left in it).
+# float32: both kernels compute the same float32 function and differ by reassociated sums, ~1 float32 ulp
+# (1e-7) per attention call, amplified by the depth and, for gradients, by cancelling sums: 1e-5 for
+# outputs, 1e-4 for gradients. bfloat16: each kernel may round its bfloat16 intermediates (u = 2**-9 ~ 2e-3)
+# at different points, so they may differ by a few u: 2e-2.
+_XLA_TOLERANCE = {"float32": (1e-5, 1e-4), "bfloat16": (2e-2, 2e-2)}
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-siglip"])  # CLIP's causal text; SigLIP's bidirectional + MAP
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_xla_kernel_matches_the_einsum_attention_within_the_stated_tolerance(preset, dtype, images):
+  cfg = models.preset(preset)
+  cfg.dtype = dtype
+  einsum_model = models.build(cfg, rngs=nnx.Rngs(0))
+  xla_cfg = models.preset(preset)
+  xla_cfg.update(dict(dtype=dtype, attention_impl="xla"))
+  xla_model = _with_params_of(xla_cfg, einsum_model)
+  tokens = _tokens(np.random.default_rng(2), [5, 31, 12])
+
+  def outputs_and_grads(model):
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+
+    def loss(params):
+      zimg, ztxt = nnx.merge(graphdef, params, rest)(images, tokens)
+      return jnp.sum(jnp.tanh(zimg @ ztxt.T)), (zimg, ztxt)
+
+    (_, outs), grads = jax.jit(jax.value_and_grad(loss, has_aux=True))(params)
+    return [np.asarray(o, np.float64) for o in outs], [np.asarray(g, np.float64) for g in jax.tree.leaves(grads)]
+
+  (einsum_out, einsum_grads), (xla_out, xla_grads) = outputs_and_grads(einsum_model), outputs_and_grads(xla_model)
+  out_tol, grad_tol = _XLA_TOLERANCE[dtype]
+  for got, want in zip(xla_out, einsum_out):
+    err = np.abs(got - want).max() / np.abs(want).max()
+    assert err <= out_tol, (err, out_tol)
+  grad_scale = max(np.abs(g).max() for g in einsum_grads)
+  err = max(np.abs(got - want).max() for got, want in zip(xla_grads, einsum_grads)) / grad_scale
+  assert err <= grad_tol, (err, grad_tol)
+
+
+@pytest.mark.parametrize("attention_impl", ["auto", "xla"])
+def test_text_attention_is_causal_and_siglip_text_bidirectional_with_each_kernel(attention_impl, tokens):
+  for preset, causal in (("tiny", True), ("tiny-siglip", False)):
+    cfg = models.preset(preset)
+    cfg.attention_impl = attention_impl
+    text_model = models.build(cfg, rngs=nnx.Rngs(0)).text_model
+    base = _token_features(text_model, tokens)
+    j = 9
+    edited = _token_features(text_model, tokens.at[:, j].set(777))
+    before = np.abs(np.asarray(edited[:, :j]) - np.asarray(base[:, :j])).max()
+    if causal:
+      assert before <= 1e-6, before  # Positions before j never see token j.
+    else:
+      assert before > 1e-4, before  # Every position sees token j.
+    assert (np.abs(edited[:, j:] - base[:, j:]).max(axis=-1) > 1e-4).all()
+
+
+def test_attention_kernel_choice_per_platform(monkeypatch):
+  choose = layers_lib.attention_kernel
+  monkeypatch.setattr(layers_lib, "_is_cudnn_gpu", lambda: False)  # As on CPU, TPU or a pre-Ampere GPU.
+  assert choose("auto", jnp.bfloat16, 64) == "einsum"
+  assert choose("auto", jnp.float32, 64) == "einsum"
+  assert choose("xla", jnp.float32, 64) == "xla"
+  assert choose("cudnn", jnp.bfloat16, 64) == "cudnn"  # Explicit: `dot_product_attention` explains the refusal.
+  with pytest.raises(ValueError, match="attention_impl='flash' is unknown"):
+    choose("flash", jnp.float32, 64)
+  monkeypatch.setattr(layers_lib, "_is_cudnn_gpu", lambda: True)  # As on an sm80+ NVIDIA GPU.
+  assert choose("auto", jnp.bfloat16, 64) == "cudnn"  # ViT-B/32: head dim 64 in both towers.
+  assert choose("auto", jnp.float16, 128) == "cudnn"
+  assert choose("auto", jnp.float32, 64) == "einsum"  # No float32 fused kernel.
+  assert choose("auto", jnp.bfloat16, 12) == "einsum"  # Head dim not a multiple of 8.
+  assert choose("auto", jnp.bfloat16, 160) == "einsum"  # Over 128.
+
+
+@pytest.mark.skipif(jax.default_backend() == "gpu", reason="needs a host where cuDNN cannot run")
+def test_auto_falls_back_where_cudnn_refuses_and_forced_cudnn_explains(monkeypatch):
+  rng = np.random.default_rng(9)
+  q, k, v = (jnp.asarray(rng.normal(size=(2, 5, 2, 16)), jnp.bfloat16) for _ in range(3))
+  with pytest.raises(ValueError, match="attention_impl='cudnn' cannot run on this host"):
+    layers_lib.dot_product_attention(q, k, v, causal=True, implementation="cudnn")
+  with pytest.raises(ValueError, match="needs bfloat16/float16"):
+    layers_lib.dot_product_attention(*(t.astype(jnp.float32) for t in (q, k, v)), causal=True, implementation="cudnn")
+  # 'auto' believes it is on a GPU and picks cuDNN, which (absent on this host) refuses at trace time.
+  monkeypatch.setattr(layers_lib, "_is_cudnn_gpu", lambda: True)
+  auto = layers_lib.dot_product_attention(q, k, v, causal=True, implementation="auto")
+  np.testing.assert_array_equal(
+      np.asarray(auto, np.float32), np.asarray(_today_einsum_attention(q, k, v, True), np.float32)
+  )
+
+
+def test_attention_impl_changes_no_parameter_and_old_configs_build(tiny, images, tokens):
+  assert models.preset("tiny").attention_impl == "auto"
+  ref = _encode(tiny, images, tokens)
+  old = _mutate("tiny", attention_impl=_DELETE)  # A config saved before the field existed.
+  model = _with_params_of(old, tiny)  # Fails unless the parameter trees are identical.
+  assert jax.tree.structure(nnx.state(model)) == jax.tree.structure(nnx.state(tiny))
+  for got, want in zip(_encode(model, images, tokens), ref):
+    np.testing.assert_array_equal(got, want)
+  xla = _abstract(_mutate("tiny-siglip", attention_impl="xla"))
+  assert jax.tree.structure(nnx.state(xla)) == jax.tree.structure(nnx.state(_abstract(models.preset("tiny-siglip"))))
+  kernels = {layer.self_attn.attention_impl for tower in (xla.text_model, xla.vision_model) for layer in tower.layers}
+  assert kernels | {xla.vision_model.head.attention.attention_impl} == {"xla"}
+
+
 def test_gelu_option_is_exact_erf_gelu():
   x = np.linspace(-4, 4, 9)
   expected = 0.5 * x * (1 + np.vectorize(math.erf)(x / math.sqrt(2)))
@@ -425,6 +630,8 @@ _DELETE = object()
         ("tiny-siglip", dict(embed_dim=32), "embed_dim"),
         ("tiny-rn", dict(image__pool="map"), "image.pool"),
         ("tiny-rn", dict(image__patch_bias=True), "image.patch_bias"),
+        ("tiny", dict(attention_impl="flash"), "attention_impl"),
+        ("tiny", dict(attention_impl="cudnn"), "attention_impl"),  # float32: cuDNN has no kernel
     ],
 )
 def test_build_rejects_bad_configs_naming_the_field(name, changes, field):

@@ -345,6 +345,7 @@ def test_load_openai_infers_the_architecture_like_build_model(hf_dir, tmp_path):
       remat=False,
       remat_policy="full",
       logit_bias=False,
+      attention_impl="auto",
       image=dict(type="vit", image_size=32, patch_size=8, width=64, layers=2, heads=1, mlp_width=0),
       text=dict(vocab_size=49408, context_length=CONTEXT, width=64, layers=2, heads=1, mlp_width=0),
   )

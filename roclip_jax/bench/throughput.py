@@ -38,11 +38,14 @@ from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
 from roclip_jax.data import image_ops
+from roclip_jax.models import layers
 from roclip_jax.defenses import roclip
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", "configs/vitb32.py", "Experiment config whose train step is timed.")
-flags.DEFINE_string("preset", None, "Replace config.model by this preset (keeping dtype/remat), e.g. 'tiny'.")
+flags.DEFINE_string(
+    "preset", None, "Replace config.model by this preset (keeping dtype/remat/attention_impl), e.g. 'tiny'."
+)
 flags.DEFINE_integer("batch", None, "Global batch (default: config.data.batch_size).")
 flags.DEFINE_integer("steps", 10, "Timed steps per measurement, after warm-up.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
@@ -52,6 +55,7 @@ flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"], "PyTorch/HF comparison
 # against `device.device_kind`, so more specific names come first.
 PEAK_FLOPS = (
     ("H200", 989e12),
+    ("H100 PCIe", 756e12),
     ("H100", 989e12),
     ("A100", 312e12),
     ("L40S", 362e12),
@@ -237,8 +241,9 @@ def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int
   config = base.copy_and_resolve_references()
   if preset:
     dtype, remat = config.model.dtype, config.model.remat
+    impl = models.attention_impl(config.model)  # A runtime choice, like dtype: the preset keeps it.
     config.model = models.preset(preset)
-    config.model.dtype, config.model.remat = dtype, remat
+    config.model.update(dict(dtype=dtype, remat=remat, attention_impl=impl))
   if batch:
     config.data.batch_size = batch
   config.defense = "roclip"
@@ -247,6 +252,17 @@ def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int
   mesh = sharding.make_mesh(config.mesh)
   config_lib.validate(config, sharding.num_batch_shards(mesh))
   return config
+
+
+def attention_kernels(model_cfg: ml_collections.ConfigDict) -> str:
+  """What `model.attention_impl` runs on this host per transformer tower, e.g. 'auto -> cudnn'."""
+  dtype = models.COMPUTE_DTYPES[model_cfg.dtype]
+  impl = models.attention_impl(model_cfg)
+  towers = [("text", model_cfg.text)] + ([("image", model_cfg.image)] if model_cfg.image.type == "vit" else [])
+  kernels = {name: layers.attention_kernel(impl, dtype, tower.width // tower.heads) for name, tower in towers}
+  if len(set(kernels.values())) == 1:
+    return f"{impl} -> {next(iter(kernels.values()))}"
+  return f"{impl} -> " + ", ".join(f"{name} {kernel}" for name, kernel in kernels.items())
 
 
 def main(argv) -> None:
@@ -259,7 +275,8 @@ def main(argv) -> None:
   m = config.model
   print(
       f"devices: {n} x {device.device_kind} ({device.platform}); model {FLAGS.preset or 'from config'} "
-      f"({m.image.type} {m.image.image_size}px, embed {m.embed_dim}, {m.dtype}, remat={m.remat}); "
+      f"({m.image.type} {m.image.image_size}px, embed {m.embed_dim}, {m.dtype}, remat={m.remat}, "
+      f"attention {attention_kernels(m)}); "
       f"global batch {b}; mesh {tuple(map(tuple, config.mesh))}; grad_accum_steps {config.grad_accum_steps}; "
       f"pool {config.roclip.pool_size} ({'sharded' if config.roclip.shard_pool else 'replicated'})"
   )

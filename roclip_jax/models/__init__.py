@@ -6,7 +6,9 @@ img, txt = model(images_nhwc, tokens, train=True)   # float32, un-normalised
 """
 
 from roclip_jax.models.clip import CLIP
+from roclip_jax.models.clip import COMPUTE_DTYPES
 from roclip_jax.models.clip import OPTIONAL_DEFAULTS
+from roclip_jax.models.clip import attention_impl
 from roclip_jax.models.clip import build
 from roclip_jax.models.clip import count_params
 from roclip_jax.models.clip import flops_per_pair
@@ -20,8 +22,10 @@ from roclip_jax.models.spec import ModelSpec
 
 __all__ = [
     "CLIP",
+    "COMPUTE_DTYPES",
     "ModelSpec",
     "OPTIONAL_DEFAULTS",
+    "attention_impl",
     "build",
     "count_params",
     "flops_per_pair",

@@ -32,6 +32,10 @@ Model config schema (every field is required by `build`):
                                       'dots_saveable', 'dots_no_batch_saveable'
   logit_bias: bool (optional)         add SigLIP's learnable logit bias b (init -10) and start the
                                       logit scale at ln 10; default False (OpenAI/HF layout)
+  attention_impl: str (optional)      the transformer attention kernel, a runtime choice that changes no
+                                      parameter: 'auto' (default: cuDNN's fused attention on an sm80+
+                                      NVIDIA GPU in bfloat16, the hand-written einsum attention
+                                      elsewhere), 'xla' or 'cudnn' (layers.attention_kernel)
 
 The optional fields' defaults (`OPTIONAL_DEFAULTS`) are the CLIP layout, so configs written before a
 field existed build the same model with the same initial weights.
@@ -90,6 +94,11 @@ def mlp_width(tower_cfg: ml_collections.ConfigDict) -> int:
   return int(explicit) if explicit else 4 * int(tower_cfg.width)
 
 
+def attention_impl(model_cfg: ml_collections.ConfigDict) -> str:
+  """`model.attention_impl`; configs saved before the field existed mean 'auto'."""
+  return model_cfg.get("attention_impl", "auto")
+
+
 def _remat(model_cfg: ml_collections.ConfigDict) -> bool | str:
   """False, or the remat policy name for `layers.apply_blocks`."""
   return model_cfg.get("remat_policy", "full") if model_cfg.remat else False
@@ -124,6 +133,7 @@ class CLIP(nnx.Module):
           patch_bias=option(model_cfg, "image.patch_bias"),
           pre_norm=option(model_cfg, "image.pre_norm"),
           layer_norm_eps=eps,
+          attention_impl=attention_impl(model_cfg),
           rngs=rngs,
       )
       if pool == "map":
@@ -162,6 +172,7 @@ class CLIP(nnx.Module):
         causal=option(model_cfg, "text.causal"),
         pool=option(model_cfg, "text.pool"),
         layer_norm_eps=eps,
+        attention_impl=attention_impl(model_cfg),
         rngs=rngs,
     )
     self.text_projection = nnx.Linear(
@@ -332,6 +343,17 @@ def validate_config(model_cfg: ml_collections.ConfigDict) -> None:
   logit_bias = model_cfg.get("logit_bias", False)
   if not isinstance(logit_bias, bool):
     raise ValueError(f"model config `logit_bias`={logit_bias!r} must be a bool (True adds SigLIP's bias).")
+  impl = attention_impl(model_cfg)
+  if impl not in layers_lib.ATTENTION_IMPLS:
+    raise ValueError(
+        f"model config `attention_impl`={impl!r} must be one of {layers_lib.ATTENTION_IMPLS} ('auto': cuDNN's "
+        "fused attention where it applies, the einsum attention elsewhere)."
+    )
+  if impl == "cudnn" and dtype != "bfloat16":
+    raise ValueError(
+        f"model config `attention_impl`='cudnn' needs `dtype`='bfloat16' (cuDNN's fused attention has no "
+        f"{dtype} kernel), got {dtype!r}; set dtype='bfloat16', or attention_impl='auto' or 'xla'."
+    )
   policy = model_cfg.get("remat_policy", "full")
   if policy not in layers_lib.REMAT_POLICIES:
     raise ValueError(f"model config `remat_policy`={policy!r} must be one of {sorted(layers_lib.REMAT_POLICIES)}.")

@@ -7,12 +7,18 @@ importer transposes PyTorch `[out, in]` weights.
 
 Mixed precision: matmuls run in `dtype` (float32 or bfloat16); parameters are always float32;
 layer norms and the attention softmax always run in float32, as in OpenAI's fp16 training.
+
+Attention kernels (`model.attention_impl`, `attention_kernel`): by default ('auto') the hand-written
+einsum attention below, except on an sm80+ NVIDIA GPU with bfloat16/float16 inputs and a head dim cuDNN
+supports, where `jax.nn.dot_product_attention` runs cuDNN's fused kernel. 'xla' and 'cudnn' force
+`jax.nn.dot_product_attention` with that implementation.
 """
 
 from __future__ import annotations
 
 from typing import Callable
 
+from absl import logging
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -70,8 +76,12 @@ class LayerNorm(nnx.LayerNorm):
     return super().__call__(x.astype(jnp.float32)).astype(x.dtype)
 
 
-def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
-  """Softmax attention over heads with a float32 softmax.
+def einsum_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool) -> jax.Array:
+  """Softmax attention over heads with a float32 softmax, written out (materialised logits).
+
+  The default kernel on CPU and TPU: every published table was measured with exactly this arithmetic,
+  so it stays as it is (`jax.nn.dot_product_attention`'s XLA path computes the same function with
+  different rounding).
 
   Args:
     q: [B, Lq, H, Dh] queries, already scaled by Dh**-0.5.
@@ -91,8 +101,104 @@ def dot_product_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: b
   return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
 
 
+# `model.attention_impl`: which kernel computes the attention (see `attention_kernel`).
+ATTENTION_IMPLS = ("auto", "xla", "cudnn")
+# cuDNN's fused (flash) attention takes half-precision inputs only, and head dims that are a multiple of
+# 8 up to 128 on every supported GPU (256 from Hopper on; 128 is the limit that holds everywhere).
+_CUDNN_DTYPES = (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+_CUDNN_MAX_HEAD_DIM = 128
+
+
+def _is_cudnn_gpu() -> bool:
+  """Whether JAX runs on an NVIDIA GPU recent enough for cuDNN's fused attention (Ampere, sm80+)."""
+  if jax.default_backend() != "gpu":
+    return False
+  capability = getattr(jax.devices()[0], "compute_capability", None)
+  try:  # "8.0" on CUDA; ROCm names an architecture ("gfx90a") and has no cuDNN.
+    return tuple(int(part) for part in str(capability).split(".")[:2]) >= (8, 0)
+  except ValueError:
+    return False
+
+
+def cudnn_supports(dtype: jnp.dtype, head_dim: int) -> bool:
+  """Whether cuDNN's fused attention has a kernel for these inputs (the GPU itself aside)."""
+  return jnp.dtype(dtype) in _CUDNN_DTYPES and head_dim % 8 == 0 and head_dim <= _CUDNN_MAX_HEAD_DIM
+
+
+def attention_kernel(impl: str, dtype: jnp.dtype, head_dim: int) -> str:
+  """The kernel `model.attention_impl` runs for inputs of `dtype` and `head_dim` on this host.
+
+  * 'auto' (default): 'cudnn' on an sm80+ NVIDIA GPU when `cudnn_supports` the inputs (ViT-B/32 in
+    bfloat16: head dim 64 in both towers); 'einsum' (the hand-written `einsum_attention`, bitwise
+    what this framework always computed) everywhere else, CPU and TPU included, and for float32.
+  * 'xla': `jax.nn.dot_product_attention(implementation='xla')`, on any platform.
+  * 'cudnn': `jax.nn.dot_product_attention(implementation='cudnn')`; `dot_product_attention` raises
+    a ValueError where it cannot run.
+
+  Raises:
+    ValueError: `impl` is not one of ATTENTION_IMPLS.
+  """
+  if impl not in ATTENTION_IMPLS:
+    raise ValueError(f"attention_impl={impl!r} is unknown; use one of {ATTENTION_IMPLS}.")
+  if impl != "auto":
+    return impl
+  return "cudnn" if cudnn_supports(dtype, head_dim) and _is_cudnn_gpu() else "einsum"
+
+
+def dot_product_attention(
+    q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool, implementation: str = "auto"
+) -> jax.Array:
+  """Softmax attention over heads with a float32 softmax, by the kernel `implementation` selects.
+
+  Every kernel keeps OpenAI's fp16 recipe: q.k logits accumulate in float32, the causal mask and the
+  softmax are applied in float32, and the probabilities are cast to the dtype of `v` for the
+  probabilities.v matmul (JAX's XLA path does exactly this; cuDNN's flash kernel keeps its running
+  softmax statistics in float32 and feeds half-precision probabilities to the second matmul).
+
+  Args:
+    q: [B, Lq, H, Dh] queries, already scaled by Dh**-0.5 (so every kernel gets scale=1).
+    k: [B, Lk, H, Dh] keys.
+    v: [B, Lk, H, Dh] values.
+    causal: if True, query i only sees keys j <= i (requires Lq == Lk).
+    implementation: 'auto', 'xla' or 'cudnn' (`attention_kernel`).
+
+  Returns:
+    [B, Lq, H, Dh] in the dtype of `v`.
+
+  Raises:
+    ValueError: `implementation` is unknown, or 'cudnn' cannot run these inputs on this host.
+  """
+  kernel = attention_kernel(implementation, q.dtype, q.shape[-1])
+  if kernel == "einsum":
+    return einsum_attention(q, k, v, causal=causal)
+  if kernel == "xla":
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=causal, implementation="xla")
+  if implementation == "cudnn" and not cudnn_supports(q.dtype, q.shape[-1]):
+    raise ValueError(
+        f"model.attention_impl='cudnn' cannot run {q.dtype} inputs with head dim {q.shape[-1]}: cuDNN's fused "
+        "attention needs bfloat16/float16 and a head dim that is a multiple of 8 up to 128. Set model.dtype="
+        "'bfloat16', or attention_impl='auto' (cuDNN where it applies) or 'xla'."
+    )
+  try:
+    # JAX runs cuDNN's remaining checks (a CUDA GPU, cuDNN's version) while tracing, so they land here.
+    return jax.nn.dot_product_attention(q, k, v, scale=1.0, is_causal=causal, implementation="cudnn")
+  except (NotImplementedError, RuntimeError, ValueError) as e:
+    if implementation == "cudnn":
+      raise ValueError(
+          f"model.attention_impl='cudnn' cannot run on this host ({jax.default_backend()}: {e}); it needs an "
+          "sm80+ NVIDIA GPU with cuDNN. Use attention_impl='auto' (cuDNN where it applies, the einsum "
+          "attention elsewhere) or 'xla'."
+      ) from e
+    # 'auto' picked cuDNN but it refused this shape: the einsum attention computes the same function.
+    logging.warning("cuDNN fused attention refused q%s %s (%s); using the einsum attention.", q.shape, q.dtype, e)
+    return einsum_attention(q, k, v, causal=causal)
+
+
 class MultiHeadAttention(nnx.Module):
-  """Self-attention with separate q/k/v/out projections (Hugging Face `CLIPAttention` layout)."""
+  """Self-attention with separate q/k/v/out projections (Hugging Face `CLIPAttention` layout).
+
+  `attention_impl` picks the attention kernel (`attention_kernel`) and changes no parameter.
+  """
 
   def __init__(
       self,
@@ -102,6 +208,7 @@ class MultiHeadAttention(nnx.Module):
       dtype: jnp.dtype = jnp.float32,
       in_proj_std: float | None = None,
       out_proj_std: float | None = None,
+      attention_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     """Builds the four projections.
@@ -112,10 +219,14 @@ class MultiHeadAttention(nnx.Module):
       dtype: matmul compute dtype.
       in_proj_std: normal std of the q/k/v kernels (None: PyTorch default init).
       out_proj_std: normal std of the out kernel (None: PyTorch default init).
+      attention_impl: 'auto', 'xla' or 'cudnn' (see `attention_kernel`).
       rngs: parameter RNG streams.
     """
     if width % heads:
       raise ValueError(f"width={width} is not divisible by heads={heads}; pick heads that divide it.")
+    if attention_impl not in ATTENTION_IMPLS:  # Fail at construction, not at the first call.
+      raise ValueError(f"attention_impl={attention_impl!r} is unknown; use one of {ATTENTION_IMPLS}.")
+    self.attention_impl = attention_impl
     self.width = width
     self.heads = heads
     self.head_dim = width // heads
@@ -153,7 +264,7 @@ class MultiHeadAttention(nnx.Module):
     q = split(self.q_proj(queries)) * jnp.asarray(self.head_dim**-0.5, self.dtype)
     k = split(self.k_proj(tokens))
     v = split(self.v_proj(tokens))
-    out = dot_product_attention(q, k, v, causal=causal)
+    out = dot_product_attention(q, k, v, causal=causal, implementation=self.attention_impl)
     return self.out_proj(out.reshape(batch, queries.shape[1], self.width))
 
 
@@ -216,6 +327,7 @@ class ResidualAttentionBlock(nnx.Module):
       causal: bool = False,
       dtype: jnp.dtype = jnp.float32,
       layer_norm_eps: float = LAYER_NORM_EPS,
+      attention_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     """Builds one block with OpenAI CLIP's `initialize_parameters` stds.
@@ -230,6 +342,7 @@ class ResidualAttentionBlock(nnx.Module):
       causal: mask future positions (text tower).
       dtype: matmul compute dtype.
       layer_norm_eps: epsilon of both layer norms.
+      attention_impl: the attention kernel, 'auto', 'xla' or 'cudnn' (`attention_kernel`).
       rngs: parameter RNG streams.
     """
     attn_std = width**-0.5
@@ -238,7 +351,7 @@ class ResidualAttentionBlock(nnx.Module):
     self.causal = causal
     self.layer_norm1 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.self_attn = MultiHeadAttention(
-        width, heads, dtype=dtype, in_proj_std=attn_std, out_proj_std=proj_std, rngs=rngs
+        width, heads, dtype=dtype, in_proj_std=attn_std, out_proj_std=proj_std, attention_impl=attention_impl, rngs=rngs
     )
     self.layer_norm2 = LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.mlp = MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, fc1_std=fc_std, fc2_std=proj_std, rngs=rngs)
@@ -264,6 +377,7 @@ def make_blocks(
     rngs: nnx.Rngs,
     mlp_width: int | None = None,
     layer_norm_eps: float = LAYER_NORM_EPS,
+    attention_impl: str = "auto",
 ) -> nnx.List:
   """A stack of `layers` independent ResidualAttentionBlocks (no shared submodules)."""
   return nnx.List(
@@ -277,6 +391,7 @@ def make_blocks(
               causal=causal,
               dtype=dtype,
               layer_norm_eps=layer_norm_eps,
+              attention_impl=attention_impl,
               rngs=rngs,
           )
           for _ in range(layers)

@@ -63,7 +63,7 @@ def clip_config(
     *, embed_dim: int, image: dict, text: ml_collections.ConfigDict, act: str = "quick_gelu", logit_bias: bool = False
 ) -> ml_collections.ConfigDict:
   """Assembles the full schema with the defaults: float32 compute, no remat, no logit bias
-  (set `logit_bias=True` for the SigLIP loss)."""
+  (set `logit_bias=True` for the SigLIP loss), attention kernel chosen per platform ('auto')."""
   return ml_collections.ConfigDict(
       dict(
           embed_dim=embed_dim,
@@ -74,6 +74,7 @@ def clip_config(
           remat=False,
           remat_policy="full",
           logit_bias=logit_bias,
+          attention_impl="auto",
       )
   )
 

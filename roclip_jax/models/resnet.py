@@ -142,7 +142,8 @@ class AttentionPool2d(nnx.Module):
     q = heads(self.q_proj(tokens[:, :1])) * jnp.asarray(self.head_dim**-0.5, self.dtype)
     k = heads(self.k_proj(tokens))
     v = heads(self.v_proj(tokens))
-    pooled = layers_lib.dot_product_attention(q, k, v, causal=False)  # [B, 1, heads, head_dim]
+    # One query token leaves a fused kernel nothing to save: the pool keeps the einsum attention everywhere.
+    pooled = layers_lib.einsum_attention(q, k, v, causal=False)  # [B, 1, heads, head_dim]
     return self.c_proj(pooled.reshape(batch, channels))
 
 

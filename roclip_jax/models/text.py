@@ -43,6 +43,7 @@ class TextTransformer(nnx.Module):
       causal: bool = True,
       pool: str = "eot",
       layer_norm_eps: float = layers_lib.LAYER_NORM_EPS,
+      attention_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     if pool not in POOLS:
@@ -64,6 +65,7 @@ class TextTransformer(nnx.Module):
         causal=causal,
         dtype=self.dtype,
         layer_norm_eps=layer_norm_eps,
+        attention_impl=attention_impl,
         rngs=rngs,
     )
     self.final_layer_norm = layers_lib.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)

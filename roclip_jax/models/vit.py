@@ -33,10 +33,11 @@ class AttentionPoolingHead(nnx.Module):
       act: str,
       dtype: jnp.dtype,
       layer_norm_eps: float,
+      attention_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     self.probe = nnx.Param(width**-0.5 * jax.random.normal(rngs.params(), (1, 1, width)))
-    self.attention = layers_lib.MultiHeadAttention(width, heads, dtype=dtype, rngs=rngs)
+    self.attention = layers_lib.MultiHeadAttention(width, heads, dtype=dtype, attention_impl=attention_impl, rngs=rngs)
     self.layernorm = layers_lib.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     self.mlp = layers_lib.MLP(width, mlp_width=mlp_width, act=act, dtype=dtype, rngs=rngs)
 
@@ -71,6 +72,7 @@ class VisionTransformer(nnx.Module):
       patch_bias: bool = False,
       pre_norm: bool = True,
       layer_norm_eps: float = layers_lib.LAYER_NORM_EPS,
+      attention_impl: str = "auto",
       rngs: nnx.Rngs,
   ):
     if patch_size <= 0 or image_size % patch_size:
@@ -119,12 +121,20 @@ class VisionTransformer(nnx.Module):
         causal=False,
         dtype=self.dtype,
         layer_norm_eps=layer_norm_eps,
+        attention_impl=attention_impl,
         rngs=rngs,
     )
     self.post_layernorm = layers_lib.LayerNorm(width, epsilon=layer_norm_eps, rngs=rngs)
     if pool == "map":
       self.head = AttentionPoolingHead(
-          width, heads, mlp_width=mlp_width, act=act, dtype=self.dtype, layer_norm_eps=layer_norm_eps, rngs=rngs
+          width,
+          heads,
+          mlp_width=mlp_width,
+          act=act,
+          dtype=self.dtype,
+          layer_norm_eps=layer_norm_eps,
+          attention_impl=attention_impl,
+          rngs=rngs,
       )
 
   def __call__(self, images: jax.Array) -> jax.Array:
