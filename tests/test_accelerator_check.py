@@ -29,7 +29,10 @@ def test_refuses_a_cpu_only_host_with_a_clear_error():
   assert "== accelerator check" not in result.stdout
 
 
+# The whole check on CPU takes ~4 minutes of two dry runs and a benchmark, more than the suite's time
+# budget allows (docs/performance.md); run it with RUN_ACCELERATOR_SMOKE=1 when the script changes.
 @pytest.mark.slow
+@pytest.mark.skipif(os.environ.get("RUN_ACCELERATOR_SMOKE") != "1", reason="set RUN_ACCELERATOR_SMOKE=1 (~4 min)")
 def test_cpu_smoke_run_prints_a_parseable_summary():
   env = _env(ACCEL_CHECK_ALLOW_CPU="1", CONFIG="configs/demo.py", PROBE_BATCH="4", MAX_BATCH="8", STEPS="2")
   result = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=900)
