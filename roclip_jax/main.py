@@ -25,6 +25,8 @@ from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from roclip_jax import host_runtime
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Experiment config file (a get_config() module).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics and TensorBoard files; reused to resume.")
@@ -71,6 +73,7 @@ def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
+  host_settings = host_runtime.tune()  # Before any backend starts (roclip_jax/host_runtime.py says why).
   dry_run_devices = FLAGS.config.dry_run_devices if FLAGS.config.dry_run else 0
   if dry_run_devices:
     _use_fake_cpu_devices(dry_run_devices)  # One process, many fake devices: no distributed init.
@@ -83,6 +86,7 @@ def main(argv) -> None:
 
   if jax.process_index() != 0:
     logging.set_verbosity(logging.WARNING)  # One process's INFO lines are enough.
+  logging.info("Host runtime: %s", "; ".join(host_settings) or "defaults")
   from roclip_jax import train  # Heavy imports after flag parsing and distributed init.
 
   results = train.train_and_evaluate(FLAGS.config, FLAGS.workdir)

@@ -15,12 +15,19 @@ tokens (no data pipeline) and reports:
 * RoCLIP's cost: a matching step against a CLIP step at the same config, and the pool lookup plus
   enqueue alone, as a share of the matching step;
 * on CPU, the same training step in PyTorch with Hugging Face's `CLIPModel` (AdamW, CLIP loss, same
-  architecture and batch), and the ratio of the two step times.
+  architecture and batch), timed in alternating rounds with ours (`--rounds`), and the ratio of the two
+  step times: the median over rounds, with the lowest and highest round;
+* the host settings the trainer applies (roclip_jax/host_runtime.py) and the minor page faults per CLIP
+  step; with `--breakdown`, the CLIP step's op time by phase and its largest ops (`bench.step_profile`).
+
+`ROCLIP_JAX_HOST_TUNING=0` times the step without the host settings (the "before" of
+docs/performance.md).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import resource
 import time
 from typing import Any, Callable
 
@@ -33,10 +40,12 @@ from ml_collections import config_flags
 import numpy as np
 
 from roclip_jax import config_lib
+from roclip_jax import host_runtime
 from roclip_jax import models
 from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
+from roclip_jax.bench import step_profile
 from roclip_jax.data import image_ops
 from roclip_jax.models import layers
 from roclip_jax.defenses import roclip
@@ -49,6 +58,8 @@ flags.DEFINE_string(
 flags.DEFINE_integer("batch", None, "Global batch (default: config.data.batch_size).")
 flags.DEFINE_integer("steps", 10, "Timed steps per measurement, after warm-up.")
 flags.DEFINE_integer("warmup", 2, "Untimed steps after compilation.")
+flags.DEFINE_bool("breakdown", False, "Also profile the CLIP step: op time by phase and the largest ops.")
+flags.DEFINE_integer("rounds", 5, "Alternating rounds of the PyTorch comparison (each times --steps steps per side).")
 flags.DEFINE_enum("torch", "auto", ["auto", "on", "off"], "PyTorch/HF comparison (auto: on CPU only).")
 
 # Dense bf16 peak FLOP/s per device (vendor figures; H100/H200 SXM without sparsity). Matched in order
@@ -109,27 +120,41 @@ def synthetic_batch(config: ml_collections.ConfigDict, batch: int, seed: int = 0
 
 def seconds_per_call(fn: Callable[[], Any], steps: int, warmup: int) -> float:
   """Median wall time of `steps` calls, each waited for: robust to a shared, noisy machine."""
+  return timed_calls(fn, steps, warmup)[0]
+
+
+def timed_calls(fn: Callable[[], Any], steps: int, warmup: int) -> tuple[float, float]:
+  """(median seconds per call, minor page faults per call) over `steps` calls after `warmup` untimed ones.
+
+  Minor faults count the pages the process touched for the first time (the kernel zero-fills each):
+  a step that reuses its memory has almost none (roclip_jax/host_runtime.py).
+  """
   for _ in range(warmup):
     jax.block_until_ready(fn())
   times = []
+  faults_before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
   for _ in range(steps):
     t0 = time.perf_counter()
     jax.block_until_ready(fn())
     times.append(time.perf_counter() - t0)
-  return float(np.median(times))
+  faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults_before) / steps
+  return float(np.median(times)), faults
 
 
 @dataclasses.dataclass
 class JaxResult:
   compile_seconds: float
   clip_step_seconds: float
+  clip_step_page_faults: float
   match_step_seconds: float
   lookup_seconds: float
   peak_memory_bytes: int | None
   memory_source: str
+  breakdown: step_profile.Breakdown | None  # The CLIP step's op times by phase (--breakdown).
+  clip_call: Callable[[], Any]  # One more CLIP step (for the interleaved PyTorch comparison).
 
 
-def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) -> JaxResult:
+def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int, breakdown: bool = False) -> JaxResult:
   """Compiles and times the CLIP and RoCLIP matching steps, and the pool lookup alone."""
   mesh = sharding.make_mesh(config.mesh)
   tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000)
@@ -151,7 +176,8 @@ def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) 
 
       return call
 
-    clip_s = seconds_per_call(run("clip"), steps_timed, warmup)
+    clip_s, clip_faults = timed_calls(run("clip"), steps_timed, warmup)
+    profile = step_profile.profile_calls(compiled["clip"], run("clip")) if breakdown else None
     match_s = seconds_per_call(run("match"), steps_timed, warmup)
     shard_pool = bool(config.roclip.shard_pool)
     zimg = jax.device_put(
@@ -183,11 +209,11 @@ def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) 
         )
     )
     source = "XLA's compile-time estimate for the CLIP step"
-  return JaxResult(compile_seconds, clip_s, match_s, lookup_s, peak, source)
+  return JaxResult(compile_seconds, clip_s, clip_faults, match_s, lookup_s, peak, source, profile, run("clip"))
 
 
-def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int) -> float:
-  """Seconds per training step of Hugging Face's `CLIPModel` (PyTorch, CPU) at the same size and batch."""
+def torch_step(config: ml_collections.ConfigDict) -> Callable[[], Any]:
+  """One training step of Hugging Face's `CLIPModel` (PyTorch, CPU) at the same size and batch, as a call."""
   import torch
   import transformers
 
@@ -233,7 +259,24 @@ def bench_torch(config: ml_collections.ConfigDict, steps_timed: int, warmup: int
     optimizer.step()
     return loss
 
-  return seconds_per_call(step, steps_timed, warmup)  # Torch on CPU is synchronous.
+  return step  # Torch on CPU is synchronous: the call returns when the step is done.
+
+
+def interleaved_ratio(ours: Callable[[], Any], theirs: Callable[[], Any], rounds: int, steps: int, warmup: int):
+  """Per round, the median step time of each side over `steps` steps, the two sides taking turns.
+
+  A shared machine's load drifts over minutes; timing the sides in alternation exposes both to the same
+  load, and the median over rounds of the per-round ratio ignores a round that one side had to itself.
+  Returns (median ratio ours/theirs, lowest, highest, our median seconds, their median seconds).
+  """
+  ratios, ours_s, theirs_s = [], [], []
+  for round_index in range(rounds):
+    a = seconds_per_call(ours, steps, warmup if round_index == 0 else 1)
+    b = seconds_per_call(theirs, steps, warmup if round_index == 0 else 1)
+    ratios.append(a / b)
+    ours_s.append(a)
+    theirs_s.append(b)
+  return float(np.median(ratios)), min(ratios), max(ratios), float(np.median(ours_s)), float(np.median(theirs_s))
 
 
 def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int | None) -> ml_collections.ConfigDict:
@@ -268,6 +311,7 @@ def attention_kernels(model_cfg: ml_collections.ConfigDict) -> str:
 def main(argv) -> None:
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  host_settings = host_runtime.tune()  # What the trainer runs with (roclip_jax/host_runtime.py).
   config = bench_config(FLAGS.config, FLAGS.preset, FLAGS.batch)
   devices = jax.devices()
   device = devices[0]
@@ -281,12 +325,17 @@ def main(argv) -> None:
       f"pool {config.roclip.pool_size} ({'sharded' if config.roclip.shard_pool else 'replicated'})"
   )
 
-  result = bench_jax(config, FLAGS.steps, FLAGS.warmup)
+  result = bench_jax(config, FLAGS.steps, FLAGS.warmup, FLAGS.breakdown)
   step_s = result.clip_step_seconds
   flops_per_step = 3 * models.flops_per_pair(m) * b
   achieved = flops_per_step / step_s / n
   print(f"compile: {result.compile_seconds:.1f} s per step function")
   print(f"CLIP step: {step_s * 1e3:.1f} ms = {1 / step_s:.2f} steps/s, {b / step_s / n:,.1f} pairs/s per device")
+  if result.breakdown is not None:
+    print(result.breakdown.format(step_s))
+  print(
+      f"host: {'; '.join(host_settings) or 'defaults'}; {result.clip_step_page_faults:,.0f} minor page faults per step"
+  )
   print(
       f"model FLOPs: {flops_per_step:.3e} per step (3 x {models.flops_per_pair(m):.3e} per pair x {b}); "
       f"{achieved:.3e} FLOP/s per device"
@@ -313,15 +362,19 @@ def main(argv) -> None:
 
   if FLAGS.torch == "on" or (FLAGS.torch == "auto" and device.platform == "cpu"):
     try:
-      torch_s = bench_torch(config, FLAGS.steps, FLAGS.warmup)
+      theirs = torch_step(config)
     except ImportError as e:
       print(f"PyTorch comparison skipped: {e} (pip install torch==2.13.0 for the CPU build).")
     else:
       import torch
 
+      ratio, low, high, ours_s, theirs_s = interleaved_ratio(
+          result.clip_call, theirs, FLAGS.rounds, FLAGS.steps, FLAGS.warmup
+      )
       print(
-          f"PyTorch {torch.__version__} + HF CLIPModel, same model and batch, AdamW: {torch_s * 1e3:.1f} ms/step "
-          f"on {torch.get_num_threads()} threads; ours / PyTorch = {step_s / torch_s:.2f}"
+          f"PyTorch {torch.__version__} + HF CLIPModel, same model and batch, AdamW, {torch.get_num_threads()} "
+          f"threads, {FLAGS.rounds} alternating rounds of {FLAGS.steps} steps: ours {ours_s * 1e3:.1f} ms, "
+          f"PyTorch {theirs_s * 1e3:.1f} ms per step; ours / PyTorch = {ratio:.2f} (rounds {low:.2f}-{high:.2f})"
       )
 
 

@@ -33,6 +33,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from roclip_jax import config_lib
+from roclip_jax import host_runtime
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import train
 
@@ -305,7 +306,8 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -
 
 
 def start(workdir: str) -> str:
-  """Common start of the experiment commands: compile cache, quiet library logs, the absolute workdir."""
+  """Common start of the experiment commands: host settings, compile cache, quiet logs, the absolute workdir."""
+  host_runtime.tune()
   if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR, when set, wins.
     jax.config.update("jax_compilation_cache_dir", os.path.expanduser("~/.cache/roclip_jax/jax_cache"))
   metrics_lib.quiet_library_logs()

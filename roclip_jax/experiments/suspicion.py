@@ -107,6 +107,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.stats
 
+from roclip_jax import host_runtime
 from roclip_jax import inspect as inspect_lib
 from roclip_jax import losses
 from roclip_jax import sharding as sharding_lib
@@ -759,6 +760,7 @@ def main(argv: Sequence[str]) -> None:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   if not FLAGS.workdir:
     raise app.UsageError("--workdir is required: the --workdir of a finished or checkpointed training run.")
+  host_runtime.tune()
   report = build_report(
       FLAGS.workdir,
       FLAGS.out,
