@@ -166,3 +166,15 @@ def test_an_unknown_lookup_dtype_is_a_config_error():
     config_lib.validate(config, num_batch_shards=8)
   config.roclip.lookup_dtype = "bfloat16"
   config_lib.validate(config, num_batch_shards=8)  # Accepted.
+
+
+@pytest.mark.parametrize("batch,size,k", [(64, 300, 10), (10, 40, 10), (128, 20000, 4), (16, 64, 1)])
+def test_cpu_row_hubness_is_top_k_bit_for_bit(batch, size, k):
+  """The CPU formulation of CSLS's row hubness returns top_k's mean exactly, duplicates included."""
+  rng = np.random.default_rng(batch + size)
+  sims = np.round(rng.uniform(-1, 1, size=(batch, size)) * 64).astype(np.float32) / 64  # Many exact ties.
+  want = np.sort(sims, axis=0)[::-1][:k]  # Each row's k largest cosines, descending.
+  insertion = np.asarray(jax.jit(roclip._row_hubness_by_insertion, static_argnums=1)(jnp.asarray(sims), k))
+  top_k = np.asarray(jax.jit(roclip._row_hubness, static_argnums=1)(jnp.asarray(sims), k))
+  np.testing.assert_array_equal(insertion.view(np.uint32), top_k.view(np.uint32))
+  np.testing.assert_allclose(insertion, want.mean(axis=0), rtol=1e-6)
