@@ -44,6 +44,9 @@ from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
 
 FIFO_MODES = ("ring", "lightly")
+# The input dtype of the lookup's [B, d] x [d, M] similarity matmul (`roclip.lookup_dtype`); it always
+# accumulates in float32.
+LOOKUP_DTYPES = ("float32", "bfloat16")
 
 
 @flax.struct.dataclass
@@ -183,7 +186,13 @@ def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array, mask_dupl
 
 
 def nearest_captions(
-    pool: Pool, zimg: jax.Array, mesh: Mesh, shard_pool: bool, csls_k: int = 0, exclude_ids: jax.Array | None = None
+    pool: Pool,
+    zimg: jax.Array,
+    mesh: Mesh,
+    shard_pool: bool,
+    csls_k: int = 0,
+    exclude_ids: jax.Array | None = None,
+    lookup_dtype: str = "float32",
 ) -> Match:
   """The pool row each image is paired with (rows and queries are unit vectors).
 
@@ -201,33 +210,62 @@ def nearest_captions(
   current batch's captions out, but a pool written every step can still hold
   the image's own caption from the end of the previous epoch, and a poisoned
   image must never be paired with its own caption.
+
+  `lookup_dtype='bfloat16'`: the similarity matmul takes bfloat16 inputs and
+  accumulates in float32; those scores choose the row (and give the CSLS
+  hubness). Rows whose cosines differ by less than bfloat16's rounding of the
+  inputs (~1e-2 relative) may then be chosen differently from float32.
+  `similarity` is the float32 cosine of the chosen row either way.
   """
+  if lookup_dtype not in LOOKUP_DTYPES:
+    raise ValueError(f"roclip.lookup_dtype={lookup_dtype!r}; expected one of {LOOKUP_DTYPES}.")
   zimg = jax.lax.stop_gradient(zimg)
   labels = pool.source_labels if pool.source_labels is not None else jnp.full_like(pool.source_ids, -1)
   exclude = exclude_ids is not None
   exclude_ids = jnp.zeros((zimg.shape[0],), jnp.int32) if exclude_ids is None else exclude_ids.astype(jnp.int32)
   if not shard_pool:
-    sims = zimg @ pool.embeddings.T  # [B, M]
+    sims = _similarities(zimg, pool.embeddings, lookup_dtype)  # [B, M]
     scores = _matching_scores(sims, csls_k)
     if exclude:
       scores = _exclude_own(scores, pool.source_ids, exclude_ids)
     index = jnp.argmax(scores, axis=1).astype(jnp.int32)
+    embeddings = pool.embeddings[index]
+    if lookup_dtype == "float32":
+      similarity = jnp.take_along_axis(sims, index[:, None], axis=1)[:, 0]
+    else:
+      similarity = _row_cosines(zimg, embeddings)
     return Match(
-        embeddings=pool.embeddings[index],
+        embeddings=embeddings,
         index=index,
-        similarity=jnp.take_along_axis(sims, index[:, None], axis=1)[:, 0],
+        similarity=similarity,
         source_poisoned=pool.source_poisoned[index],
         source_label=labels[index],
     )
   axes = sharding_lib.batch_axes(mesh)
   rows = P(axes)
   fn = jax.shard_map(
-      functools.partial(_sharded_nearest, axes=axes, csls_k=csls_k, exclude=exclude),
+      functools.partial(_sharded_nearest, axes=axes, csls_k=csls_k, exclude=exclude, lookup_dtype=lookup_dtype),
       mesh=mesh,
       in_specs=(rows, rows, rows, rows, rows, rows),
       out_specs=Match(embeddings=rows, index=rows, similarity=rows, source_poisoned=rows, source_label=rows),
   )
   return fn(pool.embeddings, pool.source_poisoned, labels, pool.source_ids, zimg, exclude_ids)
+
+
+def _similarities(zimg: jax.Array, rows: jax.Array, lookup_dtype: str) -> jax.Array:
+  """[B, d] queries x [R, d] rows -> [B, R] float32 scores; 'float32' is the original `zimg @ rows.T`."""
+  if lookup_dtype == "float32":
+    return zimg @ rows.T
+  # Halves the bytes of the pool read and runs on the bf16 matmul units; float32 accumulation keeps
+  # the error at the inputs' rounding instead of growing with d.
+  dtype = jnp.dtype(lookup_dtype)
+  return jnp.matmul(zimg.astype(dtype), rows.astype(dtype).T, preferred_element_type=jnp.float32)
+
+
+def _row_cosines(zimg: jax.Array, rows: jax.Array) -> jax.Array:
+  """[B] float32 cosine of each query with its own row (both unit vectors), for the diagnostics: the
+  bfloat16 scores only choose the row."""
+  return jnp.sum(zimg.astype(jnp.float32) * rows.astype(jnp.float32), axis=-1)
 
 
 def _exclude_own(scores: jax.Array, row_ids: jax.Array, query_ids: jax.Array) -> jax.Array:
@@ -244,11 +282,64 @@ def _matching_scores(sims: jax.Array, csls_k: int) -> jax.Array:
   if csls_k <= 0:
     return sims
   k = min(csls_k, sims.shape[0])
-  row_hubness = jnp.mean(jax.lax.top_k(sims.T, k)[0], axis=1)  # [M]
+  if sims.shape[0] <= _INSERTION_MAX_BATCH:  # Off CPU, and for larger batches, top_k itself.
+    row_hubness = jax.lax.platform_dependent(
+        sims, cpu=functools.partial(_row_hubness_by_insertion, k=k), default=functools.partial(_row_hubness, k=k)
+    )  # [M]
+  else:
+    row_hubness = _row_hubness(sims, k)
   return 2 * sims - row_hubness[None, :]
 
 
-def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local, ids_local, *, axes, csls_k, exclude):
+def _row_hubness(sims: jax.Array, k: int) -> jax.Array:
+  """[B, M] -> [M]: each row's mean cosine to its k nearest queries."""
+  return jnp.mean(jax.lax.top_k(sims.T, k)[0], axis=1)
+
+
+# Largest global batch for which CPU uses `_row_hubness_by_insertion` (median ms of the hubness alone on this
+# 2-core CPU, top_k vs insertion: M=65536, B=64: 106 vs 42; B=128: 193 vs 123; B=256: 220 vs 199; M=262144,
+# B=512: 1241 vs 1524). Its cost grows as B * k per row, top_k's more slowly.
+_INSERTION_MAX_BATCH = 128
+_INSERTION_BLOCK = 16384  # Rows per block: the [k, block] running maxima stay in cache across the B queries.
+
+
+def _row_hubness_by_insertion(sims: jax.Array, k: int) -> jax.Array:
+  """`_row_hubness`, bit for bit, without XLA's TopK, a slow custom call on CPU (~100 ms at M=65536, B=64,
+  k=10: two thirds of a matching step).
+
+  Per block of rows, a scan over the B queries keeps each row's k largest cosines in descending order,
+  inserting each new cosine by max/min (a sorting network): max and min return one of their inputs, so
+  these are exactly the values, in exactly the order, that top_k returns (equal values are equal bits;
+  NaN cosines are not supported). The mean then reduces the same materialised row-major [M, k] array as
+  `_row_hubness`.
+  """
+  batch, size = sims.shape
+  block = min(_INSERTION_BLOCK, size)
+  blocks = -(-size // block)
+  if blocks * block != size:  # Rows are independent: padding rows are computed and dropped.
+    sims = jnp.pad(sims, ((0, 0), (0, blocks * block - size)))
+
+  def insert(top, x):  # top: [k, block], descending; x: [block], one query's cosines.
+    out = []
+    for j in range(k):
+      out.append(jnp.maximum(top[j], x))
+      x = jnp.minimum(top[j], x)
+    return jnp.stack(out), None
+
+  def one_block(i):
+    cols = jax.lax.dynamic_slice_in_dim(sims, i * block, block, axis=1)
+    # full_like of the data (not jnp.full) so that, inside shard_map, the carry varies over devices as it must.
+    return jax.lax.scan(insert, jnp.full_like(cols[:k], -jnp.inf), cols)[0]
+
+  top = jax.lax.map(one_block, jnp.arange(blocks))  # [blocks, k, block]
+  top = top.transpose(0, 2, 1).reshape(blocks * block, k)[:size]
+  # The barrier keeps XLA from fusing the transpose into the reduction, where it sums in another order.
+  return jnp.mean(jax.lax.optimization_barrier(top), axis=1)
+
+
+def _sharded_nearest(
+    pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local, ids_local, *, axes, csls_k, exclude, lookup_dtype
+):
   """Per device: local best over its pool rows, then a global winner.
 
   Only B-sized vectors cross devices (the queries, each shard's best score and
@@ -256,7 +347,7 @@ def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local
   """
   shard = jax.lax.axis_index(axes)
   zimg = jax.lax.all_gather(zimg_local, axes, tiled=True)  # [B, d]: every shard scores every image.
-  sims = zimg @ pool_rows.T  # [B, M/n]
+  sims = _similarities(zimg, pool_rows, lookup_dtype)  # [B, M/n]
   scores = _matching_scores(sims, csls_k)
   if exclude:
     scores = _exclude_own(scores, pool_ids, jax.lax.all_gather(ids_local, axes, tiled=True))
@@ -271,15 +362,19 @@ def _sharded_nearest(pool_rows, pool_poisoned, pool_labels, pool_ids, zimg_local
   index = pick((local_index + shard * pool_rows.shape[0]).astype(jnp.int32))
   poisoned = pick(pool_poisoned[local_index].astype(jnp.int32)).astype(jnp.int8)
   label = pick(pool_labels[local_index].astype(jnp.int32))
-  similarity = jnp.max(all_best, axis=0) if csls_k <= 0 else pick(local_sim)
   # Each shard keeps the results for its own slice of the batch.
   b = zimg_local.shape[0]
   start = shard * b
   take = lambda x: jax.lax.dynamic_slice_in_dim(x, start, b, axis=0)
+  embeddings = take(embeddings)
+  if lookup_dtype == "float32":
+    similarity = take(jnp.max(all_best, axis=0) if csls_k <= 0 else pick(local_sim))
+  else:  # Only this shard's B/n chosen rows, in float32.
+    similarity = _row_cosines(zimg_local, embeddings)
   return Match(
-      embeddings=take(embeddings),
+      embeddings=embeddings,
       index=take(index),
-      similarity=take(similarity),
+      similarity=similarity,
       source_poisoned=take(poisoned),
       source_label=take(label),
   )
@@ -503,6 +598,9 @@ class RoClip(base.Defense):
     c.csls_k = ml_collections.config_dict.placeholder(int)  # 0: cosine top-1; > 0: CSLS over k neighbours.
     c.mask_duplicates = ml_collections.config_dict.placeholder(bool)
     c.exclude_own = ml_collections.config_dict.placeholder(bool)  # Never match a row of the image's own example.
+    # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
+    # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
+    c.lookup_dtype = "float32"
     return c
 
   @classmethod
@@ -523,6 +621,12 @@ class RoClip(base.Defense):
     if r.csls_k is not None and r.csls_k < 0:
       raise config_error(
           "roclip.csls_k", f"is {r.csls_k}.", "use 0 (cosine top-1) or a positive neighbourhood size such as 10."
+      )
+    if r.lookup_dtype not in LOOKUP_DTYPES:
+      raise config_error(
+          "roclip.lookup_dtype",
+          f"{r.lookup_dtype!r} is unknown.",
+          "use 'float32' (the exact lookup) or 'bfloat16' (bfloat16 similarity matmul, float32 accumulation).",
       )
     if r.fifo not in FIFO_MODES:
       raise config_error("roclip.fifo", f"{r.fifo!r} is unknown.", "use 'ring' or 'lightly'.")
@@ -553,9 +657,11 @@ class RoClip(base.Defense):
 
   def describe(self) -> str:
     s = self.settings()
+    # Named only when not the default, so the description of a float32 run reads as before.
+    lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
     return (
         f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, k={s.k}, csls_k={s.csls_k}, "
-        f"pool every step={s.pool_every_step})"
+        f"pool every step={s.pool_every_step}{lookup})"
     )
 
   # State: the pool.
@@ -588,14 +694,26 @@ class RoClip(base.Defense):
     # (AdamW still applies momentum and weight decay to it, as the original does: docs/methods.md, section 4).
     rc = self.settings()
     zimg = z["image"]
-    match = nearest_captions(
-        state, zimg, mesh, self.config.roclip.shard_pool, rc.csls_k, batch["id"] if rc.exclude_own else None
-    )
+    match = self.match(state, zimg, batch["id"], mesh)
     if self.config.loss == "clip":
       loss, aux = matching_loss(zimg, match, scalars["logit_scale"], rc.mask_duplicates)
     else:
       loss, aux = pair_loss(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
     return loss, dict(aux, match=match)
+
+  def match(self, pool: Pool, zimg: jax.Array, ids: jax.Array, mesh: Mesh) -> Match:
+    """The lookup a matching step runs: each image's pool row under this config's rule.
+
+    The variant's (or the explicit) `csls_k` and `exclude_own`, `shard_pool` and `lookup_dtype`, all
+    from `config.roclip`; `ids` are the images' example ids ([B], used only with `exclude_own`).
+    Traceable: call it inside `jax.jit` under `jax.set_mesh(mesh)`, with `pool` laid out by
+    `state_shardings(mesh)` and `zimg` ([B, d] unit rows) sharded over the batch axes. The benchmarks
+    time this call, so they pay for exactly what training runs.
+    """
+    rc, r = self.settings(), self.config.roclip
+    return nearest_captions(
+        pool, zimg, mesh, r.shard_pool, rc.csls_k, ids if rc.exclude_own else None, lookup_dtype=r.lookup_dtype
+    )
 
   def update_state(self, kind, state, z, aux, batch, mesh):
     if not kind.option("enqueue"):
