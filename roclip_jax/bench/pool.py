@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from roclip_jax import host_runtime
 from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
@@ -172,6 +173,7 @@ def time_step(config, mesh, batch: int, repeats: int) -> float:
 
 def main(argv) -> None:
   del argv
+  host_runtime.tune()  # What the trainer runs with (roclip_jax/host_runtime.py).
   mesh = sharding.make_mesh([("data", -1)])
   config = FLAGS.config
   device = jax.devices()[0]
