@@ -1,5 +1,7 @@
 """`RoClip.match`, the lookup a matching step runs, and `roclip.lookup_dtype`, against NumPy brute force."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,14 +11,10 @@ from roclip_jax import config_lib
 from roclip_jax import sharding
 from roclip_jax.defenses import roclip
 
-MESH = None
 
-
+@functools.cache
 def _mesh():
-  global MESH
-  if MESH is None:
-    MESH = sharding.make_mesh([("data", -1)])
-  return MESH
+  return sharding.make_mesh([("data", -1)])
 
 
 def _defense(**fields):
