@@ -120,7 +120,8 @@ def _assert_both_stopped_at_one_saved_step(workdir, outputs) -> int:
   stopped = [re.findall(r"Stopped at step (\d+) on request", out) for out in outputs]
   assert stopped[0] and stopped[0] == stopped[1], stopped
   step = int(stopped[0][0])
-  assert SIGNAL_AFTER_STEP < step < MAX_STEPS
+  # The signal can reach process 1 before its own stop check of SIGNAL_AFTER_STEP: stopping there is right too.
+  assert SIGNAL_AFTER_STEP <= step < MAX_STEPS
   assert sorted(int(d) for d in os.listdir(workdir / "checkpoints") if d.isdigit()) == [step]
   grain_states = set(os.listdir(workdir / "checkpoints" / str(step) / "data"))
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= grain_states  # Both processes saved that step.

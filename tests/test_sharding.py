@@ -280,7 +280,8 @@ def test_train_steps_agree_on_fsdp_data_and_single_device_meshes(mesh_runs, init
 
 
 def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
-  """4 micro-batches of 8 vs one batch of 32, for a CLIP step and a RoCLIP matching step (sharded pool)."""
+  """4 micro-batches of 8 vs one batch of 32, for RoCLIP's matching step with a sharded pool (the plain
+  CLIP step and every other defense's: tests/test_defenses.py)."""
   config = _config("roclip", batch=32, mesh=[("data", 4), ("fsdp", 2)], **{"roclip.shard_pool": True})
   mesh = _mesh(config.mesh)
   tx, _ = optim.make_optimizer(config.optim, 10)
@@ -288,34 +289,32 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
   _, shardings = steps.abstract_train_state(config, mesh, tx)
   state = jax.device_put(initial_state, shardings)
   batch = sharding.global_batch(random_batch(batch=32), mesh)
-  for mode_name in ("clip", "match"):
-    kind = defenses.from_config(config).step_kinds()[mode_name]
-    results = []
-    for accum in (1, 4):
-      c = config.copy_and_resolve_references()
-      c.grad_accum_steps = accum
-      with jax.set_mesh(mesh):
-        loss, aux, grads, _ = jax.jit(
-            lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind)
-        )(state, batch)
-      results.append((float(loss), jax.device_get(grads), aux))
-    (l1, g1, a1), (l4, g4, a4) = results
-    np.testing.assert_allclose(l4, l1, rtol=1e-5)
-    np.testing.assert_allclose(np.asarray(a4["z"]["text"]), np.asarray(a1["z"]["text"]), atol=1e-5)
-    largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(g1))
-    for path, a in jax.tree_util.tree_flatten_with_path(g1)[0]:
-      b = g4
-      for k in path:
-        b = b[k.key]
-      # Relative to each leaf, plus a floor for leaves whose exact gradient is 0 (k_proj biases: softmax
-      # ignores a shift of all keys), where both runs hold only float noise.
-      np.testing.assert_allclose(
-          b, a, atol=1e-4 * float(np.abs(a).max()) + 1e-6 * largest, err_msg=f"{mode_name}: {sharding.path_str(path)}"
+  kind = defenses.from_config(config).step_kinds()["match"]
+  results = []
+  for accum in (1, 4):
+    c = config.copy_and_resolve_references()
+    c.grad_accum_steps = accum
+    with jax.set_mesh(mesh):
+      loss, aux, grads, _ = jax.jit(lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind))(
+          state, batch
       )
-    assert float(optax.global_norm(g1)) > 0
-    if mode_name == "match":
-      np.testing.assert_array_equal(np.asarray(a4["match"].index), np.asarray(a1["match"].index))
-      assert not any(np.any(g) for g in jax.tree.leaves(g4["text_model"]))
+    results.append((float(loss), jax.device_get(grads), aux))
+  (l1, g1, a1), (l4, g4, a4) = results
+  np.testing.assert_allclose(l4, l1, rtol=1e-5)
+  np.testing.assert_allclose(np.asarray(a4["z"]["text"]), np.asarray(a1["z"]["text"]), atol=1e-5)
+  largest = max(float(np.abs(g).max()) for g in jax.tree.leaves(g1))
+  for path, a in jax.tree_util.tree_flatten_with_path(g1)[0]:
+    b = g4
+    for k in path:
+      b = b[k.key]
+    # Relative to each leaf, plus a floor for leaves whose exact gradient is 0 (k_proj biases: softmax
+    # ignores a shift of all keys), where both runs hold only float noise.
+    np.testing.assert_allclose(
+        b, a, atol=1e-4 * float(np.abs(a).max()) + 1e-6 * largest, err_msg=sharding.path_str(path)
+    )
+  assert float(optax.global_norm(g1)) > 0
+  np.testing.assert_array_equal(np.asarray(a4["match"].index), np.asarray(a1["match"].index))
+  assert not any(np.any(g) for g in jax.tree.leaves(g4["text_model"]))
 
 
 def test_bfloat16_step_runs_and_keeps_float32_master_weights(mesh_runs, initial_state):
