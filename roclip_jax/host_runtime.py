@@ -2,8 +2,9 @@
 
 Why they exist (docs/performance.md, "The CPU step"): XLA:CPU gives every execution of a compiled
 step one fresh buffer for all its temporaries (about 58 MiB for `bench.throughput`'s tiny CLIP at
-batch 64; gigabytes for a real model). glibc's malloc serves a request that large with `mmap` and
-returns it with `munmap` when the step ends, so the next step writes brand-new pages and the kernel
+batch 64; gigabytes for a real model). glibc's malloc serves a request that large with `mmap` (its
+adaptive mmap threshold rises with freed blocks, but never above 32 MiB) and returns it with `munmap`
+when the step ends, so the next step writes brand-new pages and the kernel
 zero-fills each one on first touch: 14,800 minor page faults and about a third of that step's time.
 Two settings make the freed buffer go back to malloc's heap, where the next step finds it:
 
