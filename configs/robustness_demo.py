@@ -1,20 +1,25 @@
-"""The headline benchmark: CLIP vs RoCLIP, SafeCLIP and CleanCLIP on the same poisoned demo data.
+"""The headline benchmark (`make demo`): CLIP, its fair control and each defense on the same poisoned data.
 
   python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --workdir=DIR
   python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py --seeds=0,1,2 --workdir=DIR
-  # Calibration of the attacks on plain CLIP only (docs/roclip.md):
-  python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py:backdoor=12,targeted=2 \
-      --only=CLIP --workdir=DIR_CAL
+  # The attacks' calibration, on the two undefended rows only (docs/roclip.md, section 8):
+  python -m roclip_jax.experiments.robustness --config=configs/robustness_demo.py:backdoor=25,targeted=8 \\
+      --only=CLIP,CLIP+aug --workdir=DIR_CAL
 
-Every run trains the tiny ViT CLIP from the same seed on the same poisoned copy of the built-in
-demo set (24 "<colour> <shape>" classes), with a backdoor and a targeted-poisoning attack at once,
-and is evaluated on the clean held-out split. The paper's regime (docs/roclip.md): each attack at
-the lowest tested strength where plain CLIP's success is high (calibrated on CLIP only), a pool of
-2% of the data, and SimCLR-style augmentation made label-preserving for this data: crops keep at
-least half of the 32-px image (a crop of 8% is 9x9 px, smaller than most objects), no blur
-(SimCLR's CIFAR-10 recipe drops it), and no hue jitter or grayscale (the classes are colours; a
-grey "red circle" is no longer one). Every augmented row, the fair control included, uses the same
-augmentation.
+Every row trains the tiny ViT CLIP from the same seed on the same poisoned copy of the built-in
+handwritten-digits set (`data.demo.kind='digits'`: 10 classes, 5,000 training pairs with
+paraphrased, often identical captions) and is evaluated on its clean held-out split. What makes it
+a benchmark that can tell a defense from its control (docs/roclip.md, section 8):
+
+* plain CLIP learns the data (~95% zero-shot), so a defense's cost is measurable;
+* the backdoor's trigger survives the augmentation: a full-image blended noise pattern (Chen et
+  al. 2017), which crops, colour jitter and blur weaken but do not remove, so the fair control
+  (CLIP+aug: the same augmentation, no defense) is attacked as much as plain CLIP;
+* both attacks at the lowest tested strength where BOTH undefended rows reach backdoor ASR >= 80%
+  and targeted success >= 75% (calibrated on CLIP and CLIP+aug only, never on a defense);
+* SimCLR's augmentation with the two changes this data needs: no flips (a mirrored 2 is no digit)
+  and crops of at least half the image (an 8% crop of 32 px is 9x9 px, less than a digit's stroke
+  pattern); colour jitter, grayscale and blur stay (the label does not depend on colour).
 """
 
 from roclip_jax import config_lib
@@ -22,44 +27,46 @@ from roclip_jax import models
 
 
 def get_config(arg=None):
-  variant = config_lib.parse_variant(arg, epochs=16, seed=0, poison_seed=0, backdoor=18, targeted=12)
+  variant = config_lib.parse_variant(
+      arg, epochs=16, seed=0, poison_seed=0, backdoor=50, trigger="sig", delta=60.0, alpha=0.2, targeted=24
+  )
   c = config_lib.base_config()
   c.seed = variant.seed
   c.model = models.preset("tiny")
   c.num_epochs = variant.epochs
   c.data.source = "demo"
+  c.data.demo.kind = "digits"
+  c.data.demo.num_classes = 10
+  c.data.demo.train_per_class = 500
+  c.data.demo.test_per_class = 100
   c.augment.crop_scale = (0.5, 1.0)
-  c.augment.blur_p = 0.0
-  c.augment.hue = 0.0
-  c.augment.grayscale_p = 0.0
+  c.augment.flip_p = 0.0
   c.data.batch_size = 128
   c.optim.lr = 1e-3
   c.optim.warmup_steps = 100
-  c.log_every_steps = 23
+  c.log_every_steps = 20
   c.checkpoint.every_steps = 200
   c.progress_bar = True
 
-  # The attacks (docs/roclip.md), both on the same training set. BadNets: a fixed 8x8 noise patch
-  # (one ViT patch) in the bottom-right corner on `backdoor` pairs whose captions mention the target.
-  # Calibrated on plain CLIP only: the lowest tested counts where CLIP's backdoor ASR is >= 80%
-  # (6 / 12 / 18 poisons: 1.9% / 41% / 100%) and its targeted success >= 75% (1 / 2 / 4 / 8 / 12 per
-  # target: 25% / 12.5% / 25% / 62.5% / 100%). 18 of 6,000 clean pairs = 0.3%, the paper's rate.
+  # The attacks, both on the same training set, calibrated on CLIP and CLIP+aug (docs/roclip.md,
+  # section 8). Backdoor: `backdoor` images blended with a fixed full-image noise pattern at `alpha`,
+  # captioned with training captions that mention "seven". Targeted: `targeted` adversarial captions
+  # naming another class for each of 8 test images.
   c.poison.enabled = True
   c.poison.seed = variant.poison_seed
   c.poison.backdoor.enabled = True
-  c.poison.backdoor.target_class = "blue star"
+  c.poison.backdoor.target_class = "seven"
   c.poison.backdoor.num_poisons = variant.backdoor
-  c.poison.backdoor.trigger = "patch"
-  c.poison.backdoor.patch_size = 8
-  c.poison.backdoor.pattern = "noise"
-  c.poison.backdoor.position = "bottom_right"
+  c.poison.backdoor.trigger = variant.trigger
+  c.poison.backdoor.alpha = variant.alpha  # The blended trigger's.
+  c.poison.backdoor.sig_delta = variant.delta  # The SIG trigger's amplitude (0-255 scale).
   c.poison.backdoor.caption_source = "train"
   c.poison.targeted.enabled = True
   c.poison.targeted.num_targets = 8
   c.poison.targeted.poisons_per_target = variant.targeted
 
-  # RoCLIP (used by the rows that turn it on).
-  c.roclip.pool_size = 128  # 2.1% of the ~6,000 training pairs (the paper: 21,845 of 1M); >= the batch.
+  # RoCLIP (used by the rows that turn it on): a pool of 2% of the data (the paper: 21,845 of 1M).
+  c.roclip.pool_size = 128
   c.roclip.k = 2
   # SafeCLIP: its published 5 + 1 warm-up epochs of 32, scaled to 16 epochs; its learning rates
   # relative to the demo's lr as the published ones are to the paper's (in_lr = lr, filter_lr = lr / 100).
@@ -68,9 +75,9 @@ def get_config(arg=None):
   c.safeclip.in_lr = c.optim.lr
   c.safeclip.filter_lr = c.optim.lr / 100
   # CleanCLIP fine-tunes the CLIP row's final model on a quarter of the data, known clean.
-  c.cleanclip.num_clean_examples = 1500
+  c.cleanclip.num_clean_examples = 1250
 
-  every = 2 * 46  # About every second epoch, for the curves.
+  every = 2 * 40  # About every second epoch, for the curves.
   c.evals = config_lib.ml_collections.ConfigDict()
   c.evals.zeroshot = dict(type="zeroshot", every_steps=every, templates="dataset")
   c.evals.backdoor_asr = dict(type="backdoor_asr", every_steps=every, templates="dataset")
@@ -79,17 +86,14 @@ def get_config(arg=None):
 
   # Rows of the table: a name and the overrides that make the defense. "{workdir}" in a value
   # is the benchmark's --workdir (rows run in this order, so a row can start from an earlier one).
+  aug = {"augment.image": True, "augment.text": True}
   c.experiment = config_lib.ml_collections.ConfigDict()
   c.experiment.runs = [
       ("CLIP", {"defense": "none"}),
-      ("CLIP+aug", {"defense": "none", "augment.image": True, "augment.text": True}),
-      ("RoCLIP (paper)", {"defense": "roclip", "roclip.variant": "paper", "augment.image": True, "augment.text": True}),
-      # Our variant beyond the paper (docs/roclip.md): later start, fresh pool, CSLS, masked duplicates.
-      (
-          "RoCLIP (robust)",
-          {"defense": "roclip", "roclip.variant": "robust", "augment.image": True, "augment.text": True},
-      ),
-      ("SafeCLIP", {"defense": "safeclip", "augment.image": True, "augment.text": True}),
+      ("CLIP+aug", dict(aug, defense="none")),
+      ("RoCLIP (paper)", dict(aug, defense="roclip", **{"roclip.variant": "paper"})),
+      ("RoCLIP (default)", dict(aug, defense="roclip")),
+      ("SafeCLIP", dict(aug, defense="safeclip")),
       # Post-hoc: 10 epochs of CleanCLIP fine-tuning (CleanCLIP's README count) of the CLIP row,
       # at a tenth of the pre-training lr.
       (
@@ -103,4 +107,12 @@ def get_config(arg=None):
           },
       ),
   ]
+  # Each defense beside its fair control: the row with the same data, seed and augmentation and no
+  # defense (CleanCLIP fine-tunes the CLIP row, which it is compared with).
+  c.experiment.controls = (
+      ("RoCLIP (paper)", "CLIP+aug"),
+      ("RoCLIP (default)", "CLIP+aug"),
+      ("SafeCLIP", "CLIP+aug"),
+      ("CleanCLIP (CLIP + fine-tune)", "CLIP"),
+  )
   return c

@@ -98,7 +98,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict()
   c.data.source = "demo"
   c.data.demo = ml_collections.ConfigDict(
-      dict(root="", num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0)
+      dict(root="", kind="shapes", num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0)
   )
   c.data.csv_path = ""
   # ArrayRecord shards written by `python -m roclip_jax.data.convert` (glob or directory).

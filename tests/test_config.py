@@ -52,13 +52,13 @@ def test_poison_sweep_loads_beside_the_benchmark_and_tabulates_rates():
   config = load_config("robustness_demo", "backdoor=6")
   assert config.poison.backdoor.num_poisons == 6
   clean = poison_sweep.num_clean_pairs(config)
-  assert clean == 24 * 250
+  assert clean == 10 * 500
   results = {
       6: {"CLIP": {"backdoor_asr/asr": 0.25, "zeroshot/top1": 0.5}},
       36: {"CLIP": {"backdoor_asr/asr": 1.0, "zeroshot/top1": 0.4}, "CLIP+aug": {}},
   }
   table = poison_sweep.format_sweep(results, clean).splitlines()
-  assert table[0] == "| run | ASR @ 6 (0.10%) | ASR @ 36 (0.60%) |"
+  assert table[0] == "| run | ASR @ 6 (0.12%) | ASR @ 36 (0.72%) |"
   assert table[2] == "| CLIP | 25.0% (zs 50.0%) | 100.0% (zs 40.0%) |"
   assert table[3] == "| CLIP+aug | n/a | n/a |"
   assert robustness.FLAGS["num_poisons"].default == ["6", "12", "18", "36"]

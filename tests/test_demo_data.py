@@ -165,3 +165,58 @@ def test_possible_captions_hold_every_drawn_caption():
   for i in range(1500):
     _, caption = demo.draw_example(i % len(demo.CLASS_NAMES), 8, rng)
     assert caption in possible, caption
+
+
+# The handwritten-digits kind (`data.demo.kind='digits'`, the robustness benchmark's set).
+
+DIGITS = dict(kind="digits", num_classes=10, train_per_class=30, test_per_class=10, image_size=32, seed=0)
+
+
+def test_the_shapes_set_keeps_its_parameters_and_directory():
+  """Adding `kind` changed nothing for the shapes set: same parameters, so the same cached directory."""
+  assert demo.generation_params(dict(TINY, kind="shapes")) == demo.generation_params(TINY)
+  assert "kind" not in demo.generation_params(TINY) and demo.generation_params(TINY)["version"] == "demo_v1"
+  with pytest.raises(ValueError, match="kind"):
+    demo.generation_params(dict(TINY, kind="letters"))
+  with pytest.raises(ValueError, match="1..10"):
+    demo.generation_params(dict(DIGITS, num_classes=11))
+
+
+def _ink_masks(root, split):
+  """Each image's pixels that stand out from its background (far from the image's median grey)."""
+  rows = _read_rows(root, split)
+  masks, labels = [], []
+  for row in rows:
+    grey = np.asarray(Image.open(os.path.join(root, row["image_path"])).convert("L"), np.float32)
+    masks.append((np.abs(grey - np.median(grey)) > 40).astype(np.float32).ravel())
+    labels.append(int(row["label"]))
+  return np.stack(masks), np.asarray(labels), rows
+
+
+def test_digits_captions_classes_and_shapes(tmp_path, monkeypatch):
+  from roclip_jax.data import digits
+
+  monkeypatch.setenv("ROCLIP_DATA_DIR", str(tmp_path))
+  root = demo.ensure_demo_dataset(dict(DIGITS, root=""))
+  assert os.path.basename(root).startswith("digits_v1")
+  with open(os.path.join(root, "classes.json")) as f:
+    spec = json.load(f)
+  assert spec == {"classes": list(digits.CLASS_NAMES), "templates": list(digits.TEMPLATES)}
+  train, train_labels, rows = _ink_masks(root, "train")
+  possible = set(digits.possible_captions())
+  for row in rows:  # Each caption names its digit and no other, and is one the generator can write.
+    mentioned = [name for name in digits.CLASS_NAMES if re.search(rf"\b{name}\b", row["caption"])]
+    assert mentioned == [digits.CLASS_NAMES[int(row["label"])]], row
+    assert row["caption"] in possible
+  # Paraphrased and often identical, as templated web captions are.
+  assert len({r["caption"] for r in rows}) < len(rows)
+  # Ink covers a digit-sized part of every image, and the digits are told apart by shape alone: a
+  # nearest-centroid rule on the binarised ink (no learning beyond a mean) is far above chance (10%).
+  coverage = train.mean(axis=1)
+  assert coverage.min() > 0.03 and coverage.max() < 0.5
+  test, test_labels, _ = _ink_masks(root, "test")
+  centroids = np.stack([train[train_labels == c].mean(axis=0) for c in range(10)])
+  predicted = np.argmin(((test[:, None, :] - centroids[None]) ** 2).sum(-1), axis=1)
+  assert np.mean(predicted == test_labels) > 0.4
+  # No two drawings are the same (the per-image jitter).
+  assert len({m.tobytes() for m in train}) == len(train)

@@ -10,6 +10,7 @@ import json
 import os
 
 import numpy as np
+import ml_collections
 import pytest
 
 from roclip_jax import metrics as metrics_lib
@@ -102,3 +103,23 @@ def test_seed_summary_is_mean_and_sample_std_over_seeds():
   assert "linear_probe/top1" not in summary["CLIP"]  # Never measured: no made-up zero.
   table = robustness.format_seed_table(summary, tiny_config("/nonexistent"))
   assert "| CLIP | none | 0,1,2 | 45.0 ± 5.0% | n/a | 95.0 ± 5.0% | n/a | 40.0% |" in table
+
+
+def test_control_differences_are_per_seed_differences_over_seeds_where_both_ran():
+  per_seed = {
+      0: {"CLIP+aug": {"zeroshot/top1": 0.80, "backdoor_asr/asr": 0.90}, "D": {"zeroshot/top1": 0.78}},
+      1: {"CLIP+aug": {"zeroshot/top1": 0.70, "backdoor_asr/asr": 0.85}, "D": {"zeroshot/top1": 0.74}},
+      2: {"CLIP+aug": {"zeroshot/top1": 0.75}},  # D did not run: seed 2 is left out, not counted as 0.
+  }
+  config = tiny_config("/nonexistent")
+  config.experiment = ml_collections.ConfigDict({"runs": [], "controls": (("D", "CLIP+aug"), ("E", "CLIP+aug"))})
+  pairs = robustness.controls(config, {"D": 0, "CLIP+aug": 0})
+  assert pairs == [("D", "CLIP+aug")]  # E never ran.
+  diff = robustness.control_differences(per_seed, pairs)["D"]
+  zs = diff["zeroshot/top1"]
+  assert diff["seeds"] == [0, 1] and diff["control"] == "CLIP+aug"
+  np.testing.assert_allclose(zs["values"], [-0.02, 0.04], atol=1e-12)
+  np.testing.assert_allclose([zs["mean"], zs["std"], zs["min"]], [0.01, np.std([-0.02, 0.04], ddof=1), -0.02])
+  assert "backdoor_asr/asr" not in diff  # D's ASR was never measured.
+  table = robustness.format_differences({"D": diff})
+  assert "| D | CLIP+aug | 0,1 | +1.0 ± 4.2 | n/a | n/a | n/a | -2.0 |" in table

@@ -177,6 +177,23 @@ def test_settings_paper_robust_and_explicit_overrides():
       _roclip_cfg(variant="robust", csls_k=0, first_epoch=2), steps_per_epoch=48, warmup_steps=100
   )
   assert (ablated.first_epoch, ablated.csls_k, ablated.mask_duplicates) == (2, 0, True)
+  # Since issue 22 the robust start is also no earlier than the middle of the run: 16 epochs -> epoch 8,
+  # 17 -> 10 (the k=2 schedule's first epoch >= 9); a run whose warm-up ends later keeps the later start.
+  assert (
+      roclip.settings(_roclip_cfg(variant="robust"), steps_per_epoch=40, warmup_steps=100, num_epochs=16).first_epoch
+      == 8
+  )
+  assert (
+      roclip.settings(_roclip_cfg(variant="robust"), steps_per_epoch=40, warmup_steps=100, num_epochs=17).first_epoch
+      == 10
+  )
+  assert (
+      roclip.settings(_roclip_cfg(variant="robust"), steps_per_epoch=10, warmup_steps=100, num_epochs=16).first_epoch
+      == 12
+  )
+  assert roclip.settings(_roclip_cfg(), steps_per_epoch=40, warmup_steps=100, num_epochs=16).first_epoch == 2  # paper
+  assert roclip.settings(_roclip_cfg(variant="robust")).content_targets is True
+  assert roclip.settings(_roclip_cfg()).content_targets is False
   with pytest.raises(ValueError, match="variant"):
     roclip.settings(_roclip_cfg(variant="nope"))
 
@@ -370,3 +387,143 @@ def test_an_image_never_matches_its_own_examples_caption(shard_pool):
   sims[row_ids[None, :] == ids[:, None]] = -np.inf
   np.testing.assert_array_equal(np.asarray(excluded.index), sims.argmax(axis=1))
   assert not (row_ids[np.asarray(excluded.index)] == ids).any()
+
+
+# Content targets (issue 22): duplicates by what a caption says, not by its pool row.
+
+
+def _content_target_reference(zimg, captions, scale):
+  """Float64, loop by loop: cross-entropy against T[i] = softmax_j(scale cos(c_i, c_j)), both directions."""
+  zimg, captions = zimg.astype(np.float64), captions.astype(np.float64)
+  n = len(zimg)
+  logits = scale * zimg @ captions.T
+  text = scale * captions @ captions.T
+  total_i2t = total_t2i = 0.0
+  for i in range(n):
+    target = np.exp(text[i] - text[i].max())
+    target /= target.sum()
+    row = logits[i] - np.log(np.sum(np.exp(logits[i])))  # image i over captions
+    col = logits[:, i] - np.log(np.sum(np.exp(logits[:, i])))  # caption i over images
+    total_i2t -= np.dot(target, row)
+    total_t2i -= np.dot(target, col)
+  return 0.5 * (total_i2t + total_t2i) / n
+
+
+def test_content_target_loss_matches_numpy():
+  rng = np.random.default_rng(3)
+  zimg, rows = _unit(rng, 12, 6), _unit(rng, 5, 6)
+  index = np.array([0, 1, 1, 2, 0, 3, 1, 4, 4, 2, 0, 3], np.int32)
+  captions = rows[index].copy()
+  captions[11] = rows[1]  # A different row index holding the same vector as images 1, 2 and 6's.
+  match = roclip.Match(
+      embeddings=jnp.asarray(captions),
+      index=jnp.asarray(index),
+      similarity=jnp.zeros(12),
+      source_poisoned=jnp.zeros(12, jnp.int8),
+  )
+  for scale in (5.0, 30.0):
+    got, aux = roclip.matching_loss(jnp.asarray(zimg), match, jnp.asarray(np.log(scale)), content_targets=True)
+    np.testing.assert_allclose(float(got), _content_target_reference(zimg, captions, scale), rtol=1e-5)
+    np.testing.assert_allclose(float(aux["loss_i2t"] + aux["loss_t2i"]), 2 * float(got), rtol=1e-6)
+  # Far-apart captions at a sharp scale: the targets are one-hot and the loss is the paper's InfoNCE.
+  distinct = match.replace(embeddings=jnp.asarray(np.eye(12, dtype=np.float32)))  # Orthogonal captions.
+  wide = jnp.asarray(np.pad(zimg, ((0, 0), (0, 6))))  # The same unit images in 12 dimensions.
+  soft, _ = roclip.matching_loss(wide, distinct, jnp.asarray(np.log(100.0)), content_targets=True)
+  paper, _ = roclip.matching_loss(wide, distinct, jnp.asarray(np.log(100.0)))
+  np.testing.assert_allclose(float(soft), float(paper), rtol=1e-4)
+  # The text side is a constant: only the image embeddings and the scale get gradients, all finite.
+  grads = jax.grad(lambda z, c, t: roclip.soft_target_clip_loss(z, jax.lax.stop_gradient(c), t)[0], argnums=(0, 2))(
+      jnp.asarray(zimg), jnp.asarray(captions), jnp.asarray(np.log(10.0))
+  )
+  assert all(np.isfinite(np.asarray(g)).all() for g in grads)
+
+
+def test_alignment_sums_and_best_epoch_match_numpy():
+  rng = np.random.default_rng(5)
+  b = 16
+  zimg = _unit(rng, b, 8)
+  ztxt = zimg + 0.9 * _unit(rng, b, 8)
+  ztxt /= np.linalg.norm(ztxt, axis=1, keepdims=True)
+  ztxt[3] = ztxt[2]  # Identical captions: both images count as finding theirs if it is the closest.
+  got = {k: float(v) for k, v in roclip.alignment_sums(jnp.asarray(zimg), jnp.asarray(ztxt)).items()}
+  sims = zimg.astype(np.float64) @ ztxt.astype(np.float64).T
+  found = [sims[i, i] >= sims[i].max() - 1e-7 for i in range(b)]
+  np.testing.assert_allclose(got["epoch_own_similarity"], np.mean(np.diagonal(sims)), rtol=1e-5)
+  assert got["epoch_own_retrieval"] == pytest.approx(np.mean(found))
+  assert got["epoch_steps"] == 1.0
+  # Folding: the best epoch is a max over finished epochs' means; only at an epoch's first step.
+  stats = {f"roclip/{k}": jnp.zeros(()) for k in roclip.DIAGNOSTIC_SUMS + roclip.ALIGNMENT_SUMS + roclip.BEST_EPOCH}
+  history = [(0.30, 0.50, None), (0.10, 0.20, 0.40), (0.35, 0.60, None), (0.05, 0.10, 0.20)]  # (own, retr, match)
+  best = {"own": 0.0, "retr": 0.0, "match": 0.0}
+  for own, retrieval, matched in history:
+    steps = 4.0
+    stats["roclip/epoch_own_similarity"] = jnp.asarray(own * steps)
+    stats["roclip/epoch_own_retrieval"] = jnp.asarray(retrieval * steps)
+    stats["roclip/epoch_steps"] = jnp.asarray(steps)
+    stats["roclip/match_similarity"] = jnp.asarray(0.0 if matched is None else matched * steps)
+    stats["roclip/steps"] = jnp.asarray(0.0 if matched is None else steps)
+    unchanged = roclip.fold_best_epoch(stats, jnp.asarray(False))  # Mid-epoch: nothing moves.
+    assert all(float(unchanged[k]) == float(stats[k]) for k in unchanged)
+    stats.update(roclip.fold_best_epoch(stats, jnp.asarray(True)))
+    best = {
+        "own": max(best["own"], own),
+        "retr": max(best["retr"], retrieval),
+        "match": best["match"] if matched is None else max(best["match"], matched),
+    }
+    assert float(stats["roclip/best_own_similarity"]) == pytest.approx(best["own"])
+    assert float(stats["roclip/best_own_retrieval"]) == pytest.approx(best["retr"])
+    assert float(stats["roclip/best_match_similarity"]) == pytest.approx(best["match"])
+
+
+def _replay(epochs):
+  """Epoch rows as `MatchingMonitor` writes them, from per-matching-epoch means, with the run's best
+  earlier epoch (`BEST_EPOCH`) folded in the order the epochs ran."""
+  rows, best = [], {}
+  for epoch in epochs:
+    row = {f"roclip/{k}": v for k, v in epoch.items()}
+    row.update({f"roclip/best_{k}": v for k, v in best.items()})
+    rows.append(row)
+    for key in ("own_similarity", "own_retrieval", "match_similarity"):
+      if key in epoch:
+        best[key] = max(best.get(key, 0.0), epoch[key])
+  return rows
+
+
+# Issue 22's run (real handwritten digits, templated captions, the robust variant before content
+# targets), per matching epoch 4, 6, 8, 10, 12: zero-shot fell from ~30% to 12.5% after epoch 4 and
+# never came back, while the old detector stayed silent.
+ISSUE_22_MATCHING_EPOCHS = [
+    dict(match_similarity=0.413, own_similarity=0.135, distinct_match_frac=0.548, largest_hub=8),
+    dict(match_similarity=0.052, own_similarity=0.026, distinct_match_frac=0.209, largest_hub=25),
+    dict(match_similarity=0.073, own_similarity=0.020, distinct_match_frac=0.222, largest_hub=23),
+    dict(match_similarity=0.073, own_similarity=0.018, distinct_match_frac=0.323, largest_hub=18),
+    dict(match_similarity=0.080, own_similarity=0.030, distinct_match_frac=0.391, largest_hub=15),
+]
+
+
+def test_collapse_detector_fires_on_the_replayed_collapse_of_issue_22():
+  rows = _replay(ISSUE_22_MATCHING_EPOCHS)
+  old_rules = roclip.CollapseThresholds(lost_alignment=0.0)  # The detector before issue 22.
+  assert all(roclip.collapse_warnings(r, None, old_rules) == [] for r in rows)  # What the issue saw.
+  found = [roclip.collapse_warnings(r, None) for r in rows]
+  assert found[0] == []  # The first matching epoch has no earlier epoch in this replay.
+  for warnings in found[1:]:
+    assert warnings and all("lost alignment" in w for w in warnings)
+    assert any("matched-caption cosine" in w for w in warnings)
+    assert any("own-caption cosine" in w for w in warnings)
+
+
+def test_collapse_detector_compares_with_the_last_clip_epochs_before_matching():
+  """With the CLIP epochs' alignment in the record, the first matching epoch is judged too."""
+  clip_epochs = [dict(own_similarity=0.20, own_retrieval=0.30), dict(own_similarity=0.31, own_retrieval=0.52)]
+  collapsing = clip_epochs + [
+      dict(match_similarity=0.41, own_similarity=0.135, own_retrieval=0.21, distinct_match_frac=0.55, largest_hub=8)
+  ]
+  first_matching = _replay(collapsing)[-1]
+  found = roclip.collapse_warnings(first_matching, None)
+  assert len(found) == 2 and "own caption in the batch: 21.0%" in found[0] and "own-caption cosine" in found[1]
+  # A matching epoch that keeps what the CLIP epochs learnt (alignment dips by less than half) is healthy.
+  healthy = clip_epochs + [
+      dict(match_similarity=0.45, own_similarity=0.25, own_retrieval=0.40, distinct_match_frac=0.40, largest_hub=12)
+  ]
+  assert roclip.collapse_warnings(_replay(healthy)[-1], None) == []

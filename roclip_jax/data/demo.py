@@ -33,6 +33,8 @@ import numpy as np
 from PIL import Image
 from PIL import ImageDraw
 
+from roclip_jax.data import digits
+
 DATASET_VERSION = "demo_v1"
 
 COLOURS = ("red", "green", "blue", "yellow")
@@ -114,6 +116,9 @@ BACKGROUNDS = ("noisy", "striped", "gradient", "checkered", "mottled")
 
 _SUPERSAMPLE = 4  # Shapes are drawn at 4x and box-filtered: anti-aliasing.
 _DEFAULTS = dict(num_classes=24, train_per_class=250, test_per_class=50, image_size=32, seed=0)
+# What the set draws: 'shapes' ("<colour> <shape>", the default) or 'digits' (handwritten digits,
+# `roclip_jax/data/digits.py`: the robustness benchmark's set).
+KINDS = ("shapes", "digits")
 _SPLIT_SEED_TAG = {"train": 0, "test": 1}
 
 
@@ -260,12 +265,19 @@ def _param(demo_cfg: Any, name: str, default: Any) -> Any:
 def generation_params(demo_cfg: Any) -> dict[str, int | str]:
   """The parameters that determine the dataset's bytes (validated)."""
   params: dict[str, int | str] = {"version": DATASET_VERSION}
+  kind = str(_param(demo_cfg, "kind", "shapes"))
+  if kind not in KINDS:
+    raise ValueError(f"config.data.demo.kind={kind!r} is unknown; use one of {KINDS}.")
+  if kind != "shapes":  # Absent for shapes: the shapes set's parameters (and directory hash) stay as they were.
+    params["kind"] = kind
+    params["version"] = digits.DATASET_VERSION
   for name in ("num_classes", "train_per_class", "test_per_class", "image_size", "seed"):
     params[name] = int(_param(demo_cfg, name, _DEFAULTS[name]))
-  if not 1 <= params["num_classes"] <= len(CLASS_NAMES):
+  names = class_names(params)
+  if not 1 <= params["num_classes"] <= len(names):
     raise ValueError(
         f"config.data.demo.num_classes={params['num_classes']} is out of "
-        f"range; the demo dataset has 1..{len(CLASS_NAMES)} classes."
+        f"range; the {kind} demo dataset has 1..{len(names)} classes."
     )
   for name in ("train_per_class", "test_per_class"):
     if params[name] < 1:
@@ -277,11 +289,16 @@ def generation_params(demo_cfg: Any) -> dict[str, int | str]:
   return params
 
 
+def class_names(params: Mapping[str, Any]) -> tuple[str, ...]:
+  """Every class the set of these generation parameters can draw, in label order."""
+  return digits.CLASS_NAMES if params.get("kind", "shapes") == "digits" else CLASS_NAMES
+
+
 def default_root(params: dict[str, int | str]) -> str:
   """$ROCLIP_DATA_DIR (else ~/.cache/roclip_jax)/demo_v1-<params hash>."""
   digest = hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]
   base = os.environ.get("ROCLIP_DATA_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "roclip_jax")
-  return os.path.join(base, f"{DATASET_VERSION}-{digest}")
+  return os.path.join(base, f"{params.get('version', DATASET_VERSION)}-{digest}")
 
 
 def _write_split(root: str, split: str, params: dict[str, Any]) -> None:
@@ -293,7 +310,10 @@ def _write_split(root: str, split: str, params: dict[str, Any]) -> None:
   for index in range(per_class):
     for label in range(params["num_classes"]):
       rng = np.random.default_rng([params["seed"], _SPLIT_SEED_TAG[split], label, index])
-      pixels, caption = draw_example(label, size, rng)
+      if params.get("kind", "shapes") == "digits":
+        pixels, caption = digits.draw_example(label, size, rng, _background)
+      else:
+        pixels, caption = draw_example(label, size, rng)
       rel_path = f"{split}/{label:02d}_{index:05d}.png"
       Image.fromarray(pixels).save(os.path.join(root, rel_path), format="PNG")
       rows.append((rel_path, caption, label))
@@ -316,7 +336,8 @@ def _generate(root: str, params: dict[str, Any]) -> None:
   try:
     for split in ("train", "test"):
       _write_split(tmp, split, params)
-    classes = {"classes": list(CLASS_NAMES[: params["num_classes"]]), "templates": list(TEMPLATES)}
+    templates = digits.TEMPLATES if params.get("kind", "shapes") == "digits" else TEMPLATES
+    classes = {"classes": list(class_names(params)[: params["num_classes"]]), "templates": list(templates)}
     with open(os.path.join(tmp, "classes.json"), "w", encoding="utf-8") as f:
       json.dump(classes, f, indent=1)
     # Written last: its presence marks a complete dataset.

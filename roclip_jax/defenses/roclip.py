@@ -90,24 +90,34 @@ class Settings:
   csls_k: int  # 0: cosine top-1 (the paper); > 0: hubness-aware CSLS matching over this many neighbours.
   mask_duplicates: bool  # Images matched to one pool row are not each other's negatives.
   exclude_own: bool  # An image never matches a row written from its own example.
+  # Images whose matched captions say the same thing share their positives (soft targets from the
+  # captions' text-text similarity), not only images matched to the same row.
+  content_targets: bool
 
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
 VARIANT_DEFAULTS = {
-    "paper": dict(update_pool_every_step=False, csls_k=0, mask_duplicates=False, exclude_own=False),
-    "robust": dict(update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True),
+    "paper": dict(
+        update_pool_every_step=False, csls_k=0, mask_duplicates=False, exclude_own=False, content_targets=False
+    ),
+    "robust": dict(
+        update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True, content_targets=True
+    ),
 }
 
 
-def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0) -> Settings:
+def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs: int = 0) -> Settings:
   """`config.roclip` -> `Settings`.
 
   `first_epoch` unset: the paper's schedule (epoch k first) for 'paper'; for
   'robust', the first epoch of the k-schedule that starts after the learning-rate
-  warm-up has ended, so the first matches are made by a trained model, not by
-  a random one (the schedule the paper itself has at 1M pairs, where the
-  warm-up ends inside epoch 1).
+  warm-up has ended and no earlier than the middle of the run (epoch
+  ceil(num_epochs / 2); 0 epochs: no such bound). A matching step trains the image
+  tower toward the model's own nearest captions, which are only as right as the
+  model: on the digits benchmark 17% of the first matches after the warm-up had
+  the image's class (CLIP+aug then classified 36% right) and matching from there
+  ended 41 points below the control, from the middle 4 (docs/roclip.md, section 8).
   """
   variant = cfg.variant
   if variant not in VARIANTS:
@@ -122,7 +132,8 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0) -> Setting
     first = k
     if variant == "robust":
       warmup_epochs = -(-int(warmup_steps) // max(int(steps_per_epoch), 1))  # ceil
-      while first <= warmup_epochs:
+      middle = -(-int(num_epochs) // 2)  # ceil
+      while first <= warmup_epochs or first < middle:
         first += k
   return Settings(
       variant=variant,
@@ -132,6 +143,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0) -> Setting
       csls_k=int(knobs["csls_k"]),
       mask_duplicates=bool(knobs["mask_duplicates"]),
       exclude_own=bool(knobs["exclude_own"]),
+      content_targets=bool(knobs["content_targets"]),
   )
 
 
@@ -163,7 +175,9 @@ def pool_shardings(mesh: Mesh, shard_pool: bool) -> Pool:
   return Pool(embeddings=rows, source_ids=rows, source_poisoned=rows, ptr=NamedSharding(mesh, P()), source_labels=rows)
 
 
-def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array, mask_duplicates: bool = False):
+def matching_loss(
+    zimg: jax.Array, match: Match, log_scale: jax.Array, mask_duplicates: bool = False, content_targets: bool = False
+):
   """L_RoCLIP (docs/roclip.md, section 1): InfoNCE of images against their matched captions.
 
   The own caption does not appear; the matched rows are constants, so only the
@@ -176,9 +190,43 @@ def matching_loss(zimg: jax.Array, match: Match, log_scale: jax.Array, mask_dupl
   hubs drag the batch into collapse. Masking removes such pairs from each
   other's negatives (`losses.clip_loss`'s `same_target`); with no duplicate
   matches the loss is the paper's.
+
+  `content_targets` (the robust variant; docs/roclip.md, section 8): duplicates by content rather than
+  by row. With templated or near-duplicate captions (web alt-text, "a handwritten seven" written by
+  thousands), images matched to *different* rows holding the same text are still asked to tell
+  identical vectors apart, which has no solution but shrinking every similarity. Here image i's
+  target over the batch's matched captions is the text tower's own distribution
+  softmax_j(s cos(m_i, m_j)), at the model's own logit scale s (a constant in the target): a caption
+  the text tower cannot tell from m_i counts as a positive as much as m_i itself, a caption of other
+  content counts as a negative. Both directions use it (the matrix is symmetric). With
+  `content_targets`, `mask_duplicates` is implied (rows that are the same vector get equal target
+  mass) and ignored.
   """
+  captions = jax.lax.stop_gradient(match.embeddings)
+  if content_targets:
+    return soft_target_clip_loss(zimg, captions, log_scale)
   same = (match.index[:, None] == match.index[None, :]) if mask_duplicates else None
-  return losses.clip_loss(zimg, jax.lax.stop_gradient(match.embeddings), log_scale, same_target=same)
+  return losses.clip_loss(zimg, captions, log_scale, same_target=same)
+
+
+def soft_target_clip_loss(zimg: jax.Array, captions: jax.Array, log_scale: jax.Array):
+  """Symmetric InfoNCE of images against captions with targets T = softmax(s C C^T) (rows sum to 1).
+
+  `captions` [B, d] are constants (matched pool rows); s = exp(log_scale) is taken without gradient
+  in the targets, so the loss trains the temperature only through the logits, as CLIP's does.
+  """
+  scale = jnp.exp(log_scale)
+  targets = jax.nn.softmax(jax.lax.stop_gradient(scale) * captions @ captions.T, axis=1)  # [B, B]
+  logits = scale * zimg @ captions.T  # rows: images
+  loss_i2t = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits, axis=1), axis=1))
+  loss_t2i = -jnp.mean(jnp.sum(targets * jax.nn.log_softmax(logits.T, axis=1), axis=1))
+  # An image counts as right when its top caption is one of its targets' most likely (its own or a
+  # caption the text tower holds identical to it).
+  best = jnp.max(targets, axis=1)
+  hit_i2t = jnp.take_along_axis(targets, jnp.argmax(logits, axis=1)[:, None], axis=1)[:, 0] >= best
+  hit_t2i = jnp.take_along_axis(targets, jnp.argmax(logits, axis=0)[:, None], axis=1)[:, 0] >= best
+  accuracy = 0.5 * (jnp.mean(hit_i2t) + jnp.mean(hit_t2i))
+  return 0.5 * (loss_i2t + loss_t2i), {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "batch_accuracy": accuracy}
 
 
 # ----------------------------------------------------------------------------
@@ -462,6 +510,41 @@ DIAGNOSTIC_SUMS = (
 )
 
 
+# Per-step sums of every step (CLIP and matching): how well images still find their own captions.
+ALIGNMENT_SUMS = ("epoch_own_similarity", "epoch_own_retrieval", "epoch_steps")
+# The run's best completed epoch so far (a max over epoch means), the collapse detector's reference.
+BEST_EPOCH = ("best_own_similarity", "best_own_retrieval", "best_match_similarity")
+
+
+def alignment_sums(zimg: jax.Array, ztxt: jax.Array) -> dict[str, jax.Array]:
+  """One step's image-to-own-caption alignment, label-free: the mean cosine of each image with its
+  own caption, and the share of images whose own caption is (one of) the batch's closest to them
+  (in-batch retrieval; ties, such as identical captions, count as found)."""
+  zimg, ztxt = jax.lax.stop_gradient(zimg), jax.lax.stop_gradient(ztxt)
+  sims = zimg @ ztxt.T  # [B, B]
+  own = jnp.diagonal(sims)
+  return {
+      "epoch_own_similarity": jnp.mean(own),
+      "epoch_own_retrieval": jnp.mean((own >= jnp.max(sims, axis=1)).astype(jnp.float32)),
+      "epoch_steps": jnp.ones((), jnp.float32),
+  }
+
+
+def fold_best_epoch(stats: dict[str, jax.Array], first_of_epoch: jax.Array) -> dict[str, jax.Array]:
+  """At an epoch's first step, the `BEST_EPOCH` maxima updated with the epoch that just ended."""
+  get = lambda key: stats[f"roclip/{key}"]
+  steps, match_steps = get("epoch_steps"), get("steps")
+  ended = first_of_epoch & (steps > 0)
+  matched = first_of_epoch & (match_steps > 0)
+  mean = lambda key, n: get(key) / jnp.maximum(n, 1.0)
+  best = lambda key, value, when: jnp.where(when, jnp.maximum(get(key), value), get(key))
+  return {
+      "roclip/best_own_similarity": best("best_own_similarity", mean("epoch_own_similarity", steps), ended),
+      "roclip/best_own_retrieval": best("best_own_retrieval", mean("epoch_own_retrieval", steps), ended),
+      "roclip/best_match_similarity": best("best_match_similarity", mean("match_similarity", match_steps), matched),
+  }
+
+
 def step_diagnostics(
     zimg: jax.Array, ztxt: jax.Array, match: Match, labels: jax.Array, poisoned: jax.Array
 ) -> dict[str, jax.Array]:
@@ -500,16 +583,25 @@ def step_diagnostics(
 
 
 def epoch_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, float]:
-  """Per-epoch means (the `roclip/...` metrics) from the summed `step_diagnostics`."""
+  """Per-epoch means (the `roclip/...` metrics) from the summed `step_diagnostics`, the epoch's
+  alignment (`alignment_sums`) and the run's best earlier epoch (`BEST_EPOCH`), where present."""
   steps = max(float(sums["steps"]), 1.0)
-  row = {
-      "roclip/match_similarity": sums["match_similarity"] / steps,
-      "roclip/own_similarity": sums["own_similarity"] / steps,
-      "roclip/distinct_matches": sums["distinct_matches"] / steps,
-      "roclip/distinct_match_frac": sums["distinct_matches"] / steps / batch_size,
-      "roclip/largest_hub": sums["largest_hub"] / steps,
-      "roclip/matching_steps": int(sums["steps"]),
-  }
+  row = {}
+  if sums.get("epoch_steps", 0) > 0:
+    row["roclip/own_retrieval"] = sums["epoch_own_retrieval"] / sums["epoch_steps"]
+  for key in BEST_EPOCH:
+    if sums.get(key, 0) > 0:  # 0: no earlier epoch (or a run from before these sums existed).
+      row[f"roclip/{key}"] = sums[key]
+  row.update(
+      {
+          "roclip/match_similarity": sums["match_similarity"] / steps,
+          "roclip/own_similarity": sums["own_similarity"] / steps,
+          "roclip/distinct_matches": sums["distinct_matches"] / steps,
+          "roclip/distinct_match_frac": sums["distinct_matches"] / steps / batch_size,
+          "roclip/largest_hub": sums["largest_hub"] / steps,
+          "roclip/matching_steps": int(sums["steps"]),
+      }
+  )
   if sums["labelled_matches"] > 0:
     row["roclip/matched_same_class_frac"] = sums["matched_same_class"] / sums["labelled_matches"]
   if sums["poisoned_in_batch"] > 0:
@@ -529,11 +621,18 @@ class CollapseThresholds:
     top-1 over M >> B candidates is normally at least as close as the own one.
   * same_class_over_chance: where labels exist, matches of the image's own class
     below this multiple of chance (1 / number of classes) are close to random.
+
+  * lost_alignment: a matching epoch whose own-caption retrieval, own-caption
+    cosine or matched-caption cosine is below this share of the run's best
+    earlier epoch has lost half of what the run had learnt (section 3 of
+    docs/roclip.md: the signals are relative to the run's own state, so they
+    need no labels and no scale of the data set's similarities).
   """
 
   distinct_frac: float = 0.15
   match_to_own: float = 0.5
   same_class_over_chance: float = 2.0
+  lost_alignment: float = 0.5
 
 
 def collapse_warnings(
@@ -554,6 +653,22 @@ def collapse_warnings(
         f"drift: mean matched-caption cosine {match:.3f} is below {thresholds.match_to_own:g} x the "
         f"own-caption cosine {own:.3f}"
     )
+  # Relative to the run's best earlier epoch: present only once an earlier epoch has been seen.
+  relative = (
+      ("own_retrieval", "best_own_retrieval", "images find their own caption in the batch", "%"),
+      ("own_similarity", "best_own_similarity", "mean own-caption cosine", ""),
+      ("match_similarity", "best_match_similarity", "mean matched-caption cosine", ""),
+  )
+  for key, best_key, what, unit in relative:
+    now, best = row.get(f"roclip/{key}"), row.get(f"roclip/{best_key}")
+    if now is None or best is None or best <= 0:
+      continue
+    if now < thresholds.lost_alignment * best:
+      show = (lambda v: f"{100 * v:.1f}%") if unit == "%" else (lambda v: f"{v:.3f}")
+      found.append(
+          f"lost alignment: {what}: {show(now)}, below {thresholds.lost_alignment:g} x the run's best earlier "
+          f"epoch ({show(best)})"
+      )
   same = row.get("roclip/matched_same_class_frac")
   if same is not None and num_classes:
     chance = 1.0 / num_classes
@@ -598,6 +713,8 @@ class RoClip(base.Defense):
     c.csls_k = ml_collections.config_dict.placeholder(int)  # 0: cosine top-1; > 0: CSLS over k neighbours.
     c.mask_duplicates = ml_collections.config_dict.placeholder(bool)
     c.exclude_own = ml_collections.config_dict.placeholder(bool)  # Never match a row of the image's own example.
+    # Matched captions that say the same thing share their positives (docs/roclip.md, section 8).
+    c.content_targets = ml_collections.config_dict.placeholder(bool)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -653,7 +770,12 @@ class RoClip(base.Defense):
       )
 
   def settings(self, steps_per_epoch: int = 1) -> Settings:
-    return settings(self.config.roclip, steps_per_epoch=steps_per_epoch, warmup_steps=self.config.optim.warmup_steps)
+    return settings(
+        self.config.roclip,
+        steps_per_epoch=steps_per_epoch,
+        warmup_steps=self.config.optim.warmup_steps,
+        num_epochs=self.config.num_epochs,
+    )
 
   def describe(self) -> str:
     s = self.settings()
@@ -672,7 +794,8 @@ class RoClip(base.Defense):
     return pool_shardings(mesh, self.config.roclip.shard_pool)
 
   def init_stats(self) -> dict[str, jax.Array]:
-    return {f"roclip/{k}": jnp.zeros((), jnp.float32) for k in DIAGNOSTIC_SUMS}
+    keys = DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + BEST_EPOCH
+    return {f"roclip/{k}": jnp.zeros((), jnp.float32) for k in keys}
 
   # Steps.
   def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
@@ -696,9 +819,10 @@ class RoClip(base.Defense):
     zimg = z["image"]
     match = self.match(state, zimg, batch["id"], mesh)
     if self.config.loss == "clip":
-      loss, aux = matching_loss(zimg, match, scalars["logit_scale"], rc.mask_duplicates)
+      loss, aux = matching_loss(zimg, match, scalars["logit_scale"], rc.mask_duplicates, rc.content_targets)
     else:
       loss, aux = pair_loss(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
+
     return loss, dict(aux, match=match)
 
   def match(self, pool: Pool, zimg: jax.Array, ids: jax.Array, mesh: Mesh) -> Match:
@@ -734,8 +858,12 @@ class RoClip(base.Defense):
     # taken mid-epoch cover exactly the steps before it.
     stats = dict(stats)
     first_of_epoch = step % steps_per_epoch == 0
-    for key in DIAGNOSTIC_SUMS:
+    # The epoch that just ended joins the run's best epochs before its sums are zeroed.
+    stats.update(fold_best_epoch(stats, first_of_epoch))
+    for key in DIAGNOSTIC_SUMS + ALIGNMENT_SUMS:
       stats[f"roclip/{key}"] = jnp.where(first_of_epoch, 0.0, stats[f"roclip/{key}"])
+    for key, value in alignment_sums(z["image"], z["text"]).items():  # Every step, CLIP and matching.
+      stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
     metrics = {}
     if kind.name == "match":
       labels = batch.get("label", jnp.full_like(batch["id"], -1))
@@ -767,9 +895,16 @@ class MatchingMonitor(base.EpochHooks):
     self._warned_epochs: list[int] = []
 
   def end_epoch(self, state: Any, epoch: int, kind: str) -> dict[str, Any] | None:
-    if kind != "match":
-      return None
+    # One read of a few scalars per epoch (not per step).
     sums = {k[len("roclip/") :]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
+    if kind != "match":  # A CLIP epoch: its alignment, the reference the detector compares matching epochs with.
+      if not sums.get("epoch_steps"):
+        return None
+      return {
+          "epoch": epoch,
+          "roclip/clip_own_similarity": sums["epoch_own_similarity"] / sums["epoch_steps"],
+          "roclip/clip_own_retrieval": sums["epoch_own_retrieval"] / sums["epoch_steps"],
+      }
     row = dict(epoch_diagnostics(sums, self._batch_size), epoch=epoch)
     warnings = collapse_warnings(row, self._num_classes)
     row["roclip/collapse_warning"] = bool(warnings)
@@ -779,8 +914,9 @@ class MatchingMonitor(base.EpochHooks):
       logging.warning(
           "RoCLIP matching epoch %d looks like a COLLAPSE: %s. The model is being trained toward captions that do "
           "not describe its images; its accuracy will fall toward chance while the attack success rate looks "
-          "good. Fix: config.roclip.variant='robust' (docs/roclip.md), a later config.roclip.first_epoch, or a "
-          "smaller learning rate.",
+          "good. Fixes (docs/roclip.md, section 3): the robust variant with its defaults "
+          "(config.roclip.variant='robust', content_targets and csls_k left unset), a later "
+          "config.roclip.first_epoch so that a better-trained model makes the matches, or a smaller learning rate.",
           epoch,
           "; ".join(warnings),
       )

@@ -161,7 +161,7 @@ def format_table(
   p = config.poison
   notes = [
       f"Seeds: training seed {config.seed}, poison seed {p.seed}. Data: built-in demo set "
-      f"({config.data.demo.num_classes} classes, {config.data.demo.train_per_class}/class train, "
+      f"({config.data.demo.get('kind', 'shapes')}, {config.data.demo.num_classes} classes, {config.data.demo.train_per_class}/class train, "
       f"{config.data.demo.test_per_class}/class test), {config.num_epochs} epochs, global batch "
       f"{config.data.batch_size}, model preset with image size {config.model.image.image_size}. "
       f"Zero-shot chance: {100 / config.data.demo.num_classes:.1f}%."
@@ -281,6 +281,69 @@ def format_seed_table(summary: dict[str, dict[str, Any]], config: ml_collections
   return "\n".join(lines) + "\n\n" + note + "\n"
 
 
+def controls(config: ml_collections.ConfigDict, rows) -> list[tuple[str, str]]:
+  """(row, its fair control) pairs of `config.experiment.controls` whose two rows both ran."""
+  pairs = config.experiment.get("controls", ()) or ()
+  return [(name, control) for name, control in pairs if name in rows and control in rows]
+
+
+def control_differences(
+    per_seed: dict[int, dict[str, dict[str, Any]]], pairs: list[tuple[str, str]]
+) -> dict[str, dict[str, Any]]:
+  """Each row minus its fair control, seed by seed: {row: {"control", "seeds", metric: {"values", "mean",
+  "std", "min", "max"}}} over the seeds where both ran (std: sample, ddof=1; 0 for one seed)."""
+  out = {}
+  for name, control in pairs:
+    entry = {"control": control, "seeds": []}
+    for seed in sorted(per_seed):
+      row, ctl = per_seed[seed].get(name), per_seed[seed].get(control)
+      if row is None or ctl is None:
+        continue
+      entry["seeds"].append(seed)
+      for key in COLUMNS.values():
+        if row.get(key) is not None and ctl.get(key) is not None:
+          entry.setdefault(key, {"values": []})["values"].append(float(row[key]) - float(ctl[key]))
+    for key in COLUMNS.values():
+      if key in entry:
+        values = np.asarray(entry[key]["values"])
+        entry[key].update(
+            mean=float(values.mean()),
+            std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+            min=float(values.min()),
+            max=float(values.max()),
+        )
+    if entry["seeds"]:
+      out[name] = entry
+  return out
+
+
+def format_differences(differences: dict[str, dict[str, Any]]) -> str:
+  """The defense-minus-control table (percentage points; mean ± std, and the worst seed's zero-shot)."""
+  if not differences:
+    return ""
+  header = "| run | fair control | seeds | " + " | ".join(f"Δ {c}" for c in COLUMNS) + " | worst-seed Δ zero-shot |"
+  lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
+  for name, entry in differences.items():
+    cells = []
+    for key in COLUMNS.values():
+      stat = entry.get(key)
+      if stat is None:
+        cells.append("n/a")
+      elif len(entry["seeds"]) > 1:
+        cells.append(f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f}")
+      else:
+        cells.append(f"{100 * stat['mean']:+.1f}")
+    zs = entry.get(COLUMNS["zero-shot top-1"])
+    worst = "n/a" if zs is None else f"{100 * zs['min']:+.1f}"
+    seeds = ",".join(str(s) for s in entry["seeds"])
+    lines.append(f"| {name} | {entry['control']} | {seeds} | " + " | ".join(cells) + f" | {worst} |")
+  return (
+      "\n".join(lines)
+      + "\n\nDifferences in percentage points, each row minus its fair control (the same data, seed and "
+      + "augmentation without the defense), per seed, then mean ± sample std over seeds.\n"
+  )
+
+
 def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -> str:
   """The benchmark once per seed in `workdir/seed_<s>`; returns the mean ± std table (also written to disk)."""
   per_seed = {}
@@ -293,7 +356,10 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -
       f.write(format_table(results, seed_config, seed_dir))
     plot_curves(results, seed_dir, os.path.join(seed_dir, "curves.png"))
   summary = aggregate_seeds(per_seed)
+  differences = control_differences(per_seed, controls(config, summary))
   table = format_seed_table(summary, config)
+  if differences:
+    table += "\n" + format_differences(differences)
   notes = []
   for seed in sorted(per_seed):
     notes.extend(f"seed {seed}: {n}" for n in collapse_notes(per_seed[seed], os.path.join(workdir, f"seed_{seed}")))
@@ -301,7 +367,11 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table)
   with open(os.path.join(workdir, "results.json"), "w") as f:
-    json.dump({"per_seed": {str(k): v for k, v in per_seed.items()}, "summary": summary}, f, indent=2)
+    json.dump(
+        {"per_seed": {str(k): v for k, v in per_seed.items()}, "summary": summary, "differences": differences},
+        f,
+        indent=2,
+    )
   return table
 
 
@@ -325,6 +395,9 @@ def main(argv) -> None:
     return
   results = run_all(config, workdir, FLAGS.only)
   table = format_table(results, config, workdir)
+  differences = control_differences({config.seed: results}, controls(config, results))
+  if differences:
+    table += "\n" + format_differences(differences)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table)
   with open(os.path.join(workdir, "results.json"), "w") as f:
