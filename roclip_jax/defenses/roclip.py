@@ -116,8 +116,8 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
   ceil(num_epochs / 2); 0 epochs: no such bound). A matching step trains the image
   tower toward the model's own nearest captions, which are only as right as the
   model: on the digits benchmark 17% of the first matches after the warm-up had
-  the image's class (CLIP+aug then classified 36% right) and matching from there
-  ended 41 points below the control, from the middle 4 (docs/roclip.md, section 8).
+  the image's class (CLIP+aug then classified 36% right); matching from there ended
+  40 points below the control, from the middle 4 (docs/roclip.md, section 8).
   """
   variant = cfg.variant
   if variant not in VARIANTS:
