@@ -12,6 +12,9 @@ centre crop) and on (RoCLIP's image augmentation; `--text_augment` adds EDA, whi
   `--workers` count (0 = grain's threads in this process), after the first batch (worker start).
 Augmentation is measured with both placements: 'host' (grain workers augment) and 'device' (workers
 decode, resize to `augment.device_source_size` and draw the parameters; the train step augments).
+The JPEG library's limit comes first: the bare decode + resize + centre crop of the same files by PIL
+(libjpeg-turbo; JPEG draft mode, one thread, bytes already in memory, no pipeline), and each per-core
+line prints its ratio to it (pipeline / bare decode; 1 = the pipeline costs nothing beyond the codec).
 The last lines estimate the CPU cores needed to feed `--target_pairs_per_sec` (8000 pairs/s is
 roughly one H100 training ViT-B/32 at 224 px) for each.
 """
@@ -105,6 +108,27 @@ def bench_config(shard_dir: str, augment: bool, workers: int, placement: str = "
   return config
 
 
+def bare_decode_rate(shard_dir: str, size: int, count: int) -> float:
+  """Examples/s of PIL alone on the shards' JPEGs: decode (draft mode) + bicubic resize + centre crop."""
+  source = array_record.ArrayRecordSource.from_pattern(shard_dir)
+  jpegs = [source[i]["image_bytes"] for i in range(min(len(source), count))]
+
+  def decode_resize(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+      image.draft("RGB", (size, size))
+      width, height = image.size
+      new_w, new_h = (int(size * width / height), size) if height <= width else (size, int(size * height / width))
+      image = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
+      top, left = int(round((new_h - size) / 2.0)), int(round((new_w - size) / 2.0))
+      return np.asarray(image.crop((left, top, left + size, top + size)))
+
+  decode_resize(jpegs[0])
+  start = time.perf_counter()
+  for position in range(count):
+    decode_resize(jpegs[position % len(jpegs)])
+  return count / (time.perf_counter() - start)
+
+
 def per_core_rate(config: ml_collections.ConfigDict) -> float:
   """Examples/s of the pipeline's per-example function in one thread (one core)."""
   source = array_record.ArrayRecordSource.from_pattern(config.data.array_record_pattern)
@@ -152,10 +176,15 @@ def main(argv):
         f"{FLAGS.num_images} JPEGs, shorter side {FLAGS.source_size} px, mean {kib:.1f} KiB, "
         f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}"
     )
+    bare = bare_decode_rate(shard_dir, FLAGS.image_size, FLAGS.per_core_examples)
+    print(f"{'bare decode':14s}: {'PIL decode + resize + crop (1 thread)':40s} {bare:8.1f} examples/s")
     per_core = {}
     for label, augment, placement in MODES:
       per_core[label] = per_core_rate(bench_config(shard_dir, augment, 0, placement))
-      print(f"{label:14s}: {'per core (1 thread)':40s} {per_core[label]:8.1f} examples/s")
+      print(
+          f"{label:14s}: {'per core (1 thread)':40s} {per_core[label]:8.1f} examples/s, "
+          f"ratio to bare decode {per_core[label] / bare:.2f}"
+      )
       for workers in FLAGS.workers:
         rate = pipeline_rate(bench_config(shard_dir, augment, workers, placement))
         what = f"{workers} grain workers" if workers else "0 workers (main process threads)"

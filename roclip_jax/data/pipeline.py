@@ -77,6 +77,8 @@ _LOG_SKIP_EVERY = 100
 # Tags that separate the random streams derived from config.seed.
 _SHUFFLE_TAG, _IMAGE_AUG_TAG, _TEXT_AUG_TAG = 1, 2, 3
 _IMAGE_VIEW2_TAG, _TEXT_VIEW2_TAG = 4, 5
+# Arrays of a worker's element smaller than this are pickled through its queue, not put in shared memory.
+_MIN_SHM_BYTES = 4 << 20
 
 
 def _derived_seed(*entropy: int, bits: int = 32) -> int:
@@ -559,6 +561,13 @@ def make_train_data(
       grain.ReadOptions(num_threads=max(1, min(8, os.cpu_count() or 1)), prefetch_buffer_size=buffered)
   )
   if num_workers > 0:
+    # grain's default copies every array of every element into a shared-memory segment of its own
+    # (created, mapped, page-faulted and unlinked per array): for these small elements (a 224-px image is
+    # 150 KB, the tokens 308 bytes) pickling them through the worker's queue cost less CPU in the workers
+    # and the trainer (issue 25; docs/performance.md, "The input pipeline"). Bitwise the same elements.
+    stream = grain.experimental.WithOptionsIterDataset(
+        stream, grain.experimental.DatasetOptions(min_shm_size=_MIN_SHM_BYTES)
+    )
     stream = stream.mp_prefetch(
         grain.MultiprocessingOptions(num_workers=num_workers, per_worker_buffer_size=max(1, buffered // num_workers))
     )
