@@ -120,12 +120,13 @@ def test_a_truncated_checkpoint_is_named_then_moved_aside_and_the_run_falls_back
   for load in (inspect_lib.load, runs.restore):
     with pytest.raises(checkpoint_lib.CheckpointError) as error:
       load(workdir)
-    messages.append(str(error.value))
-    assert error.value.__cause__ is None and error.value.__suppress_context__  # No tensorstore traceback.
+    messages.append(str(error.value).replace(error.value.cause, "<cause>"))  # Arrays are read in parallel:
+    assert error.value.__cause__ is None and error.value.__suppress_context__  # whichever fails first is named.
+    assert "OUT_OF_RANGE" in error.value.cause and "value of size 1000" in error.value.cause
   assert messages[0] == messages[1]
   message = messages[0]
   assert f"Checkpoint step 4 in {ckpt_dir} cannot be restored" in message
-  assert "OUT_OF_RANGE" in message and "value of size 1000" in message
+  assert f"cannot be restored: <cause>." in message
   assert "step=2" in message and "\n" not in message and len(message) < 1200
   assert inspect_lib.load(workdir, step=2).step == 2
 
