@@ -9,6 +9,14 @@ Two guards keep a checkpoint trustworthy: a non-finite state is never saved
 (`Checkpointer.maybe_save` with the step's metrics), and on a multi-process run
 every process agrees on the step at which a signal saves and stops
 (`StopSignal.should_stop`), since orbax's save is collective.
+
+A checkpoint that cannot be written (disk full, a read-only mount) or read (a
+truncated file) is a `CheckpointError` of one paragraph: the step, the
+directory, the cause and the fix. A failed save never touches the previous
+checkpoints (orbax writes into a temporary directory and deletes old steps only
+after a save is complete). `Checkpointer.restore_newest` falls back past
+checkpoints that fail to restore, moving them aside (docs/architecture.md,
+"Rerunning into a workdir").
 """
 
 from __future__ import annotations
@@ -24,6 +32,41 @@ import jax
 from jax.experimental import multihost_utils
 import numpy as np
 import orbax.checkpoint as ocp
+
+UNREADABLE_SUFFIX = "_unreadable"  # checkpoints/ -> checkpoints_unreadable/: where unrestorable steps are moved.
+_CAUSE_CHARS = 400  # Of the innermost error's first line (tensorstore appends its whole spec).
+
+
+class CheckpointError(RuntimeError):
+  """A checkpoint that cannot be saved or restored; the message names the step, the directory, the cause and
+  the fix."""
+
+  def __init__(self, message: str, *, step: int | None = None, cause: str = ""):
+    super().__init__(message)
+    self.step, self.cause = step, cause
+
+
+def error_cause(error: BaseException) -> str:
+  """The innermost error behind `error`, as 'Type: first line' (orbax wraps tensorstore's error, which names
+  the file and the byte range, in one that dumps the array's spec)."""
+  seen = set()
+  while id(error) not in seen and (error.__cause__ or error.__context__) is not None:
+    seen.add(id(error))
+    error = error.__cause__ or error.__context__
+  lines = str(error).strip().splitlines()
+  text = lines[0] if lines else ""
+  if len(text) > _CAUSE_CHARS:
+    text = text[:_CAUSE_CHARS] + " ..."
+  return f"{type(error).__name__}: {text}" if text else type(error).__name__
+
+
+def steps_on_disk(directory: str) -> list[int]:
+  """The complete checkpoint steps under `directory` (a save in progress or one that failed is a temporary
+  directory, not listed)."""
+  if not os.path.isdir(directory):
+    return []
+  return sorted(int(name) for name in os.listdir(directory) if name.isdigit())
+
 
 # The step metrics that must be finite for a state to be saved: the loss, and the norm of the
 # parameters after the update (NaN or inf if any parameter is).
@@ -43,6 +86,8 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options, item_names=("state", "data"))
+    self._pending_step: int | None = None  # The step of the last save started (async: maybe still writing).
+    self._save_failed = False  # A save error was raised: close() does not raise it again.
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -70,32 +115,145 @@ class Checkpointer:
       return False
     if metrics is not None:
       self.assert_finite(step, metrics)
-    return self._manager.save(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
-        ),
-        force=True,
-    )
+    self.wait()  # orbax waits for the previous save here anyway; this names that save's step if it failed.
+    try:
+      saved = self._manager.save(
+          step,
+          args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(data_iterator)
+          ),
+          force=True,
+      )
+    except Exception as e:  # OSError (ENOSPC, EROFS, EIO), or tensorstore's errors, raised here or in the background.
+      raise self._save_error(step, e) from None
+    self._pending_step = step
+    return saved
 
   def restore(self, step: int, abstract_state: Any, data_iterator: grain.DatasetIterator) -> Any:
     """Restores into `abstract_state` (which carries the target shardings) and
-    sets `data_iterator` to the saved position in place."""
-    restored = self._manager.restore(
-        step,
-        args=ocp.args.Composite(
-            state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
-        ),
+    sets `data_iterator` to the saved position in place. Raises CheckpointError."""
+    args = ocp.args.Composite(
+        state=ocp.args.StandardRestore(abstract_state), data=grain.checkpoint.CheckpointRestore(data_iterator)
     )
-    return restored.state
+    return self._restore(step, args)
 
   def restore_state(self, step: int | None, abstract_state: Any) -> Any:
-    """Restores only the train state (for evaluation and notebooks)."""
+    """Restores only the train state (for evaluation and notebooks). Raises CheckpointError."""
     step = self.latest_step() if step is None else step
     if step is None:
       raise FileNotFoundError(f"No checkpoint under {self.directory}.")
-    restored = self._manager.restore(step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
-    return restored.state
+    if step not in self._manager.all_steps():
+      raise FileNotFoundError(f"No checkpoint of step {step} under {self.directory}; its steps: {self._steps_text()}.")
+    return self._restore(step, ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state)))
+
+  def _restore(self, step: int, args: ocp.args.Composite) -> Any:
+    try:
+      return self._manager.restore(step, args=args).state
+    except Exception as e:  # orbax and tensorstore raise ValueError, OSError, bare Exception... by file and fault.
+      raise self._restore_error(step, e) from None
+
+  def _restore_error(self, step: int, error: BaseException) -> CheckpointError:
+    cause = error_cause(error)
+    hint = ""
+    if "tree structures do not match" in cause:
+      hint = (
+          " The run's config.json does not describe this checkpoint (a different model, defense or optimiser: "
+          "was config.json overwritten?)."
+      )
+    others = [s for s in self._manager.all_steps() if s != step]
+    fix = (
+        f"restore another step (inspect.load(workdir, step={max(others)}) or runs.restore(workdir, "
+        f"step={max(others)}); steps on disk: {self._steps_text()}), or"
+        if others
+        else "check the storage, or"
+    )
+    return CheckpointError(
+        f"Checkpoint step {step} in {self.directory} cannot be restored: {cause}.{hint} Fix: {fix} rerun "
+        f"training with this workdir: a single-process run moves unrestorable steps aside to "
+        f"{self.unreadable_directory} (nothing is deleted) and resumes from the newest step that restores.",
+        step=step,
+        cause=cause,
+    )
+
+  def _steps_text(self) -> str:
+    return ", ".join(str(s) for s in sorted(self._manager.all_steps())) or "none"
+
+  @property
+  def unreadable_directory(self) -> str:
+    return self.directory + UNREADABLE_SUFFIX
+
+  def restore_newest(
+      self, abstract_state: Any, data_iterator: grain.DatasetIterator, *, fall_back: bool
+  ) -> tuple[int | None, Any]:
+    """(step, state) of the newest checkpoint that restores; (None, None) if there is none.
+
+    `fall_back`: a checkpoint that fails to restore is moved aside to
+    `unreadable_directory` (renamed, nothing deleted; logged) once an older one
+    has restored. If none restores, nothing is moved and a CheckpointError names
+    each step's cause. Without `fall_back` (several processes, which would each
+    decide on their own what they can read), the first failure stops the run
+    with the command that moves that step aside.
+    """
+    failures: list[CheckpointError] = []
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      try:
+        state = self.restore(step, abstract_state, data_iterator)
+      except CheckpointError as e:
+        if not fall_back:
+          raise CheckpointError(
+              f"Checkpoint step {step} in {self.directory} cannot be restored: {e.cause}. Several processes "
+              "restore together and each reads only its own shards, so one cannot fall back to an older step on "
+              f"its own. Fix: move it aside (nothing is deleted) and rerun the same command on every host; the "
+              f"run resumes from the newest step that restores:\n  {self.move_aside_command(step)}",
+              step=step,
+              cause=e.cause,
+          ) from None
+        logging.error("%s", e)
+        failures.append(e)
+        continue
+      for failure in failures:
+        moved = self._move_aside(failure.step)
+        logging.warning(
+            "Checkpoint step %d could not be restored (%s); moved it to %s and resuming from step %d instead. "
+            "To use it again, move it back: mv %s %s",
+            failure.step,
+            failure.cause,
+            moved,
+            step,
+            moved,
+            os.path.join(self.directory, str(failure.step)),
+        )
+      if failures:
+        self._manager.reload()
+      return step, state
+    if failures:
+      causes = "; ".join(f"step {e.step}: {e.cause}" for e in failures)
+      raise CheckpointError(
+          f"No checkpoint in {self.directory} can be restored ({causes}); nothing was moved. Fix: if the "
+          "storage is back, rerun; if the checkpoints are lost, train afresh with a new --workdir.",
+          step=failures[0].step,
+          cause=failures[0].cause,
+      )
+    return None, None
+
+  def _destination(self, step: int) -> str:
+    base = os.path.join(self.unreadable_directory, str(step))
+    suffix = 0
+    while os.path.exists(base if not suffix else f"{base}.{suffix}"):
+      suffix += 1
+    return base if not suffix else f"{base}.{suffix}"
+
+  def move_aside_command(self, step: int) -> str:
+    return (
+        f"mkdir -p {self.unreadable_directory} && mv {os.path.join(self.directory, str(step))} "
+        f"{self._destination(step)}"
+    )
+
+  def _move_aside(self, step: int) -> str:
+    destination = self._destination(step)
+    os.makedirs(self.unreadable_directory, exist_ok=True)
+    os.rename(os.path.join(self.directory, str(step)), destination)
+    return destination
 
   def assert_finite(self, step: int, metrics: dict[str, Any]) -> None:
     """Raises FloatingPointError if step `step`'s loss or parameter norm is NaN or infinite.
@@ -115,11 +273,37 @@ class Checkpointer:
     )
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for the last save to be written; raises CheckpointError if it failed."""
+    try:
+      self._manager.wait_until_finished()
+    except Exception as e:
+      if not self._save_failed:  # orbax may raise one failure again from another of its futures.
+        raise self._save_error(self._pending_step, e) from None
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    try:
+      self.wait()
+    finally:
+      try:
+        self._manager.close()
+      except Exception as e:
+        if not self._save_failed:
+          raise self._save_error(self._pending_step, e) from None
+
+  def _save_error(self, step: int | None, error: BaseException) -> CheckpointError:
+    """The run stops: `step`'s checkpoint was not written, and the older ones are as they were."""
+    self._save_failed = True
+    complete = steps_on_disk(self.directory)
+    resume = f"resumes from step {complete[-1]}" if complete else "starts from scratch (no checkpoint is complete)"
+    what = f"the checkpoint of step {step}" if step is not None else "a checkpoint"
+    return CheckpointError(
+        f"Saving {what} to {self.directory} failed: {error_cause(error)}. The run stopped; the checkpoints "
+        f"already there are untouched (complete steps: {', '.join(map(str, complete)) or 'none'}). Fix: free "
+        f"space on that disk or remount it read-write (df -h {self.directory}), then rerun with this workdir: "
+        f"it {resume}.",
+        step=step,
+        cause=error_cause(error),
+    )
 
 
 def abstract_with_shardings(state: Any, shardings: Any) -> Any:

@@ -149,7 +149,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   if config.dry_run:
     return dry_run(config, mesh)
   is_main = jax.process_index() == 0
+  # Before anything in the workdir is written: a changed config must not overwrite the run's record.
+  config_changes = runs.check_rerun(workdir, config)
   writer = metrics_lib.MetricWriter(workdir)
+  if config_changes:
+    ckpt_dir = os.path.join(workdir, "checkpoints")
+    saved_steps = checkpoint_lib.steps_on_disk(ckpt_dir)
+    changed = {k: [old, new] for k, (old, new) in config_changes.items()}
+    writer.write(saved_steps[-1] if saved_steps else 0, {"config_changes": changed}, kind="config")
+    logging.warning("Rerun with changed settings (old -> new), recorded in metrics.jsonl: %s", changed)
   logging.info("Mesh %s over %d devices in %d processes", dict(mesh.shape), jax.device_count(), jax.process_count())
 
   # --------------------------------------------------------------- data
@@ -189,11 +197,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       max_to_keep=config.checkpoint.max_to_keep,
       async_save=config.checkpoint.async_save,
   )
-  latest = ckpt.latest_step()
+  # One process falls back past a checkpoint that fails to restore; several stop with the command instead,
+  # since each reads only its shards and would decide alone (docs/architecture.md, "Rerunning into a workdir").
+  target = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
+  latest, state = ckpt.restore_newest(target, train_data.iterator, fall_back=jax.process_count() == 1)
   if latest is not None:
-    logging.info("Resuming from step %d in %s", latest, ckpt.directory)
-    target = checkpoint_lib.abstract_with_shardings(abstract_state, state_shardings)
-    state = ckpt.restore(latest, target, train_data.iterator)
+    logging.info("Resumed from step %d in %s", latest, ckpt.directory)
   else:
     state = steps_lib.create_train_state(config, mesh, tx, state_shardings, defense)
     if config.init_from:  # Pretrained weights; the optimizer state stays freshly initialised.
@@ -275,6 +284,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
     # --------------------------------------------------- final evaluation
     ckpt.maybe_save(step, state, train_data.iterator, force=True, metrics=step_metrics)
+    ckpt.wait()  # A failed final save stops the run here, before its final row.
     previous = final_results(workdir, step) if start_step == step else None
     if previous is not None:  # A finished run, rerun: its results stand; no second final row.
       logging.info("The run had already finished at step %d; its final results are in metrics.jsonl.", step)
