@@ -291,7 +291,18 @@ def generation_params(demo_cfg: Any) -> dict[str, int | str]:
 
 def class_names(params: Mapping[str, Any]) -> tuple[str, ...]:
   """Every class the set of these generation parameters can draw, in label order."""
-  return digits.CLASS_NAMES if params.get("kind", "shapes") == "digits" else CLASS_NAMES
+  return _drawing(params)[0]
+
+
+def _drawing(params: Mapping[str, Any]):
+  """(class names, zero-shot templates, draw(label, size, rng) -> (pixels, caption)) of the set's kind."""
+  if params.get("kind", "shapes") == "digits":
+    return (
+        digits.CLASS_NAMES,
+        digits.TEMPLATES,
+        lambda label, size, rng: digits.draw_example(label, size, rng, _background),
+    )
+  return CLASS_NAMES, TEMPLATES, draw_example
 
 
 def default_root(params: dict[str, int | str]) -> str:
@@ -304,16 +315,14 @@ def default_root(params: dict[str, int | str]) -> str:
 def _write_split(root: str, split: str, params: dict[str, Any]) -> None:
   size = params["image_size"]
   per_class = params[f"{split}_per_class"]
+  draw = _drawing(params)[2]
   os.makedirs(os.path.join(root, split))
   rows = []
   # Index-major order: any prefix of the CSV is class balanced.
   for index in range(per_class):
     for label in range(params["num_classes"]):
       rng = np.random.default_rng([params["seed"], _SPLIT_SEED_TAG[split], label, index])
-      if params.get("kind", "shapes") == "digits":
-        pixels, caption = digits.draw_example(label, size, rng, _background)
-      else:
-        pixels, caption = draw_example(label, size, rng)
+      pixels, caption = draw(label, size, rng)
       rel_path = f"{split}/{label:02d}_{index:05d}.png"
       Image.fromarray(pixels).save(os.path.join(root, rel_path), format="PNG")
       rows.append((rel_path, caption, label))
@@ -336,8 +345,8 @@ def _generate(root: str, params: dict[str, Any]) -> None:
   try:
     for split in ("train", "test"):
       _write_split(tmp, split, params)
-    templates = digits.TEMPLATES if params.get("kind", "shapes") == "digits" else TEMPLATES
-    classes = {"classes": list(class_names(params)[: params["num_classes"]]), "templates": list(templates)}
+    names, templates, _ = _drawing(params)
+    classes = {"classes": list(names[: params["num_classes"]]), "templates": list(templates)}
     with open(os.path.join(tmp, "classes.json"), "w", encoding="utf-8") as f:
       json.dump(classes, f, indent=1)
     # Written last: its presence marks a complete dataset.

@@ -822,7 +822,6 @@ class RoClip(base.Defense):
       loss, aux = matching_loss(zimg, match, scalars["logit_scale"], rc.mask_duplicates, rc.content_targets)
     else:
       loss, aux = pair_loss(zimg, jax.lax.stop_gradient(match.embeddings), scalars)
-
     return loss, dict(aux, match=match)
 
   def match(self, pool: Pool, zimg: jax.Array, ids: jax.Array, mesh: Mesh) -> Match:

@@ -250,16 +250,21 @@ def aggregate_seeds(per_seed: dict[int, dict[str, dict[str, Any]]]) -> dict[str,
         if res.get(key) is not None:
           entry.setdefault(key, {"values": []})["values"].append(float(res[key]))
   for entry in rows.values():
-    for key in COLUMNS.values():
-      if key in entry:
-        values = np.asarray(entry[key]["values"])
-        entry[key].update(
-            mean=float(values.mean()),
-            std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            min=float(values.min()),
-            max=float(values.max()),
-        )
+    _summarise(entry)
   return rows
+
+
+def _summarise(entry: dict[str, Any]) -> None:
+  """Adds mean, sample std (ddof=1; 0 for one value), min and max to each metric's "values" in `entry`."""
+  for key in COLUMNS.values():
+    if key in entry:
+      values = np.asarray(entry[key]["values"])
+      entry[key].update(
+          mean=float(values.mean()),
+          std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
+          min=float(values.min()),
+          max=float(values.max()),
+      )
 
 
 def format_seed_table(summary: dict[str, dict[str, Any]], config: ml_collections.ConfigDict) -> str:
@@ -303,15 +308,7 @@ def control_differences(
       for key in COLUMNS.values():
         if row.get(key) is not None and ctl.get(key) is not None:
           entry.setdefault(key, {"values": []})["values"].append(float(row[key]) - float(ctl[key]))
-    for key in COLUMNS.values():
-      if key in entry:
-        values = np.asarray(entry[key]["values"])
-        entry[key].update(
-            mean=float(values.mean()),
-            std=float(values.std(ddof=1)) if len(values) > 1 else 0.0,
-            min=float(values.min()),
-            max=float(values.max()),
-        )
+    _summarise(entry)
     if entry["seeds"]:
       out[name] = entry
   return out
