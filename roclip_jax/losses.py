@@ -37,7 +37,11 @@ _MASKED_LOGIT = -1e9
 
 
 def clip_loss(
-    zimg: jax.Array, ztxt: jax.Array, log_scale: jax.Array, same_target: jax.Array | None = None
+    zimg: jax.Array,
+    ztxt: jax.Array,
+    log_scale: jax.Array,
+    same_target: jax.Array | None = None,
+    positive_weights: jax.Array | None = None,
 ) -> tuple[jax.Array, dict[str, jax.Array]]:
   """Symmetric InfoNCE: mean of image->text and text->image cross-entropies.
 
@@ -50,14 +54,24 @@ def clip_loss(
       (image i, text j) is neither a positive nor a negative: it is left out
       of both softmaxes (RoCLIP's robust variant, for images matched to the
       same pool caption). None: every off-diagonal pair is a negative.
+    positive_weights: optional [B] weights >= 0 of each pair's positive term: image i's
+      cross-entropy (row i) and caption i's (column i) count with weight w_i, each
+      direction normalised by sum(w) (RoCLIP's own-pair gate, weights 0 or 1). Every
+      pair stays a negative for the others. None: all 1, CLIP's mean.
   """
   logits = jnp.exp(log_scale) * zimg @ ztxt.T  # [B, B], rows: images
   labels = jnp.arange(logits.shape[0])
   if same_target is not None:
     excluded = same_target & ~jnp.eye(logits.shape[0], dtype=bool)
     logits = jnp.where(excluded, _MASKED_LOGIT, logits)
-  loss_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
-  loss_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels).mean()
+  ce_i2t = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  ce_t2i = optax.softmax_cross_entropy_with_integer_labels(logits.T, labels)
+  if positive_weights is None:
+    loss_i2t, loss_t2i = ce_i2t.mean(), ce_t2i.mean()
+  else:
+    w = jax.lax.stop_gradient(positive_weights).astype(ce_i2t.dtype)
+    total = jnp.maximum(jnp.sum(w), 1.0)  # A batch with no positive left trains negatives only: loss 0.
+    loss_i2t, loss_t2i = jnp.sum(w * ce_i2t) / total, jnp.sum(w * ce_t2i) / total
   loss = 0.5 * (loss_i2t + loss_t2i)
   accuracy = 0.5 * (jnp.mean(jnp.argmax(logits, axis=1) == labels) + jnp.mean(jnp.argmax(logits, axis=0) == labels))
   return loss, {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "batch_accuracy": accuracy}

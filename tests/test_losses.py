@@ -86,3 +86,30 @@ def test_perfect_alignment_gives_low_loss_and_full_accuracy():
   # Each row: -log(e^100 / (e^100 + 7 e^0)).
   np.testing.assert_allclose(loss, -np.log(np.exp(100.0) / (np.exp(100.0) + 7)), atol=1e-6)
   assert float(aux["batch_accuracy"]) == 1.0
+
+
+def test_positive_weights_weight_each_pairs_positive_terms_as_numpy():
+  """`positive_weights`: row i's and column i's cross-entropy count with w_i, each direction divided
+  by sum(w); all pairs stay negatives. A float64 loop over the pairs is the reference."""
+  rng = np.random.default_rng(3)
+  b, d = 12, 8
+  zimg = rng.normal(size=(b, d))
+  zimg /= np.linalg.norm(zimg, axis=1, keepdims=True)
+  ztxt = zimg + 0.7 * rng.normal(size=(b, d))
+  ztxt /= np.linalg.norm(ztxt, axis=1, keepdims=True)
+  w = (rng.random(b) < 0.5).astype(np.float64)
+  w[0] = 1.0
+  t = np.log(20.0)
+  logits = np.exp(t) * zimg @ ztxt.T
+  i2t = sum(w[i] * -_np_log_softmax(logits[i], axis=0)[i] for i in range(b)) / w.sum()
+  t2i = sum(w[i] * -_np_log_softmax(logits[:, i], axis=0)[i] for i in range(b)) / w.sum()
+  args = (jnp.asarray(zimg, jnp.float32), jnp.asarray(ztxt, jnp.float32), jnp.asarray(t, jnp.float32))
+  loss, aux = losses.clip_loss(*args, positive_weights=jnp.asarray(w, jnp.float32))
+  np.testing.assert_allclose(float(aux["loss_i2t"]), i2t, rtol=1e-5)
+  np.testing.assert_allclose(float(aux["loss_t2i"]), t2i, rtol=1e-5)
+  np.testing.assert_allclose(float(loss), 0.5 * (i2t + t2i), rtol=1e-5)
+  # All ones is CLIP's loss; all zeros leaves nothing to train (loss 0, no NaN).
+  np.testing.assert_allclose(
+      float(losses.clip_loss(*args, positive_weights=jnp.ones(b))[0]), float(losses.clip_loss(*args)[0]), rtol=1e-6
+  )
+  assert float(losses.clip_loss(*args, positive_weights=jnp.zeros(b))[0]) == 0.0

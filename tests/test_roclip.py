@@ -527,3 +527,67 @@ def test_collapse_detector_compares_with_the_last_clip_epochs_before_matching():
       dict(match_similarity=0.45, own_similarity=0.25, own_retrieval=0.40, distinct_match_frac=0.40, largest_hub=12)
   ]
   assert roclip.collapse_warnings(_replay(healthy)[-1], None) == []
+
+
+def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum):
+  """The own-pair gate and CLIP's loss over the kept positives, in float64 loops."""
+  b = len(zimg)
+  mean_row = pool.mean(axis=0)
+  keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
+  weights = keep if keep.mean() >= quorum else np.ones(b)
+  logits = np.exp(log_scale) * zimg @ ztxt.T
+  log_rows = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
+  log_cols = logits - np.log(np.exp(logits).sum(axis=0, keepdims=True))
+  total = max(weights.sum(), 1.0)
+  i2t = -sum(weights[i] * log_rows[i, i] for i in range(b)) / total
+  t2i = -sum(weights[i] * log_cols[i, i] for i in range(b)) / total
+  return keep, 0.5 * (i2t + t2i)
+
+
+@pytest.mark.parametrize("agreeing", [12, 5])  # Above and below the quorum of half the batch of 16.
+def test_own_pair_gate_and_gated_loss_match_numpy(agreeing):
+  """A caption passes the gate when its matched pool row is closer to it than halfway from the pool's
+  mean row; the gated loss trains only passing pairs' positives, and all pairs when under half pass."""
+  rng = np.random.default_rng(agreeing)
+  b, d = 16, 12
+  pool = _unit(rng, 40, d)
+  ztxt = _unit(rng, b, d)
+  # The first `agreeing` captions matched a near-copy of themselves (a paraphrase), the rest a caption
+  # about something else (a pool row turned away from the own caption).
+  near = ztxt + 0.2 * _unit(rng, b, d)
+  other = pool[:b] - 0.8 * ztxt
+  matched = np.where(
+      np.arange(b)[:, None] < agreeing,
+      near / np.linalg.norm(near, axis=1, keepdims=True),
+      other / np.linalg.norm(other, axis=1, keepdims=True),
+  )
+  zimg = _unit(rng, b, d)
+  match = roclip.Match(
+      embeddings=jnp.asarray(matched, jnp.float32),
+      index=jnp.arange(b, dtype=jnp.int32),
+      similarity=jnp.zeros(b),
+      source_poisoned=jnp.zeros(b, jnp.int8),
+  )
+  pool_state = roclip.Pool(
+      embeddings=jnp.asarray(pool),
+      source_ids=jnp.arange(40, dtype=jnp.int32),
+      source_poisoned=jnp.zeros(40, jnp.int8),
+      ptr=jnp.zeros((), jnp.int32),
+  )
+  log_scale = np.log(10.0)
+  keep_ref, loss_ref = _np_gated_loss(
+      zimg.astype(np.float64),
+      ztxt.astype(np.float64),
+      matched.astype(np.float64),
+      pool.astype(np.float64),
+      log_scale,
+      roclip.GATE_QUORUM,
+  )
+  assert keep_ref[:agreeing].all() and not keep_ref[agreeing:].any()  # The construction holds.
+  keep = roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state)
+  np.testing.assert_array_equal(np.asarray(keep), keep_ref)
+  loss, aux = roclip.gated_pair_loss(
+      jnp.asarray(zimg), jnp.asarray(ztxt), match, pool_state, {"logit_scale": jnp.asarray(log_scale, jnp.float32)}
+  )
+  np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+  assert float(aux["gate_active"]) == float(agreeing / b >= roclip.GATE_QUORUM)

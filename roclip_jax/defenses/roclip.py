@@ -76,7 +76,9 @@ class Match:
 # ----------------------------------------------------------------------------
 # Variants and schedule.
 
-VARIANTS = ("paper", "robust")
+VARIANTS = ("paper", "robust", "gated")
+# `Settings.first_epoch` of a schedule without matching epochs (the gated variant's default).
+NO_MATCHING = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,7 +87,7 @@ class Settings:
 
   variant: str
   k: int  # A matching epoch every k epochs ...
-  first_epoch: int  # ... starting with this one (epochs count from 1).
+  first_epoch: int  # ... starting with this one (epochs count from 1; NO_MATCHING: none).
   pool_every_step: bool  # Write the pool in CLIP epochs too, so it is fresh when matching starts.
   csls_k: int  # 0: cosine top-1 (the paper); > 0: hubness-aware CSLS matching over this many neighbours.
   mask_duplicates: bool  # Images matched to one pool row are not each other's negatives.
@@ -93,16 +95,42 @@ class Settings:
   # Images whose matched captions say the same thing share their positives (soft targets from the
   # captions' text-text similarity), not only images matched to the same row.
   content_targets: bool
+  # CLIP epochs from `gate_first_epoch` on train a pair on its own caption only where the image's own
+  # caption is at least as close to it as the pool caption matching would give it (`own_pair_gate`).
+  own_pair_gate: bool = False
+  gate_first_epoch: int = 0
+  gate_quorum: float = 0.5  # The gate acts in a step only where at least this share of the batch passes.
 
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
 VARIANT_DEFAULTS = {
     "paper": dict(
-        update_pool_every_step=False, csls_k=0, mask_duplicates=False, exclude_own=False, content_targets=False
+        update_pool_every_step=False,
+        csls_k=0,
+        mask_duplicates=False,
+        exclude_own=False,
+        content_targets=False,
+        own_pair_gate=False,
     ),
     "robust": dict(
-        update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True, content_targets=True
+        update_pool_every_step=True,
+        csls_k=10,
+        mask_duplicates=True,
+        exclude_own=True,
+        content_targets=True,
+        own_pair_gate=False,
+    ),
+    # The default since issue 22 (docs/roclip.md, section 8): the robust variant's pool and lookup,
+    # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
+    # positives; matching epochs only where `first_epoch` is set.
+    "gated": dict(
+        update_pool_every_step=True,
+        csls_k=10,
+        mask_duplicates=True,
+        exclude_own=True,
+        content_targets=True,
+        own_pair_gate=True,
     ),
 }
 
@@ -128,6 +156,8 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       knobs[name] = cfg.get(name)
   k = int(cfg.k)
   first = cfg.get("first_epoch")
+  if first is None and variant == "gated":
+    first = NO_MATCHING
   if first is None:
     first = k
     if variant == "robust":
@@ -135,6 +165,12 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       middle = -(-int(num_epochs) // 2)  # ceil
       while first <= warmup_epochs or first < middle:
         first += k
+  # Unset: the first epoch after the learning-rate warm-up, as the robust start; from there the gate
+  # acts in each step where a quorum of the batch agrees (`GATE_QUORUM`), which a model that has not
+  # yet learnt the data does not reach.
+  gate_first = cfg.get("gate_first_epoch")
+  if gate_first is None:
+    gate_first = -(-int(warmup_steps) // max(int(steps_per_epoch), 1)) + 1
   return Settings(
       variant=variant,
       k=k,
@@ -144,6 +180,9 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       mask_duplicates=bool(knobs["mask_duplicates"]),
       exclude_own=bool(knobs["exclude_own"]),
       content_targets=bool(knobs["content_targets"]),
+      own_pair_gate=bool(knobs["own_pair_gate"]),
+      gate_first_epoch=gate_first,
+      gate_quorum=float(cfg.get("gate_quorum", GATE_QUORUM)),
   )
 
 
@@ -153,6 +192,8 @@ def is_matching_epoch(epoch: int, k: int, first_epoch: int | None = None) -> boo
   With `first_epoch`, the matching epochs are first_epoch, first_epoch + k, ...
   """
   first = k if first_epoch is None else first_epoch
+  if first == NO_MATCHING:
+    return False
   return k > 0 and epoch >= first and (epoch - first) % k == 0
 
 
@@ -227,6 +268,47 @@ def soft_target_clip_loss(zimg: jax.Array, captions: jax.Array, log_scale: jax.A
   hit_t2i = jnp.take_along_axis(targets, jnp.argmax(logits, axis=0)[:, None], axis=1)[:, 0] >= best
   accuracy = 0.5 * (jnp.mean(hit_i2t) + jnp.mean(hit_t2i))
   return 0.5 * (loss_i2t + loss_t2i), {"loss_i2t": loss_i2t, "loss_t2i": loss_t2i, "batch_accuracy": accuracy}
+
+
+# The share of a batch whose matches must agree with their own captions before the gate acts.
+GATE_QUORUM = 0.5
+
+
+def own_pair_gate(ztxt: jax.Array, match: Match, pool: Pool) -> jax.Array:
+  """f32[B]: 1 where image i's own caption says what its matched pool caption says, else 0
+  (docs/roclip.md, section 8). "Says the same": the text tower puts the matched caption m_i closer to
+  the own caption t_i than halfway from the pool's mean caption to t_i itself,
+  cos(t_i, m_i) >= (1 + cos(t_i, mean pool row)) / 2: a paraphrase or an identical caption passes, a
+  caption about something else sits near the pool's mean and fails.
+
+  Why it separates poisoned pairs: a poisoned caption does not describe its image, so until the model
+  has learnt the attack the caption matching finds for a poisoned image describes what the image
+  shows, not the attacker's caption.
+  """
+  ztxt = jax.lax.stop_gradient(ztxt)
+  agreement = jnp.sum(ztxt * match.embeddings, axis=-1)
+  typical = ztxt @ jnp.mean(pool.embeddings, axis=0)
+  return (agreement >= 0.5 * (1.0 + typical)).astype(jnp.float32)
+
+
+def gated_pair_loss(
+    zimg: jax.Array,
+    ztxt: jax.Array,
+    match: Match,
+    pool: Pool,
+    scalars: dict[str, jax.Array],
+    quorum: float = GATE_QUORUM,
+):
+  """CLIP's loss with only the gated pairs as positives (`losses.clip_loss`'s `positive_weights`);
+  every pair stays a negative."""
+  keep = own_pair_gate(ztxt, match, pool)
+  # The gate trusts the model's matches only where they agree with most of the batch's captions:
+  # a model that still gets most pairs wrong would keep only what it already knows and train
+  # toward that (on the digits set, a gate from epoch 4 kept ~50% and fell 15 points in an epoch).
+  active = jnp.mean(keep) >= quorum
+  weights = jnp.where(active, keep, jnp.ones_like(keep))
+  loss, aux = losses.clip_loss(zimg, ztxt, scalars["logit_scale"], positive_weights=weights)
+  return loss, dict(aux, gate=keep, gate_active=active.astype(jnp.float32))
 
 
 # ----------------------------------------------------------------------------
@@ -702,12 +784,12 @@ class RoClip(base.Defense):
     c.k = 2  # A matching epoch every k epochs (the paper: epochs k, 2k, ...).
     c.shard_pool = False
     c.fifo = "ring"  # Or 'lightly' for the original's truncate-and-reset write.
-    # 'robust' (the default): our variant that does not collapse on small data (docs/roclip.md,
-    # sections 4 and 6): matching starts after the lr warm-up on a pool written every step,
-    # hubness-aware (CSLS) matching, images matched to the same caption are not each other's
-    # negatives, and never a row of the image's own example. 'paper': the published method, exactly.
-    # The knobs below, left unset (None), take the variant's value; set one to ablate it.
-    c.variant = "robust"
+    # 'gated' (the default, docs/roclip.md, section 8): each image's nearest pool caption decides
+    # whether its pair trains on its own caption (`own_pair_gate`); no matching epochs unless
+    # `first_epoch` is set. 'robust': matching epochs from the middle of the run with CSLS lookup,
+    # content targets and a pool written every step (sections 4, 6 and 8). 'paper': the published
+    # method, exactly. The knobs below, left unset (None), take the variant's value; set one to ablate it.
+    c.variant = "gated"
     c.first_epoch = ml_collections.config_dict.placeholder(int)  # First matching epoch.
     c.update_pool_every_step = ml_collections.config_dict.placeholder(bool)  # Also write the pool in CLIP epochs.
     c.csls_k = ml_collections.config_dict.placeholder(int)  # 0: cosine top-1; > 0: CSLS over k neighbours.
@@ -715,6 +797,11 @@ class RoClip(base.Defense):
     c.exclude_own = ml_collections.config_dict.placeholder(bool)  # Never match a row of the image's own example.
     # Matched captions that say the same thing share their positives (docs/roclip.md, section 8).
     c.content_targets = ml_collections.config_dict.placeholder(bool)
+    # CLIP epochs train a pair on its own caption only where its image's matched pool caption says
+    # the same (docs/roclip.md, section 8), from `gate_first_epoch` (unset: epoch 1; the quorum decides).
+    c.own_pair_gate = ml_collections.config_dict.placeholder(bool)
+    c.gate_first_epoch = ml_collections.config_dict.placeholder(int)
+    c.gate_quorum = GATE_QUORUM  # Share of a batch that must pass before the gate acts in a step.
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -738,6 +825,25 @@ class RoClip(base.Defense):
     if r.csls_k is not None and r.csls_k < 0:
       raise config_error(
           "roclip.csls_k", f"is {r.csls_k}.", "use 0 (cosine top-1) or a positive neighbourhood size such as 10."
+      )
+    if config.loss != "clip" and settings(r).own_pair_gate:
+      raise config_error(
+          "roclip.own_pair_gate",
+          f"is on (variant {r.variant!r}) with loss={config.loss!r}; the gate weights the positives of "
+          "CLIP's softmax loss.",
+          "use loss='clip', or roclip.variant='robust' (or own_pair_gate=False) with this loss.",
+      )
+    if r.get("gate_first_epoch") is not None and r.gate_first_epoch < 1:
+      raise config_error(
+          "roclip.gate_first_epoch",
+          f"is {r.gate_first_epoch}; epochs count from 1.",
+          "use 1 or more, or leave it unset.",
+      )
+    if not 0.0 <= r.get("gate_quorum", GATE_QUORUM) <= 1.0:
+      raise config_error(
+          "roclip.gate_quorum",
+          f"is {r.gate_quorum}; it is a share of the batch.",
+          "use a value in [0, 1] (default 0.5).",
       )
     if r.lookup_dtype not in LOOKUP_DTYPES:
       raise config_error(
@@ -781,9 +887,11 @@ class RoClip(base.Defense):
     s = self.settings()
     # Named only when not the default, so the description of a float32 run reads as before.
     lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
+    schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
+    gate = f", own-pair gate (quorum {s.gate_quorum:g})" if s.own_pair_gate else ""
     return (
-        f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, k={s.k}, csls_k={s.csls_k}, "
-        f"pool every step={s.pool_every_step}{lookup})"
+        f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, {schedule}, csls_k={s.csls_k}, "
+        f"pool every step={s.pool_every_step}{gate}{lookup})"
     )
 
   # State: the pool.
@@ -799,17 +907,25 @@ class RoClip(base.Defense):
 
   # Steps.
   def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
-    every_step = self.settings(steps_per_epoch).pool_every_step
-    return {
-        "clip": base.StepKind("clip", options=(("enqueue", every_step),)),
+    s = self.settings(steps_per_epoch)
+    kinds = {
+        "clip": base.StepKind("clip", options=(("enqueue", s.pool_every_step),)),
         "match": base.StepKind("match", text_grad=False, options=(("enqueue", True),)),
     }
+    if s.own_pair_gate:  # A CLIP step whose positives pass the gate; it reads the pool, so it writes it too.
+      kinds["gated"] = base.StepKind("gated", options=(("enqueue", True),))
+    return kinds
 
   def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
     s = self.settings(steps_per_epoch)
-    return "match" if is_matching_epoch(epoch, s.k, s.first_epoch) else "clip"
+    if is_matching_epoch(epoch, s.k, s.first_epoch):
+      return "match"
+    return "gated" if s.own_pair_gate and epoch >= s.gate_first_epoch else "clip"
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
+    if kind.name == "gated":
+      match = self.match(state, z["image"], batch["id"], mesh)
+      return gated_pair_loss(z["image"], z["text"], match, state, scalars, self.settings().gate_quorum)
     if kind.name != "match":
       return pair_loss(z["image"], z["text"], scalars)
     # Matching step: the matched pool rows replace the positives (docs/roclip.md, section 1). The
@@ -864,6 +980,14 @@ class RoClip(base.Defense):
     for key, value in alignment_sums(z["image"], z["text"]).items():  # Every step, CLIP and matching.
       stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
     metrics = {}
+    if kind.name == "gated":
+      keep, is_poisoned = aux["gate"], (batch["poisoned"] > 0).astype(jnp.float32)
+      metrics = {
+          "roclip/gate_kept_frac": jnp.mean(keep),
+          "roclip/gate_active": aux["gate_active"],
+          "roclip/gate_kept_poisoned": jnp.sum(keep * is_poisoned),
+          "roclip/gate_poisoned": jnp.sum(is_poisoned),
+      }
     if kind.name == "match":
       labels = batch.get("label", jnp.full_like(batch["id"], -1))
       step_diag = step_diagnostics(z["image"], z["text"], aux["match"], labels, batch["poisoned"])

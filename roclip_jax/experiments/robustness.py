@@ -100,7 +100,20 @@ def prepare_run_dir(run_dir: str, key: str) -> bool:
   return os.path.exists(os.path.join(run_dir, "final_results.json"))
 
 
+def check_only(config: ml_collections.ConfigDict, only) -> None:
+  """--only names rows of the table; a name that is none of them (a typo, or a name with a comma,
+  which the flag splits) would otherwise run nothing and say nothing."""
+  names = [name for name, _ in config.experiment.runs]
+  unknown = [name for name in only if name not in names]
+  if unknown:
+    raise ValueError(
+        f"--only names rows this config does not have: {unknown}. Its rows are {names}; pass a "
+        "comma-separated list of those names exactly (a row name cannot contain a comma)."
+    )
+
+
 def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[str, dict[str, Any]]:
+  check_only(config, only)
   results = {}
   base = copy.deepcopy(config)
   del base.experiment
