@@ -11,12 +11,13 @@ handwritten-digits set (`data.demo.kind='digits'`: 10 classes, 5,000 training pa
 paraphrased, often identical captions) and is evaluated on its clean held-out split. What makes it
 a benchmark that can tell a defense from its control (docs/roclip.md, section 8):
 
-* plain CLIP learns the data (~95% zero-shot), so a defense's cost is measurable;
-* the backdoor's trigger survives the augmentation: a full-image blended noise pattern (Chen et
-  al. 2017), which crops, colour jitter and blur weaken but do not remove, so the fair control
-  (CLIP+aug: the same augmentation, no defense) is attacked as much as plain CLIP;
-* both attacks at the lowest tested strength where BOTH undefended rows reach backdoor ASR >= 80%
-  and targeted success >= 75% (calibrated on CLIP and CLIP+aug only, never on a defense);
+* plain CLIP learns the data (about 91% zero-shot), so a defense's cost is measurable;
+* the backdoor's trigger survives the augmentation: SIG's full-image sinusoid (Barni et al. 2019),
+  which crops, colour jitter and blur weaken but do not remove, so the fair control (CLIP+aug: the
+  same augmentation, no defense) is attacked as much as plain CLIP;
+* the backdoor at the lowest tested strength where BOTH undefended rows reach ASR >= 80% (calibrated
+  on CLIP and CLIP+aug only, never on a defense); the targeted attack's bar (>= 75% on both) is not
+  reached under augmentation at any tested strength (docs/roclip.md, section 8);
 * SimCLR's augmentation with the two changes this data needs: no flips (a mirrored 2 is no digit)
   and crops of at least half the image (an 8% crop of 32 px is 9x9 px, less than a digit's stroke
   pattern); colour jitter, grayscale and blur stay (the label does not depend on colour).
@@ -49,9 +50,9 @@ def get_config(arg=None):
   c.progress_bar = True
 
   # The attacks, both on the same training set, calibrated on CLIP and CLIP+aug (docs/roclip.md,
-  # section 8). Backdoor: `backdoor` images blended with a fixed full-image noise pattern at `alpha`,
-  # captioned with training captions that mention "seven". Targeted: `targeted` adversarial captions
-  # naming another class for each of 8 test images.
+  # section 8). Backdoor: `backdoor` images carrying the `trigger` (SIG at amplitude `delta` by
+  # default; 'blended' uses `alpha`), captioned with training captions that mention "seven".
+  # Targeted: `targeted` adversarial captions naming another class for each of 8 test images.
   c.poison.enabled = True
   c.poison.seed = variant.poison_seed
   c.poison.backdoor.enabled = True

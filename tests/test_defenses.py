@@ -154,12 +154,13 @@ def _batch(views, seed=0, batch=32):
   return out
 
 
-# One step kind per defense. RoCLIP's 'clip' kind is the plain pair loss of ('none', 'clip'); its matching
+# One step kind per defense. RoCLIP's 'clip' kind is the plain pair loss of ('none', 'clip'); its 'gated'
+# kind (the default variant's) looks the pool up inside the accumulated loss; its matching
 # step (text tower forward only) is checked with a sharded pool in
 # tests/test_sharding.py::test_accumulated_gradient_equals_full_batch_gradient. SafeCLIP's 'safe_split'
 # computes both terms of its other two phases (the masked cross-modal loss and the unimodal
 # nearest-neighbour losses).
-KINDS = [("none", "clip"), ("safeclip", "safe_split"), ("cleanclip", "cleanclip")]
+KINDS = [("none", "clip"), ("roclip", "gated"), ("safeclip", "safe_split"), ("cleanclip", "cleanclip")]
 
 
 @pytest.mark.parametrize("defense_name,kind_name", KINDS)

@@ -5,7 +5,6 @@ import json
 import os
 import re
 import threading
-import time
 
 import numpy as np
 from PIL import Image
@@ -149,13 +148,11 @@ def test_rejects_bad_params(tmp_path):
     demo.ensure_demo_dataset(dict(TINY, image_size=4, root=str(tmp_path)))
 
 
-def test_default_size_generates_quickly(tmp_path):
-  start = time.perf_counter()
-  root = demo.ensure_demo_dataset(dict(root=str(tmp_path / "full")))
-  elapsed = time.perf_counter() - start
-  assert elapsed < 20, f"default demo generation took {elapsed:.1f}s"
-  assert len(_read_rows(root, "train")) == 24 * 250
-  assert len(_read_rows(root, "test")) == 24 * 50
+def test_default_size_is_the_documented_one():
+  # Generation speed is not a test's business (no timed tests); the default set's size is: 24 classes,
+  # 250 training and 50 test images each. The row counts of a generated set are checked above on TINY.
+  params = demo.generation_params({})
+  assert (params["num_classes"], params["train_per_class"], params["test_per_class"]) == (24, 250, 50)
 
 
 def test_possible_captions_hold_every_drawn_caption():

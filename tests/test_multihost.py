@@ -49,6 +49,7 @@ def _overrides(demo_root):
       "mesh": (("data", 2), ("fsdp", 4)),
       "roclip.pool_size": 32,
       "roclip.shard_pool": True,
+      "roclip.variant": "robust",  # Matching epochs, whose sharded lookup this test covers.
       "evals.zeroshot.every_steps": 0,
   }
 

@@ -196,6 +196,19 @@ def test_settings_paper_robust_and_explicit_overrides():
   assert roclip.settings(_roclip_cfg()).content_targets is False
   with pytest.raises(ValueError, match="variant"):
     roclip.settings(_roclip_cfg(variant="nope"))
+  # The gated default: no matching epochs unless first_epoch is set; the gate from the first epoch
+  # after the warm-up (inside epoch 3 at 40 steps per epoch -> 4).
+  gated = roclip.settings(_roclip_cfg(variant="gated"), steps_per_epoch=40, warmup_steps=100, num_epochs=16)
+  assert (gated.first_epoch, gated.own_pair_gate, gated.gate_first_epoch, gated.gate_quorum) == (
+      roclip.NO_MATCHING,
+      True,
+      4,
+      0.5,
+  )
+  assert not any(roclip.is_matching_epoch(e, gated.k, gated.first_epoch) for e in range(1, 40))
+  assert roclip.settings(_roclip_cfg(variant="gated", first_epoch=8)).first_epoch == 8
+  assert roclip.settings(_roclip_cfg(variant="robust")).own_pair_gate is False
+  assert roclip.settings(_roclip_cfg()).own_pair_gate is False
 
 
 def _csls_reference(z, pool, k):

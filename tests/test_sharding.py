@@ -216,7 +216,8 @@ def test_sharded_pool_lookup_and_enqueue_over_data_and_fsdp():
 
 
 def _pool_config(**overrides):
-  return _config("roclip", **{"roclip.update_pool_every_step": True}, **overrides)
+  # The robust variant: matching steps (the gated default has none unless asked).
+  return _config("roclip", **{"roclip.update_pool_every_step": True, "roclip.variant": "robust"}, **overrides)
 
 
 @pytest.fixture(scope="module")
@@ -282,7 +283,9 @@ def test_train_steps_agree_on_fsdp_data_and_single_device_meshes(mesh_runs, init
 def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
   """4 micro-batches of 8 vs one batch of 32, for RoCLIP's matching step with a sharded pool (the plain
   CLIP step and every other defense's: tests/test_defenses.py)."""
-  config = _config("roclip", batch=32, mesh=[("data", 4), ("fsdp", 2)], **{"roclip.shard_pool": True})
+  config = _config(
+      "roclip", batch=32, mesh=[("data", 4), ("fsdp", 2)], **{"roclip.shard_pool": True, "roclip.variant": "robust"}
+  )
   mesh = _mesh(config.mesh)
   tx, _ = optim.make_optimizer(config.optim, 10)
   spec = steps.ModelSpec.create(config.model)

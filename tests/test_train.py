@@ -73,13 +73,15 @@ def assert_trees_bitwise_equal(a, b):
 def test_resume_is_exact(demo_root, tmp_path, defense):
   """N steps straight == 10 steps, a restart, N - 10 more (params, optimizer, pool: bitwise).
 
-  RoCLIP runs its robust variant (fresh pool, CSLS, masked duplicates, own-example exclusion: the
-  whole step end to end; its 2-step warm-up ends in epoch 1, so matching epochs are 2 and 4), and the
+  RoCLIP runs its gated variant (the default) with a matching epoch 4 and the gate acting in every
+  step (quorum 0): gated epochs 2, 3 and 5 (its 2-step warm-up ends in epoch 1) and the robust
+  variant's matching step (fresh pool, CSLS, content targets, own-example exclusion), end to end. The
   restart falls inside matching epoch 4 (steps 10..12): that epoch's diagnostics must equal the
   straight run's, since their sums are checkpointed with the state.
   """
   n, cut = 14, 10
-  extra = {"roclip.variant": "robust"} if defense == "roclip" else {}
+  gated = {"roclip.variant": "gated", "roclip.first_epoch": 4, "roclip.gate_quorum": 0.0}
+  extra = gated if defense == "roclip" else {}
   straight = tmp_path / "straight"
   train.train_and_evaluate(tiny_config(demo_root, defense, max_steps=n, **extra), str(straight))
   split = tmp_path / "split"
@@ -99,11 +101,17 @@ def test_resume_is_exact(demo_root, tmp_path, defense):
     epochs_a = {r["epoch"]: r for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "epoch"}
     epochs_b = {r["epoch"]: r for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "epoch"}
     rows_a = [r for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "epoch"]
-    # The default variant over 5 epochs starts matching mid-run: epoch 4 is its only matching epoch.
     matching = sorted(r["epoch"] for r in rows_a if "roclip/matching_steps" in r)
     assert matching == [4] and epochs_a[4]["roclip/matching_steps"] == 3
-    # CLIP epochs write their alignment (the collapse detector's reference) too.
+    # CLIP epochs write their alignment (the collapse detector's reference) too; gated epochs also
+    # the gate's shares (with quorum 0 it acts in every step).
     assert all("roclip/clip_own_similarity" in r for r in rows_a if r["epoch"] != 4)
+    assert [r["epoch"] for r in rows_a if "roclip/gate_kept_frac" in r] == [2, 3, 5]
+    assert all(
+        r["roclip/gate_active_frac"] == 1.0 and 0 <= r["roclip/gate_kept_frac"] <= 1
+        for r in rows_a
+        if r["epoch"] in (2, 3)
+    )
     assert epochs_b[4] == epochs_a[4]
   # The restarted run logged the same losses as the straight run after the restart.
   la = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "train"}

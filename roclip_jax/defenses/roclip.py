@@ -593,6 +593,9 @@ DIAGNOSTIC_SUMS = (
 
 
 # Per-step sums of every step (CLIP and matching): how well images still find their own captions.
+# A gated epoch's sums (only in runs with the own-pair gate): steps, steps where the gate acted, pairs
+# it passed, and the poisoned pairs in the batches and those it passed (known only on poisoned data).
+GATE_SUMS = ("gate_steps", "gate_active_steps", "gate_kept", "gate_pairs", "gate_poisoned", "gate_kept_poisoned")
 ALIGNMENT_SUMS = ("epoch_own_similarity", "epoch_own_retrieval", "epoch_steps")
 # The run's best completed epoch so far (a max over epoch means), the collapse detector's reference.
 BEST_EPOCH = ("best_own_similarity", "best_own_retrieval", "best_match_similarity")
@@ -688,6 +691,18 @@ def epoch_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, floa
     row["roclip/matched_same_class_frac"] = sums["matched_same_class"] / sums["labelled_matches"]
   if sums["poisoned_in_batch"] > 0:
     row["roclip/poisoned_matched_clean_frac"] = sums["poisoned_matched_clean"] / sums["poisoned_in_batch"]
+  return row
+
+
+def gate_diagnostics(sums: dict[str, float]) -> dict[str, float]:
+  """A gated epoch's row from its `GATE_SUMS`: the share of pairs the gate passed, the share of steps
+  in which it acted (a quorum passed), and, on poisoned data, the share of poisoned pairs it passed."""
+  row = {
+      "roclip/gate_kept_frac": sums["gate_kept"] / max(sums["gate_pairs"], 1.0),
+      "roclip/gate_active_frac": sums["gate_active_steps"] / max(sums["gate_steps"], 1.0),
+  }
+  if sums["gate_poisoned"] > 0:
+    row["roclip/gate_kept_poisoned_frac"] = sums["gate_kept_poisoned"] / sums["gate_poisoned"]
   return row
 
 
@@ -902,7 +917,7 @@ class RoClip(base.Defense):
     return pool_shardings(mesh, self.config.roclip.shard_pool)
 
   def init_stats(self) -> dict[str, jax.Array]:
-    keys = DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + BEST_EPOCH
+    keys = DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + BEST_EPOCH + (GATE_SUMS if self.settings().own_pair_gate else ())
     return {f"roclip/{k}": jnp.zeros((), jnp.float32) for k in keys}
 
   # Steps.
@@ -975,19 +990,25 @@ class RoClip(base.Defense):
     first_of_epoch = step % steps_per_epoch == 0
     # The epoch that just ended joins the run's best epochs before its sums are zeroed.
     stats.update(fold_best_epoch(stats, first_of_epoch))
-    for key in DIAGNOSTIC_SUMS + ALIGNMENT_SUMS:
+    gate_sums = GATE_SUMS if "roclip/gate_steps" in stats else ()  # Runs with the gate only (`init_stats`).
+    for key in DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + gate_sums:
       stats[f"roclip/{key}"] = jnp.where(first_of_epoch, 0.0, stats[f"roclip/{key}"])
     for key, value in alignment_sums(z["image"], z["text"]).items():  # Every step, CLIP and matching.
       stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
     metrics = {}
     if kind.name == "gated":
       keep, is_poisoned = aux["gate"], (batch["poisoned"] > 0).astype(jnp.float32)
-      metrics = {
-          "roclip/gate_kept_frac": jnp.mean(keep),
-          "roclip/gate_active": aux["gate_active"],
-          "roclip/gate_kept_poisoned": jnp.sum(keep * is_poisoned),
-          "roclip/gate_poisoned": jnp.sum(is_poisoned),
+      step_sums = {
+          "gate_steps": jnp.ones((), jnp.float32),
+          "gate_active_steps": aux["gate_active"],
+          "gate_kept": jnp.sum(keep),
+          "gate_pairs": jnp.asarray(keep.shape[0], jnp.float32),
+          "gate_poisoned": jnp.sum(is_poisoned),
+          "gate_kept_poisoned": jnp.sum(keep * is_poisoned),
       }
+      for key, value in step_sums.items():
+        stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value
+      metrics = {"roclip/gate_kept_frac": jnp.mean(keep), "roclip/gate_active": aux["gate_active"]}
     if kind.name == "match":
       labels = batch.get("label", jnp.full_like(batch["id"], -1))
       step_diag = step_diagnostics(z["image"], z["text"], aux["match"], labels, batch["poisoned"])
@@ -1023,11 +1044,15 @@ class MatchingMonitor(base.EpochHooks):
     if kind != "match":  # A CLIP epoch: its alignment, the reference the detector compares matching epochs with.
       if not sums.get("epoch_steps"):
         return None
-      return {
+      row = {
           "epoch": epoch,
           "roclip/clip_own_similarity": sums["epoch_own_similarity"] / sums["epoch_steps"],
           "roclip/clip_own_retrieval": sums["epoch_own_retrieval"] / sums["epoch_steps"],
       }
+      if kind == "gated":
+        row.update(gate_diagnostics(sums))
+        logging.info("Gated epoch %d: %s", epoch, row)
+      return row
     row = dict(epoch_diagnostics(sums, self._batch_size), epoch=epoch)
     warnings = collapse_warnings(row, self._num_classes)
     row["roclip/collapse_warning"] = bool(warnings)
@@ -1037,8 +1062,8 @@ class MatchingMonitor(base.EpochHooks):
       logging.warning(
           "RoCLIP matching epoch %d looks like a COLLAPSE: %s. The model is being trained toward captions that do "
           "not describe its images; its accuracy will fall toward chance while the attack success rate looks "
-          "good. Fixes (docs/roclip.md, section 3): the robust variant with its defaults "
-          "(config.roclip.variant='robust', content_targets and csls_k left unset), a later "
+          "good. Fixes (docs/roclip.md, sections 3 and 8): the default gated variant (config.roclip.variant="
+          "'gated' with first_epoch unset: no matching epochs), the robust variant with its defaults, a later "
           "config.roclip.first_epoch so that a better-trained model makes the matches, or a smaller learning rate.",
           epoch,
           "; ".join(warnings),
