@@ -813,7 +813,8 @@ class RoClip(base.Defense):
     # Matched captions that say the same thing share their positives (docs/roclip.md, section 8).
     c.content_targets = ml_collections.config_dict.placeholder(bool)
     # CLIP epochs train a pair on its own caption only where its image's matched pool caption says
-    # the same (docs/roclip.md, section 8), from `gate_first_epoch` (unset: epoch 1; the quorum decides).
+    # the same (docs/roclip.md, section 8), from `gate_first_epoch` (unset: the first epoch after the
+    # warm-up) in every step where a quorum of the batch passes.
     c.own_pair_gate = ml_collections.config_dict.placeholder(bool)
     c.gate_first_epoch = ml_collections.config_dict.placeholder(int)
     c.gate_quorum = GATE_QUORUM  # Share of a batch that must pass before the gate acts in a step.
