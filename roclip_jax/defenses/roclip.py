@@ -104,6 +104,7 @@ class Settings:
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
+_ROBUST = dict(update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True, content_targets=True)
 VARIANT_DEFAULTS = {
     "paper": dict(
         update_pool_every_step=False,
@@ -113,25 +114,11 @@ VARIANT_DEFAULTS = {
         content_targets=False,
         own_pair_gate=False,
     ),
-    "robust": dict(
-        update_pool_every_step=True,
-        csls_k=10,
-        mask_duplicates=True,
-        exclude_own=True,
-        content_targets=True,
-        own_pair_gate=False,
-    ),
+    "robust": dict(_ROBUST, own_pair_gate=False),
     # The default since issue 22 (docs/roclip.md, section 8): the robust variant's pool and lookup,
     # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
     # positives; matching epochs only where `first_epoch` is set.
-    "gated": dict(
-        update_pool_every_step=True,
-        csls_k=10,
-        mask_duplicates=True,
-        exclude_own=True,
-        content_targets=True,
-        own_pair_gate=True,
-    ),
+    "gated": dict(_ROBUST, own_pair_gate=True),
 }
 
 
@@ -155,13 +142,13 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
     if cfg.get(name) is not None:
       knobs[name] = cfg.get(name)
   k = int(cfg.k)
+  warmup_epochs = -(-int(warmup_steps) // max(int(steps_per_epoch), 1))  # ceil
   first = cfg.get("first_epoch")
   if first is None and variant == "gated":
     first = NO_MATCHING
   if first is None:
     first = k
     if variant == "robust":
-      warmup_epochs = -(-int(warmup_steps) // max(int(steps_per_epoch), 1))  # ceil
       middle = -(-int(num_epochs) // 2)  # ceil
       while first <= warmup_epochs or first < middle:
         first += k
@@ -170,7 +157,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
   # yet learnt the data does not reach.
   gate_first = cfg.get("gate_first_epoch")
   if gate_first is None:
-    gate_first = -(-int(warmup_steps) // max(int(steps_per_epoch), 1)) + 1
+    gate_first = warmup_epochs + 1
   return Settings(
       variant=variant,
       k=k,
@@ -594,8 +581,9 @@ DIAGNOSTIC_SUMS = (
 
 # Per-step sums of every step (CLIP and matching): how well images still find their own captions.
 # A gated epoch's sums (only in runs with the own-pair gate): steps, steps where the gate acted, pairs
-# it passed, and the poisoned pairs in the batches and those it passed (known only on poisoned data).
-GATE_SUMS = ("gate_steps", "gate_active_steps", "gate_kept", "gate_pairs", "gate_poisoned", "gate_kept_poisoned")
+# it passed (of steps x the global batch), and the poisoned pairs in the batches and those it passed
+# (known only on poisoned data).
+GATE_SUMS = ("gate_steps", "gate_active_steps", "gate_kept", "gate_poisoned", "gate_kept_poisoned")
 ALIGNMENT_SUMS = ("epoch_own_similarity", "epoch_own_retrieval", "epoch_steps")
 # The run's best completed epoch so far (a max over epoch means), the collapse detector's reference.
 BEST_EPOCH = ("best_own_similarity", "best_own_retrieval", "best_match_similarity")
@@ -694,11 +682,11 @@ def epoch_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, floa
   return row
 
 
-def gate_diagnostics(sums: dict[str, float]) -> dict[str, float]:
+def gate_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, float]:
   """A gated epoch's row from its `GATE_SUMS`: the share of pairs the gate passed, the share of steps
   in which it acted (a quorum passed), and, on poisoned data, the share of poisoned pairs it passed."""
   row = {
-      "roclip/gate_kept_frac": sums["gate_kept"] / max(sums["gate_pairs"], 1.0),
+      "roclip/gate_kept_frac": sums["gate_kept"] / max(sums["gate_steps"] * batch_size, 1.0),
       "roclip/gate_active_frac": sums["gate_active_steps"] / max(sums["gate_steps"], 1.0),
   }
   if sums["gate_poisoned"] > 0:
@@ -991,7 +979,7 @@ class RoClip(base.Defense):
     first_of_epoch = step % steps_per_epoch == 0
     # The epoch that just ended joins the run's best epochs before its sums are zeroed.
     stats.update(fold_best_epoch(stats, first_of_epoch))
-    gate_sums = GATE_SUMS if "roclip/gate_steps" in stats else ()  # Runs with the gate only (`init_stats`).
+    gate_sums = GATE_SUMS if self.settings().own_pair_gate else ()  # As `init_stats`.
     for key in DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + gate_sums:
       stats[f"roclip/{key}"] = jnp.where(first_of_epoch, 0.0, stats[f"roclip/{key}"])
     for key, value in alignment_sums(z["image"], z["text"]).items():  # Every step, CLIP and matching.
@@ -1003,7 +991,6 @@ class RoClip(base.Defense):
           "gate_steps": jnp.ones((), jnp.float32),
           "gate_active_steps": aux["gate_active"],
           "gate_kept": jnp.sum(keep),
-          "gate_pairs": jnp.asarray(keep.shape[0], jnp.float32),
           "gate_poisoned": jnp.sum(is_poisoned),
           "gate_kept_poisoned": jnp.sum(keep * is_poisoned),
       }
@@ -1051,7 +1038,7 @@ class MatchingMonitor(base.EpochHooks):
           "roclip/clip_own_retrieval": sums["epoch_own_retrieval"] / sums["epoch_steps"],
       }
       if kind == "gated":
-        row.update(gate_diagnostics(sums))
+        row.update(gate_diagnostics(sums, self._batch_size))
         logging.info("Gated epoch %d: %s", epoch, row)
       return row
     row = dict(epoch_diagnostics(sums, self._batch_size), epoch=epoch)

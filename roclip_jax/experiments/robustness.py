@@ -280,18 +280,29 @@ def _summarise(entry: dict[str, Any]) -> None:
       )
 
 
-def format_seed_table(summary: dict[str, dict[str, Any]], config: ml_collections.ConfigDict) -> str:
-  header = "| run | defense | seeds | " + " | ".join(f"{c} (mean ± std)" for c in COLUMNS) + " | worst-seed zero-shot |"
+def _stats_table(entries, second: tuple, column, cell, worst: tuple) -> list[str]:
+  """Markdown lines of a table of per-seed summaries (`aggregate_seeds` or `control_differences`
+  entries): the run, `second` = (header, entry -> text), the seeds, `column(name)` per metric holding
+  `cell(stat, entry)`, and `worst` = (header, min -> text) for the worst seed's zero-shot."""
+  header = f"| run | {second[0]} | seeds | " + " | ".join(column(c) for c in COLUMNS) + f" | {worst[0]} |"
   lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
-  for name, entry in summary.items():
-    cells = []
-    for key in COLUMNS.values():
-      stat = entry.get(key)
-      cells.append("n/a" if stat is None else f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%")
+  for name, entry in entries.items():
+    cells = ["n/a" if entry.get(key) is None else cell(entry[key], entry) for key in COLUMNS.values()]
     zs = entry.get(COLUMNS["zero-shot top-1"])
-    worst = "n/a" if zs is None else f"{100 * zs['min']:.1f}%"
+    cells.append("n/a" if zs is None else worst[1](zs["min"]))
     seeds = ",".join(str(s) for s in entry["seeds"])
-    lines.append(f"| {name} | {entry.get('defense', '?')} | {seeds} | " + " | ".join(cells) + f" | {worst} |")
+    lines.append(f"| {name} | {second[1](entry)} | {seeds} | " + " | ".join(cells) + " |")
+  return lines
+
+
+def format_seed_table(summary: dict[str, dict[str, Any]], config: ml_collections.ConfigDict) -> str:
+  lines = _stats_table(
+      summary,
+      ("defense", lambda entry: entry.get("defense", "?")),
+      lambda c: f"{c} (mean ± std)",
+      lambda stat, _: f"{100 * stat['mean']:.1f} ± {100 * stat['std']:.1f}%",
+      ("worst-seed zero-shot", lambda low: f"{100 * low:.1f}%"),
+  )
   chance = 100 / config.data.demo.num_classes if config.data.source == "demo" else None
   note = f"Mean ± sample standard deviation over seeds (training seed = poison seed = s). " + (
       f"Zero-shot chance: {chance:.1f}%." if chance else ""
@@ -331,22 +342,18 @@ def format_differences(differences: dict[str, dict[str, Any]]) -> str:
   """The defense-minus-control table (percentage points; mean ± std, and the worst seed's zero-shot)."""
   if not differences:
     return ""
-  header = "| run | fair control | seeds | " + " | ".join(f"Δ {c}" for c in COLUMNS) + " | worst-seed Δ zero-shot |"
-  lines = [header, "|" + "---|" * (len(COLUMNS) + 4)]
-  for name, entry in differences.items():
-    cells = []
-    for key in COLUMNS.values():
-      stat = entry.get(key)
-      if stat is None:
-        cells.append("n/a")
-      elif len(entry["seeds"]) > 1:
-        cells.append(f"{100 * stat['mean']:+.1f} ± {100 * stat['std']:.1f}")
-      else:
-        cells.append(f"{100 * stat['mean']:+.1f}")
-    zs = entry.get(COLUMNS["zero-shot top-1"])
-    worst = "n/a" if zs is None else f"{100 * zs['min']:+.1f}"
-    seeds = ",".join(str(s) for s in entry["seeds"])
-    lines.append(f"| {name} | {entry['control']} | {seeds} | " + " | ".join(cells) + f" | {worst} |")
+
+  def cell(stat, entry):  # One seed has no spread to show.
+    spread = f" ± {100 * stat['std']:.1f}" if len(entry["seeds"]) > 1 else ""
+    return f"{100 * stat['mean']:+.1f}" + spread
+
+  lines = _stats_table(
+      differences,
+      ("fair control", lambda entry: entry["control"]),
+      lambda c: f"Δ {c}",
+      cell,
+      ("worst-seed Δ zero-shot", lambda low: f"{100 * low:+.1f}"),
+  )
   return (
       "\n".join(lines)
       + "\n\nDifferences in percentage points, each row minus its fair control (the same data, seed and "
