@@ -1,6 +1,7 @@
-"""Test setup: 8 fake CPU devices, the persistent compile cache, parsed absl flags.
+"""Test setup: 8 fake CPU devices, the persistent compile cache, parsed absl flags; the shared fixtures.
 
-The environment must be set before jax is imported anywhere, so this runs first.
+The environment must be set before jax is imported anywhere, so this runs first. Shared helpers that
+are not fixtures are in tests/helpers.py.
 """
 
 import os
@@ -21,6 +22,16 @@ os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", os.path.join(_repo, ".cache",
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
 
 from absl import flags  # noqa: E402
+import pytest  # noqa: E402
+
+from roclip_jax.data import demo  # noqa: E402
+from tests import helpers  # noqa: E402
 
 # grain worker processes read absl flags; they must count as parsed under pytest.
 flags.FLAGS.mark_as_parsed()
+
+
+@pytest.fixture(scope="session")
+def demo_root(tmp_path_factory):
+  """The demo dataset of `helpers.DEMO`, generated once per test process; tests only read it."""
+  return demo.ensure_demo_dataset(dict(helpers.DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))

@@ -19,12 +19,9 @@ from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
 from roclip_jax import train
-from roclip_jax.data import demo
 from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, seed=0)
+from tests.helpers import DEMO, REPO
 
 
 class CountingClip(base.Defense):
@@ -73,11 +70,6 @@ def toy_defense():
     yield CountingClip
   finally:
     defenses._REGISTRY.pop(CountingClip.name)  # pylint: disable=protected-access
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
 
 
 def _tiny_config(demo_root, defense):

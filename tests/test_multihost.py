@@ -9,7 +9,6 @@ process order, the layout `make_array_from_process_local_data` gives the
 import dataclasses
 import json
 import os
-import socket
 import subprocess
 import sys
 from unittest import mock
@@ -17,77 +16,19 @@ from unittest import mock
 import jax
 import numpy as np
 import optax
-import pytest
 
 from roclip_jax import inspect as inspect_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import train
-from roclip_jax.data import demo
 from roclip_jax.data import pipeline
+from tests import helpers
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, seed=0)
 MAX_STEPS = 6  # 48 examples, batch 16: 3 steps per epoch; epoch 2 (steps 4-6) is a RoCLIP matching epoch.
 TIMEOUT_S = 240
 
 
 def _overrides(demo_root):
-  """Config overrides, applied as flags to the subprocesses and directly to the reference config."""
-  return {
-      "data.demo.root": demo_root,
-      **{f"data.demo.{k}": v for k, v in DEMO.items() if k != "seed"},
-      "model.image.image_size": 16,
-      "model.image.patch_size": 8,
-      "model.text.context_length": 16,
-      "data.batch_size": 16,
-      "num_epochs": 4,
-      "max_steps": MAX_STEPS,
-      "log_every_steps": 1,
-      "checkpoint.every_steps": 1000,
-      "optim.warmup_steps": 2,
-      "progress_bar": False,
-      "mesh": (("data", 2), ("fsdp", 4)),
-      "roclip.pool_size": 32,
-      "roclip.shard_pool": True,
-      "roclip.variant": "robust",  # Matching epochs, whose sharded lookup this test covers.
-      "evals.zeroshot.every_steps": 0,
-  }
-
-
-def _flag(key, value):
-  return f"--config.{key}={value!r}" if isinstance(value, tuple) else f"--config.{key}={value}"
-
-
-def _free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
-
-
-def _start_two_processes(workdir, demo_root):
-  port = _free_port()
-  env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=4")
-  cmd = [
-      sys.executable,
-      "-m",
-      "roclip_jax.main",
-      f"--config={REPO}/configs/demo.py:defense=roclip",
-      f"--workdir={workdir}",
-      f"--coordinator_address=127.0.0.1:{port}",
-      "--num_processes=2",
-      *[_flag(k, v) for k, v in _overrides(demo_root).items()],
-  ]
-  return [
-      subprocess.Popen(
-          cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-      )
-      for i in range(2)
-  ]
+  return helpers.two_process_overrides(demo_root, num_epochs=4, max_steps=MAX_STEPS)
 
 
 def _wait(procs) -> list[str]:
@@ -154,7 +95,7 @@ def _train_rows(workdir):
 
 def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(demo_root, tmp_path):
   multi, single = tmp_path / "two_processes", tmp_path / "one_process"
-  procs = _start_two_processes(multi, demo_root)
+  procs = helpers.start_two_processes(multi, _overrides(demo_root))
   try:  # The reference trains meanwhile: both mostly compile, and compiling is single-threaded.
     _single_process_reference(single, demo_root)
   finally:
@@ -183,12 +124,12 @@ def test_two_processes_train_like_one_and_their_checkpoint_restores_in_one(demo_
 
 
 def test_dry_run_through_main_fakes_the_requested_devices(tmp_path):
-  env = dict(os.environ, PYTHONPATH=REPO)  # Inherits the 8-device XLA_FLAGS; the dry run must override it.
+  env = dict(os.environ, PYTHONPATH=helpers.REPO)  # Inherits the 8-device XLA_FLAGS; the dry run must override it.
   cmd = [
       sys.executable,
       "-m",
       "roclip_jax.main",
-      f"--config={REPO}/configs/demo.py",
+      f"--config={helpers.REPO}/configs/demo.py",
       f"--workdir={tmp_path}",
       "--config.dry_run=True",
       "--config.dry_run_devices=16",

@@ -6,9 +6,7 @@ import nbformat
 from nbclient import NotebookClient
 
 from roclip_jax import train
-from tests.test_train import demo_root, tiny_config  # noqa: F401  (fixture)
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from tests.helpers import REPO, tiny_config
 
 
 def test_inspect_notebook_executes(demo_root, tmp_path, monkeypatch):

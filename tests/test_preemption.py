@@ -17,16 +17,11 @@ import os
 import re
 import signal
 import subprocess
-import sys
 import time
-
-import pytest
 
 from roclip_jax import inspect as inspect_lib
 from roclip_jax import metrics as metrics_lib
-from roclip_jax.data import demo
-from tests import test_multihost as multihost
-from tests.test_train import assert_trees_bitwise_equal
+from tests import helpers
 
 MAX_STEPS = 12  # 4 epochs of 3 steps; RoCLIP matches in epochs 2 and 4.
 SIGNAL_AFTER_STEP = 2  # Process 1 is signalled once process 0 has logged this step.
@@ -35,42 +30,14 @@ TIMEOUT_S = 240
 STOP_TIMEOUT_S = 90  # From the signal to both processes' exit: a save of a tiny model, or a hang.
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(multihost.DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
-
-
-def _start(workdir, demo_root, *, paused=False, env=None):  # pylint: disable=redefined-outer-name
+def _start(workdir, demo_root, *, paused=False, env=None):
   """Both processes of one run; only their overrides differ from tests/test_multihost.py's.
 
   `paused`: through this module's main, which pauses before each step.
   """
-  overrides = dict(multihost._overrides(demo_root), max_steps=MAX_STEPS, num_epochs=MAX_STEPS // 3)
-  port = multihost._free_port()
-  env = dict(
-      os.environ,
-      PYTHONPATH=multihost.REPO,
-      JAX_PLATFORMS="cpu",
-      XLA_FLAGS="--xla_force_host_platform_device_count=4",
-      **(env or {}),
-  )
+  overrides = helpers.two_process_overrides(demo_root, num_epochs=MAX_STEPS // 3, max_steps=MAX_STEPS)
   module = "tests.test_preemption" if paused else "roclip_jax.main"
-  cmd = [
-      sys.executable,
-      "-m",
-      module,
-      f"--config={multihost.REPO}/configs/demo.py:defense=roclip",
-      f"--workdir={workdir}",
-      f"--coordinator_address=127.0.0.1:{port}",
-      "--num_processes=2",
-      *[multihost._flag(k, v) for k, v in overrides.items()],
-  ]
-  return [
-      subprocess.Popen(
-          cmd + [f"--process_id={i}"], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
-      )
-      for i in range(2)
-  ]
+  return helpers.start_two_processes(workdir, overrides, module=module, env=env)
 
 
 def _logged_steps(workdir) -> list[int]:
@@ -145,9 +112,9 @@ def test_sigterm_to_one_process_stops_both_at_one_saved_step_and_the_rerun_is_ex
   _wait(_start(killed, demo_root))
   a, b = inspect_lib.load(str(killed)), inspect_lib.load(str(straight))
   assert a.step == b.step == MAX_STEPS
-  assert_trees_bitwise_equal(a.state.params, b.state.params)
-  assert_trees_bitwise_equal(a.state.opt_state, b.state.opt_state)
-  assert_trees_bitwise_equal(a.state.defense, b.state.defense)
+  helpers.assert_trees_bitwise_equal(a.state.params, b.state.params)
+  helpers.assert_trees_bitwise_equal(a.state.opt_state, b.state.opt_state)
+  helpers.assert_trees_bitwise_equal(a.state.defense, b.state.defense)
   losses = [
       {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(w)) if r["kind"] == "train"}
       for w in (killed, straight)

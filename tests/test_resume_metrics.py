@@ -11,19 +11,11 @@ import os
 
 import numpy as np
 import ml_collections
-import pytest
 
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import train
-from roclip_jax.data import demo
 from roclip_jax.experiments import robustness
-
-from tests.test_train import DEMO, _write_corrupt_csv, tiny_config
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+from tests.helpers import tiny_config, write_corrupt_csv
 
 
 def _rows(workdir, kind):
@@ -31,7 +23,7 @@ def _rows(workdir, kind):
 
 
 def test_skipped_count_carries_across_a_resume(demo_root, tmp_path):
-  csv_path = _write_corrupt_csv(tmp_path)
+  csv_path = write_corrupt_csv(tmp_path)
   overrides = {
       "data.source": "csv",
       "data.csv_path": str(csv_path),

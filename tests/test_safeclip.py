@@ -8,7 +8,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-from jax.sharding import NamedSharding, PartitionSpec as P
 import ml_collections
 import numpy as np
 import pytest
@@ -22,7 +21,7 @@ from roclip_jax.defenses import roclip
 from roclip_jax.defenses import safeclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import train
-from tests.test_train import assert_trees_bitwise_equal, demo_root, tiny_config  # noqa: F401 (fixture)
+from tests.helpers import assert_trees_bitwise_equal, tiny_config
 
 LOG_SCALE = np.log(10.0)
 

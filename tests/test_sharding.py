@@ -17,7 +17,7 @@ from roclip_jax import optim
 from roclip_jax.defenses import roclip
 from roclip_jax import sharding
 from roclip_jax import steps
-from tests.test_train_step import random_batch
+from tests.helpers import random_batch
 
 FSDP_MESH = [("data", 2), ("fsdp", 4)]
 

@@ -26,14 +26,12 @@ from roclip_jax import inspect as inspect_lib
 from roclip_jax import train
 from roclip_jax.data import array_record
 from roclip_jax.data import convert
-from roclip_jax.data import demo
 from roclip_jax.data import image_ops
 from roclip_jax.data import pipeline
 from roclip_jax.data import sources
-from tests.test_train import tiny_config as train_tiny_config
+from tests import helpers
 
 FOREVER = float("inf")
-DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, seed=0)
 
 
 class FaultyOpen:
@@ -296,13 +294,8 @@ def test_array_record_reader_faults_are_retried_then_raised(tmp_path, monkeypatc
 # ------------------------------------------------------------------ training
 
 
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
-
-
 def tiny_config(demo_root, **overrides):
-  """test_train's tiny run, with instant retries; only the fault and the end of a run save."""
+  """The shared tiny run (`helpers.tiny_config`), with instant retries; only the fault and the end of a run save."""
   base = {
       "data.io_retries": 1,
       "data.io_retry_base_seconds": 0.0,
@@ -310,7 +303,7 @@ def tiny_config(demo_root, **overrides):
       "max_steps": 5,
       "checkpoint.every_steps": 100,
   }
-  return train_tiny_config(demo_root, **dict(base, **overrides))
+  return helpers.tiny_config(demo_root, **dict(base, **overrides))
 
 
 def test_persistent_fault_checkpoints_stops_and_the_rerun_matches(demo_root, tmp_path, monkeypatch, caplog):

@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from roclip_jax.data import demo
 from roclip_jax.experiments import suspicion
-from tests import test_train
+from tests.helpers import tiny_config
 
 
 def _brute_auroc(scores, labels):
@@ -265,12 +264,11 @@ def test_nearest_neighbors_with_tags_skips_own_and_invalid_keys():
 
 
 @pytest.fixture(scope="module")
-def poisoned_run(tmp_path_factory):
-  root = demo.ensure_demo_dataset(dict(test_train.DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+def poisoned_run(tmp_path_factory, demo_root):
   # 4 backdoored examples, captioned as 'red circle' with the trigger stamped; 6 steps =
   # a CLIP epoch and a RoCLIP matching epoch, so the pool holds captions.
-  config = test_train.tiny_config(
-      root,
+  config = tiny_config(
+      demo_root,
       "roclip",
       max_steps=6,
       **{

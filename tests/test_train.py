@@ -1,8 +1,6 @@
 """End to end: exact resume, SIGTERM save-and-resume, no NaN checkpoint, corrupt data, RoCLIP pool in checkpoints."""
 
-import csv
 import itertools
-import json
 import os
 import signal
 import subprocess
@@ -11,62 +9,15 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
-from PIL import Image
 import pytest
 
-from roclip_jax import config_lib
 from roclip_jax import inspect as inspect_lib
 from roclip_jax import metrics as metrics_lib
-from roclip_jax import models
 from roclip_jax import steps as steps_lib
 from roclip_jax import train
-from roclip_jax.data import demo
-
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DEMO = dict(num_classes=4, train_per_class=12, test_per_class=4, image_size=16, seed=0)
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
-
-
-def tiny_config(demo_root, defense="none", **overrides):
-  c = config_lib.base_config()
-  c.model = models.preset("tiny")
-  c.model.image.image_size, c.model.image.patch_size = 16, 8
-  c.model.text.context_length = 16
-  c.data.demo.update(dict(DEMO, root=demo_root))
-  c.data.batch_size = 16  # 48 examples -> 3 steps per epoch.
-  c.num_epochs = 6
-  c.defense = defense
-  c.roclip.pool_size = 32
-  c.roclip.k = 2
-  # The pool and schedule expectations of these tests are the paper's (matching epochs 2, 4, 6; the
-  # pool written only in them); tests of the robust variant (the default) ask for it.
-  c.roclip.variant = "paper"
-  c.optim.warmup_steps = 2
-  c.log_every_steps = 1
-  c.checkpoint.every_steps = 4
-  c.checkpoint.async_save = True
-  c.progress_bar = False
-  c.evals = ml_collections.ConfigDict()
-  return config_lib.override(c, overrides)
-
-
-def _leaves(tree):
-  return [np.asarray(x) for x in jax.tree.leaves(tree)]
-
-
-def assert_trees_bitwise_equal(a, b):
-  la, lb = _leaves(a), _leaves(b)
-  assert len(la) == len(lb)
-  for x, y in zip(la, lb):
-    assert x.dtype == y.dtype and x.shape == y.shape
-    np.testing.assert_array_equal(x, y)
+from tests.helpers import DEMO, REPO, assert_trees_bitwise_equal, leaves, tiny_config, write_corrupt_csv
 
 
 @pytest.mark.parametrize("defense", ["none", "roclip"])
@@ -214,31 +165,11 @@ def test_a_state_that_went_nan_is_never_checkpointed(demo_root, tmp_path, monkey
     train.train_and_evaluate(config, str(tmp_path))
   assert sorted(int(d) for d in os.listdir(tmp_path / "checkpoints") if d.isdigit()) == [2]
   run = inspect_lib.load(str(tmp_path))
-  assert run.step == 2 and all(np.isfinite(x).all() for x in _leaves(run.state.params))
-
-
-def _write_corrupt_csv(tmp_path):
-  rng = np.random.default_rng(0)
-  rows = []
-  words = ["red circle", "blue square", "green star", "yellow ring"]
-  for i in range(30):
-    path = tmp_path / f"img{i}.jpg"
-    Image.fromarray(rng.integers(0, 256, (20, 24, 3)).astype(np.uint8)).save(path, quality=90)
-    rows.append([path.name, f"a photo of a {words[i % 4]}", i % 4])
-  truncated = tmp_path / "img3.jpg"
-  truncated.write_bytes(truncated.read_bytes()[:200])  # A truncated JPEG.
-  rows.append(["does_not_exist.jpg", "a photo of a red circle", 0])  # A missing file.
-  rows.append(["img5.jpg", "   ", 1])  # An empty caption: a bad row.
-  path = tmp_path / "train.csv"
-  with open(path, "w", newline="") as f:
-    w = csv.writer(f)
-    w.writerow(["image_path", "caption", "label"])
-    w.writerows(rows)
-  return path
+  assert run.step == 2 and all(np.isfinite(x).all() for x in leaves(run.state.params))
 
 
 def test_corrupt_images_and_bad_rows_are_skipped_and_counted(demo_root, tmp_path):
-  csv_path = _write_corrupt_csv(tmp_path)
+  csv_path = write_corrupt_csv(tmp_path)
   # 31 usable rows (30 + the missing file; the empty caption is dropped), 2 undecodable.
   config = tiny_config(
       demo_root, **{"data.source": "csv", "data.csv_path": str(csv_path), "data.batch_size": 8, "num_epochs": 3}

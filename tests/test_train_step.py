@@ -2,7 +2,6 @@
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import pytest
 
@@ -10,10 +9,10 @@ from roclip_jax import defenses
 from roclip_jax import config_lib
 from roclip_jax import models
 from roclip_jax import optim
-from roclip_jax.defenses import roclip
 from roclip_jax import sharding
 from roclip_jax import steps
 from roclip_jax.data import image_ops
+from tests.helpers import random_batch
 
 B = 16
 
@@ -31,23 +30,6 @@ def _config(shard_pool=False, defense="roclip"):
   c.roclip.shard_pool = shard_pool
   c.optim.warmup_steps = 0
   return c
-
-
-def random_batch(seed=0, batch=B):
-  """A training batch of random images and token rows (BOS, 4 tokens, EOT, padding); every 4th pair
-  marked poisoned. Shared with test_sharding."""
-  rng = np.random.default_rng(seed)
-  tokens = rng.integers(1, 1000, size=(batch, 8)).astype(np.int32)
-  tokens[:, 0] = 49406
-  tokens[:, 5] = 49407
-  tokens[:, 6:] = 0
-  return {
-      "image": rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8),
-      "text": tokens,
-      "id": np.arange(batch, dtype=np.int64) + 1000 * seed,
-      "label": np.zeros(batch, np.int64),
-      "poisoned": (np.arange(batch) % 4 == 0).astype(np.int8),
-  }
 
 
 def _setup(config):

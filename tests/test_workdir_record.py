@@ -23,13 +23,7 @@ from roclip_jax import inspect as inspect_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import runs
 from roclip_jax import train
-from roclip_jax.data import demo
-from tests.test_train import DEMO, tiny_config
-
-
-@pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
-  return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
+from tests.helpers import tiny_config
 
 
 def _snapshot(workdir):
