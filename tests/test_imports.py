@@ -27,7 +27,8 @@ LAYERS = {
     3: ("steps",),
     4: ("runs", "evaluators"),
     5: ("train",),
-    6: ("main", "experiments", "attacks", "inspect", "bench"),
+    6: ("suspicion",),
+    7: ("main", "experiments", "attacks", "inspect", "bench"),
 }
 LAYER_OF = {name: layer for layer, names in LAYERS.items() for name in names}
 

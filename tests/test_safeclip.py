@@ -334,9 +334,9 @@ def test_cleanclip_fine_tunes_a_run_on_clean_data_only(demo_root, tmp_path):
   assert batch["image2"].shape == batch["image"].shape and batch["text2"].shape == batch["text"].shape
 
   # The suspicion report screens the poisoned set the starting model saw, not the clean subset.
-  from roclip_jax.experiments import suspicion
+  from roclip_jax.suspicion import embedding
 
-  screened, _ = suspicion.training_source(config)
+  screened, _ = embedding.training_source(config)
   screened_ids = {int(screened[i]["id"]) for i in range(len(screened))}
   assert len(screened) == 48 and set(info.poisoned_ids) <= screened_ids
 

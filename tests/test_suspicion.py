@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import scipy.stats
 
-from roclip_jax.experiments import suspicion
+from roclip_jax import suspicion
 from tests.helpers import tiny_config
 
 

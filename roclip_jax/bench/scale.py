@@ -28,7 +28,7 @@ evaluators and no data workers:
   `safeclip/split_seconds_per_100k` is printed) and 'cleanclip' (`init_from` the 'none' run); from
   the launch of the process (interpreter, imports, compilation included) to the first completed
   step, and the process's peak RSS at that moment;
-* the suspicion report (`experiments.suspicion.build_report`) on the 'none' run: its embedding
+* the suspicion report (`suspicion.build_report`) on the 'none' run: its embedding
   pass over every image and its nearest-neighbour searches (N <= `--full_pass_max`), total time
   and peak RSS.
 
@@ -266,7 +266,7 @@ def _training_task(
 
 
 def _suspicion_task(workdir: str, batch_size: int, launched: float) -> dict[str, Any]:
-  from roclip_jax.experiments import suspicion  # pylint: disable=g-import-not-at-top
+  from roclip_jax import suspicion  # pylint: disable=g-import-not-at-top
 
   start = time.time()
   report = suspicion.build_report(workdir, os.path.join(workdir, "suspicion.csv"), batch_size=batch_size)

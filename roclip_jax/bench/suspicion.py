@@ -4,7 +4,7 @@
 
 Draws N random unit image and caption embeddings and a RoCLIP pool of M rows (ids drawn from the
 examples', a tenth of the rows random initial ones), then runs
-`experiments.suspicion.score_examples` (every score: two N x N neighbour searches, k = 16 density
+`suspicion.score_examples` (every score: two N x N neighbour searches, k = 16 density
 neighbours and 10 caption neighbours, and the pool's top-1) once, and prints its wall time and the
 peak host memory it added (ru_maxrss of this process after minus before, so the embeddings
 themselves are not counted), plus the device's peak bytes where the backend reports them. The
@@ -63,7 +63,7 @@ def measure(score_fn: Callable[..., dict[str, np.ndarray]], inputs: dict[str, An
 def main(argv):
   del argv
   import jax  # pylint: disable=g-import-not-at-top
-  from roclip_jax.experiments import suspicion  # pylint: disable=g-import-not-at-top
+  from roclip_jax import suspicion  # pylint: disable=g-import-not-at-top
 
   inputs = synthetic_embeddings(FLAGS.num_examples, FLAGS.dim, FLAGS.pool_size, FLAGS.seed)
   jax.block_until_ready(jax.numpy.zeros(1))  # Start the backend before the baseline is taken.

@@ -1,0 +1,150 @@
+"""A run's training set, rebuilt as the trainer built it and encoded in one streaming pass.
+
+`embed_training_set` encodes the batches of `pipeline.scoring_batches` with the eval
+preprocessing: on a multi-host run each host decodes and encodes its own slice of the examples,
+and the jitted encoder hands every host the whole global batch's embeddings, as in SafeCLIP's
+scoring pass. Images are dropped as soon as they are encoded; what is kept is [N, d] float32 per
+modality, the ids and poison codes, and the captions (for the CSV), so host memory is O(N d) plus
+the captions.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import time
+from collections.abc import Iterable
+from typing import Any
+
+from absl import logging
+import jax
+import numpy as np
+
+from roclip_jax import losses
+from roclip_jax import sharding as sharding_lib
+from roclip_jax import steps as steps_lib
+from roclip_jax import train
+from roclip_jax.data import image_ops
+from roclip_jax.data import metadata as metadata_lib
+from roclip_jax.data import poison as poison_lib
+
+# Examples per host per batch of the embedding pass.
+DEFAULT_BATCH_SIZE = 256
+
+
+def training_source(config: Any) -> tuple[Any, Any]:
+  """The run's training source, rebuilt with the same poisons (by seed), and the image transform
+  that stamps the backdoor trigger where the trainer stamped it (None without poisoning)."""
+
+  config = copy.deepcopy(config)
+  config.data.num_workers = 0  # Only the source is needed; start no worker processes.
+  if config.defense == "cleanclip":
+    # A CleanCLIP run fine-tuned on a clean subset; the data worth screening is the poisoned
+    # training set that subset was drawn from.
+    config.defense = "none"
+  train_data, _ = train.build_train_data(config, workdir=None)  # workdir=None: writes nothing.
+  transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed) if config.poison.enabled else None
+  return train_data.source, transform
+
+
+@dataclasses.dataclass
+class EmbeddedTrainingSet:
+  """Every decodable training example of a run, encoded; rows in ascending id order."""
+
+  ids: np.ndarray  # int64 [N]
+  captions: list[str]
+  image_emb: np.ndarray  # float32 [N, d], unit rows (eval preprocessing, trigger stamped as in training).
+  caption_emb: np.ndarray  # float32 [N, d], unit rows.
+  poison_codes: np.ndarray  # int8 [N], the records' `poisoned` field (0 clean).
+  num_skipped: int  # Undecodable images left out (over all hosts).
+
+
+def make_embedding_fn(spec: Any, mesh: Any):
+  """Jitted `fn(params, model_state, image_u8, tokens, ids, codes) -> (image_emb, caption_emb, ids, codes)`
+  on a global batch (eval mode, unit rows). Every output is replicated, so every host reads back the
+  whole global batch, as in SafeCLIP's scoring pass (`safeclip.make_similarity_fn`)."""
+  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
+
+  replicated = NamedSharding(mesh, P())
+
+  def embed(params, model_state, images, tokens, ids, codes):
+    model = spec.merge(params, model_state)
+    image_emb = losses.l2_normalize(model.encode_image(image_ops.normalize(images), train=False))
+    return image_emb, losses.l2_normalize(model.encode_text(tokens)), ids, codes
+
+  return jax.jit(embed, out_shardings=(replicated,) * 4)
+
+
+def _gather_captions(local: np.ndarray) -> np.ndarray:
+  """Every host's [B] caption strings, concatenated in process order (the order in which
+  `sharding.global_batch` lays out the hosts' rows): UTF-8 bytes padded to the longest."""
+  if jax.process_count() == 1:
+    return local
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+  encoded = [str(c).encode("utf-8") for c in local]
+  width = int(np.max(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0))))) or 1
+  padded = np.zeros((len(encoded), width), np.uint8)
+  for row, text in enumerate(encoded):
+    padded[row, : len(text)] = np.frombuffer(text, np.uint8)
+  gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
+  return np.array([bytes(row).rstrip(b"\0").decode("utf-8") for row in gathered], object)
+
+
+def embed_training_set(
+    config: Any, state: Any, batches: Iterable[dict[str, np.ndarray]], num_examples: int | None = None
+) -> EmbeddedTrainingSet:
+  """Encodes `batches` (this host's `pipeline.scoring_batches`; every host must yield as many),
+  one batch at a time, with the run's `config` and train `state`: images never outlive their batch.
+  Every host gets every example.
+  Process 0 shows a progress bar (examples/s) over `num_examples`, the source's length."""
+
+  mesh = sharding_lib.make_mesh([("data", -1)])  # The mesh `runs.restore` restored the state on.
+  embed = make_embedding_fn(steps_lib.ModelSpec.create(config.model), mesh)
+  ids, captions, image_emb, caption_emb, codes = [], [], [], [], []
+  start = time.perf_counter()
+  num_seen = 0
+  with metadata_lib.progress_bar(num_examples, "suspicion: embedding pass", enabled=jax.process_index() == 0) as bar:
+    for local in batches:
+      batch = sharding_lib.global_batch(
+          {
+              "image": local["image"],
+              "text": local["text"],
+              "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
+              "code": local["poisoned"].astype(np.int32),
+          },
+          mesh,
+      )
+      with jax.set_mesh(mesh):
+        out = embed(state.params, state.model_state, batch["image"], batch["text"], batch["id"], batch["code"])
+      batch_image_emb, batch_caption_emb, batch_ids, batch_codes = (np.asarray(x) for x in jax.device_get(out))
+      batch_captions = _gather_captions(local["caption"])
+      keep = batch_ids >= 0
+      ids.append(batch_ids[keep].astype(np.int64))
+      image_emb.append(batch_image_emb[keep].astype(np.float32))
+      caption_emb.append(batch_caption_emb[keep].astype(np.float32))
+      codes.append(batch_codes[keep].astype(np.int8))
+      captions.extend(str(c) for c in batch_captions[keep])
+      num_seen += int(keep.sum())
+      bar.update(int(keep.sum()))  # The global batch: every host's examples.
+  if not num_seen:
+    raise ValueError("No training image could be decoded; check config.data of the run.")
+  num_skipped = int(getattr(batches, "num_skipped", 0))
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+
+    num_skipped = int(np.sum(multihost_utils.process_allgather(np.int64(num_skipped))))
+  ids = np.concatenate(ids)
+  order = np.argsort(ids, kind="stable")  # Hosts read strided slices: back to id order.
+  seconds = time.perf_counter() - start
+  logging.info(
+      "Embedding pass: %d examples in %.1f s (%.0f examples/s).", num_seen, seconds, num_seen / max(seconds, 1e-9)
+  )
+  return EmbeddedTrainingSet(
+      ids=ids[order],
+      captions=[captions[i] for i in order],
+      image_emb=np.concatenate(image_emb)[order],
+      caption_emb=np.concatenate(caption_emb)[order],
+      poison_codes=np.concatenate(codes)[order],
+      num_skipped=num_skipped,
+  )
