@@ -17,6 +17,7 @@ LAYERS = {
         "sharding",
         "checkpoint",
         "encoder",
+        "scoring",
         "metrics",
         "weights",
         "errors",

@@ -26,7 +26,8 @@ Pieces:
   with the same split.
 * `step_loss`: the loss of each phase, on global-batch embeddings.
 * `fit_gmm` / `select_safe`: the split, in NumPy on the host.
-* `dataset_similarities`: the jitted pass over the training data that feeds it.
+* `dataset_similarities`: what feeds it, each example's own-caption cosine from the
+  eval-mode pass over the training data (`roclip_jax.scoring`).
 * `SafeClip`: the defense class; `SafeSplitter`: its per-epoch split hook.
 
 Differences from the original code, on purpose: the risky examples' unimodal
@@ -53,10 +54,8 @@ import ml_collections
 import numpy as np
 import optax
 
-from roclip_jax import losses
 from roclip_jax import optim
-from roclip_jax import sharding as sharding_lib
-from roclip_jax.data import image_ops
+from roclip_jax import scoring
 from roclip_jax.data import metadata as metadata_lib
 from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
@@ -303,22 +302,14 @@ def select_safe(
 # The per-epoch similarity pass.
 
 
-def make_similarity_fn(spec: Any, mesh: Mesh):
-  """Jitted `fn(params, model_state, image_u8, tokens, ids) -> (cosine [B], ids [B])` (eval
-  mode). Both outputs are replicated, so every host can read the whole global batch back."""
-  replicated = NamedSharding(mesh, P())
-
-  def similarity(params, model_state, images, tokens, ids):
-    model = spec.merge(params, model_state)
-    zimg = losses.l2_normalize(model.encode_image(image_ops.normalize(images), train=False))
-    ztxt = losses.l2_normalize(model.encode_text(tokens))
-    return jnp.sum(zimg * ztxt, axis=1), ids
-
-  return jax.jit(similarity, out_shardings=(replicated, replicated))
+def own_caption_similarity(image_emb: jax.Array, caption_emb: jax.Array) -> dict[str, jax.Array]:
+  """The head of the split's pass (`scoring.make_encode_fn`): each example's image-caption cosine [B],
+  summed on device, so only [B] floats per batch come back to the host."""
+  return {"similarity": jnp.sum(image_emb * caption_emb, axis=1)}
 
 
 def dataset_similarities(
-    similarity_fn,
+    encode_fn,
     params,
     model_state,
     batches: Iterable[dict[str, np.ndarray]],
@@ -327,24 +318,14 @@ def dataset_similarities(
     progress: Any = None,
 ) -> np.ndarray:
   """The own-caption cosine of every example id in [0, num_examples); NaN for ids not seen
-  (undecodable images). `batches` is this host's `pipeline.scoring_batches`; `progress`, if
-  given (a `metadata.progress_bar`), advances by the examples of each global batch."""
+  (undecodable images). `encode_fn` is `scoring.make_encode_fn` with `own_caption_similarity`;
+  `batches` is this host's `pipeline.scoring_batches`; `progress`, if given (a
+  `metadata.progress_bar`), advances by the examples of each global batch."""
   out = np.full((num_examples,), np.nan, np.float64)
-  for local in batches:
-    batch = sharding_lib.global_batch(
-        {
-            "image": local["image"],
-            "text": local["text"],
-            "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
-        },
-        mesh,
-    )
-    with jax.set_mesh(mesh):
-      sims, ids = jax.device_get(similarity_fn(params, model_state, batch["image"], batch["text"], batch["id"]))
-    keep = ids >= 0
-    out[ids[keep]] = sims[keep]
+  for batch in scoring.encoded_batches(encode_fn, params, model_state, batches, mesh):
+    out[batch["id"]] = batch["similarity"]
     if progress is not None:  # Every host has the whole global batch: this counts all hosts' examples.
-      progress.update(int(keep.sum()))
+      progress.update(len(batch["id"]))
   return out
 
 
@@ -486,7 +467,7 @@ class SafeSplitter(base.EpochHooks):
     config = context.config
     self._config, self._mesh, self._data = config, context.mesh, context.train_data
     self._shardings = context.state_shardings.defense
-    self._similarity = make_similarity_fn(context.spec, context.mesh)
+    self._encode = scoring.make_encode_fn(context.spec, context.mesh, own_caption_similarity)
     self._transform = None
     if config.poison.enabled:
       self._transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed)
@@ -511,7 +492,7 @@ class SafeSplitter(base.EpochHooks):
     show = jax.process_index() == 0 and self._config.progress_bar
     with metadata_lib.progress_bar(num_examples, f"SafeCLIP split, epoch {epoch}", enabled=show) as bar:
       sims = dataset_similarities(
-          self._similarity, state.params, state.model_state, batches, self._mesh, num_examples, progress=bar
+          self._encode, state.params, state.model_state, batches, self._mesh, num_examples, progress=bar
       )
     first = epoch == self._first_split_epoch
     previous = float(jax.device_get(state.defense.ratio))

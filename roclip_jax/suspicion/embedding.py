@@ -1,11 +1,10 @@
 """A run's training set, rebuilt as the trainer built it and encoded in one streaming pass.
 
-`embed_training_set` encodes the batches of `pipeline.scoring_batches` with the eval
-preprocessing: on a multi-host run each host decodes and encodes its own slice of the examples,
-and the jitted encoder hands every host the whole global batch's embeddings, as in SafeCLIP's
-scoring pass. Images are dropped as soon as they are encoded; what is kept is [N, d] float32 per
-modality, the ids and poison codes, and the captions (for the CSV), so host memory is O(N d) plus
-the captions.
+`embed_training_set` runs the eval-mode pass of `roclip_jax.scoring` (SafeCLIP's split runs the
+same) over `pipeline.scoring_batches`: each host decodes and encodes its own slice of the examples
+and gets the whole global batch's embeddings back. Images are dropped as soon as they are encoded;
+what is kept is [N, d] float32 per modality, the ids and poison codes, and the captions (for the
+CSV), so host memory is O(N d) plus the captions.
 """
 
 from __future__ import annotations
@@ -20,11 +19,10 @@ from absl import logging
 import jax
 import numpy as np
 
-from roclip_jax import losses
+from roclip_jax import scoring
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
 from roclip_jax import train
-from roclip_jax.data import image_ops
 from roclip_jax.data import metadata as metadata_lib
 from roclip_jax.data import poison as poison_lib
 
@@ -59,74 +57,34 @@ class EmbeddedTrainingSet:
   num_skipped: int  # Undecodable images left out (over all hosts).
 
 
-def make_embedding_fn(spec: Any, mesh: Any):
-  """Jitted `fn(params, model_state, image_u8, tokens, ids, codes) -> (image_emb, caption_emb, ids, codes)`
-  on a global batch (eval mode, unit rows). Every output is replicated, so every host reads back the
-  whole global batch, as in SafeCLIP's scoring pass (`safeclip.make_similarity_fn`)."""
-  from jax.sharding import NamedSharding, PartitionSpec as P  # pylint: disable=g-import-not-at-top
-
-  replicated = NamedSharding(mesh, P())
-
-  def embed(params, model_state, images, tokens, ids, codes):
-    model = spec.merge(params, model_state)
-    image_emb = losses.l2_normalize(model.encode_image(image_ops.normalize(images), train=False))
-    return image_emb, losses.l2_normalize(model.encode_text(tokens)), ids, codes
-
-  return jax.jit(embed, out_shardings=(replicated,) * 4)
-
-
-def _gather_captions(local: np.ndarray) -> np.ndarray:
-  """Every host's [B] caption strings, concatenated in process order (the order in which
-  `sharding.global_batch` lays out the hosts' rows): UTF-8 bytes padded to the longest."""
-  if jax.process_count() == 1:
-    return local
-  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-
-  encoded = [str(c).encode("utf-8") for c in local]
-  width = int(np.max(multihost_utils.process_allgather(np.int32(max(map(len, encoded), default=0))))) or 1
-  padded = np.zeros((len(encoded), width), np.uint8)
-  for row, text in enumerate(encoded):
-    padded[row, : len(text)] = np.frombuffer(text, np.uint8)
-  gathered = np.asarray(multihost_utils.process_allgather(padded, tiled=True))
-  return np.array([bytes(row).rstrip(b"\0").decode("utf-8") for row in gathered], object)
+def _embeddings(image_emb, caption_emb):
+  """The head of the report's pass (`scoring.make_encode_fn`): the unit embeddings themselves."""
+  return {"image_emb": image_emb, "caption_emb": caption_emb}
 
 
 def embed_training_set(
     config: Any, state: Any, batches: Iterable[dict[str, np.ndarray]], num_examples: int | None = None
 ) -> EmbeddedTrainingSet:
-  """Encodes `batches` (this host's `pipeline.scoring_batches`; every host must yield as many),
-  one batch at a time, with the run's `config` and train `state`: images never outlive their batch.
-  Every host gets every example.
-  Process 0 shows a progress bar (examples/s) over `num_examples`, the source's length."""
+  """Encodes `batches` (this host's `pipeline.scoring_batches`; every host must yield as many) with
+  the run's `config` and train `state`. Every host gets every example. Process 0 shows a progress
+  bar (examples/s) over `num_examples`, the source's length."""
 
   mesh = sharding_lib.make_mesh([("data", -1)])  # The mesh `runs.restore` restored the state on.
-  embed = make_embedding_fn(steps_lib.ModelSpec.create(config.model), mesh)
+  encode = scoring.make_encode_fn(steps_lib.ModelSpec.create(config.model), mesh, _embeddings)
   ids, captions, image_emb, caption_emb, codes = [], [], [], [], []
   start = time.perf_counter()
   num_seen = 0
   with metadata_lib.progress_bar(num_examples, "suspicion: embedding pass", enabled=jax.process_index() == 0) as bar:
-    for local in batches:
-      batch = sharding_lib.global_batch(
-          {
-              "image": local["image"],
-              "text": local["text"],
-              "id": np.where(local["valid"], local["id"], -1).astype(np.int32),
-              "code": local["poisoned"].astype(np.int32),
-          },
-          mesh,
-      )
-      with jax.set_mesh(mesh):
-        out = embed(state.params, state.model_state, batch["image"], batch["text"], batch["id"], batch["code"])
-      batch_image_emb, batch_caption_emb, batch_ids, batch_codes = (np.asarray(x) for x in jax.device_get(out))
-      batch_captions = _gather_captions(local["caption"])
-      keep = batch_ids >= 0
-      ids.append(batch_ids[keep].astype(np.int64))
-      image_emb.append(batch_image_emb[keep].astype(np.float32))
-      caption_emb.append(batch_caption_emb[keep].astype(np.float32))
-      codes.append(batch_codes[keep].astype(np.int8))
-      captions.extend(str(c) for c in batch_captions[keep])
-      num_seen += int(keep.sum())
-      bar.update(int(keep.sum()))  # The global batch: every host's examples.
+    for batch in scoring.encoded_batches(
+        encode, state.params, state.model_state, batches, mesh, fields=("poisoned",), captions=True
+    ):
+      ids.append(batch["id"].astype(np.int64))
+      image_emb.append(batch["image_emb"].astype(np.float32))
+      caption_emb.append(batch["caption_emb"].astype(np.float32))
+      codes.append(batch["poisoned"].astype(np.int8))
+      captions.extend(str(c) for c in batch["caption"])
+      num_seen += len(batch["id"])
+      bar.update(len(batch["id"]))  # The global batch: every host's examples.
   if not num_seen:
     raise ValueError("No training image could be decoded; check config.data of the run.")
   num_skipped = int(getattr(batches, "num_skipped", 0))
