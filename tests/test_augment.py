@@ -319,12 +319,21 @@ def test_gaussian_blur_matches_direct_convolution(sigma, kernel_size, shape):
 
 
 @pytest.mark.parametrize('sigma,kernel_size', [(0.1, 21), (0.9, 21), (2.0, 21), (1.1, 3)])
-def test_gaussian_blur_is_bitwise_the_scipy_blur_it_replaced(sigma, kernel_size):
+@pytest.mark.parametrize('height,width', [(224, 200), (40, 700)], ids=['blocks_of_16_rows', 'blocks_of_11_rows'])
+def test_gaussian_blur_is_bitwise_the_scipy_blur_it_replaced(sigma, kernel_size, height, width):
   # Float64 sums of the same exact products in another order: equal float32 results but for a sum on
-  # a float32 rounding boundary, which these images do not hit (the module's docstring).
-  image = _image(9, 224, 200).astype(np.float32) * np.float32(0.73)
+  # a float32 rounding boundary, which these images do not hit (the module's docstring). At 700 px a
+  # product of 16 rows would exceed OpenBLAS's single-thread size, so the blocks shrink (not dividing 40).
+  image = _image(9, height, width).astype(np.float32) * np.float32(0.73)
   out = augment.gaussian_blur_planes(np.ascontiguousarray(image.transpose(2, 0, 1)), sigma, kernel_size)
   np.testing.assert_array_equal(out.transpose(1, 2, 0), augment_reference.gaussian_blur(image, sigma, kernel_size))
+
+
+def test_blur_products_stay_below_blas_threading():
+  assert augment._blur_block_rows(224, 10) == 16  # pylint: disable=protected-access
+  for width, radius in ((700, 10), (448, 22), (2000, 100)):
+    rows = augment._blur_block_rows(width, radius)  # pylint: disable=protected-access
+    assert rows == 1 or rows * width * (rows + 2 * radius) <= 4 * 65536 < (rows + 1) * width * (rows + 1 + 2 * radius)
 
 
 def test_blur_kernel_scales_with_output_size():

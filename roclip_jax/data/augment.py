@@ -473,24 +473,32 @@ def _hue_planes(planes: np.ndarray, factor: float) -> np.ndarray:
 
 
 _JITTER_PLANE_OPS = (_brightness_planes, _contrast_planes, _saturation_planes, _hue_planes)
-# Output rows per matrix product of the blur: few enough that OpenBLAS runs each product in the
-# calling thread, so that a grain worker stays on its core (it threads a product only above 4 x 65536
-# multiply-adds; at 224 px one is 16 x 224 x 36, about 129,000; at 336 px 258,000); enough that the
-# products run at BLAS speed.
-_BLUR_BLOCK_ROWS = 16
+# OpenBLAS runs a matrix product of at most this many multiply-adds in the calling thread (and splits
+# larger ones over its threads): the blur's products stay below it, so a grain worker stays on its core.
+_BLAS_SINGLE_THREAD_MACS = 4 * 65536
+_MAX_BLUR_BLOCK_ROWS = 16  # Enough rows per product to run at BLAS speed (16 x 224 x 36 at 224 px).
+
+
+def _blur_block_rows(width: int, radius: int) -> int:
+  """Output rows per product of `_correlate_rows`: the most, up to 16, that keep a product
+  ([rows, rows + 2r] x [rows + 2r, width]) in the calling thread."""
+  rows = _MAX_BLUR_BLOCK_ROWS
+  while rows > 1 and rows * width * (rows + 2 * radius) > _BLAS_SINGLE_THREAD_MACS:
+    rows -= 1
+  return rows
 
 
 def _correlate_rows(planes: np.ndarray, kernel: np.ndarray) -> np.ndarray:
   """float [C, N, W] -> float64 [C, N, W]: `kernel` (odd length) along N, reflect padding.
 
   The function of scipy.ndimage.correlate1d(mode='mirror') as banded matrix products: the padded
-  rows in overlapping windows of `_BLUR_BLOCK_ROWS` + 2r rows (r = the kernel's radius), each window
-  multiplied by the same [block, block + 2r] band of weights. A float32 pixel times a float32 weight
+  rows in overlapping windows of `block` + 2r rows (r = the kernel's radius, `block` from
+  `_blur_block_rows`), each window multiplied by the same [block, block + 2r] band of weights. A float32 pixel times a float32 weight
   is exact in float64, so the sums differ from scipy's only in their order (see `gaussian_blur_planes`).
   """
   channels, rows, width = planes.shape
   radius = len(kernel) // 2
-  block = _BLUR_BLOCK_ROWS
+  block = _blur_block_rows(width, radius)
   blocks = -(-rows // block)
   padded = np.empty((channels, blocks * block + 2 * radius, width), np.float64)
   padded[:, radius : radius + rows] = planes
