@@ -1,4 +1,4 @@
-"""The training pipeline's per-example output, bit for bit, against golden hashes, and the JPEG draft bound.
+"""The training pipeline's per-example output, bit for bit, against golden hashes.
 
 The hashes in `GOLDEN` were computed by `element_hashes` below with the pipeline code before the input
 pipeline was tuned (commit 5ac9bb9, the merge base of issue 25's branch), run on the same generated
@@ -8,8 +8,8 @@ after a Pillow upgrade, recompute them from that commit
 (`PYTHONPATH=<checkout of 5ac9bb9> python tests/test_pipeline_golden.py`) before comparing.
 
 Every generated image has its shorter side below twice the model size, so JPEG draft mode (DCT-domain
-downscaling, which changes the decoded pixels) never applies; `test_draft_*` bound what it changes where
-it does.
+downscaling, which would change the decoded pixels) could not apply; the pipeline does not use it
+(docs/performance.md, "The input pipeline").
 """
 
 from __future__ import annotations
