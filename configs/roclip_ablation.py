@@ -24,6 +24,8 @@ def get_config(arg=None):
       ("CLIP+aug", dict(AUG, defense="none")),
       ("RoCLIP (paper)", dict(AUG, defense="roclip", **{"roclip.variant": "paper"})),
       ("RoCLIP (default)", gated),
+      # Each pair's positive decided by this step's gate alone, not by its example's majority.
+      ("gated without the memory", dict(gated, **{"roclip.gate_memory": False})),
       # The gate acting from its first epoch whatever the share of the batch that passes.
       ("gated without the quorum", dict(gated, **{"roclip.gate_quorum": 0.0})),
       # The gate and matching epochs (the robust schedule: from the middle of the run).

@@ -116,18 +116,10 @@ def create_train_state(config, mesh, tx, shardings: TrainState, defense: defense
 
 # Scalar parameters of the loss itself (not of a tower); `logit_bias` exists only with model.logit_bias.
 LOSS_SCALARS = ("logit_scale", "logit_bias")
-# Loss components a step may report besides `loss` (InfoNCE's two directions, SigLIP's two pair
-# kinds, and the terms of the defenses' losses).
-LOSS_PARTS = (
-    "loss_i2t",
-    "loss_t2i",
-    "loss_pos",
-    "loss_neg",
-    "loss_clip",
-    "loss_unimodal",
-    "loss_cross",
-    "loss_inmodal",
-)
+# Loss components a step reports besides `loss`: every scalar entry of the loss's aux whose name starts
+# with this (InfoNCE's two directions, SigLIP's two pair kinds, a defense's own terms), so a defense
+# adds a term by returning it; the trainer keeps no list of them.
+LOSS_PART_PREFIX = "loss_"
 
 
 def pair_loss(config: ml_collections.ConfigDict, mesh: Mesh):
@@ -389,7 +381,7 @@ def train_step(
 
   metrics = {
       "loss": loss,
-      **{k: aux[k] for k in LOSS_PARTS if k in aux},
+      **{k: v for k, v in aux.items() if k.startswith(LOSS_PART_PREFIX) and jnp.ndim(v) == 0},
       "batch_accuracy": aux["batch_accuracy"],
       "lr": schedule(state.step),
       "logit_scale": jnp.exp(params["logit_scale"]),

@@ -12,6 +12,7 @@ import pytest
 from PIL import Image
 
 from roclip_jax.data import augment
+from roclip_jax.data import augment_reference
 
 LUMA = np.array([0.299, 0.587, 0.114])
 
@@ -248,6 +249,47 @@ def test_color_op_matches_reference(name, op, ref, factor, backend):
   np.testing.assert_allclose(np.asarray(out), ref(image, factor), atol=2e-3)
 
 
+PLANE_OPS = [
+    (augment._brightness_planes, augment.adjust_brightness, (1.4, 0.6)),  # pylint: disable=protected-access
+    (augment._contrast_planes, augment.adjust_contrast, (1.5, 0.5)),  # pylint: disable=protected-access
+    (augment._saturation_planes, augment.adjust_saturation, (1.5, 0.3)),  # pylint: disable=protected-access
+    (augment._hue_planes, augment.adjust_hue, (0.1, -0.45, 0.0, 0.5)),  # pylint: disable=protected-access
+]
+
+
+@pytest.mark.parametrize('plane_op,formula,factors', PLANE_OPS, ids=[o[1].__name__ for o in PLANE_OPS])
+def test_host_plane_ops_are_bitwise_the_shared_formulas(plane_op, formula, factors):
+  # Non-integer inputs (as after an earlier op), grey pixels, saturated primaries and channel ties.
+  image = _image(5, 30, 31).astype(np.float32) * np.float32(0.91)
+  image[0, :4] = [(90, 90, 90), (255, 0, 0), (0, 0, 255), (200, 200, 10)]
+  image[1, :2] = [(10, 200, 200), (200, 10, 200)]
+  for factor in factors:
+    planes = plane_op(np.ascontiguousarray(image.transpose(2, 0, 1)), factor)
+    np.testing.assert_array_equal(planes.transpose(1, 2, 0), formula(image, factor))
+
+
+def test_host_path_is_bitwise_the_previous_implementation():
+  # Every kind of draw (flips, jitter orders, grey, blur widths) at several output sizes, including
+  # 7, where the blur kernel is 1 pixel, and sizes that are not multiples of the blur's row block.
+  cfg = augment.default_config()
+  rng = np.random.default_rng(13)
+  for size, count in ((224, 12), (32, 40), (7, 10), (50, 20)):
+    for i in range(count):
+      image = _image(100 + i, int(rng.integers(20, 300)), int(rng.integers(20, 300)))
+      params = augment.sample_params(rng, cfg, *image.shape[:2])
+      np.testing.assert_array_equal(
+          augment.apply_params(image, params, size), augment_reference.apply_params(image, params, size)
+      )
+
+
+def test_settings_are_read_once_and_pass_through():
+  cfg = augment.default_config()
+  settings = augment.read_settings(cfg)
+  assert augment.read_settings(settings) is settings
+  draws = [augment.sample_params(np.random.default_rng(3), c, 40, 50) for c in (cfg, settings)]
+  assert repr(draws[0]) == repr(draws[1])
+
+
 def test_uint8_input_is_accepted():
   image = _image(6, 5, 5)
   np.testing.assert_allclose(
@@ -264,13 +306,34 @@ def test_grayscale_matches_reference(backend):
   )
 
 
-@pytest.mark.parametrize('sigma,kernel_size', [(0.7, 3), (1.9, 5), (2.0, 7)])
-def test_gaussian_blur_matches_direct_convolution(sigma, kernel_size):
-  image = _image(8, 12, 10).astype(np.float32)
+@pytest.mark.parametrize('sigma,kernel_size', [(0.7, 3), (1.9, 5), (2.0, 7), (1.3, 1)])
+@pytest.mark.parametrize('shape', [(12, 10), (40, 33)], ids=['one_block', 'three_blocks_with_a_remainder'])
+def test_gaussian_blur_matches_direct_convolution(sigma, kernel_size, shape):
+  image = _image(8, *shape).astype(np.float32)
   expected = ref_blur(image, sigma, kernel_size)
-  np.testing.assert_allclose(augment.gaussian_blur(image, sigma, kernel_size), expected, atol=1e-3)
+  planes = np.ascontiguousarray(image.transpose(2, 0, 1))
+  out = augment.gaussian_blur_planes(planes, sigma, kernel_size).transpose(1, 2, 0)
+  np.testing.assert_allclose(out, expected, atol=1e-3)
   out_jax = augment.gaussian_blur_jax(jnp.asarray(image), jnp.float32(sigma), kernel_size)
   np.testing.assert_allclose(out_jax, expected, atol=1e-3)
+
+
+@pytest.mark.parametrize('sigma,kernel_size', [(0.1, 21), (0.9, 21), (2.0, 21), (1.1, 3)])
+@pytest.mark.parametrize('height,width', [(224, 200), (40, 700)], ids=['blocks_of_16_rows', 'blocks_of_11_rows'])
+def test_gaussian_blur_is_bitwise_the_scipy_blur_it_replaced(sigma, kernel_size, height, width):
+  # Float64 sums of the same exact products in another order: equal float32 results but for a sum on
+  # a float32 rounding boundary, which these images do not hit (the module's docstring). At 700 px a
+  # product of 16 rows would exceed OpenBLAS's single-thread size, so the blocks shrink (not dividing 40).
+  image = _image(9, height, width).astype(np.float32) * np.float32(0.73)
+  out = augment.gaussian_blur_planes(np.ascontiguousarray(image.transpose(2, 0, 1)), sigma, kernel_size)
+  np.testing.assert_array_equal(out.transpose(1, 2, 0), augment_reference.gaussian_blur(image, sigma, kernel_size))
+
+
+def test_blur_products_stay_below_blas_threading():
+  assert augment._blur_block_rows(224, 10) == 16  # pylint: disable=protected-access
+  for width, radius in ((700, 10), (448, 22), (2000, 100)):
+    rows = augment._blur_block_rows(width, radius)  # pylint: disable=protected-access
+    assert rows == 1 or rows * width * (rows + 2 * radius) <= 4 * 65536 < (rows + 1) * width * (rows + 1 + 2 * radius)
 
 
 def test_blur_kernel_scales_with_output_size():
@@ -344,7 +407,7 @@ def test_bad_inputs_raise_clear_errors():
   with pytest.raises(ValueError, match='RGB'):
     augment.augment_batch_jax(jnp.zeros((8, 8, 3)), jax.random.key(0), cfg, 4)
   with pytest.raises(ValueError, match='too large'):
-    augment.gaussian_blur(np.zeros((4, 4, 3), np.float32), 1.0, 9)
+    augment.gaussian_blur_planes(np.zeros((3, 4, 4), np.float32), 1.0, 9)
   bad = augment.default_config()
   bad.hue = 0.7
   with pytest.raises(ValueError, match='hue'):

@@ -1,4 +1,4 @@
-"""The training pipeline's per-example output, bit for bit, against golden hashes, and the JPEG draft bound.
+"""The training pipeline's per-example output, bit for bit, against golden hashes.
 
 The hashes in `GOLDEN` were computed by `element_hashes` below with the pipeline code before the input
 pipeline was tuned (commit 5ac9bb9, the merge base of issue 25's branch), run on the same generated
@@ -8,8 +8,8 @@ after a Pillow upgrade, recompute them from that commit
 (`PYTHONPATH=<checkout of 5ac9bb9> python tests/test_pipeline_golden.py`) before comparing.
 
 Every generated image has its shorter side below twice the model size, so JPEG draft mode (DCT-domain
-downscaling, which changes the decoded pixels) never applies; `test_draft_*` bound what it changes where
-it does.
+downscaling, which would change the decoded pixels) could not apply; the pipeline does not use it
+(docs/performance.md, "The input pipeline").
 """
 
 from __future__ import annotations
@@ -80,13 +80,13 @@ def records() -> list[dict]:
   return rows
 
 
-def element_hashes(source: list[dict]) -> dict[str, str]:
+def element_hashes(source: list[dict], loader_class: type = pipeline._ExampleLoader) -> dict[str, str]:  # pylint: disable=protected-access
   """sha256 per mode of every element at positions 0..2N-1 (two epochs), keys in sorted order."""
   out = {}
   for name, overrides, views in MODES:
     cfg = augment.default_config()
     cfg.update(overrides)
-    loader = pipeline._ExampleLoader(  # pylint: disable=protected-access  # The exact per-example work.
+    loader = loader_class(  # The exact per-example work.
         source,
         epoch_length=len(source),
         image_size=IMAGE_SIZE,
@@ -110,6 +110,14 @@ def element_hashes(source: list[dict]) -> dict[str, str]:
 
 def test_per_example_output_matches_the_old_code():
   assert element_hashes(records()) == GOLDEN
+
+
+def test_the_benchmarks_previous_host_augmentation_is_the_old_code():
+  # `bench.data --compare` times this loader as "previous": it must give the old elements too.
+  from roclip_jax.bench import data as bench_data  # pylint: disable=g-import-not-at-top
+
+  hashes = element_hashes(records(), bench_data._PreviousHostAugmentLoader)  # pylint: disable=protected-access
+  assert hashes["host"] == GOLDEN["host"]
 
 
 if __name__ == "__main__":

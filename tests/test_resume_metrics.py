@@ -74,6 +74,29 @@ def test_benchmark_rows_are_keyed_by_their_full_config(tmp_path):
   assert robustness.config_key(robustness.row_config(base, {"defense": "roclip"}, str(tmp_path))) != key
 
 
+def test_benchmark_rows_ignore_the_blocks_of_defenses_they_do_not_run(tmp_path):
+  """A CLIP row is reused when only another defense's config block changed, and retrained when its
+  own config did; a RoCLIP row is retrained when its roclip block changed."""
+  base = tiny_config("/nonexistent")
+  clip_dir, roclip_dir = str(tmp_path / "clip"), str(tmp_path / "roclip")
+  keys = {
+      (name, k): robustness.config_key(robustness.row_config(base, {"defense": name, "roclip.k": k}, str(tmp_path)))
+      for name in ("none", "roclip")
+      for k in (2, 3)
+  }
+  for name, run_dir in (("none", clip_dir), ("roclip", roclip_dir)):
+    assert robustness.prepare_run_dir(run_dir, keys[name, 2]) is False
+    with open(os.path.join(run_dir, "final_results.json"), "w") as f:
+      json.dump({"zeroshot/top1": 0.5}, f)
+  assert keys["none", 2] != keys["none", 3]  # The stored key is the full config ...
+  assert robustness.prepare_run_dir(clip_dir, keys["none", 3]) is True  # ... the CLIP row is the same run,
+  assert robustness.prepare_run_dir(roclip_dir, keys["roclip", 3]) is False  # the RoCLIP row is not.
+  lr = robustness.config_key(
+      robustness.row_config(base, {"defense": "none", "roclip.k": 3, "optim.lr": 2 * base.optim.lr}, str(tmp_path))
+  )
+  assert robustness.prepare_run_dir(clip_dir, lr) is False
+
+
 def test_seed_summary_is_mean_and_sample_std_over_seeds():
   per_seed = {
       0: {

@@ -209,6 +209,11 @@ def test_settings_paper_robust_and_explicit_overrides():
   assert roclip.settings(_roclip_cfg(variant="gated", first_epoch=8)).first_epoch == 8
   assert roclip.settings(_roclip_cfg(variant="robust")).own_pair_gate is False
   assert roclip.settings(_roclip_cfg()).own_pair_gate is False
+  # The gate's memory: on in the gated variant, off where there is no gate to remember.
+  assert gated.gate_memory is True
+  assert roclip.settings(_roclip_cfg(variant="gated", gate_memory=False)).gate_memory is False
+  assert roclip.settings(_roclip_cfg(variant="robust", gate_memory=True)).gate_memory is False
+  assert roclip.settings(_roclip_cfg(variant="paper")).gate_memory is False
 
 
 def _csls_reference(z, pool, k):
@@ -542,12 +547,18 @@ def test_collapse_detector_compares_with_the_last_clip_epochs_before_matching():
   assert roclip.collapse_warnings(_replay(healthy)[-1], None) == []
 
 
-def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum):
-  """The own-pair gate and CLIP's loss over the kept positives, in float64 loops."""
+def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum, past=None):
+  """The own-pair gate and CLIP's loss over the kept positives, in float64 loops. `past`: each
+  pair's earlier gate decisions (lists of booleans); a pair then keeps its positive where at least
+  half of those and this one passed."""
   b = len(zimg)
   mean_row = pool.mean(axis=0)
   keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
-  weights = keep if keep.mean() >= quorum else np.ones(b)
+  trusted = keep
+  if past is not None:
+    votes = [list(past[i]) + [bool(keep[i])] for i in range(b)]
+    trusted = np.array([sum(v) >= len(v) - sum(v) for v in votes], np.float64)
+  weights = trusted if keep.mean() >= quorum else np.ones(b)
   logits = np.exp(log_scale) * zimg @ ztxt.T
   log_rows = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
   log_cols = logits - np.log(np.exp(logits).sum(axis=0, keepdims=True))
@@ -558,9 +569,11 @@ def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum):
 
 
 @pytest.mark.parametrize("agreeing", [12, 5])  # Above and below the quorum of half the batch of 16.
-def test_own_pair_gate_and_gated_loss_match_numpy(agreeing):
+@pytest.mark.parametrize("memory", [False, True])
+def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory):
   """A caption passes the gate when its matched pool row is closer to it than halfway from the pool's
-  mean row; the gated loss trains only passing pairs' positives, and all pairs when under half pass."""
+  mean row; the gated loss trains only passing pairs' positives, and all pairs when under half pass.
+  With the memory, a pair keeps its positive where most of its decisions so far and this one passed."""
   rng = np.random.default_rng(agreeing)
   b, d = 16, 12
   pool = _unit(rng, 40, d)
@@ -588,6 +601,9 @@ def test_own_pair_gate_and_gated_loss_match_numpy(agreeing):
       ptr=jnp.zeros((), jnp.int32),
   )
   log_scale = np.log(10.0)
+  # Histories of 0-3 earlier decisions, some of which outvote this step's.
+  past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)] if memory else None
+  margins = None if past is None else jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
   keep_ref, loss_ref = _np_gated_loss(
       zimg.astype(np.float64),
       ztxt.astype(np.float64),
@@ -595,12 +611,49 @@ def test_own_pair_gate_and_gated_loss_match_numpy(agreeing):
       pool.astype(np.float64),
       log_scale,
       roclip.GATE_QUORUM,
+      past,
   )
   assert keep_ref[:agreeing].all() and not keep_ref[agreeing:].any()  # The construction holds.
   keep = roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state)
   np.testing.assert_array_equal(np.asarray(keep), keep_ref)
   loss, aux = roclip.gated_pair_loss(
-      jnp.asarray(zimg), jnp.asarray(ztxt), match, pool_state, {"logit_scale": jnp.asarray(log_scale, jnp.float32)}
+      jnp.asarray(zimg),
+      jnp.asarray(ztxt),
+      match,
+      pool_state,
+      {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
+      votes=margins,
   )
   np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
   assert float(aux["gate_active"]) == float(agreeing / b >= roclip.GATE_QUORUM)
+
+
+def test_gate_votes_keep_the_majority_of_each_examples_decisions():
+  """`record_votes` + `trusted_pairs` over many steps against per-example lists of decisions: only
+  steps where the gate acted vote; a pair is trusted where at least half its votes (this one
+  included) passed; the int8 margin saturates instead of wrapping."""
+  rng = np.random.default_rng(0)
+  num_examples, b = 20, 8
+  votes = jnp.zeros((num_examples,), jnp.int8)
+  history = [[] for _ in range(num_examples)]
+  for _ in range(30):
+    ids = rng.choice(num_examples, size=b, replace=False)
+    keep = (rng.random(b) < np.where(ids < 5, 0.2, 0.7)).astype(np.float32)  # Ids 0-4 fail mostly.
+    active = float(rng.random() < 0.8)
+    trusted = roclip.trusted_pairs(jnp.asarray(keep), votes[jnp.asarray(ids)])
+    expected = [sum(history[i] + [k > 0]) * 2 >= len(history[i]) + 1 for i, k in zip(ids, keep)]
+    np.testing.assert_array_equal(np.asarray(trusted), np.asarray(expected, np.float32))
+    votes = roclip.record_votes(votes, jnp.asarray(ids), jnp.asarray(keep), jnp.asarray(active))
+    if active:
+      for i, k in zip(ids, keep):
+        history[i].append(bool(k))
+  np.testing.assert_array_equal(np.asarray(votes), [2 * sum(h) - len(h) for h in history])
+  # Without a memory the step's own decision stands.
+  keep = jnp.asarray([1.0, 0.0, 1.0])
+  np.testing.assert_array_equal(np.asarray(roclip.trusted_pairs(keep, None)), np.asarray(keep))
+  # 200 passes: the margin stops at 127, and one fail later still leaves the pair trusted.
+  streak = jnp.zeros((1,), jnp.int8)
+  for _ in range(200):
+    streak = roclip.record_votes(streak, jnp.zeros((1,), jnp.int32), jnp.ones((1,)), jnp.ones(()))
+  assert int(streak[0]) == 127
+  assert float(roclip.trusted_pairs(jnp.zeros((1,)), streak)[0]) == 1.0

@@ -133,6 +133,7 @@ def test_train_step_siglip_loss_equals_numpy_on_the_step_embeddings(match):
   and accumulated micro-batches give the same loss and gradients."""
   config = _config()
   config.defense = "roclip" if match else "none"
+  config.roclip.variant = "robust"  # Its matching step, with SigLIP's loss (the gated default needs loss='clip').
   mesh = sharding.make_mesh([("data", -1)])
   tx, _ = optim.make_optimizer(config.optim, total_steps=10)
   spec = steps.ModelSpec.create(config.model)

@@ -64,6 +64,9 @@ def test_resume_is_exact(demo_root, tmp_path, defense):
         if r["epoch"] in (2, 3)
     )
     assert epochs_b[4] == epochs_a[4]
+    # The gate's memory voted in the gated steps (one margin per example, compared bitwise above).
+    votes = np.asarray(a.state.defense.gate_votes)
+    assert votes.dtype == np.int8 and (votes != 0).any()
   # The restarted run logged the same losses as the straight run after the restart.
   la = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(straight)) if r["kind"] == "train"}
   lb = {r["step"]: r["loss"] for r in metrics_lib.read_metrics(str(split)) if r["kind"] == "train"}

@@ -17,6 +17,10 @@ The JPEG library's limit comes first: the bare decode + resize + centre crop of 
 line prints its ratio to it (pipeline / bare decode; 1 = the pipeline costs nothing beyond the codec).
 The last lines estimate the CPU cores needed to feed `--target_pairs_per_sec` (8000 pairs/s is
 roughly one H100 training ViT-B/32 at 224 px) for each.
+
+`--compare` also times the previous host augmentation (`augment_reference`, the code before issue 25)
+per core, in rounds alternating with the current one on the same files, so that a shared machine's
+load falls on both alike; it prints both rates, their ratio, and how many output pixels differ.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import math
 import os
 import tempfile
 import time
+from typing import Any
 
 from absl import app
 from absl import flags
@@ -35,6 +40,7 @@ from PIL import Image
 
 from roclip_jax import config_lib
 from roclip_jax.data import array_record
+from roclip_jax.data import augment_reference
 from roclip_jax.data import pipeline
 
 FLAGS = flags.FLAGS
@@ -52,6 +58,8 @@ def _define_flags() -> None:
   flags.DEFINE_float("target_pairs_per_sec", 8000.0, "Trainer rate to feed (pairs/s).")
   flags.DEFINE_bool("text_augment", False, "Also time EDA (needs WordNet).")
   flags.DEFINE_string("shard_dir", "", "Where to write the shards ('' = a temp dir).")
+  flags.DEFINE_bool("compare", False, "Also time the previous host augmentation, alternating with the current.")
+  flags.DEFINE_integer("compare_rounds", 6, "Alternating rounds of --compare (per_core_examples in all, each).")
 
 
 def synthetic_jpeg(rng: np.random.Generator, short: int) -> bytes:
@@ -129,10 +137,20 @@ def bare_decode_rate(shard_dir: str, size: int, count: int) -> float:
   return count / (time.perf_counter() - start)
 
 
-def per_core_rate(config: ml_collections.ConfigDict) -> float:
-  """Examples/s of the pipeline's per-example function in one thread (one core)."""
+class _PreviousHostAugmentLoader(pipeline._ExampleLoader):  # pylint: disable=protected-access
+  """The per-example work with the previous host augmentation (`augment_reference`): the same draws
+  from the same stream, the previous arithmetic, and `config.augment` read per example as before."""
+
+  def _augmented_image(self, raw: np.ndarray, key: int, position: int) -> np.ndarray:
+    rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
+    return augment_reference.augment_image(raw, rng, self._augment_cfg, self._image_size)
+
+
+def _loader(config: ml_collections.ConfigDict, loader_class: type = pipeline._ExampleLoader) -> tuple[Any, int]:  # pylint: disable=protected-access
+  """The exact per-example work of the training pipeline, first-call costs (tokenizer) paid, and the
+  number of records it reads."""
   source = array_record.ArrayRecordSource.from_pattern(config.data.array_record_pattern)
-  loader = pipeline._ExampleLoader(  # pylint: disable=protected-access  # The exact per-example work.
+  loader = loader_class(
       source,
       epoch_length=len(source),
       image_size=config.model.image.image_size,
@@ -142,12 +160,45 @@ def per_core_rate(config: ml_collections.ConfigDict) -> float:
       augment_cfg=config.augment,
       image_transform=None,
   )
-  loader(0, 0)  # First-call costs (tokenizer, imports) out of the timing.
+  loader(0, 0)
+  return loader, len(source)
+
+
+def _seconds(loader: Any, num_records: int, positions: range) -> tuple[float, float]:
+  """(wall-clock, this thread's CPU) seconds of the loader over `positions`."""
+  wall, cpu = time.perf_counter(), time.thread_time()
+  for position in positions:
+    loader(position, position % num_records)
+  return time.perf_counter() - wall, time.thread_time() - cpu
+
+
+def per_core_rate(config: ml_collections.ConfigDict) -> float:
+  """Examples/s of the pipeline's per-example function in one thread (one core)."""
   count = FLAGS.per_core_examples
-  start = time.perf_counter()
+  return count / _seconds(*_loader(config), range(count))[0]
+
+
+def compare_with_previous(config: ml_collections.ConfigDict) -> dict[str, float]:
+  """The host-augmenting per-example work, current and previous, timed in `--compare_rounds` rounds
+  that alternate over the same positions: examples/s per core of each (wall clock), the ratio of
+  their thread CPU times, and how many image values of their outputs differ."""
+  (current, num_records), (previous, _) = _loader(config), _loader(config, _PreviousHostAugmentLoader)
+  count, rounds = FLAGS.per_core_examples, max(1, FLAGS.compare_rounds)
+  wall, cpu = np.zeros(2), np.zeros(2)
+  for r in range(rounds):
+    positions = range(r * count // rounds, (r + 1) * count // rounds)
+    for i, loader in enumerate((current, previous)):
+      seconds = _seconds(loader, num_records, positions)
+      wall[i] += seconds[0]
+      cpu[i] += seconds[1]
+  differing = total = 0
   for position in range(count):
-    loader(position, position % len(source))
-  return count / (time.perf_counter() - start)
+    new, old = (loader(position, position % num_records)["image"] for loader in (current, previous))
+    differing += int(np.count_nonzero(new != old))
+    total += new.size
+  return dict(
+      current=count / wall[0], previous=count / wall[1], cpu_ratio=cpu[1] / cpu[0], differing=differing, total=total
+  )
 
 
 def pipeline_rate(config: ml_collections.ConfigDict) -> float:
@@ -180,11 +231,22 @@ def main(argv):
     print(f"{'bare decode':14s}: {'PIL decode + resize + crop (1 thread)':40s} {bare:8.1f} examples/s")
     per_core = {}
     for label, augment, placement in MODES:
-      per_core[label] = per_core_rate(bench_config(shard_dir, augment, 0, placement))
+      config = bench_config(shard_dir, augment, 0, placement)
+      compared = compare_with_previous(config) if FLAGS.compare and augment and placement == "host" else None
+      per_core[label] = compared["current"] if compared else per_core_rate(config)
       print(
           f"{label:14s}: {'per core (1 thread)':40s} {per_core[label]:8.1f} examples/s, "
           f"ratio to bare decode {per_core[label] / bare:.2f}"
       )
+      if compared:
+        previous = compared["previous"]
+        print(
+            f"{label:14s}: {'previous code, per core (same rounds)':40s} {previous:8.1f} examples/s, "
+            f"ratio to bare decode {previous / bare:.2f}\n"
+            f"{label:14s}: current / previous {per_core[label] / previous:.2f}x by wall clock, "
+            f"{compared['cpu_ratio']:.2f}x by thread CPU time; "
+            f"{compared['differing']} of {compared['total']} output image values differ"
+        )
       for workers in FLAGS.workers:
         rate = pipeline_rate(bench_config(shard_dir, augment, workers, placement))
         what = f"{workers} grain workers" if workers else "0 workers (main process threads)"

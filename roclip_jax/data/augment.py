@@ -13,7 +13,9 @@ Two implementations share one parameter record, `AugmentParams`, so that samplin
 separate from application and both can be given the same parameters:
 
 * Host (numpy + PIL, for grain workers): `augment_image` = `sample_params` + `apply_params`.
-  Pure given the `np.random.Generator`; holds no state, so it pickles.
+  Pure given the `np.random.Generator`; holds no state, so it pickles. Its colour ops run in place
+  on float32 planes and its blur as banded matrix products: bit for bit the previous, slower code
+  (`augment_reference`), faster (`python -m roclip_jax.bench.data --compare` times both).
 * Device (jax.numpy, for the jitted train step): `augment_batch_jax` =
   vmap(`sample_params_jax`) + vmap(`apply_params_jax`).
 
@@ -34,13 +36,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import scipy.ndimage
 from PIL import Image
 
 # ITU-R 601-2 luma, as PIL's convert('L') and torchvision's rgb_to_grayscale.
@@ -107,8 +108,8 @@ class AugmentParams(NamedTuple):
   blur_sigma: Any  # float, pixels
 
 
-class _Settings(NamedTuple):
-  """`config.augment`'s image fields, read and checked once per call."""
+class AugmentSettings(NamedTuple):
+  """`config.augment`'s image fields, read and checked (`read_settings`)."""
 
   flip_p: float
   crop_scale: tuple[float, float]
@@ -123,8 +124,14 @@ class _Settings(NamedTuple):
   blur_sigma: tuple[float, float]
 
 
-def _read_settings(cfg: ml_collections.ConfigDict) -> _Settings:
-  """Reads and validates the image fields of `cfg` (= `config.augment`)."""
+def read_settings(cfg: ml_collections.ConfigDict | AugmentSettings) -> AugmentSettings:
+  """Reads and validates the image fields of `cfg` (= `config.augment`); settings pass through.
+
+  A data loader reads them once: a ConfigDict field costs microseconds to read, and the sampling
+  functions take either.
+  """
+  if isinstance(cfg, AugmentSettings):
+    return cfg
 
   def field(name):
     if name not in cfg:
@@ -161,7 +168,7 @@ def _read_settings(cfg: ml_collections.ConfigDict) -> _Settings:
         f'config.augment.hue={hue} must lie in [0, 0.5] (a hue shift of more than half a '
         'turn is meaningless; torchvision has the same limit). The original uses 0.1.'
     )
-  return _Settings(
+  return AugmentSettings(
       flip_p=probability('flip_p'),
       crop_scale=interval('crop_scale', 0.0),
       crop_ratio=interval('crop_ratio', 0.0),
@@ -287,8 +294,8 @@ def to_grayscale(img):
   return _xp(img).stack([luma, luma, luma], axis=-1)
 
 
-_JITTER_OPS: tuple[Callable[..., Any], ...] = (adjust_brightness, adjust_contrast, adjust_saturation, adjust_hue)
-_JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
+# Each op's factor that leaves the image unchanged (brightness, contrast, saturation, hue).
+JITTER_IDENTITY = (1.0, 1.0, 1.0, 0.0)
 
 
 def gaussian_kernel1d(kernel_size: int, sigma):
@@ -299,12 +306,12 @@ def gaussian_kernel1d(kernel_size: int, sigma):
   return pdf / pdf.sum()
 
 
-def _check_blur(img_shape, kernel_size: int) -> None:
+def check_blur(height: int, width: int, kernel_size: int) -> None:
   if kernel_size < 1 or kernel_size % 2 == 0:
     raise ValueError(f'kernel_size={kernel_size} must be a positive odd int.')
-  if kernel_size // 2 >= min(img_shape[-3], img_shape[-2]):
+  if kernel_size // 2 >= min(height, width):
     raise ValueError(
-        f'kernel_size={kernel_size} is too large for a {img_shape[-3]}x{img_shape[-2]} image '
+        f'kernel_size={kernel_size} is too large for a {height}x{width} image '
         '(reflect padding needs kernel_size // 2 < both sides); use blur_kernel_size(out_size).'
     )
 
@@ -314,7 +321,7 @@ def _check_blur(img_shape, kernel_size: int) -> None:
 # -------------------------------------------------------------------------------------------------
 
 
-def _check_image(image: np.ndarray) -> None:
+def check_image(image: np.ndarray) -> None:
   if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[-1] != 3:
     shape = getattr(image, 'shape', type(image).__name__)
     raise ValueError(
@@ -348,9 +355,11 @@ def sample_crop(
   return (height - crop_height) // 2, (width - crop_width) // 2, crop_height, crop_width
 
 
-def sample_params(rng: np.random.Generator, cfg: ml_collections.ConfigDict, height: int, width: int) -> AugmentParams:
+def sample_params(
+    rng: np.random.Generator, cfg: ml_collections.ConfigDict | AugmentSettings, height: int, width: int
+) -> AugmentParams:
   """Draws every random choice of the pipeline for one [height, width] image."""
-  s = _read_settings(cfg)
+  s = read_settings(cfg)
   flip = bool(rng.random() < s.flip_p)
   top, left, crop_height, crop_width = sample_crop(rng, height, width, s.crop_scale, s.crop_ratio)
   return AugmentParams(
@@ -371,59 +380,203 @@ def sample_params(rng: np.random.Generator, cfg: ml_collections.ConfigDict, heig
   )
 
 
+def _resized_crop_image(image: np.ndarray, top: int, left: int, height: int, width: int, out_size: int) -> Image.Image:
+  crop = np.ascontiguousarray(image[top : top + height, left : left + width])
+  return Image.fromarray(crop).resize((out_size, out_size), Image.Resampling.BILINEAR)
+
+
 def resized_crop(image: np.ndarray, top: int, left: int, height: int, width: int, out_size: int) -> np.ndarray:
   """Crop then bilinear (antialiased) resize to out_size², with PIL as torchvision does."""
-  crop = np.ascontiguousarray(image[top : top + height, left : left + width])
-  resized = Image.fromarray(crop).resize((out_size, out_size), Image.Resampling.BILINEAR)
-  return np.asarray(resized)
+  return np.asarray(_resized_crop_image(image, top, left, height, width, out_size))
 
 
-def gaussian_blur(img: np.ndarray, sigma: float, kernel_size: int) -> np.ndarray:
-  """torchvision GaussianBlur: separable Gaussian, reflect padding (scipy's 'mirror')."""
-  _check_blur(img.shape, kernel_size)
-  kernel = gaussian_kernel1d(kernel_size, float(sigma))
-  img = _as_float(img)
-  img = scipy.ndimage.correlate1d(img, kernel, axis=-3, mode='mirror')
-  return scipy.ndimage.correlate1d(img, kernel, axis=-2, mode='mirror')
+def _flipped_resized_crop_image(image: np.ndarray, params: AugmentParams, out_size: int) -> Image.Image:
+  _check_out_size(out_size)
+  if not params.flip:
+    return _resized_crop_image(
+        image, params.crop_top, params.crop_left, params.crop_height, params.crop_width, out_size
+    )
+  # Crop the mirrored box of the unflipped image and flip the small output instead.
+  left = image.shape[1] - params.crop_left - params.crop_width
+  out = _resized_crop_image(image, params.crop_top, left, params.crop_height, params.crop_width, out_size)
+  return out.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+
+
+def flipped_resized_crop(image: np.ndarray, params: AugmentParams, out_size: int) -> np.ndarray:
+  """The flip and the crop + resize of `params`: uint8 [out_size, out_size, 3]."""
+  return np.asarray(_flipped_resized_crop_image(image, params, out_size))
+
+
+# The host colour ops work in place on float32 planes [C, H, W]: a channel is then a contiguous
+# array, and no op allocates an image-sized temporary per arithmetic step. Each computes exactly the
+# float32 arithmetic of the shared formula above (the same operations in the same order;
+# tests/test_augment.py compares them bit for bit), so only the memory traffic changes.
+
+
+def _luma_plane(planes: np.ndarray) -> np.ndarray:
+  return planes[0] * _LUMA[0] + planes[1] * _LUMA[1] + planes[2] * _LUMA[2]
+
+
+def _brightness_planes(planes: np.ndarray, factor: float) -> np.ndarray:
+  np.multiply(planes, factor, out=planes)
+  return np.clip(planes, 0.0, 255.0, out=planes)
+
+
+def _contrast_planes(planes: np.ndarray, factor: float) -> np.ndarray:
+  mean = _luma_plane(planes).mean(axis=(-2, -1), keepdims=True)
+  np.multiply(planes, factor, out=planes)
+  np.add(planes, (1.0 - factor) * mean, out=planes)
+  return np.clip(planes, 0.0, 255.0, out=planes)
+
+
+def _saturation_planes(planes: np.ndarray, factor: float) -> np.ndarray:
+  grey = _luma_plane(planes)
+  np.multiply(grey, 1.0 - factor, out=grey)
+  np.multiply(planes, factor, out=planes)
+  np.add(planes, grey, out=planes)
+  return np.clip(planes, 0.0, 255.0, out=planes)
+
+
+# The k-formula's offsets n of the red, green and blue outputs (`adjust_hue`'s `channel(n)`).
+_HUE_OFFSETS = np.array([5.0, 3.0, 1.0], np.float32)[:, None, None]
+
+
+def _hue_planes(planes: np.ndarray, factor: float) -> np.ndarray:
+  """`adjust_hue` with its selections as masks: adding a 0/1 mask or copying under it changes no
+  selected value, and it costs less than `where` over whole arrays."""
+  red, green, blue = planes
+  value = np.maximum(np.maximum(red, green), blue)
+  chroma = value - np.minimum(np.minimum(red, green), blue)
+  inv_chroma = np.divide(1.0, chroma + (chroma == 0))  # 1 / where(chroma > 0, chroma, 1); chroma >= 0.
+  shares = value - planes
+  shares *= inv_chroma
+  red_c, green_c, blue_c = shares
+  hue6 = np.add(green_c, 4.0)
+  hue6 -= red_c
+  branch = np.add(red_c, 2.0)
+  branch -= blue_c
+  np.copyto(hue6, branch, where=value == green)
+  np.subtract(blue_c, green_c, out=branch)
+  np.copyto(hue6, branch, where=value == red)  # Last: red wins a tie, as in the nested `where`.
+  hue6 += 6.0 * factor
+  turns = np.divide(hue6, 6.0)
+  np.floor(turns, out=turns)
+  turns *= 6.0
+  hue6 -= turns
+  k = hue6 + _HUE_OFFSETS
+  k -= (k >= 6.0) * np.float32(6.0)
+  ramp = np.subtract(4.0, k)
+  np.minimum(k, ramp, out=ramp)
+  np.clip(ramp, 0.0, 1.0, out=ramp)
+  ramp *= chroma
+  return np.subtract(value, ramp, out=planes)
+
+
+_JITTER_PLANE_OPS = (_brightness_planes, _contrast_planes, _saturation_planes, _hue_planes)
+# OpenBLAS runs a matrix product of at most this many multiply-adds in the calling thread (and splits
+# larger ones over its threads): the blur's products stay below it, so a grain worker stays on its core.
+_BLAS_SINGLE_THREAD_MACS = 4 * 65536
+_MAX_BLUR_BLOCK_ROWS = 16  # Enough rows per product to run at BLAS speed (16 x 224 x 36 at 224 px).
+
+
+def _blur_block_rows(width: int, radius: int) -> int:
+  """Output rows per product of `_correlate_rows`: the most, up to 16, that keep a product
+  ([rows, rows + 2r] x [rows + 2r, width]) in the calling thread."""
+  rows = _MAX_BLUR_BLOCK_ROWS
+  while rows > 1 and rows * width * (rows + 2 * radius) > _BLAS_SINGLE_THREAD_MACS:
+    rows -= 1
+  return rows
+
+
+def _correlate_rows(planes: np.ndarray, kernel: np.ndarray) -> np.ndarray:
+  """float [C, N, W] -> float64 [C, N, W]: `kernel` (odd length) along N, reflect padding.
+
+  The function of scipy.ndimage.correlate1d(mode='mirror') as banded matrix products: the padded
+  rows in overlapping windows of `block` + 2r rows (r = the kernel's radius, `block` from
+  `_blur_block_rows`), each window multiplied by the same [block, block + 2r] band of weights. A float32 pixel times a float32 weight
+  is exact in float64, so the sums differ from scipy's only in their order (see `gaussian_blur_planes`).
+  """
+  channels, rows, width = planes.shape
+  radius = len(kernel) // 2
+  block = _blur_block_rows(width, radius)
+  blocks = -(-rows // block)
+  padded = np.empty((channels, blocks * block + 2 * radius, width), np.float64)
+  padded[:, radius : radius + rows] = planes
+  padded[:, :radius] = planes[:, 1 : radius + 1][:, ::-1]
+  padded[:, radius + rows : 2 * radius + rows] = planes[:, rows - 1 - radius : rows - 1][:, ::-1]
+  padded[:, 2 * radius + rows :] = 0.0  # Completes the last window; the rows it gives are dropped.
+  # Window i holds padded rows [i * block, i * block + block + 2r): a read-only view, no copy.
+  channel_stride, row_stride, column_stride = padded.strides
+  windows = np.lib.stride_tricks.as_strided(
+      padded,
+      (channels, blocks, block + 2 * radius, width),
+      (channel_stride, block * row_stride, row_stride, column_stride),
+      writeable=False,
+  )
+  band = np.zeros((block, block + 2 * radius))
+  band.reshape(-1)[_band_positions(block, len(kernel))] = np.tile(kernel, block)
+  out = np.matmul(band, windows)  # [C, blocks, block, W]
+  return out.reshape(channels, blocks * block, width)[:, :rows]
+
+
+@functools.lru_cache(maxsize=None)
+def _band_positions(block: int, kernel_size: int) -> np.ndarray:
+  """Flat indices of the kernel's weights in the [block, block + kernel_size - 1] band: row o holds
+  the kernel at columns o .. o + kernel_size - 1."""
+  rows = np.arange(block)[:, None]
+  return (rows * (block + kernel_size - 1) + rows + np.arange(kernel_size)).reshape(-1)
+
+
+def gaussian_blur_planes(planes: np.ndarray, sigma: float, kernel_size: int) -> np.ndarray:
+  """torchvision GaussianBlur of float32 planes [C, H, W] -> float32 [C, H, W]: separable Gaussian,
+  reflect padding, along H then W, rounded to float32 after each pass.
+
+  The previous implementation (`augment_reference.gaussian_blur`, scipy) sums the same exact float64
+  products in another order, so a result could differ from it only where the two float64 sums (equal
+  to within a few of their last bits, 29 bits finer than float32's) fall on either side of a float32
+  rounding boundary:
+  `python -m roclip_jax.bench.data --compare` counts the differing output values of the whole host
+  augmentation, and tests/test_augment.py checks them bit for bit.
+  """
+  check_blur(planes.shape[-2], planes.shape[-1], kernel_size)
+  kernel = gaussian_kernel1d(kernel_size, float(sigma)).astype(np.float64)
+  # Outer weights that underflowed to 0 in float32 (at 21 taps, sigma below ~0.7) only add exact
+  # zeros to every sum: the band is narrower without them.
+  outer = int(np.flatnonzero(kernel)[0])
+  kernel = kernel[outer : len(kernel) - outer]
+  columns = _correlate_rows(planes, kernel).astype(np.float32)
+  # Along W: the same products on the transposed planes.
+  return _correlate_rows(columns.swapaxes(1, 2), kernel).astype(np.float32).swapaxes(1, 2)
 
 
 def apply_params(image: np.ndarray, params: AugmentParams, out_size: int) -> np.ndarray:
   """Applies the drawn augmentation to one uint8 [H, W, 3] image; returns uint8 [out, out, 3]."""
-  _check_image(image)
-  _check_out_size(out_size)
-  width = image.shape[1]
-  left = params.crop_left
-  if params.flip:
-    # Crop the mirrored box of the unflipped image and flip the small output instead.
-    left = width - params.crop_left - params.crop_width
-  out = resized_crop(image, params.crop_top, left, params.crop_height, params.crop_width, out_size)
-  if params.flip:
-    out = out[:, ::-1]
+  check_image(image)
+  cropped = _flipped_resized_crop_image(image, params, out_size)
   if not (params.jitter or params.grayscale or params.blur):
-    return np.ascontiguousarray(out)
-  img = out.astype(np.float32)
+    return np.asarray(cropped)
+  planes = np.asarray(cropped).transpose(2, 0, 1).astype(np.float32, order='C')
   if params.jitter:
     factors = (params.brightness, params.contrast, params.saturation, params.hue)
     for op in params.jitter_order:
-      if factors[op] != _JITTER_IDENTITY[op]:  # torchvision skips a switched-off op
-        img = _JITTER_OPS[op](img, factors[op])
+      if factors[op] != JITTER_IDENTITY[op]:  # torchvision skips a switched-off op
+        planes = _JITTER_PLANE_OPS[op](planes, factors[op])
   if params.grayscale:
-    img = to_grayscale(img)
+    planes = _luma_plane(planes)[None]  # One plane stands for three equal ones (blurred once).
   if params.blur:
-    if params.grayscale:
-      # Three equal planes: blur one (the same per-line arithmetic) and repeat it, a third of the work.
-      plane = gaussian_blur(np.ascontiguousarray(img[..., :1]), params.blur_sigma, blur_kernel_size(out_size))
-      img = np.repeat(plane, 3, axis=-1)
-    else:
-      img = gaussian_blur(img, params.blur_sigma, blur_kernel_size(out_size))
-  return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+    planes = gaussian_blur_planes(planes, params.blur_sigma, blur_kernel_size(out_size))
+  np.rint(planes, out=planes)
+  np.clip(planes, 0, 255, out=planes)
+  bands = [Image.fromarray(plane) for plane in planes.astype(np.uint8)]
+  # PIL interleaves the planes faster than a transposing numpy copy.
+  return np.asarray(Image.merge('RGB', bands * 3 if len(bands) == 1 else bands))
 
 
 def augment_image(
-    image: np.ndarray, rng: np.random.Generator, cfg: ml_collections.ConfigDict, out_size: int
+    image: np.ndarray, rng: np.random.Generator, cfg: ml_collections.ConfigDict | AugmentSettings, out_size: int
 ) -> np.ndarray:
   """RoCLIP's image augmentation of one uint8 [H, W, 3] image -> uint8 [out_size, out_size, 3]."""
-  _check_image(image)
+  check_image(image)
   params = sample_params(rng, cfg, image.shape[0], image.shape[1])
   return apply_params(image, params, out_size)
 
@@ -435,7 +588,7 @@ def augment_image(
 
 def sample_params_jax(key: jax.Array, cfg: ml_collections.ConfigDict, height: int, width: int) -> AugmentParams:
   """`sample_params` for one image from a jax key; vmap over keys for a batch."""
-  s = _read_settings(cfg)
+  s = read_settings(cfg)
   keys = jax.random.split(key, 14)
   uniform = jax.random.uniform
   # RandomResizedCrop: all 10 tries at once, the first that fits wins.
@@ -512,7 +665,7 @@ def resized_crop_jax(image, top, left, height, width, out_size: int) -> jax.Arra
 
 def gaussian_blur_jax(img, sigma, kernel_size: int) -> jax.Array:
   """`gaussian_blur` for one [H, W, C] image with a traced sigma (shifted sums, reflect pad)."""
-  _check_blur(img.shape, kernel_size)
+  check_blur(img.shape[-3], img.shape[-2], kernel_size)
   img = jnp.asarray(img).astype(jnp.float32)
   if kernel_size == 1:
     return img
@@ -675,7 +828,7 @@ def resize_for_device(image: np.ndarray, size: int) -> np.ndarray:
   more of the detail the crop later enlarges than bilinear (closer to the host path: mean 0.50 vs 0.54
   grey levels at 256 -> 224).
   """
-  _check_image(image)
+  check_image(image)
   if image.shape[:2] == (size, size):
     return image
   return np.asarray(Image.fromarray(image).resize((size, size), Image.Resampling.BICUBIC))

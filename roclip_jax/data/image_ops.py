@@ -136,7 +136,9 @@ def decode_image_bytes(data: bytes) -> np.ndarray | None:
       if img.mode in ("P", "PA"):
         # Palette transparency must go through RGBA before dropping alpha.
         img = img.convert("RGBA")
-      rgb = img.convert("RGB")  # Forces the full decode (truncation raises).
+      # convert('RGB') of an RGB image would only copy it.
+      rgb = img if img.mode == "RGB" else img.convert("RGB")
+      rgb.load()  # Forces the full decode (truncation raises).
       return np.asarray(rgb, np.uint8)
   except _DECODE_ERRORS:
     return None

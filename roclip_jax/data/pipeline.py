@@ -236,16 +236,19 @@ class _ExampleLoader:
     self._device_views = augment.device_views(augment_cfg, self._views)
     if self._device_views:
       self._device_source_size = augment.device_source_size(augment_cfg, image_size)
+    if self._augment_image or self._views == 2:
+      # Read (and checked) once here, not per example: the image fields the sampling reads.
+      self._augment_settings = augment.read_settings(augment_cfg)
 
   def _augmented_image(self, raw: np.ndarray, key: int, position: int) -> np.ndarray:
     # Keyed by stream position: differs across epochs, fixed on resume.
     rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
-    return augment.augment_image(raw, rng, self._augment_cfg, self._image_size)
+    return augment.augment_image(raw, rng, self._augment_settings, self._image_size)
 
   def _device_view(self, raw: np.ndarray, source: np.ndarray, key: int, position: int) -> np.ndarray:
     """The packed parameters `_augmented_image` would draw (same stream) for the train step."""
     rng = np.random.Generator(np.random.Philox(key=(key << 64) | position))
-    params = augment.sample_params(rng, self._augment_cfg, raw.shape[0], raw.shape[1])
+    params = augment.sample_params(rng, self._augment_settings, raw.shape[0], raw.shape[1])
     return augment.pack_params(params, raw.shape[0], raw.shape[1], source.shape[0])
 
   def _eda_caption(self, caption: str, tag: int, example_id: int, position: int) -> str:

@@ -185,8 +185,8 @@ class Defense:
       batch: the global batch ('id', 'poisoned', 'label', ...).
       mesh: the device mesh.
       pair_loss: the configured cross-modal loss, `fn(zimg, ztxt, scalars) -> (loss, aux)`.
-    Returns: the scalar loss and aux; aux has 'batch_accuracy' and may have the parts in
-      `steps.LOSS_PARTS`, which become metrics.
+    Returns: the scalar loss and aux; aux has 'batch_accuracy', and each scalar entry named
+      'loss_*' (a term of the loss) becomes a step metric of that name.
     """
     del kind, state, batch, mesh
     return pair_loss(z["image"], z["text"], scalars)

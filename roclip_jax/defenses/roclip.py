@@ -58,6 +58,9 @@ class Pool:
   # i32[M], class label of that example where the data has labels (-1 = unknown or random init);
   # for the diagnostics only, like the two fields above.
   source_labels: jax.Array | None = None
+  # i8[N], per training example: the gate's passes minus its fails so far (`gate_memory`; None
+  # without it). Kept with the pool since both are read by the gated step and written after it.
+  gate_votes: jax.Array | None = None
 
   @property
   def size(self) -> int:
@@ -100,6 +103,9 @@ class Settings:
   own_pair_gate: bool = False
   gate_first_epoch: int = 0
   gate_quorum: float = 0.5  # The gate acts in a step only where at least this share of the batch passes.
+  # A pair keeps its positive where most of its example's gate decisions so far passed (this one
+  # included), rather than where this step's alone passed (`trusted_pairs`).
+  gate_memory: bool = False
 
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
@@ -113,12 +119,13 @@ VARIANT_DEFAULTS = {
         exclude_own=False,
         content_targets=False,
         own_pair_gate=False,
+        gate_memory=False,
     ),
-    "robust": dict(_ROBUST, own_pair_gate=False),
+    "robust": dict(_ROBUST, own_pair_gate=False, gate_memory=False),
     # The default since issue 22 (docs/roclip.md, section 8): the robust variant's pool and lookup,
     # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
     # positives; matching epochs only where `first_epoch` is set.
-    "gated": dict(_ROBUST, own_pair_gate=True),
+    "gated": dict(_ROBUST, own_pair_gate=True, gate_memory=True),
 }
 
 
@@ -170,6 +177,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       own_pair_gate=bool(knobs["own_pair_gate"]),
       gate_first_epoch=gate_first,
       gate_quorum=float(cfg.get("gate_quorum", GATE_QUORUM)),
+      gate_memory=bool(knobs["gate_memory"]) and bool(knobs["own_pair_gate"]),
   )
 
 
@@ -278,6 +286,22 @@ def own_pair_gate(ztxt: jax.Array, match: Match, pool: Pool) -> jax.Array:
   return (agreement >= 0.5 * (1.0 + typical)).astype(jnp.float32)
 
 
+def trusted_pairs(keep: jax.Array, votes: jax.Array | None) -> jax.Array:
+  """f32[B]: the pairs that keep their positives. Without a memory (`votes` None), this step's gate
+  decision `keep`; with one, the majority of the example's decisions so far and this one: its
+  vote margin (`Pool.gate_votes`, passes minus fails) plus this vote is >= 0.
+
+  Why a majority: one decision rests on one lookup by a model that still gets many images wrong, so
+  a clean pair fails it at random often (on the digits set 35-37% of pairs failed each step), and a
+  poisoned pair passes it now and then (19-28% of the poisoned pairs passed where the gate acted)
+  once the model starts to learn the attack, which is enough to implant it. Over an example's history those chance decisions are
+  outvoted by its usual one; an example new to the gate has no history and its vote decides.
+  """
+  if votes is None:
+    return keep
+  return (votes.astype(jnp.float32) + 2.0 * keep - 1.0 >= 0.0).astype(jnp.float32)
+
+
 def gated_pair_loss(
     zimg: jax.Array,
     ztxt: jax.Array,
@@ -285,17 +309,27 @@ def gated_pair_loss(
     pool: Pool,
     scalars: dict[str, jax.Array],
     quorum: float = GATE_QUORUM,
+    votes: jax.Array | None = None,
 ):
-  """CLIP's loss with only the gated pairs as positives (`losses.clip_loss`'s `positive_weights`);
-  every pair stays a negative."""
+  """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`);
+  every pair stays a negative. `votes`: the batch's rows of `Pool.gate_votes` (None: no memory)."""
   keep = own_pair_gate(ztxt, match, pool)
   # The gate trusts the model's matches only where they agree with most of the batch's captions:
   # a model that still gets most pairs wrong would keep only what it already knows and train
   # toward that (on the digits set, a gate from epoch 4 kept ~50% and fell 15 points in an epoch).
   active = jnp.mean(keep) >= quorum
-  weights = jnp.where(active, keep, jnp.ones_like(keep))
+  weights = jnp.where(active, trusted_pairs(keep, votes), jnp.ones_like(keep))
   loss, aux = losses.clip_loss(zimg, ztxt, scalars["logit_scale"], positive_weights=weights)
-  return loss, dict(aux, gate=keep, gate_active=active.astype(jnp.float32))
+  return loss, dict(aux, gate=keep, gate_weights=weights, gate_active=active.astype(jnp.float32))
+
+
+def record_votes(votes: jax.Array, ids: jax.Array, keep: jax.Array, active: jax.Array) -> jax.Array:
+  """`Pool.gate_votes` after a gated step: +1 for each passing example, -1 for each failing one, in
+  steps where the gate acted (a step under the quorum is a model not yet trusted to vote), saturating
+  at the int8 range."""
+  vote = jnp.where(active > 0, 2 * keep.astype(jnp.int32) - 1, 0)
+  margin = jnp.clip(votes[ids].astype(jnp.int32) + vote, -127, 127)
+  return votes.at[ids].set(margin.astype(votes.dtype))
 
 
 # ----------------------------------------------------------------------------
@@ -531,7 +565,7 @@ def enqueue(
     emb, sid, spois, slab, ptr = write(
         pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr, ztxt, ids, poisoned, labels
     )
-    return Pool(emb, sid, spois, ptr, slab)
+    return pool.replace(embeddings=emb, source_ids=sid, source_poisoned=spois, ptr=ptr, source_labels=slab)
   rows = P(sharding_lib.batch_axes(mesh))
   fn = jax.shard_map(
       write,
@@ -543,7 +577,7 @@ def enqueue(
   emb, sid, spois, slab, ptr = fn(
       pool.embeddings, pool.source_ids, pool.source_poisoned, pool_labels, pool.ptr, ztxt, ids, poisoned, labels
   )
-  return Pool(emb, sid, spois, ptr, slab)
+  return pool.replace(embeddings=emb, source_ids=sid, source_poisoned=spois, ptr=ptr, source_labels=slab)
 
 
 def _fifo_write(emb, sid, spois, slab, ptr, rows, row_ids, row_poisoned, row_labels, *, fifo):
@@ -581,9 +615,18 @@ DIAGNOSTIC_SUMS = (
 
 # Per-step sums of every step (CLIP and matching): how well images still find their own captions.
 # A gated epoch's sums (only in runs with the own-pair gate): steps, steps where the gate acted, pairs
-# it passed (of steps x the global batch), and the poisoned pairs in the batches and those it passed
-# (known only on poisoned data).
-GATE_SUMS = ("gate_steps", "gate_active_steps", "gate_kept", "gate_poisoned", "gate_kept_poisoned")
+# it passed (of steps x the global batch), the pairs that kept their positives in steps where it acted
+# (with `gate_memory`, by their examples' majority), and the poisoned pairs among each (known only on
+# poisoned data).
+GATE_SUMS = (
+    "gate_steps",
+    "gate_active_steps",
+    "gate_kept",
+    "gate_trusted",
+    "gate_poisoned",
+    "gate_kept_poisoned",
+    "gate_trusted_poisoned",
+)
 ALIGNMENT_SUMS = ("epoch_own_similarity", "epoch_own_retrieval", "epoch_steps")
 # The run's best completed epoch so far (a max over epoch means), the collapse detector's reference.
 BEST_EPOCH = ("best_own_similarity", "best_own_retrieval", "best_match_similarity")
@@ -684,13 +727,17 @@ def epoch_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, floa
 
 def gate_diagnostics(sums: dict[str, float], batch_size: int) -> dict[str, float]:
   """A gated epoch's row from its `GATE_SUMS`: the share of pairs the gate passed, the share of steps
-  in which it acted (a quorum passed), and, on poisoned data, the share of poisoned pairs it passed."""
+  in which it acted (a quorum passed), the share of pairs that kept their positives in those steps,
+  and, on poisoned data, the same two shares of the poisoned pairs."""
+  pairs = max(sums["gate_steps"] * batch_size, 1.0)
   row = {
-      "roclip/gate_kept_frac": sums["gate_kept"] / max(sums["gate_steps"] * batch_size, 1.0),
+      "roclip/gate_kept_frac": sums["gate_kept"] / pairs,
       "roclip/gate_active_frac": sums["gate_active_steps"] / max(sums["gate_steps"], 1.0),
+      "roclip/gate_trusted_frac": sums["gate_trusted"] / pairs,
   }
   if sums["gate_poisoned"] > 0:
     row["roclip/gate_kept_poisoned_frac"] = sums["gate_kept_poisoned"] / sums["gate_poisoned"]
+    row["roclip/gate_trusted_poisoned_frac"] = sums["gate_trusted_poisoned"] / sums["gate_poisoned"]
   return row
 
 
@@ -806,6 +853,9 @@ class RoClip(base.Defense):
     c.own_pair_gate = ml_collections.config_dict.placeholder(bool)
     c.gate_first_epoch = ml_collections.config_dict.placeholder(int)
     c.gate_quorum = GATE_QUORUM  # Share of a batch that must pass before the gate acts in a step.
+    # A pair keeps its positive where most of its example's gate decisions so far passed, not only
+    # this step's (docs/roclip.md, section 8); one byte per training example on every device.
+    c.gate_memory = ml_collections.config_dict.placeholder(bool)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -892,7 +942,8 @@ class RoClip(base.Defense):
     # Named only when not the default, so the description of a float32 run reads as before.
     lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
-    gate = f", own-pair gate (quorum {s.gate_quorum:g})" if s.own_pair_gate else ""
+    memory = ", majority over epochs" if s.gate_memory else ""
+    gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
         f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, {schedule}, csls_k={s.csls_k}, "
         f"pool every step={s.pool_every_step}{gate}{lookup})"
@@ -900,10 +951,23 @@ class RoClip(base.Defense):
 
   # State: the pool.
   def init_state(self, key: jax.Array) -> Pool:
-    return init_pool(key, self.config.roclip.pool_size, self.config.model.embed_dim)
+    pool = init_pool(key, self.config.roclip.pool_size, self.config.model.embed_dim)
+    if not self.settings().gate_memory:
+      return pool
+    if self.num_examples < 1:
+      raise ValueError(
+          "roclip.gate_memory keeps one vote margin per training example, but this RoClip was built "
+          "without the run's example count: build it with defenses.from_config(config, "
+          "num_examples=<training examples>), or set roclip.gate_memory=False."
+      )
+    return pool.replace(gate_votes=jnp.zeros((self.num_examples,), jnp.int8))
 
   def state_shardings(self, mesh: Mesh) -> Pool:
-    return pool_shardings(mesh, self.config.roclip.shard_pool)
+    shardings = pool_shardings(mesh, self.config.roclip.shard_pool)
+    if not self.settings().gate_memory:
+      return shardings
+    # Replicated: one byte per example (as SafeCLIP's safe mask), read and written at the batch's ids.
+    return shardings.replace(gate_votes=NamedSharding(mesh, P()))
 
   def init_stats(self) -> dict[str, jax.Array]:
     keys = DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + BEST_EPOCH + (GATE_SUMS if self.settings().own_pair_gate else ())
@@ -929,7 +993,8 @@ class RoClip(base.Defense):
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     if kind.name == "gated":
       match = self.match(state, z["image"], batch["id"], mesh)
-      return gated_pair_loss(z["image"], z["text"], match, state, scalars, self.settings().gate_quorum)
+      votes = None if state.gate_votes is None else state.gate_votes[batch["id"]]
+      return gated_pair_loss(z["image"], z["text"], match, state, scalars, self.settings().gate_quorum, votes)
     if kind.name != "match":
       return pair_loss(z["image"], z["text"], scalars)
     # Matching step: the matched pool rows replace the positives (docs/roclip.md, section 1). The
@@ -961,6 +1026,8 @@ class RoClip(base.Defense):
   def update_state(self, kind, state, z, aux, batch, mesh):
     if not kind.option("enqueue"):
       return state
+    if kind.name == "gated" and state.gate_votes is not None:
+      state = state.replace(gate_votes=record_votes(state.gate_votes, batch["id"], aux["gate"], aux["gate_active"]))
     return enqueue(
         state,
         z["text"],
@@ -987,12 +1054,15 @@ class RoClip(base.Defense):
     metrics = {}
     if kind.name == "gated":
       keep, is_poisoned = aux["gate"], (batch["poisoned"] > 0).astype(jnp.float32)
+      trusted = aux["gate_weights"] * aux["gate_active"]  # Positives the gate decided, where it acted.
       step_sums = {
           "gate_steps": jnp.ones((), jnp.float32),
           "gate_active_steps": aux["gate_active"],
           "gate_kept": jnp.sum(keep),
+          "gate_trusted": jnp.sum(trusted),
           "gate_poisoned": jnp.sum(is_poisoned),
           "gate_kept_poisoned": jnp.sum(keep * is_poisoned),
+          "gate_trusted_poisoned": jnp.sum(trusted * is_poisoned),
       }
       for key, value in step_sums.items():
         stats[f"roclip/{key}"] = stats[f"roclip/{key}"] + value

@@ -12,6 +12,8 @@ Each row is keyed by its full config (`DIR/<name>/row_config.json`): a row
 whose config is unchanged resumes from its checkpoints, or, once finished, is
 not trained again; a row whose config changed is trained anew, and its old
 directory is moved aside to `DIR/<name>.stale-<hash>` (nothing is deleted).
+The config blocks of defenses a row does not run (a CLIP row's `roclip`) are
+not part of its identity (`row_identity`): nothing in the row reads them.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from roclip_jax import config_lib
+from roclip_jax import defenses
 from roclip_jax import host_runtime
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import train
@@ -73,6 +76,20 @@ def config_key(config: ml_collections.ConfigDict) -> str:
   return json.dumps(json.loads(config.to_json_best_effort()), sort_keys=True)
 
 
+def row_identity(key: str | None) -> str | None:
+  """What must be equal for a stored row to be this one: its config (`config_key`) without the config
+  blocks of the defenses it does not run, which nothing in it reads; so that a new RoCLIP knob, say,
+  does not retrain the CLIP rows. None for a missing or unreadable key."""
+  try:
+    config = json.loads(key) if key else None
+  except json.JSONDecodeError:
+    return None
+  if not isinstance(config, dict):
+    return None
+  unused = {defenses.get(name).config_block for name in defenses.names() if name != config.get("defense")}
+  return json.dumps({k: v for k, v in config.items() if k not in unused}, sort_keys=True)
+
+
 def prepare_run_dir(run_dir: str, key: str) -> bool:
   """Makes `run_dir` hold this config's run; returns whether it already finished.
 
@@ -85,7 +102,7 @@ def prepare_run_dir(run_dir: str, key: str) -> bool:
     if os.path.exists(key_file):
       with open(key_file) as f:
         old_key = f.read()
-    if old_key != key:
+    if row_identity(old_key) is None or row_identity(old_key) != row_identity(key):
       digest = hashlib.sha256((old_key or "").encode()).hexdigest()[:10]
       stale = f"{run_dir}.stale-{digest}"
       suffix = 0
