@@ -35,7 +35,7 @@ def tiny_config(demo_root, defense="none", **overrides):
   c.roclip.pool_size = 32
   c.roclip.k = 2
   # The pool and schedule expectations of these tests are the paper's (matching epochs 2, 4, 6; the
-  # pool written only in them); tests of the robust variant (the default) ask for it.
+  # pool written only in them); tests of the robust or gated (default) variant ask for it.
   c.roclip.variant = "paper"
   c.optim.warmup_steps = 2
   c.log_every_steps = 1

@@ -102,7 +102,8 @@ def prepare_run_dir(run_dir: str, key: str) -> bool:
     if os.path.exists(key_file):
       with open(key_file) as f:
         old_key = f.read()
-    if row_identity(old_key) is None or row_identity(old_key) != row_identity(key):
+    old_identity = row_identity(old_key)
+    if old_identity is None or old_identity != row_identity(key):
       digest = hashlib.sha256((old_key or "").encode()).hexdigest()[:10]
       stale = f"{run_dir}.stale-{digest}"
       suffix = 0
