@@ -24,6 +24,15 @@ def get_config(arg=None):
       ("CLIP+aug", dict(AUG, defense="none")),
       ("RoCLIP (paper)", dict(AUG, defense="roclip", **{"roclip.variant": "paper"})),
       ("RoCLIP (default)", gated),
+      # The failures of a pair's peers are no excuse (a failing pair is distrusted whatever its peers do).
+      ("gated without the peers", dict(gated, **{"roclip.gate_peers": False})),
+      # ... and untrusted pairs stay negatives for the others: the default before issue 22's third step.
+      (
+          "gated without the peers or leaving out",
+          dict(gated, **{"roclip.gate_peers": False, "roclip.drop_untrusted": False}),
+      ),
+      # The previous row with its lookup over a pool of 20% of the data rather than 2% (one batch here).
+      ("gated without the peers with pool 1024", dict(gated, **{"roclip.gate_peers": False, "roclip.pool_size": 1024})),
       # Each pair's positive decided by this step's gate alone, not by its example's majority.
       ("gated without the memory", dict(gated, **{"roclip.gate_memory": False})),
       # The gate acting from its first epoch whatever the share of the batch that passes.

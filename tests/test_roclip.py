@@ -547,18 +547,41 @@ def test_collapse_detector_compares_with_the_last_clip_epochs_before_matching():
   assert roclip.collapse_warnings(_replay(healthy)[-1], None) == []
 
 
-def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum, past=None):
+def _np_excused(ztxt, keep, pool):
+  """Pairs with peers (other captions within the gate's halfway rule) most of whom fail."""
+  mean_row = pool.mean(axis=0)
+  excused = []
+  for i in range(len(ztxt)):
+    peers = [j for j in range(len(ztxt)) if j != i and ztxt[i] @ ztxt[j] >= 0.5 * (1 + ztxt[i] @ mean_row)]
+    excused.append(bool(peers) and sum(keep[j] for j in peers) < len(peers) / 2)
+  return np.array(excused, np.float64)
+
+
+def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum, past=None, drop_untrusted=False, gate_peers=False):
   """The own-pair gate and CLIP's loss over the kept positives, in float64 loops. `past`: each
   pair's earlier gate decisions (lists of booleans); a pair then keeps its positive where at least
-  half of those and this one passed."""
+  half of those and this one passed. `drop_untrusted`: CLIP's loss of the sub-batch of trusted pairs
+  alone (the others are no one's negatives)."""
   b = len(zimg)
   mean_row = pool.mean(axis=0)
   keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
-  trusted = keep
+  # An excused failure is no decision: the pair keeps its positive, or with a memory its past must
+  # hold more passes than fails.
+  excused = (_np_excused(ztxt, keep, pool) > 0) & (keep == 0) if gate_peers else np.zeros(b, bool)
+  trusted = np.maximum(keep, excused)
   if past is not None:
     votes = [list(past[i]) + [bool(keep[i])] for i in range(b)]
     trusted = np.array([sum(v) >= len(v) - sum(v) for v in votes], np.float64)
+    # An excused failure: no vote; more passes than fails so far.
+    trusted = np.where(excused, [sum(p) > len(p) - sum(p) for p in past], trusted).astype(np.float64)
   weights = trusted if keep.mean() >= quorum else np.ones(b)
+  if drop_untrusted:
+    sub = [i for i in range(b) if weights[i] > 0]
+    logits = np.exp(log_scale) * zimg[sub] @ ztxt[sub].T
+    n = len(sub)
+    i2t = -sum(logits[r, r] - np.log(sum(np.exp(logits[r, c]) for c in range(n))) for r in range(n))
+    t2i = -sum(logits[c, c] - np.log(sum(np.exp(logits[r, c]) for r in range(n))) for c in range(n))
+    return keep, 0.5 * (i2t + t2i) / max(n, 1)
   logits = np.exp(log_scale) * zimg @ ztxt.T
   log_rows = logits - np.log(np.exp(logits).sum(axis=1, keepdims=True))
   log_cols = logits - np.log(np.exp(logits).sum(axis=0, keepdims=True))
@@ -570,10 +593,12 @@ def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum, past=None):
 
 @pytest.mark.parametrize("agreeing", [12, 5])  # Above and below the quorum of half the batch of 16.
 @pytest.mark.parametrize("memory", [False, True])
-def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory):
+@pytest.mark.parametrize("drop_untrusted", [False, True])
+def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory, drop_untrusted):
   """A caption passes the gate when its matched pool row is closer to it than halfway from the pool's
   mean row; the gated loss trains only passing pairs' positives, and all pairs when under half pass.
-  With the memory, a pair keeps its positive where most of its decisions so far and this one passed."""
+  With the memory, a pair keeps its positive where most of its decisions so far and this one passed.
+  Leaving untrusted pairs out, the loss is CLIP's over the trusted pairs alone."""
   rng = np.random.default_rng(agreeing)
   b, d = 16, 12
   pool = _unit(rng, 40, d)
@@ -612,6 +637,7 @@ def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory):
       log_scale,
       roclip.GATE_QUORUM,
       past,
+      drop_untrusted,
   )
   assert keep_ref[:agreeing].all() and not keep_ref[agreeing:].any()  # The construction holds.
   keep = roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state)
@@ -623,9 +649,80 @@ def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory):
       pool_state,
       {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
       votes=margins,
+      drop_untrusted=drop_untrusted,
   )
   np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
   assert float(aux["gate_active"]) == float(agreeing / b >= roclip.GATE_QUORUM)
+
+
+@pytest.mark.parametrize("drop_untrusted", [False, True])
+def test_peers_excuse_the_failures_of_content_the_model_has_not_learnt(drop_untrusted):
+  """A failing pair is excused where most of the other captions that say the same fail too, not
+  where most of them pass, nor where it has no such peer; an excused failure is no vote. The gated
+  loss with peers against float64 loops, with the memory."""
+  rng = np.random.default_rng(3)
+  d = 16
+  pool = _unit(rng, 40, d)
+  centres = _unit(rng, 3, d)
+  # Captions: 7 about centre 0 (6 pass, 1 fails: the odd one out), 5 about centre 1 (1 passes, 4
+  # fail: content not learnt yet), 1 about centre 2 alone (fails, no peer), 3 unrelated (pass).
+  group = np.array([0] * 7 + [1] * 5 + [2] + [-1] * 3)
+  passing = np.array([1] * 6 + [0] + [1] + [0] * 4 + [0] + [1] * 3, bool)
+  b = len(group)
+  ztxt = np.where((group >= 0)[:, None], centres[np.maximum(group, 0)] + 0.15 * _unit(rng, b, d), _unit(rng, b, d))
+  ztxt /= np.linalg.norm(ztxt, axis=1, keepdims=True)
+  near, other = ztxt + 0.1 * _unit(rng, b, d), pool[:b] - 0.9 * ztxt
+  matched = np.where(passing[:, None], near, other)
+  matched /= np.linalg.norm(matched, axis=1, keepdims=True)
+  match = roclip.Match(
+      embeddings=jnp.asarray(matched, jnp.float32),
+      index=jnp.arange(b, dtype=jnp.int32),
+      similarity=jnp.zeros(b),
+      source_poisoned=jnp.zeros(b, jnp.int8),
+  )
+  pool_state = roclip.Pool(
+      embeddings=jnp.asarray(pool),
+      source_ids=jnp.arange(40, dtype=jnp.int32),
+      source_poisoned=jnp.zeros(40, jnp.int8),
+      ptr=jnp.zeros((), jnp.int32),
+  )
+  keep = np.asarray(roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state))
+  np.testing.assert_array_equal(keep, passing)  # The construction holds.
+  excused = np.asarray(roclip.excused_by_peers(jnp.asarray(ztxt), jnp.asarray(keep), pool_state))
+  np.testing.assert_array_equal(excused, _np_excused(ztxt.astype(np.float64), keep, pool.astype(np.float64)))
+  failing_excused = np.flatnonzero(excused * (1 - keep))
+  np.testing.assert_array_equal(failing_excused, [8, 9, 10, 11])  # Group 1's failures only.
+  zimg = _unit(rng, b, d)
+  past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
+  margins = jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
+  log_scale = np.log(10.0)
+  _, loss_ref = _np_gated_loss(
+      zimg.astype(np.float64),
+      ztxt.astype(np.float64),
+      matched.astype(np.float64),
+      pool.astype(np.float64),
+      log_scale,
+      roclip.GATE_QUORUM,
+      past,
+      drop_untrusted,
+      gate_peers=True,
+  )
+  loss, aux = roclip.gated_pair_loss(
+      jnp.asarray(zimg),
+      jnp.asarray(ztxt),
+      match,
+      pool_state,
+      {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
+      votes=margins,
+      drop_untrusted=drop_untrusted,
+      gate_peers=True,
+  )
+  np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+  np.testing.assert_array_equal(np.asarray(aux["gate_excused"]), excused * (1 - keep))
+  # The memory: excused failures leave their margins where they were.
+  after = roclip.record_votes(margins, jnp.arange(b), aux["gate"], aux["gate_active"], aux["gate_excused"])
+  expected = [2 * sum(p) - len(p) + (0 if i in failing_excused else 2 * int(keep[i]) - 1) for i, p in enumerate(past)]
+  np.testing.assert_array_equal(np.asarray(after), expected)
 
 
 def test_gate_votes_keep_the_majority_of_each_examples_decisions():

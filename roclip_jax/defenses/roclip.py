@@ -106,6 +106,12 @@ class Settings:
   # A pair keeps its positive where most of its example's gate decisions so far passed (this one
   # included), rather than where this step's alone passed (`trusted_pairs`).
   gate_memory: bool = False
+  # A pair the gate does not trust leaves the batch: neither a positive nor anyone's negative
+  # (`gated_pair_loss`), rather than staying a negative for the others.
+  drop_untrusted: bool = False
+  # A failing pair is excused where most of its peers (the batch's other pairs whose captions say
+  # the same) fail too (`excused_by_peers`).
+  gate_peers: bool = False
 
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
@@ -120,12 +126,14 @@ VARIANT_DEFAULTS = {
         content_targets=False,
         own_pair_gate=False,
         gate_memory=False,
+        drop_untrusted=False,
+        gate_peers=False,
     ),
-    "robust": dict(_ROBUST, own_pair_gate=False, gate_memory=False),
+    "robust": dict(_ROBUST, own_pair_gate=False, gate_memory=False, drop_untrusted=False, gate_peers=False),
     # The default since issue 22 (docs/roclip.md, section 8): the robust variant's pool and lookup,
     # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
     # positives; matching epochs only where `first_epoch` is set.
-    "gated": dict(_ROBUST, own_pair_gate=True, gate_memory=True),
+    "gated": dict(_ROBUST, own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True),
 }
 
 
@@ -178,6 +186,8 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       gate_first_epoch=gate_first,
       gate_quorum=float(cfg.get("gate_quorum", GATE_QUORUM)),
       gate_memory=bool(knobs["gate_memory"]) and bool(knobs["own_pair_gate"]),
+      drop_untrusted=bool(knobs["drop_untrusted"]) and bool(knobs["own_pair_gate"]),
+      gate_peers=bool(knobs["gate_peers"]) and bool(knobs["own_pair_gate"]),
   )
 
 
@@ -286,7 +296,28 @@ def own_pair_gate(ztxt: jax.Array, match: Match, pool: Pool) -> jax.Array:
   return (agreement >= 0.5 * (1.0 + typical)).astype(jnp.float32)
 
 
-def trusted_pairs(keep: jax.Array, votes: jax.Array | None) -> jax.Array:
+def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
+  """f32[B]: 1 where pair i has peers in the batch and most of them fail the gate (`keep` 0). Peers:
+  the other pairs j whose captions say the same as t_i by the gate's own rule,
+  cos(t_i, t_j) >= (1 + cos(t_i, mean pool row)) / 2.
+
+  Why: a failing gate says the model reads the image differently from its caption. That is evidence
+  against the pair only where the model reads images of that content well, which its peers show
+  without labels: where most of them pass, a failing pair is the odd one out (a poisoned pair is, by
+  construction, a minority among the pairs that truly show its caption's content); where most of
+  them fail too, the model has not learnt the content yet, and withholding all of them would keep
+  it so (on the digits set, the classes the model found hardest lost the most accuracy).
+  A pair without peers is judged by its own decision alone.
+  """
+  ztxt = jax.lax.stop_gradient(ztxt)
+  typical = ztxt @ jnp.mean(pool.embeddings, axis=0)
+  peers = (ztxt @ ztxt.T >= 0.5 * (1.0 + typical)[:, None]) & ~jnp.eye(ztxt.shape[0], dtype=bool)
+  num_peers = jnp.sum(peers, axis=1)
+  passing_peers = peers.astype(jnp.float32) @ keep
+  return ((num_peers > 0) & (2.0 * passing_peers < num_peers)).astype(jnp.float32)
+
+
+def trusted_pairs(keep: jax.Array, votes: jax.Array | None, abstain: jax.Array | None = None) -> jax.Array:
   """f32[B]: the pairs that keep their positives. Without a memory (`votes` None), this step's gate
   decision `keep`; with one, the majority of the example's decisions so far and this one: its
   vote margin (`Pool.gate_votes`, passes minus fails) plus this vote is >= 0.
@@ -298,8 +329,21 @@ def trusted_pairs(keep: jax.Array, votes: jax.Array | None) -> jax.Array:
   outvoted by its usual one; an example new to the gate has no history and its vote decides.
   """
   if votes is None:
-    return keep
-  return (votes.astype(jnp.float32) + 2.0 * keep - 1.0 >= 0.0).astype(jnp.float32)
+    return keep if abstain is None else jnp.maximum(keep, abstain)
+  margin = votes.astype(jnp.float32)
+  trusted = margin + _vote(keep, abstain) >= 0.0
+  if abstain is not None:
+    # An excused failure is no evidence against the pair, and none for it: it trains where its
+    # history holds more passes than fails. (An example new to the gate is not trusted on an
+    # excuse: early on, the target's own pairs can fail as a group, which would excuse its poisons.)
+    trusted = jnp.where(abstain > 0, margin >= 1.0, trusted)
+  return trusted.astype(jnp.float32)
+
+
+def _vote(keep: jax.Array, abstain: jax.Array | None) -> jax.Array:
+  """f32[B]: +1 for a pass, -1 for a fail, 0 where the decision is no evidence (`abstain`)."""
+  vote = 2.0 * keep - 1.0
+  return vote if abstain is None else jnp.where(abstain > 0, 0.0, vote)
 
 
 def gated_pair_loss(
@@ -310,24 +354,48 @@ def gated_pair_loss(
     scalars: dict[str, jax.Array],
     quorum: float = GATE_QUORUM,
     votes: jax.Array | None = None,
+    drop_untrusted: bool = False,
+    gate_peers: bool = False,
 ):
-  """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`);
-  every pair stays a negative. `votes`: the batch's rows of `Pool.gate_votes` (None: no memory)."""
+  """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`).
+  `votes`: the batch's rows of `Pool.gate_votes` (None: no memory).
+
+  `drop_untrusted` False: every pair stays a negative for the others. True: CLIP's loss over the
+  trusted pairs alone; an untrusted image is no caption's negative and an untrusted caption no
+  image's. Why: with paraphrased or identical captions, an untrusted clean image is a negative for
+  the other captions of its own class in the batch and, with its own positive withheld, is pushed
+  away from its class, which keeps the model wrong about the images it already gets wrong.
+
+  `gate_peers`: a failing pair that `excused_by_peers` excuses is no evidence either way: without a
+  memory it keeps its positive; with one it abstains (its vote margin does not move) and keeps its
+  positive where its history holds more passes than fails (`trusted_pairs`), so a pair that failed
+  where its peers passed stays distrusted.
+  """
   keep = own_pair_gate(ztxt, match, pool)
+  excused = excused_by_peers(ztxt, keep, pool) * (1.0 - keep) if gate_peers else None
   # The gate trusts the model's matches only where they agree with most of the batch's captions:
   # a model that still gets most pairs wrong would keep only what it already knows and train
   # toward that (on the digits set, a gate from epoch 4 kept ~50% and fell 15 points in an epoch).
   active = jnp.mean(keep) >= quorum
-  weights = jnp.where(active, trusted_pairs(keep, votes), jnp.ones_like(keep))
-  loss, aux = losses.clip_loss(zimg, ztxt, scalars["logit_scale"], positive_weights=weights)
-  return loss, dict(aux, gate=keep, gate_weights=weights, gate_active=active.astype(jnp.float32))
+  weights = jnp.where(active, trusted_pairs(keep, votes, excused), jnp.ones_like(keep))
+  left_out = None
+  if drop_untrusted:
+    untrusted = weights < 0.5
+    left_out = untrusted[:, None] | untrusted[None, :]
+  loss, aux = losses.clip_loss(zimg, ztxt, scalars["logit_scale"], same_target=left_out, positive_weights=weights)
+  aux = dict(aux, gate=keep, gate_weights=weights, gate_active=active.astype(jnp.float32))
+  if excused is not None:
+    aux["gate_excused"] = excused
+  return loss, aux
 
 
-def record_votes(votes: jax.Array, ids: jax.Array, keep: jax.Array, active: jax.Array) -> jax.Array:
-  """`Pool.gate_votes` after a gated step: +1 for each passing example, -1 for each failing one, in
-  steps where the gate acted (a step under the quorum is a model not yet trusted to vote), saturating
-  at the int8 range."""
-  vote = jnp.where(active > 0, 2 * keep.astype(jnp.int32) - 1, 0)
+def record_votes(
+    votes: jax.Array, ids: jax.Array, keep: jax.Array, active: jax.Array, abstain: jax.Array | None = None
+) -> jax.Array:
+  """`Pool.gate_votes` after a gated step: +1 for each passing example, -1 for each failing one, 0
+  where `abstain` (a failure its peers excuse), in steps where the gate acted (a step under the
+  quorum is a model not yet trusted to vote), saturating at the int8 range."""
+  vote = jnp.where(active > 0, _vote(keep.astype(jnp.float32), abstain).astype(jnp.int32), 0)
   margin = jnp.clip(votes[ids].astype(jnp.int32) + vote, -127, 127)
   return votes.at[ids].set(margin.astype(votes.dtype))
 
@@ -856,6 +924,12 @@ class RoClip(base.Defense):
     # A pair keeps its positive where most of its example's gate decisions so far passed, not only
     # this step's (docs/roclip.md, section 8); one byte per training example on every device.
     c.gate_memory = ml_collections.config_dict.placeholder(bool)
+    # A pair the gate does not trust leaves the batch (neither positive nor negative) instead of
+    # staying a negative for the others' captions (docs/roclip.md, section 8).
+    c.drop_untrusted = ml_collections.config_dict.placeholder(bool)
+    # A failing pair is excused where most of the batch's other pairs whose captions say the same
+    # fail too: the model has not learnt that content yet (docs/roclip.md, section 8).
+    c.gate_peers = ml_collections.config_dict.placeholder(bool)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -942,7 +1016,8 @@ class RoClip(base.Defense):
     # Named only when not the default, so the description of a float32 run reads as before.
     lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
-    memory = ", majority over epochs" if s.gate_memory else ""
+    memory = (", majority over epochs" if s.gate_memory else "") + (", peers excuse" if s.gate_peers else "")
+    memory += ", untrusted pairs left out" if s.drop_untrusted else ""
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
         f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, {schedule}, csls_k={s.csls_k}, "
@@ -994,7 +1069,18 @@ class RoClip(base.Defense):
     if kind.name == "gated":
       match = self.match(state, z["image"], batch["id"], mesh)
       votes = None if state.gate_votes is None else state.gate_votes[batch["id"]]
-      return gated_pair_loss(z["image"], z["text"], match, state, scalars, self.settings().gate_quorum, votes)
+      rc = self.settings()
+      return gated_pair_loss(
+          z["image"],
+          z["text"],
+          match,
+          state,
+          scalars,
+          rc.gate_quorum,
+          votes,
+          drop_untrusted=rc.drop_untrusted,
+          gate_peers=rc.gate_peers,
+      )
     if kind.name != "match":
       return pair_loss(z["image"], z["text"], scalars)
     # Matching step: the matched pool rows replace the positives (docs/roclip.md, section 1). The
@@ -1027,7 +1113,11 @@ class RoClip(base.Defense):
     if not kind.option("enqueue"):
       return state
     if kind.name == "gated" and state.gate_votes is not None:
-      state = state.replace(gate_votes=record_votes(state.gate_votes, batch["id"], aux["gate"], aux["gate_active"]))
+      state = state.replace(
+          gate_votes=record_votes(
+              state.gate_votes, batch["id"], aux["gate"], aux["gate_active"], aux.get("gate_excused")
+          )
+      )
     return enqueue(
         state,
         z["text"],
