@@ -21,6 +21,7 @@ from roclip_jax import steps
 from roclip_jax import train
 from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
+from tests import helpers
 from tests.helpers import DEMO, REPO
 
 
@@ -46,11 +47,8 @@ class CountingClip(base.Defense):
   def state_shardings(self, mesh):
     return {"seen": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
 
-  def step_kinds(self, steps_per_epoch=1):
-    return {"clip": base.StepKind("clip"), "frozen_text": base.StepKind("frozen_text", text_grad=False)}
-
-  def kind_for_epoch(self, epoch, steps_per_epoch=1):
-    return "frozen_text" if epoch % 2 == 0 else "clip"
+  def schedule(self, epoch):
+    return base.StepKind("frozen_text", text_grad=False) if epoch % 2 == 0 else base.StepKind("clip")
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     loss, aux = pair_loss(z["image"], z["text"], scalars)
@@ -59,7 +57,7 @@ class CountingClip(base.Defense):
   def update_state(self, kind, state, z, aux, batch, mesh):
     return {"seen": state["seen"] + batch["id"].shape[0]}
 
-  def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
+  def update_stats(self, kind, stats, z, aux, batch, step):
     return stats, {"toy/seen_in_batch": jnp.float32(batch["id"].shape[0])}
 
 
@@ -161,7 +159,7 @@ def test_accumulated_gradient_equals_full_batch_for_every_defense(defense_name, 
   config = _accum_config(defense_name)
   config_lib.validate(config, 4)
   mesh = sharding.make_mesh(config.mesh)
-  defense = defenses.from_config(config, num_examples=64)
+  defense = helpers.defense_for(config)
   assert defense.supports_grad_accum
   tx, _ = optim.make_optimizer(config.optim, 10)
   spec = steps.ModelSpec.create(config.model)

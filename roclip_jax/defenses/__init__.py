@@ -22,6 +22,7 @@ Defense = base.Defense
 StepKind = base.StepKind
 EpochHooks = base.EpochHooks
 RunContext = base.RunContext
+RunFacts = base.RunFacts
 
 _REGISTRY: dict[str, type[base.Defense]] = {}
 
@@ -46,9 +47,9 @@ def get(name: str) -> type[base.Defense]:
   return _REGISTRY[name]
 
 
-def from_config(config: ml_collections.ConfigDict, *, num_examples: int = 0) -> base.Defense:
-  """The defense `config.defense` names, for a run over `num_examples` training examples."""
-  return get(config.defense)(config, num_examples=num_examples)
+def from_config(config: ml_collections.ConfigDict, facts: base.RunFacts) -> base.Defense:
+  """The defense `config.defense` names, built for a run with these facts."""
+  return get(config.defense)(config, facts)
 
 
 register(clip.PlainClip)

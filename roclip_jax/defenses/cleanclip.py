@@ -60,6 +60,9 @@ def clean_subset(source: Any, num_examples: int, seed: int) -> metadata_lib.Subs
   return metadata_lib.clean_subset(source, num_examples, seed)
 
 
+STEP = base.StepKind("cleanclip", image_views=("image", "image2"), text_views=("text", "text2"), gather=True)
+
+
 class CleanClip(base.Defense):
   """CleanCLIP fine-tuning: one two-view step kind on the clean subset, starting from `config.init_from`."""
 
@@ -99,23 +102,16 @@ class CleanClip(base.Defense):
           "cleanclip.num_clean_examples", f"is {c.num_clean_examples}.", "use 0 (every clean example) or more."
       )
 
-  def train_records(self, source: Any, image_transform: Any) -> tuple[Any, Any]:
+  @classmethod
+  def train_records(cls, config: ml_collections.ConfigDict, source: Any, image_transform: Any) -> tuple[Any, Any]:
     del image_transform  # No poisoned record is left to stamp a trigger on.
-    source = clean_subset(source, self.config.cleanclip.num_clean_examples, self.config.cleanclip.subset_seed)
+    source = clean_subset(source, config.cleanclip.num_clean_examples, config.cleanclip.subset_seed)
     logging.info("CleanCLIP: fine-tuning on %d clean examples", len(source))
     return source, None
 
-  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
-    del steps_per_epoch
-    return {
-        "cleanclip": base.StepKind(
-            "cleanclip", image_views=("image", "image2"), text_views=("text", "text2"), gather=True
-        )
-    }
-
-  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
-    del epoch, steps_per_epoch
-    return "cleanclip"
+  def schedule(self, epoch: int) -> base.StepKind:
+    del epoch
+    return STEP
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     del kind, state, batch, mesh
