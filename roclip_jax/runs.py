@@ -159,8 +159,7 @@ def read_info(workdir: str, config: ml_collections.ConfigDict | None = None) -> 
     with open(path) as f:
       return json.load(f)
   config = read_config(workdir) if config is None else config
-  # Earlier versions wrote SafeCLIP's example count into the config.
-  return {"num_examples": int(config.get("safeclip", {}).get("num_examples", 0) or 0)}
+  return {"num_examples": defenses.recorded_num_examples(config)}
 
 
 def run_facts(info: dict[str, Any]) -> defenses.RunFacts:

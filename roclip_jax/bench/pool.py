@@ -34,6 +34,7 @@ from roclip_jax import host_runtime
 from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
+from roclip_jax.defenses import clip
 from roclip_jax.defenses import roclip
 
 FLAGS = flags.FLAGS
@@ -82,7 +83,7 @@ def unit_rows(key: jax.Array, count: int, dim: int, *, centres: jax.Array | None
 def lookup_defense(config, size: int, shard_pool: bool) -> roclip.RoClip:
   """The RoCLIP defense of `config` with an M-row pool; the lookup dtype and layout from the flags."""
   config = config.copy_and_resolve_references()
-  config.defense = "roclip"
+  config.defense = roclip.RoClip.name
   config.roclip.pool_size = size
   config.roclip.shard_pool = shard_pool
   if FLAGS.lookup_dtype is not None:
@@ -146,7 +147,7 @@ def time_lookup(defense: roclip.RoClip, mesh, dim: int, batch: int, repeats: int
 
 def time_step(config, mesh, batch: int, repeats: int) -> float:
   config = config.copy_and_resolve_references()
-  config.defense = "none"
+  config.defense = clip.PlainClip.name
   config.data.batch_size = batch
   defense = defenses.from_config(config, bench.synthetic_facts(config))
   tx, schedule = optim.make_optimizer(config.optim, total_steps=1000)

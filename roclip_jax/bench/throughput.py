@@ -291,7 +291,7 @@ def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int
     config.model.update(dict(dtype=dtype, remat=remat, attention_impl=impl))
   if batch:
     config.data.batch_size = batch
-  config.defense = "roclip"
+  config.defense = roclip.RoClip.name
   config.roclip.pool_size = max(config.roclip.pool_size, config.data.batch_size)
   config.data.source = "demo"  # Batches are synthetic: no source is read, so none needs configuring.
   mesh = sharding.make_mesh(config.mesh)

@@ -23,6 +23,8 @@ StepKind = base.StepKind
 EpochHooks = base.EpochHooks
 RunContext = base.RunContext
 RunFacts = base.RunFacts
+# `config.defense` unless a config says otherwise: plain CLIP, the control every defense is compared with.
+DEFAULT = clip.PlainClip.name
 
 _REGISTRY: dict[str, type[base.Defense]] = {}
 
@@ -50,6 +52,11 @@ def get(name: str) -> type[base.Defense]:
 def from_config(config: ml_collections.ConfigDict, facts: base.RunFacts) -> base.Defense:
   """The defense `config.defense` names, built for a run with these facts."""
   return get(config.defense)(config, facts)
+
+
+def recorded_num_examples(config: ml_collections.ConfigDict) -> int:
+  """The training examples of a run written before `run_info.json`, as its config recorded them (0: none)."""
+  return safeclip.recorded_num_examples(config)
 
 
 register(clip.PlainClip)

@@ -21,7 +21,11 @@ What a defense decides:
   update after the optimizer step (`update_state`: RoCLIP's pool, SafeCLIP's
   banks) and its step metrics (`update_stats`);
 * host-side epoch hooks (`epoch_hooks`: SafeCLIP's split, RoCLIP's matching
-  monitor) and an optional learning-rate schedule.
+  monitor) and an optional learning-rate schedule;
+* what the tools around the trainer need to know of it without naming it: a
+  caption pool in its state (`caption_pool`, for the notebook and the suspicion
+  report), whether it fine-tunes a trained model (`fine_tunes`), the notes under
+  the benchmark's table (`table_notes`).
 
 A defense is built once per run, from the config and the run's facts
 (`RunFacts`: examples and steps per epoch, known once the data is built), so no
@@ -131,6 +135,8 @@ class Defense:
   # accumulation is exact for any loss of the batch's embeddings, so only a loss that is not a
   # function of them (or has per-micro-batch side effects) sets this False.
   supports_grad_accum: ClassVar[bool] = True
+  # A post-hoc defense: it fine-tunes the trained model `config.init_from` names instead of training one.
+  fine_tunes: ClassVar[bool] = False
 
   def __init__(self, config: ml_collections.ConfigDict, facts: RunFacts):
     self.config = config
@@ -249,3 +255,17 @@ class Defense:
   def describe(self) -> str:
     """One line for the log."""
     return self.name
+
+  # ------------------------------------------------- what the tools around the trainer read
+  @classmethod
+  def caption_pool(cls, state: Any) -> Any:
+    """The pool of caption embeddings in `state` (`TrainState.defense`), an object with `embeddings`
+    [M, d] and `source_ids` [M], or None if this defense keeps none to inspect."""
+    del state
+    return None
+
+  @classmethod
+  def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Lines under the benchmark's table about this defense's `rows` (name, config overrides), in order."""
+    del config, rows
+    return []

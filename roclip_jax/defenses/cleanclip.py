@@ -69,6 +69,7 @@ class CleanClip(base.Defense):
   name = "cleanclip"
   config_block = "cleanclip"
   views = 2
+  fine_tunes = True
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -112,6 +113,19 @@ class CleanClip(base.Defense):
   def schedule(self, epoch: int) -> base.StepKind:
     del epoch
     return STEP
+
+  @classmethod
+  def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    notes = []
+    for name, overrides in rows:
+      clean = overrides.get("cleanclip.num_clean_examples", config.cleanclip.num_clean_examples) or "all"
+      notes.append(
+          f"{name}: starts from the final model of {overrides['init_from'].replace('{workdir}/', '')!r} "
+          f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
+          f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
+          f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g})."
+      )
+    return notes
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     del kind, state, batch, mesh

@@ -1087,6 +1087,10 @@ class RoClip(base.Defense):
   def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
     return MatchingMonitor(context.config)
 
+  @classmethod
+  def caption_pool(cls, state: Pool) -> Pool:
+    return state
+
 
 class MatchingMonitor(base.EpochHooks):
   """RoCLIP's per-matching-epoch diagnostics and collapse detector (`epoch_diagnostics`).

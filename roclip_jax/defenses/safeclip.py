@@ -366,6 +366,12 @@ TWO_VIEWS = dict(image_views=("image", "image2"), text_views=("text", "text2"), 
 STEPS = {phase: base.StepKind(phase, **TWO_VIEWS) for phase in PHASES}
 
 
+def recorded_num_examples(config: ml_collections.ConfigDict) -> int:
+  """The example count that versions before `run_info.json` wrote into `config.safeclip`, whichever
+  defense the run trained (0: none)."""
+  return int(config.get("safeclip", {}).get("num_examples", 0) or 0)
+
+
 class SafeClip(base.Defense):
   """SafeCLIP: one two-view step kind per phase; the split runs on the host before each 'safe_split' epoch."""
 
@@ -455,6 +461,16 @@ class SafeClip(base.Defense):
 
   def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
     return SafeSplitter(context)
+
+  @classmethod
+  def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    del rows  # One note for all of them: they share the experiment's `safeclip` block.
+    sc = config.safeclip
+    return [
+        f"SafeCLIP: {sc.inmodal_warmup} unimodal warm-up epochs (lr {sc.in_lr:g}), {sc.multimodal_warmup} "
+        f"CLIP epoch(s) at lr {sc.filter_lr:g}, then a Gaussian-mixture safe/risky split every epoch "
+        f"(first: posterior >= {sc.threshold:g}; then +{sc.ratio_step:g} per epoch, at most {sc.max_ratio:g})."
+    ]
 
 
 class SafeSplitter(base.EpochHooks):
