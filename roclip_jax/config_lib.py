@@ -123,7 +123,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # The defense (roclip_jax/defenses/): each registered defense with a config block adds it here, with
   # the defaults written once, in its module (roclip, safeclip, cleanclip).
-  c.defense = "none"
+  c.defense = defenses.DEFAULT
   for name in defenses.names():
     defense = defenses.get(name)
     if defense.config_block is not None:

@@ -26,6 +26,7 @@ import jax
 import ml_collections
 import numpy as np
 
+from roclip_jax import defenses
 from roclip_jax import encoder as encoder_lib
 from roclip_jax import metrics as metrics_lib
 from roclip_jax import runs
@@ -86,7 +87,7 @@ class Run(_Encoding):
   @property
   def pool(self):
     """RoCLIP's caption pool (a `defenses.roclip.Pool`), or None for runs of other defenses."""
-    return self.state.defense if self.config.defense == "roclip" else None
+    return defenses.get(self.config.defense).caption_pool(self.state.defense)
 
   def metrics(self) -> list[dict[str, Any]]:
     return metrics_lib.read_metrics(self.workdir)

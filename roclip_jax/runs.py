@@ -159,8 +159,13 @@ def read_info(workdir: str, config: ml_collections.ConfigDict | None = None) -> 
     with open(path) as f:
       return json.load(f)
   config = read_config(workdir) if config is None else config
-  # Earlier versions wrote SafeCLIP's example count into the config.
-  return {"num_examples": int(config.get("safeclip", {}).get("num_examples", 0) or 0)}
+  return {"num_examples": defenses.recorded_num_examples(config)}
+
+
+def run_facts(info: dict[str, Any]) -> defenses.RunFacts:
+  """The facts a run's defense was built from, out of its `read_info`."""
+  # Runs older than run_info.json recorded no steps per epoch; no defense's state is shaped by it.
+  return defenses.RunFacts(num_examples=info.get("num_examples", 0), steps_per_epoch=info.get("steps_per_epoch", 1))
 
 
 def restore(workdir: str, step: int | None = None, mesh=None) -> tuple[ml_collections.ConfigDict, Any]:
@@ -170,7 +175,7 @@ def restore(workdir: str, step: int | None = None, mesh=None) -> tuple[ml_collec
   info = read_info(workdir, config)
   mesh = sharding_lib.make_mesh([("data", -1)]) if mesh is None else mesh
   tx, _ = optim.make_optimizer(config.optim, total_steps=1)  # The schedule does not shape the state.
-  defense = defenses.from_config(config, num_examples=info.get("num_examples", 0))
+  defense = defenses.from_config(config, run_facts(info))
   abstract, shardings = steps_lib.abstract_train_state(config, mesh, tx, defense)
   ckpt = checkpoint_lib.Checkpointer(
       os.path.join(workdir, "checkpoints"), every_steps=0, max_to_keep=1000, async_save=False

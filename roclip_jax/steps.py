@@ -57,15 +57,10 @@ class TrainState:
   stats: dict[str, jax.Array]
 
 
-def _defense(config: ml_collections.ConfigDict, defense: defenses.Defense | None) -> defenses.Defense:
-  return defenses.from_config(config) if defense is None else defense
-
-
 def init_train_state(
-    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, defense: defenses.Defense | None = None
+    config: ml_collections.ConfigDict, tx: optax.GradientTransformation, defense: defenses.Defense
 ) -> TrainState:
   """Builds the initial state; meant to run under `jax.jit` with out_shardings."""
-  defense = _defense(config, defense)
   # Three keys, the third unused, so that a seed still draws the model and the defense's state it
   # drew when the state carried a step key.
   model_key, defense_key, _ = jax.random.split(jax.random.PRNGKey(config.seed), 3)
@@ -77,16 +72,16 @@ def init_train_state(
       model_state=model_state,
       opt_state=tx.init(params),
       defense=defense.init_state(defense_key),
-      stats=init_stats(config, defense),
+      stats=init_stats(defense),
   )
 
 
-def init_stats(config: ml_collections.ConfigDict, defense: defenses.Defense | None = None) -> dict[str, jax.Array]:
-  return {"skipped_examples": jnp.zeros((), jnp.int32), **_defense(config, defense).init_stats()}
+def init_stats(defense: defenses.Defense) -> dict[str, jax.Array]:
+  return {"skipped_examples": jnp.zeros((), jnp.int32), **defense.init_stats()}
 
 
 def state_shardings(
-    abstract_state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict, defense: defenses.Defense | None = None
+    abstract_state: TrainState, mesh: Mesh, config: ml_collections.ConfigDict, defense: defenses.Defense
 ) -> TrainState:
   """Parameters sharded by `config.sharding_rules` (FSDP by default), optimizer
   moments like their parameters, the defense's state as it asks, the rest replicated."""
@@ -96,20 +91,18 @@ def state_shardings(
   opt_state = sharding_lib.mirror_param_shardings(abstract_state.opt_state, abstract_state.params, params, mesh)
   shardings = shardings.replace(params=params, opt_state=opt_state)
   if abstract_state.defense is not None:
-    shardings = shardings.replace(defense=_defense(config, defense).state_shardings(mesh))
+    shardings = shardings.replace(defense=defense.state_shardings(mesh))
   return shardings
 
 
-def abstract_train_state(config, mesh, tx, defense: defenses.Defense | None = None) -> tuple[TrainState, TrainState]:
+def abstract_train_state(config, mesh, tx, defense: defenses.Defense) -> tuple[TrainState, TrainState]:
   """Shapes and shardings of the train state, without allocating it."""
-  defense = _defense(config, defense)
   abstract = jax.eval_shape(functools.partial(init_train_state, config, tx, defense))
   return abstract, state_shardings(abstract, mesh, config, defense)
 
 
-def create_train_state(config, mesh, tx, shardings: TrainState, defense: defenses.Defense | None = None) -> TrainState:
+def create_train_state(config, mesh, tx, shardings: TrainState, defense: defenses.Defense) -> TrainState:
   """Initialises the state directly in its sharded layout."""
-  defense = _defense(config, defense)
   with jax.set_mesh(mesh):
     return jax.jit(functools.partial(init_train_state, config, tx, defense), out_shardings=shardings)()
 
@@ -163,7 +156,7 @@ def loss_and_grads(
     mesh: Mesh,
     config: ml_collections.ConfigDict,
     kind: StepKind,
-    defense: defenses.Defense | None = None,
+    defense: defenses.Defense,
 ):
   """The step's loss, its auxiliary outputs, the parameter gradients and the new model state.
 
@@ -176,7 +169,6 @@ def loss_and_grads(
   inference mode (a ResNet's BatchNorm statistics stay fixed) and gets no
   gradient, which also skips its backward pass.
   """
-  defense = _defense(config, defense)
   if config.grad_accum_steps > 1:
     return _accumulated_loss_and_grads(
         state, batch, spec=spec, mesh=mesh, config=config, kind=kind, defense=defense, accum=config.grad_accum_steps
@@ -365,7 +357,6 @@ def train_step(
     config: ml_collections.ConfigDict,
     defense: defenses.Defense,
     kind: StepKind,
-    steps_per_epoch: int = 1,
 ) -> tuple[TrainState, dict[str, jax.Array]]:
   batch = dict(batch)
   skipped = batch.pop("skipped", None)
@@ -392,7 +383,7 @@ def train_step(
   stats = dict(state.stats)
   if skipped is not None:  # Summed over the global batch: every host's skips.
     stats["skipped_examples"] = stats["skipped_examples"] + jnp.sum(skipped).astype(jnp.int32)
-  stats, defense_metrics = defense.update_stats(kind, stats, z, aux, batch, state.step, steps_per_epoch)
+  stats, defense_metrics = defense.update_stats(kind, stats, z, aux, batch, state.step)
   metrics.update(defense_metrics, skipped_examples=stats["skipped_examples"])
   new_state = state.replace(
       step=state.step + 1,
@@ -406,31 +397,15 @@ def train_step(
 
 
 def make_train_steps(
-    config,
-    mesh,
-    spec,
-    tx,
-    schedule,
-    shardings: TrainState,
-    steps_per_epoch: int = 1,
-    defense: defenses.Defense | None = None,
+    config, mesh, spec, tx, schedule, shardings: TrainState, defense: defenses.Defense
 ) -> dict[str, Any]:
   """One jitted step per step kind of the defense, by name, with explicit shardings and the state donated."""
-  defense = _defense(config, defense)
   batch_sh = sharding_lib.batch_sharding(mesh)
   replicated = NamedSharding(mesh, P())
   steps = {}
-  for name, kind in defense.step_kinds(steps_per_epoch).items():
+  for name, kind in defense.step_kinds().items():
     fn = functools.partial(
-        train_step,
-        spec=spec,
-        tx=tx,
-        schedule=schedule,
-        mesh=mesh,
-        config=config,
-        defense=defense,
-        kind=kind,
-        steps_per_epoch=steps_per_epoch,
+        train_step, spec=spec, tx=tx, schedule=schedule, mesh=mesh, config=config, defense=defense, kind=kind
     )
     steps[name] = jax.jit(
         fn, in_shardings=(shardings, batch_sh), out_shardings=(shardings, replicated), donate_argnums=0
@@ -443,7 +418,7 @@ def make_train_steps(
 
 
 def abstract_batch(
-    config: ml_collections.ConfigDict, mesh: Mesh, defense: defenses.Defense | None = None
+    config: ml_collections.ConfigDict, mesh: Mesh, defense: defenses.Defense
 ) -> dict[str, jax.ShapeDtypeStruct]:
   """Shapes, dtypes and shardings of one global training batch (as `global_batch` makes it)."""
   b, size, length = config.data.batch_size, config.model.image.image_size, config.model.text.context_length
@@ -458,7 +433,7 @@ def abstract_batch(
       "poisoned": sds((b,), jnp.int8),
       "skipped": sds((b,), jnp.int32),
   }
-  views = _defense(config, defense).views
+  views = defense.views
   if views == 2:
     batch.update(image2=batch["image"], text2=batch["text"])
   on_device = augment.device_views(config.augment, views)
@@ -474,7 +449,7 @@ def abstract_batch(
 class CompileReport:
   """What compiling one train step for a mesh says about it, per device."""
 
-  mode: str
+  kind: str  # The step kind's name.
   num_devices: int
   compile_seconds: float
   flops: float | None  # XLA's count for one device's program (all ops, not just matmuls).
@@ -488,7 +463,7 @@ class CompileReport:
     gib = lambda n: "n/a" if n is None else f"{n / 2**30:.3f} GiB"
     flops = "n/a" if self.flops is None else f"{self.flops:.3e}"
     return (
-        f"step '{self.mode}' on {self.num_devices} devices: compiled in {self.compile_seconds:.1f}s; per device: "
+        f"step '{self.kind}' on {self.num_devices} devices: compiled in {self.compile_seconds:.1f}s; per device: "
         f"peak memory {gib(self.peak_bytes)} (arguments {gib(self.argument_bytes)}, temporaries "
         f"{gib(self.temp_bytes)}, params+optimizer {gib(self.param_bytes)}), FLOPs {flops} "
         f"(analytic matmul FLOPs {self.analytic_flops:.3e})"
@@ -504,16 +479,15 @@ def _bytes_per_device(abstract: Any, shardings: Any) -> int:
 
 
 def aot_compile(
-    config: ml_collections.ConfigDict, mesh: Mesh, total_steps: int = 1_000_000
+    config: ml_collections.ConfigDict, mesh: Mesh, defense: defenses.Defense, total_steps: int = 1_000_000
 ) -> dict[str, tuple[Any, CompileReport]]:
-  """Lowers and compiles every step kind of the defense for `mesh` from shapes alone.
+  """Lowers and compiles every step kind of `defense` for `mesh` from shapes alone.
 
   Nothing is allocated and no data is read, so this runs on fake CPU devices
   (`XLA_FLAGS=--xla_force_host_platform_device_count=N`) to check a large
   run's per-device memory before it is launched. `total_steps` only changes
   the learning-rate schedule's constants, not memory or FLOPs.
   """
-  defense = defenses.from_config(config)
   tx, schedule = optim.make_optimizer(config.optim, total_steps=total_steps)
   spec = ModelSpec.create(config.model)
   abstract, shardings = abstract_train_state(config, mesh, tx, defense)
@@ -528,7 +502,7 @@ def aot_compile(
   param_bytes = _bytes_per_device((abstract.params, abstract.opt_state), (shardings.params, shardings.opt_state))
   out = {}
   kinds = defense.step_kinds()
-  for name, fn in make_train_steps(config, mesh, spec, tx, schedule, shardings, defense=defense).items():
+  for name, fn in make_train_steps(config, mesh, spec, tx, schedule, shardings, defense).items():
     # Forward + backward = 3x the forward's matmuls, per view; a kind without text gradient runs the
     # text tower forward only.
     kind = kinds[name]
@@ -555,7 +529,7 @@ def aot_compile(
     out[name] = (
         compiled,
         CompileReport(
-            mode=name,
+            kind=name,
             num_devices=mesh.size,
             compile_seconds=seconds,
             flops=flops,

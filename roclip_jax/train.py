@@ -40,10 +40,27 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
   """The (possibly poisoned) training data of this host, and the poison record.
 
   The defense picks the records it trains on (`Defense.train_records`, e.g. a
-  clean subset) and the views it reads; the poison record is always
-  returned, for the attack evaluators.
+  clean subset) and the views it reads, from the config: the defense itself is
+  built from what this data says (`defenses.RunFacts`). The poison record is
+  always returned, for the attack evaluators.
   """
-  defense = defenses.from_config(config)
+  source, poison_info, image_transform = build_train_source(config, workdir)
+  defense = defenses.get(config.defense)
+  source, image_transform = defense.train_records(config, source, image_transform)
+  train_data = pipeline.make_train_data(
+      config,
+      process_index=jax.process_index(),
+      process_count=jax.process_count(),
+      image_transform=image_transform,
+      source=source,
+      views=defense.views,
+  )
+  return train_data, poison_info
+
+
+def build_train_source(config: ml_collections.ConfigDict, workdir: str | None = None):
+  """The training source with the config's poisons (before a defense picks its records), the poison
+  record (None without poisoning) and the image transform that stamps the triggers (None without)."""
   source = sources.make_source(config.data, split="train")
   poison_info, image_transform = None, None
   if config.poison.enabled:
@@ -56,16 +73,7 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
     if workdir is not None and jax.process_index() == 0:
       with open(os.path.join(workdir, "poison_info.json"), "w") as f:
         f.write(poison_info.to_json())
-  source, image_transform = defense.train_records(source, image_transform)
-  train_data = pipeline.make_train_data(
-      config,
-      process_index=jax.process_index(),
-      process_count=jax.process_count(),
-      image_transform=image_transform,
-      source=source,
-      views=defense.views,
-  )
-  return train_data, poison_info
+  return source, poison_info, image_transform
 
 
 def load_init_weights(config: ml_collections.ConfigDict, state_shardings: steps_lib.TrainState) -> tuple[dict, dict]:
@@ -107,17 +115,19 @@ def run_evaluators(evaluators, encoder) -> dict[str, float]:
 def dry_run(config: ml_collections.ConfigDict, mesh) -> dict[str, Any]:
   """`config.dry_run`: compiles every step for `mesh`, reports memory and FLOPs per device, trains nothing.
 
-  Reads no data and writes nothing into the workdir.
+  Reads no data and writes nothing into the workdir: the defense is built without the data's facts
+  (no example count, one step per epoch), so a defense with per-example state refuses to run dry.
   """
+  defense = defenses.from_config(config, defenses.RunFacts(num_examples=0, steps_per_epoch=1))
   tx, _ = optim.make_optimizer(config.optim, total_steps=1)
-  abstract, _ = steps_lib.abstract_train_state(config, mesh, tx)
+  abstract, _ = steps_lib.abstract_train_state(config, mesh, tx, defense)
   specs = sharding_lib.param_specs(abstract.params, mesh, config.sharding_rules, config.fsdp_min_size)
   logging.info("Dry run on mesh %s; sharded parameters:\n%s", dict(mesh.shape), sharding_lib.describe(specs))
   results: dict[str, Any] = {"dry_run": True, "num_devices": mesh.size, "mesh": str(dict(mesh.shape))}
-  for name, (_, report) in steps_lib.aot_compile(config, mesh).items():
+  for name, (_, report) in steps_lib.aot_compile(config, mesh, defense).items():
     if jax.process_index() == 0:
       print(report.summary(), flush=True)
-    results.update({f"{name}/{k}": v for k, v in dataclasses.asdict(report).items() if k != "mode"})
+    results.update({f"{name}/{k}": v for k, v in dataclasses.asdict(report).items() if k != "kind"})
   return results
 
 
@@ -163,7 +173,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   # --------------------------------------------------------------- data
   train_data, poison_info = build_train_data(config, workdir)
   steps_per_epoch = train_data.steps_per_epoch  # >= 1: make_train_data rejects smaller sources.
-  defense = defenses.from_config(config, num_examples=train_data.num_examples)
+  defense = defenses.from_config(
+      config, defenses.RunFacts(num_examples=train_data.num_examples, steps_per_epoch=steps_per_epoch)
+  )
   if is_main:
     runs.write(
         workdir,
@@ -182,13 +194,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   )
 
   # ----------------------------------------------- model, optimizer, state
-  schedule = defense.learning_rate_schedule(steps_per_epoch, total_steps)
+  schedule = defense.learning_rate_schedule(total_steps)
   tx, schedule = optim.make_optimizer(config.optim, total_steps, schedule=schedule)
   spec = steps_lib.ModelSpec.create(config.model)
   abstract_state, state_shardings = steps_lib.abstract_train_state(config, mesh, tx, defense)
-  train_steps = steps_lib.make_train_steps(
-      config, mesh, spec, tx, schedule, state_shardings, steps_per_epoch=steps_per_epoch, defense=defense
-  )
+  train_steps = steps_lib.make_train_steps(config, mesh, spec, tx, schedule, state_shardings, defense)
 
   # ------------------------------------------------------------ restore
   ckpt = checkpoint_lib.Checkpointer(
@@ -213,14 +223,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   evaluators = evaluators_lib.from_config(config, poison_info=poison_info)
   hooks = defense.epoch_hooks(
-      defenses.RunContext(
-          config=config,
-          spec=spec,
-          mesh=mesh,
-          train_data=train_data,
-          state_shardings=state_shardings,
-          steps_per_epoch=steps_per_epoch,
-      )
+      defenses.RunContext(config=config, spec=spec, mesh=mesh, train_data=train_data, state_shardings=state_shardings)
   )
 
   # --------------------------------------------------------------- loop
@@ -234,9 +237,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   try:
     while step < last_step:
       epoch = step // steps_per_epoch + 1
-      mode = defense.kind_for_epoch(epoch, steps_per_epoch)
+      kind = defense.schedule(epoch)
       if step % steps_per_epoch == 0:
-        state, epoch_row = hooks.start_epoch(state, epoch, mode)
+        state, epoch_row = hooks.start_epoch(state, epoch, kind)
         if epoch_row is not None:
           writer.write(step, epoch_row, kind="epoch")
       try:
@@ -258,16 +261,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         raise
       batch = sharding_lib.global_batch(local_batch, mesh)
       with jax.set_mesh(mesh):
-        state, step_metrics = train_steps[mode](state, batch)
+        state, step_metrics = train_steps[kind.name](state, batch)
       step += 1
       if step % config.log_every_steps == 0 or step == last_step:
         host_metrics = jax.device_get(step_metrics)
         ckpt.assert_finite(step, host_metrics)
         rate = progress.update(step, loss=f"{host_metrics['loss']:.3f}", epoch=epoch)
-        writer.write(step, dict(host_metrics, epoch=epoch, mode=mode, pairs_per_sec=rate))
+        # The row's key stays `mode`: `kind` names the row's type in metrics.jsonl ('train', 'eval', ...).
+        writer.write(step, dict(host_metrics, epoch=epoch, mode=kind.name, pairs_per_sec=rate))
 
       if step % steps_per_epoch == 0 or step == last_step:
-        epoch_row = hooks.end_epoch(state, epoch, mode)
+        epoch_row = hooks.end_epoch(state, epoch, kind)
         if epoch_row is not None:
           writer.write(step, epoch_row, kind="epoch")
 

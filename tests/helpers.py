@@ -16,6 +16,7 @@ import numpy as np
 from PIL import Image
 
 from roclip_jax import config_lib
+from roclip_jax import defenses
 from roclip_jax import models
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -44,6 +45,12 @@ def tiny_config(demo_root, defense="none", **overrides):
   c.progress_bar = False
   c.evals = ml_collections.ConfigDict()
   return config_lib.override(c, overrides)
+
+
+def defense_for(config, num_examples=64, steps_per_epoch=1):
+  """The config's defense, built for a run of `num_examples` training examples (batches of made-up
+  ids below it) and `steps_per_epoch` steps per epoch."""
+  return defenses.from_config(config, defenses.RunFacts(num_examples=num_examples, steps_per_epoch=steps_per_epoch))
 
 
 def leaves(tree) -> list[np.ndarray]:

@@ -3,8 +3,6 @@ exact for every registered defense; the generic step and loop name no defense.""
 
 import ast
 import glob
-import ast
-import glob
 import os
 import re
 
@@ -25,6 +23,7 @@ from roclip_jax import steps
 from roclip_jax import train
 from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
+from tests import helpers
 from tests.helpers import DEMO, REPO
 
 
@@ -50,11 +49,8 @@ class CountingClip(base.Defense):
   def state_shardings(self, mesh):
     return {"seen": jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())}
 
-  def step_kinds(self, steps_per_epoch=1):
-    return {"clip": base.StepKind("clip"), "frozen_text": base.StepKind("frozen_text", text_grad=False)}
-
-  def kind_for_epoch(self, epoch, steps_per_epoch=1):
-    return "frozen_text" if epoch % 2 == 0 else "clip"
+  def schedule(self, epoch):
+    return base.StepKind("frozen_text", text_grad=False) if epoch % 2 == 0 else base.StepKind("clip")
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     loss, aux = pair_loss(z["image"], z["text"], scalars)
@@ -63,7 +59,7 @@ class CountingClip(base.Defense):
   def update_state(self, kind, state, z, aux, batch, mesh):
     return {"seen": state["seen"] + batch["id"].shape[0]}
 
-  def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
+  def update_stats(self, kind, stats, z, aux, batch, step):
     return stats, {"toy/seen_in_batch": jnp.float32(batch["id"].shape[0])}
 
 
@@ -165,7 +161,7 @@ def test_accumulated_gradient_equals_full_batch_for_every_defense(defense_name, 
   config = _accum_config(defense_name)
   config_lib.validate(config, 4)
   mesh = sharding.make_mesh(config.mesh)
-  defense = defenses.from_config(config, num_examples=64)
+  defense = helpers.defense_for(config)
   assert defense.supports_grad_accum
   tx, _ = optim.make_optimizer(config.optim, 10)
   spec = steps.ModelSpec.create(config.model)
@@ -229,8 +225,9 @@ def _is_defense_field(node):
 
 
 def _defense_names_in_code(path, names):
-  """(line, name) of every defense name the module's code holds as a string, docstrings aside: a name
-  other than 'none' anywhere, and 'none' too where it is compared with or assigned to a defense field."""
+  """(line, name), once each, of every defense name the module's code holds as a string, docstrings
+  aside: a name other than 'none' anywhere, and 'none' too where it is compared with or assigned to a
+  defense field."""
   tree = ast.parse(open(path).read(), path)
   docstrings = _docstrings(tree)
   found = []
@@ -242,71 +239,7 @@ def _defense_names_in_code(path, names):
       constants = [s.value for s in sides if isinstance(s, ast.Constant) and s.value in names]
       if constants and any(_is_defense_field(s) for s in sides):
         found.extend((node.lineno, value) for value in constants)
-  return found
-
-
-def test_no_module_outside_defenses_and_configs_names_a_defense():
-  """What the tools around the trainer need of a defense comes from its class (`caption_pool`, `fine_tunes`,
-  `table_notes`, `name`...), so that a defense can be added, renamed or removed in its own module."""
-  names = set(defenses.names())
-  package = os.path.join(REPO, "roclip_jax")
-  named = []
-  for path in sorted(glob.glob(os.path.join(package, "**", "*.py"), recursive=True)):
-    if os.path.relpath(path, package).split(os.sep)[0] in ("defenses", "configs"):
-      continue
-    named.extend(
-        f"{os.path.relpath(path, REPO)}:{line}: {value!r}" for line, value in _defense_names_in_code(path, names)
-    )
-  assert not named, "Code that names a defense (ask its class instead):\n" + "\n".join(named)
-
-
-def test_the_name_check_finds_what_it_is_for(tmp_path):
-  path = tmp_path / "module.py"
-  path.write_text('''"""Docstrings may say 'roclip'."""
-if config.defense == "roclip": pass
-if config.get("defense") != "none": pass
-config.defense = "none"
-rows = [("safeclip", {})]
-x = "none"
-''')
-  names = {"none", "roclip", "safeclip"}
-  assert _defense_names_in_code(str(path), names) == [(2, "roclip"), (3, "none"), (4, "none"), (5, "safeclip")]
-
-
-def _docstrings(tree):
-  bodies = [n.body for n in ast.walk(tree) if isinstance(n, (ast.Module, ast.ClassDef, ast.FunctionDef))]
-  return {id(b[0].value) for b in bodies if b and isinstance(b[0], ast.Expr) and isinstance(b[0].value, ast.Constant)}
-
-
-def _is_defense_field(node):
-  """`x.defense`, or `x.get("defense", ...)`: where a config's defense name is read or written."""
-  if isinstance(node, ast.Attribute):
-    return node.attr == "defense"
-  return (
-      isinstance(node, ast.Call)
-      and isinstance(node.func, ast.Attribute)
-      and node.func.attr == "get"
-      and bool(node.args)
-      and isinstance(node.args[0], ast.Constant)
-      and node.args[0].value == "defense"
-  )
-
-
-def _defense_names_in_code(path, names):
-  """(line, name) of every defense name the module's code holds as a string, docstrings aside: a name
-  other than 'none' anywhere, and 'none' too where it is compared with or assigned to a defense field."""
-  tree = ast.parse(open(path).read(), path)
-  docstrings = _docstrings(tree)
-  found = []
-  for node in ast.walk(tree):
-    if isinstance(node, ast.Constant) and node.value in names - {"none"} and id(node) not in docstrings:
-      found.append((node.lineno, node.value))
-    elif isinstance(node, (ast.Compare, ast.Assign)):
-      sides = [node.left, *node.comparators] if isinstance(node, ast.Compare) else [*node.targets, node.value]
-      constants = [s.value for s in sides if isinstance(s, ast.Constant) and s.value in names]
-      if constants and any(_is_defense_field(s) for s in sides):
-        found.extend((node.lineno, value) for value in constants)
-  return found
+  return sorted(set(found))
 
 
 def test_no_module_outside_defenses_and_configs_names_a_defense():

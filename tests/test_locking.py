@@ -10,6 +10,7 @@ from roclip_jax import models
 from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
+from tests import helpers
 
 B = 16
 # The parameter subtrees of each tower, written out by hand from models/clip.py.
@@ -55,10 +56,11 @@ def test_locked_tower_is_bitwise_unchanged_and_the_other_trains(preset, lock, ac
   mesh = sharding.make_mesh([("data", -1)])
   tx, schedule = optim.make_optimizer(config.optim, total_steps=10)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
-  state = steps.create_train_state(config, mesh, tx, shardings)
+  defense = helpers.defense_for(config)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+  state = steps.create_train_state(config, mesh, tx, shardings, defense)
   before = jax.device_get((state.params, state.model_state))
-  step = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
+  step = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense)["clip"]
   rng = np.random.default_rng(0)
   for _ in range(3):
     with jax.set_mesh(mesh):

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from roclip_jax import config_lib
+from roclip_jax import defenses
 from roclip_jax import sharding
 from roclip_jax.defenses import roclip
 
@@ -22,7 +23,7 @@ def _defense(**fields):
   config.defense = "roclip"
   for name, value in fields.items():
     config.roclip[name] = value
-  return roclip.RoClip(config)
+  return roclip.RoClip(config, defenses.RunFacts(num_examples=64, steps_per_epoch=1))
 
 
 def _unit(x):

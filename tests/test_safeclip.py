@@ -21,6 +21,7 @@ from roclip_jax.defenses import roclip
 from roclip_jax.defenses import safeclip
 from roclip_jax import sharding as sharding_lib
 from roclip_jax import train
+from tests import helpers
 from tests.helpers import assert_trees_bitwise_equal, tiny_config
 
 LOG_SCALE = np.log(10.0)
@@ -321,7 +322,7 @@ def test_cleanclip_fine_tunes_a_run_on_clean_data_only(demo_root, tmp_path):
 
   mesh = sharding_lib.make_mesh(config.mesh)
   tx, _ = optim.make_optimizer(config.optim, 10)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, helpers.defense_for(config))
   params, _ = train.load_init_weights(config, shardings)
   assert_trees_bitwise_equal(params, base.state.params)
 

@@ -10,14 +10,13 @@ import numpy as np
 import optax
 import pytest
 
-from roclip_jax import defenses
 from roclip_jax import config_lib
 from roclip_jax import models
 from roclip_jax import optim
 from roclip_jax.defenses import roclip
 from roclip_jax import sharding
 from roclip_jax import steps
-from tests.helpers import random_batch
+from tests.helpers import defense_for, random_batch
 
 FSDP_MESH = [("data", 2), ("fsdp", 4)]
 
@@ -49,7 +48,7 @@ def _mesh(spec):
 
 def _abstract_params(config):
   tx, _ = optim.make_optimizer(config.optim, 10)
-  return jax.eval_shape(lambda: steps.init_train_state(config, tx)).params
+  return jax.eval_shape(lambda: steps.init_train_state(config, tx, defense_for(config))).params
 
 
 def _specs_by_path(specs):
@@ -121,7 +120,7 @@ def test_optimizer_moments_are_sharded_like_their_params():
   config = _config()
   mesh = _mesh(FSDP_MESH)
   tx, _ = optim.make_optimizer(config.optim, 10)
-  abstract, shardings = steps.abstract_train_state(config, mesh, tx)
+  abstract, shardings = steps.abstract_train_state(config, mesh, tx, defense_for(config))
   param_specs = _specs_by_path(jax.tree.map(lambda s: s.spec, shardings.params))
   adam = shardings.opt_state[0][0]  # chain -> adamw chain -> ScaleByAdamState
   for moments in (adam.mu, adam.nu):
@@ -229,8 +228,9 @@ def initial_state():
   config = _pool_config()
   mesh = _mesh([("data", 1)])
   tx, _ = optim.make_optimizer(config.optim, total_steps=100)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
-  return jax.device_get(steps.create_train_state(config, mesh, tx, shardings))
+  defense = defense_for(config)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+  return jax.device_get(steps.create_train_state(config, mesh, tx, shardings, defense))
 
 
 def _run_steps(config, mesh_spec, modes, host_state):
@@ -238,11 +238,12 @@ def _run_steps(config, mesh_spec, modes, host_state):
   mesh = _mesh(mesh_spec)
   tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
+  defense = defense_for(config)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
   if config.defense != "roclip":  # No pool, and no RoCLIP counters in the stats.
-    host_state = host_state.replace(defense=None, stats=jax.device_get(steps.init_stats(config)))
+    host_state = host_state.replace(defense=None, stats=jax.device_get(steps.init_stats(defense)))
   state = jax.device_put(host_state, shardings)
-  fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)
+  fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense)
   losses = []
   with jax.set_mesh(mesh):
     for i, mode in enumerate(modes):
@@ -289,18 +290,19 @@ def test_accumulated_gradient_equals_full_batch_gradient(initial_state):
   mesh = _mesh(config.mesh)
   tx, _ = optim.make_optimizer(config.optim, 10)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
+  defense = defense_for(config)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
   state = jax.device_put(initial_state, shardings)
   batch = sharding.global_batch(random_batch(batch=32), mesh)
-  kind = defenses.from_config(config).step_kinds()["match"]
+  kind = defense.step_kinds()["match"]
   results = []
   for accum in (1, 4):
     c = config.copy_and_resolve_references()
     c.grad_accum_steps = accum
     with jax.set_mesh(mesh):
-      loss, aux, grads, _ = jax.jit(lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind))(
-          state, batch
-      )
+      loss, aux, grads, _ = jax.jit(
+          lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=c, kind=kind, defense=defense)
+      )(state, batch)
     results.append((float(loss), jax.device_get(grads), aux))
   (l1, g1, a1), (l4, g4, a4) = results
   np.testing.assert_allclose(l4, l1, rtol=1e-5)
@@ -342,7 +344,8 @@ def test_aot_compile_reports_memory_and_flops(mesh_runs):
   """The dry run's compile, on the first test's config (its compiled steps are in the persistent cache)."""
   config = _pool_config()
   reports = {
-      name: report for name, (_, report) in steps.aot_compile(config, _mesh(FSDP_MESH), total_steps=100).items()
+      name: report
+      for name, (_, report) in steps.aot_compile(config, _mesh(FSDP_MESH), defense_for(config), total_steps=100).items()
   }  # _run_steps' schedule.
   assert set(reports) == {"clip", "match"}
   params = _abstract_params(config)

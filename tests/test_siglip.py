@@ -7,13 +7,13 @@ import ml_collections
 import numpy as np
 import pytest
 
-from roclip_jax import defenses
 from roclip_jax import config_lib
 from roclip_jax import losses
 from roclip_jax import models
 from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
+from tests import helpers
 
 B, D = 16, 8
 
@@ -137,12 +137,15 @@ def test_train_step_siglip_loss_equals_numpy_on_the_step_embeddings(match):
   mesh = sharding.make_mesh([("data", -1)])
   tx, _ = optim.make_optimizer(config.optim, total_steps=10)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
-  state = steps.create_train_state(config, mesh, tx, shardings)
+  defense = helpers.defense_for(config)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+  state = steps.create_train_state(config, mesh, tx, shardings, defense)
   host = _batch(np.random.default_rng(0))
   batch = sharding.global_batch(host, mesh)
-  kind = defenses.from_config(config).step_kinds()["match" if match else "clip"]
-  run = lambda cfg: jax.jit(lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=cfg, kind=kind))
+  kind = defense.step_kinds()["match" if match else "clip"]
+  run = lambda cfg: jax.jit(
+      lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=cfg, kind=kind, defense=defense)
+  )
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = run(config)(state, batch)
     accum = ml_collections.ConfigDict(config.to_dict())

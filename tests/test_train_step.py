@@ -12,7 +12,7 @@ from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
 from roclip_jax.data import image_ops
-from tests.helpers import random_batch
+from tests.helpers import defense_for, random_batch
 
 B = 16
 
@@ -36,8 +36,9 @@ def _setup(config):
   mesh = sharding.make_mesh([("data", -1)])
   tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
-  state = steps.create_train_state(config, mesh, tx, shardings)
+  defense = defense_for(config)
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+  state = steps.create_train_state(config, mesh, tx, shardings, defense)
   return mesh, tx, schedule, spec, shardings, state
 
 
@@ -59,10 +60,11 @@ def test_matching_loss_matches_numpy_and_text_gradient_is_zero(shard_pool):
   config = _config(shard_pool)
   mesh, tx, schedule, spec, shardings, state = _setup(config)
   batch = sharding.global_batch(random_batch(), mesh)
-  kind = defenses.from_config(config).step_kinds()["match"]
+  defense = defense_for(config)
+  kind = defense.step_kinds()["match"]
   with jax.set_mesh(mesh):
     loss, aux, grads, _ = jax.jit(
-        lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, kind=kind)
+        lambda s, b: steps.loss_and_grads(s, b, spec=spec, mesh=mesh, config=config, kind=kind, defense=defense)
     )(state, batch)
   # Independent reference: image embeddings from the model, the rest in NumPy.
   model = spec.merge(jax.device_get(state.params), jax.device_get(state.model_state))
@@ -83,7 +85,7 @@ def test_matching_step_leaves_text_tower_unchanged_without_decay_and_fills_pool(
   config = _config()
   config.optim.weight_decay = 0.0  # Without decay or momentum, zero gradients mean no update at all.
   mesh, tx, schedule, spec, shardings, state = _setup(config)
-  fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)
+  fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense_for(config))
   before = jax.device_get(state.params)
   with jax.set_mesh(mesh):
     state, metrics = fns["match"](state, sharding.global_batch(random_batch(), mesh))
@@ -109,9 +111,10 @@ def test_clip_step_same_on_one_and_eight_devices():
     mesh = sharding.make_mesh([("data", -1)], devices=jax.devices()[:n])
     tx, schedule = optim.make_optimizer(config.optim, total_steps=100)
     spec = steps.ModelSpec.create(config.model)
-    _, shardings = steps.abstract_train_state(config, mesh, tx)
-    state = steps.create_train_state(config, mesh, tx, shardings)
-    fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
+    defense = defense_for(config)
+    _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+    state = steps.create_train_state(config, mesh, tx, shardings, defense)
+    fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense)["clip"]
     with jax.set_mesh(mesh):
       for seed in range(2):
         state, metrics = fn(state, sharding.global_batch(random_batch(seed), mesh))
@@ -127,7 +130,7 @@ def test_logit_scale_is_clamped_at_ln_100():
   config.optim.lr = 10.0  # Absurd on purpose: one step pushes the scale far past the clamp.
   mesh, tx, schedule, spec, shardings, state = _setup(config)
   state = state.replace(params=dict(state.params, logit_scale=jnp.float32(4.6)))
-  fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
+  fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense_for(config))["clip"]
   with jax.set_mesh(mesh):
     state, _ = fn(state, sharding.global_batch(random_batch(), mesh))
   assert 0.0 <= float(state.params["logit_scale"]) <= np.log(100) + 1e-6
@@ -163,11 +166,11 @@ def test_device_augmentation_runs_inside_the_step():
   # The jitted train step takes the pipeline's batch (shapes as abstract_batch says) and trains.
   mesh, tx, schedule, spec, shardings, state = _setup(config)
   step_batch = dict(batch, image=sources, image_augment=packed, skipped=np.zeros(B, np.int32))
-  abstract = steps.abstract_batch(config, mesh)
+  abstract = steps.abstract_batch(config, mesh, defense_for(config))
   assert {k: (v.shape, v.dtype) for k, v in abstract.items() if k not in ("id", "label")} == {
       k: (np.shape(v), np.asarray(v).dtype) for k, v in step_batch.items() if k not in ("id", "label")
   }
-  fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
+  fn = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense_for(config))["clip"]
   with jax.set_mesh(mesh):
     state, metrics = fn(state, sharding.global_batch(step_batch, mesh))
   assert np.isfinite(float(metrics["loss"])) and int(state.step) == 1

@@ -37,7 +37,7 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str
   run = inspect_lib.load(workdir, step=step)
   if run.config.defense != "roclip":
     raise SystemExit(f"{workdir} trained defense={run.config.defense!r}; the gate is RoCLIP's.")
-  defense = defenses.from_config(run.config, num_examples=runs.read_info(workdir).get("num_examples", 0))
+  defense = defenses.from_config(run.config, runs.run_facts(runs.read_info(workdir)))
   data, _ = train.build_train_data(run.config)
   pool, mesh = run.pool, sharding_lib.make_mesh([("data", -1)])
   pool_labels = np.asarray(pool.source_labels)

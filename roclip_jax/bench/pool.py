@@ -28,10 +28,13 @@ import jax.numpy as jnp
 import numpy as np
 from ml_collections import config_flags
 
+from roclip_jax import bench
+from roclip_jax import defenses
 from roclip_jax import host_runtime
 from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
+from roclip_jax.defenses import clip
 from roclip_jax.defenses import roclip
 
 FLAGS = flags.FLAGS
@@ -80,12 +83,12 @@ def unit_rows(key: jax.Array, count: int, dim: int, *, centres: jax.Array | None
 def lookup_defense(config, size: int, shard_pool: bool) -> roclip.RoClip:
   """The RoCLIP defense of `config` with an M-row pool; the lookup dtype and layout from the flags."""
   config = config.copy_and_resolve_references()
-  config.defense = "roclip"
+  config.defense = roclip.RoClip.name
   config.roclip.pool_size = size
   config.roclip.shard_pool = shard_pool
   if FLAGS.lookup_dtype is not None:
     config.roclip.lookup_dtype = FLAGS.lookup_dtype
-  return roclip.RoClip(config)
+  return roclip.RoClip(config, bench.synthetic_facts(config))
 
 
 def _unit_pool(rows: jax.Array) -> roclip.Pool:
@@ -100,7 +103,7 @@ def recall(defense: roclip.RoClip, mesh, rows: jax.Array, queries: jax.Array, ap
   shard_pool = defense.config.roclip.shard_pool
   exact_config = defense.config.copy_and_resolve_references()
   exact_config.roclip.lookup_dtype = "float32"
-  exact = roclip.RoClip(exact_config)
+  exact = roclip.RoClip(exact_config, bench.synthetic_facts(exact_config))
   pool = jax.device_put(_unit_pool(rows), roclip.pool_shardings(mesh, shard_pool))
   ids = jax.device_put(jnp.arange(queries.shape[0]), sharding.batch_sharding(mesh))
   queries = jax.device_put(queries, sharding.batch_sharding(mesh))
@@ -144,13 +147,14 @@ def time_lookup(defense: roclip.RoClip, mesh, dim: int, batch: int, repeats: int
 
 def time_step(config, mesh, batch: int, repeats: int) -> float:
   config = config.copy_and_resolve_references()
-  config.defense = "none"
+  config.defense = clip.PlainClip.name
   config.data.batch_size = batch
+  defense = defenses.from_config(config, bench.synthetic_facts(config))
   tx, schedule = optim.make_optimizer(config.optim, total_steps=1000)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
-  state = steps.create_train_state(config, mesh, tx, shardings)
-  step = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)["clip"]
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+  state = steps.create_train_state(config, mesh, tx, shardings, defense)
+  step = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense)["clip"]
   size, ctx = config.model.image.image_size, config.model.text.context_length
   rng = np.random.default_rng(0)
   local = {

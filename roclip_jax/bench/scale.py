@@ -168,15 +168,22 @@ def _in_fresh_process(kind: str, directory: str, rate: float) -> dict[str, Any]:
 # ----------------------------------------------------------------------------
 # Time to the first train step, and the suspicion report.
 
-# (row name, defense, config overrides); 'cleanclip' starts from the 'none' run, so 'none' goes first.
-TRAINING_RUNS = (
-    ("none", "none", {}),
-    ("roclip", "roclip", {}),
-    ("safeclip", "safeclip", {}),
-    ("safeclip (split first)", "safeclip", {"safeclip.inmodal_warmup": 0, "safeclip.multimodal_warmup": 0}),
-    ("cleanclip", "cleanclip", {}),
-)
 SPLIT_FIRST = "safeclip (split first)"
+
+
+def training_runs() -> list[tuple[str, str, dict[str, Any]]]:
+  """(row name, defense, config overrides): every registered defense, in the registry's order, which
+  starts with 'none', the run a defense that fine-tunes (`Defense.fine_tunes`) starts from; SafeCLIP
+  also without its warm-ups (`SPLIT_FIRST`), right after it."""
+  from roclip_jax import defenses  # pylint: disable=g-import-not-at-top
+  from roclip_jax.defenses import safeclip  # pylint: disable=g-import-not-at-top
+
+  runs = []
+  for name in defenses.names():
+    runs.append((name, name, {}))
+    if name == safeclip.SafeClip.name:
+      runs.append((SPLIT_FIRST, name, {"safeclip.inmodal_warmup": 0, "safeclip.multimodal_warmup": 0}))
+  return runs
 
 
 def write_held_out(directory: str, image_side: int) -> tuple[str, str]:
@@ -289,14 +296,16 @@ def _launch(fn, *args) -> dict[str, Any]:
 
 def training_rows(num: int, directory: str, work_root: str, held_out: tuple[str, str]) -> list[tuple]:
   """(task, seconds to step 1, peak MiB, detail) for each defense and the suspicion report at this N."""
+  from roclip_jax import defenses  # pylint: disable=g-import-not-at-top
+
   rows = []
   none_dir = os.path.join(work_root, f"n{num}_none")
-  for name, defense, overrides in TRAINING_RUNS:
+  for name, defense, overrides in training_runs():
     if name == SPLIT_FIRST and num > FLAGS.full_pass_max:
       continue
     workdir = os.path.join(work_root, f"n{num}_{name.replace(' ', '_').replace('(', '').replace(')', '')}")
     shutil.rmtree(workdir, ignore_errors=True)  # A fresh run, not a resumed one.
-    if defense == "cleanclip":
+    if defenses.get(defense).fine_tunes:
       overrides = dict(overrides, init_from=none_dir)
     result = _launch(
         _training_task, name, defense, directory, held_out, FLAGS.poison_rate, FLAGS.batch_size, overrides, workdir

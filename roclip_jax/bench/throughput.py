@@ -39,6 +39,7 @@ import ml_collections
 from ml_collections import config_flags
 import numpy as np
 
+from roclip_jax import bench
 from roclip_jax import config_lib
 from roclip_jax import host_runtime
 from roclip_jax import models
@@ -157,11 +158,12 @@ class JaxResult:
 def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int, breakdown: bool = False) -> JaxResult:
   """Compiles and times the CLIP and RoCLIP matching steps, and the pool lookup alone."""
   mesh = sharding.make_mesh(config.mesh)
+  defense = roclip.RoClip(config, bench.synthetic_facts(config))
   tx, schedule = optim.make_optimizer(config.optim, total_steps=10_000)
   spec = steps.ModelSpec.create(config.model)
-  _, shardings = steps.abstract_train_state(config, mesh, tx)
-  fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings)
-  holder = {"state": steps.create_train_state(config, mesh, tx, shardings)}
+  _, shardings = steps.abstract_train_state(config, mesh, tx, defense)
+  fns = steps.make_train_steps(config, mesh, spec, tx, schedule, shardings, defense)
+  holder = {"state": steps.create_train_state(config, mesh, tx, shardings, defense)}
   batch = sharding.global_batch(synthetic_batch(config, config.data.batch_size), mesh)
 
   with jax.set_mesh(mesh):
@@ -184,8 +186,6 @@ def bench_jax(config: ml_collections.ConfigDict, steps_timed: int, warmup: int, 
         np.asarray(jax.random.normal(jax.random.key(1), (config.data.batch_size, config.model.embed_dim))),
         sharding.batch_sharding(mesh),
     )
-
-    defense = roclip.RoClip(config)
 
     @jax.jit
     def lookup(pool, z, ids, poisoned):  # What a matching step adds: the config's lookup, then the enqueue.
@@ -291,7 +291,7 @@ def bench_config(base: ml_collections.ConfigDict, preset: str | None, batch: int
     config.model.update(dict(dtype=dtype, remat=remat, attention_impl=impl))
   if batch:
     config.data.batch_size = batch
-  config.defense = "roclip"
+  config.defense = roclip.RoClip.name
   config.roclip.pool_size = max(config.roclip.pool_size, config.data.batch_size)
   config.data.source = "demo"  # Batches are synthetic: no source is read, so none needs configuring.
   mesh = sharding.make_mesh(config.mesh)
@@ -356,8 +356,9 @@ def main(argv) -> None:
   memory = "n/a" if result.peak_memory_bytes is None else f"{result.peak_memory_bytes / 2**30:.3f} GiB"
   print(f"peak memory per device: {memory} ({result.memory_source})")
   match_s, lookup_s = result.match_step_seconds, result.lookup_seconds
+  described = roclip.RoClip(config, bench.synthetic_facts(config)).describe()
   print(
-      f"RoCLIP matching step ({roclip.RoClip(config).describe()}): {match_s * 1e3:.1f} ms "
+      f"RoCLIP matching step ({described}): {match_s * 1e3:.1f} ms "
       f"({match_s / step_s:.2f}x the CLIP step; it skips the text backward); its pool lookup + enqueue alone: "
       f"{lookup_s * 1e3:.2f} ms = "
       f"{100 * lookup_s / match_s:.1f}% of the matching step"

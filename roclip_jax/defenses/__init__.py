@@ -22,6 +22,9 @@ Defense = base.Defense
 StepKind = base.StepKind
 EpochHooks = base.EpochHooks
 RunContext = base.RunContext
+RunFacts = base.RunFacts
+# `config.defense` unless a config says otherwise: plain CLIP, the control every defense is compared with.
+DEFAULT = clip.PlainClip.name
 
 _REGISTRY: dict[str, type[base.Defense]] = {}
 
@@ -46,9 +49,14 @@ def get(name: str) -> type[base.Defense]:
   return _REGISTRY[name]
 
 
-def from_config(config: ml_collections.ConfigDict, *, num_examples: int = 0) -> base.Defense:
-  """The defense `config.defense` names, for a run over `num_examples` training examples."""
-  return get(config.defense)(config, num_examples=num_examples)
+def from_config(config: ml_collections.ConfigDict, facts: base.RunFacts) -> base.Defense:
+  """The defense `config.defense` names, built for a run with these facts."""
+  return get(config.defense)(config, facts)
+
+
+def recorded_num_examples(config: ml_collections.ConfigDict) -> int:
+  """The training examples of a run written before `run_info.json`, as its config recorded them (0: none)."""
+  return safeclip.recorded_num_examples(config)
 
 
 register(clip.PlainClip)

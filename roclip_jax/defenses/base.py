@@ -10,17 +10,26 @@ What a defense decides:
 
 * its config block (`config_block`, `default_config`) and `validate`;
 * the training records it sees (`train_records`: CleanCLIP's clean subset) and
-  how many views of each example its steps read (`views`);
+  how many views of each example its steps read (`views`), both decided from the
+  config alone, before the data is built;
 * its device state (`init_state`, `state_shardings`), held in
   `TrainState.defense`, donated and checkpointed with the model, and its
   running counters (`init_stats`);
-* the step kinds it compiles (`step_kinds`) and which one runs in an epoch
-  (`kind_for_epoch`);
+* which step kind runs in an epoch (`schedule`) and every kind a run may need,
+  which the trainer compiles ahead of time (`step_kinds`);
 * the loss of a step kind from the batch's unit embeddings (`loss`), the state
   update after the optimizer step (`update_state`: RoCLIP's pool, SafeCLIP's
   banks) and its step metrics (`update_stats`);
 * host-side epoch hooks (`epoch_hooks`: SafeCLIP's split, RoCLIP's matching
-  monitor) and an optional learning-rate schedule.
+  monitor) and an optional learning-rate schedule;
+* what the tools around the trainer need to know of it without naming it: a
+  caption pool in its state (`caption_pool`, for the notebook and the suspicion
+  report), whether it fine-tunes a trained model (`fine_tunes`), the notes under
+  the benchmark's table (`table_notes`).
+
+A defense is built once per run, from the config and the run's facts
+(`RunFacts`: examples and steps per epoch, known once the data is built), so no
+method takes them per call.
 
 The generic step encodes the views a step kind names, so gradient
 accumulation (`steps._accumulated_loss_and_grads`) works for every defense:
@@ -69,6 +78,20 @@ class StepKind:
 
 
 @dataclasses.dataclass(frozen=True)
+class RunFacts:
+  """What a run's data says that a defense is built from (`pipeline.TrainData` gives both)."""
+
+  # Training examples (0: unknown, as in a dry run, which reads no data); sizes per-example state such
+  # as SafeCLIP's safe mask.
+  num_examples: int
+  steps_per_epoch: int
+
+  def __post_init__(self):
+    if self.num_examples < 0 or self.steps_per_epoch < 1:
+      raise ValueError(f"{self}: a run has num_examples >= 0 and steps_per_epoch >= 1.")
+
+
+@dataclasses.dataclass(frozen=True)
 class RunContext:
   """What host-side epoch hooks may use: built once by the trainer after the data and state."""
 
@@ -77,7 +100,6 @@ class RunContext:
   mesh: Mesh
   train_data: Any  # pipeline.TrainData
   state_shardings: Any  # steps.TrainState of shardings
-  steps_per_epoch: int
 
 
 class EpochHooks:
@@ -88,11 +110,11 @@ class EpochHooks:
   last step (or the run's last step).
   """
 
-  def start_epoch(self, state: Any, epoch: int, kind: str) -> tuple[Any, dict[str, Any] | None]:
+  def start_epoch(self, state: Any, epoch: int, kind: StepKind) -> tuple[Any, dict[str, Any] | None]:
     del epoch, kind
     return state, None
 
-  def end_epoch(self, state: Any, epoch: int, kind: str) -> dict[str, Any] | None:
+  def end_epoch(self, state: Any, epoch: int, kind: StepKind) -> dict[str, Any] | None:
     del state, epoch, kind
     return None
 
@@ -102,8 +124,8 @@ class Defense:
 
   Args:
     config: the whole experiment config (a defense reads its own block and the shared fields).
-    num_examples: training examples of the run (0 when unknown, e.g. in a dry run); sizes
-      per-example state such as SafeCLIP's safe mask.
+    facts: the run's facts, known once its data is built; a subclass that cannot run with them
+      raises here, where they are given.
   """
 
   name: ClassVar[str] = ""
@@ -113,10 +135,12 @@ class Defense:
   # accumulation is exact for any loss of the batch's embeddings, so only a loss that is not a
   # function of them (or has per-micro-batch side effects) sets this False.
   supports_grad_accum: ClassVar[bool] = True
+  # A post-hoc defense: it fine-tunes the trained model `config.init_from` names instead of training one.
+  fine_tunes: ClassVar[bool] = False
 
-  def __init__(self, config: ml_collections.ConfigDict, *, num_examples: int = 0):
+  def __init__(self, config: ml_collections.ConfigDict, facts: RunFacts):
     self.config = config
-    self.num_examples = int(num_examples)
+    self.facts = facts
 
   # ------------------------------------------------------------------ config
   @classmethod
@@ -130,8 +154,13 @@ class Defense:
     del config, num_batch_shards
 
   # -------------------------------------------------------------------- data
-  def train_records(self, source: Any, image_transform: Any) -> tuple[Any, Any]:
-    """The records this defense trains on and the image transform still needed (the trigger stamp)."""
+  @classmethod
+  def train_records(cls, config: ml_collections.ConfigDict, source: Any, image_transform: Any) -> tuple[Any, Any]:
+    """The records this defense trains on and the image transform still needed (the trigger stamp).
+
+    A class method: the records decide the run's facts, so they are chosen before the defense is built.
+    """
+    del config
     return source, image_transform
 
   # ------------------------------------------------------------------- state
@@ -149,21 +178,22 @@ class Defense:
     """Running counters of the defense in `TrainState.stats` (summed on device, checkpointed)."""
     return {}
 
-  def learning_rate_schedule(self, steps_per_epoch: int, total_steps: int) -> optax.Schedule | None:
-    """A schedule replacing `config.optim`'s, or None to keep it."""
-    del steps_per_epoch, total_steps
+  def learning_rate_schedule(self, total_steps: int) -> optax.Schedule | None:
+    """A schedule over the run's `total_steps` replacing `config.optim`'s, or None to keep it."""
+    del total_steps
     return None
 
   # ------------------------------------------------------------------- steps
-  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, StepKind]:
-    """The step kinds a run may need, by name (the name is logged as the row's `mode`)."""
-    del steps_per_epoch
-    return {"clip": StepKind("clip")}
+  def schedule(self, epoch: int) -> StepKind:
+    """The step kind of 1-based `epoch` (its name is logged as the train row's `mode`)."""
+    del epoch
+    return StepKind("clip")
 
-  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
-    """The step kind of 1-based `epoch`: a key of `step_kinds`."""
-    del epoch, steps_per_epoch
-    return "clip"
+  def step_kinds(self) -> dict[str, StepKind]:
+    """Every step kind a run may need, by name, for the trainer to compile ahead of time: by default
+    those `schedule` gives the run's epochs; a defense lists more where tools run the others."""
+    kinds = (self.schedule(epoch) for epoch in range(1, max(int(self.config.num_epochs), 1) + 1))
+    return {kind.name: kind for kind in kinds}
 
   def loss(
       self,
@@ -212,10 +242,9 @@ class Defense:
       aux: dict[str, jax.Array],
       batch: dict[str, jax.Array],
       step: jax.Array,
-      steps_per_epoch: int,
   ) -> tuple[dict[str, jax.Array], dict[str, jax.Array]]:
     """The defense's counters after the step and its extra step metrics."""
-    del kind, z, aux, batch, step, steps_per_epoch
+    del kind, z, aux, batch, step
     return stats, {}
 
   # -------------------------------------------------------------------- host
@@ -226,3 +255,17 @@ class Defense:
   def describe(self) -> str:
     """One line for the log."""
     return self.name
+
+  # ------------------------------------------------- what the tools around the trainer read
+  @classmethod
+  def caption_pool(cls, state: Any) -> Any:
+    """The pool of caption embeddings in `state` (`TrainState.defense`), an object with `embeddings`
+    [M, d] and `source_ids` [M], or None if this defense keeps none to inspect."""
+    del state
+    return None
+
+  @classmethod
+  def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    """Lines under the benchmark's table about this defense's `rows` (name, config overrides), in order."""
+    del config, rows
+    return []

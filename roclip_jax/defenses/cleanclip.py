@@ -60,12 +60,16 @@ def clean_subset(source: Any, num_examples: int, seed: int) -> metadata_lib.Subs
   return metadata_lib.clean_subset(source, num_examples, seed)
 
 
+STEP = base.StepKind("cleanclip", image_views=("image", "image2"), text_views=("text", "text2"), gather=True)
+
+
 class CleanClip(base.Defense):
   """CleanCLIP fine-tuning: one two-view step kind on the clean subset, starting from `config.init_from`."""
 
   name = "cleanclip"
   config_block = "cleanclip"
   views = 2
+  fine_tunes = True
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -99,23 +103,29 @@ class CleanClip(base.Defense):
           "cleanclip.num_clean_examples", f"is {c.num_clean_examples}.", "use 0 (every clean example) or more."
       )
 
-  def train_records(self, source: Any, image_transform: Any) -> tuple[Any, Any]:
+  @classmethod
+  def train_records(cls, config: ml_collections.ConfigDict, source: Any, image_transform: Any) -> tuple[Any, Any]:
     del image_transform  # No poisoned record is left to stamp a trigger on.
-    source = clean_subset(source, self.config.cleanclip.num_clean_examples, self.config.cleanclip.subset_seed)
+    source = clean_subset(source, config.cleanclip.num_clean_examples, config.cleanclip.subset_seed)
     logging.info("CleanCLIP: fine-tuning on %d clean examples", len(source))
     return source, None
 
-  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
-    del steps_per_epoch
-    return {
-        "cleanclip": base.StepKind(
-            "cleanclip", image_views=("image", "image2"), text_views=("text", "text2"), gather=True
-        )
-    }
+  def schedule(self, epoch: int) -> base.StepKind:
+    del epoch
+    return STEP
 
-  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
-    del epoch, steps_per_epoch
-    return "cleanclip"
+  @classmethod
+  def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    notes = []
+    for name, overrides in rows:
+      clean = overrides.get("cleanclip.num_clean_examples", config.cleanclip.num_clean_examples) or "all"
+      notes.append(
+          f"{name}: starts from the final model of {overrides['init_from'].replace('{workdir}/', '')!r} "
+          f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
+          f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
+          f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g})."
+      )
+    return notes
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     del kind, state, batch, mesh

@@ -1003,10 +1003,19 @@ class RoClip(base.Defense):
           "lock the text tower instead (optim.lock='text'), or use defense='none' for a " "locked-image (LiT) model.",
       )
 
-  def settings(self, steps_per_epoch: int = 1) -> Settings:
+  def __init__(self, config: ml_collections.ConfigDict, facts: base.RunFacts):
+    super().__init__(config, facts)
+    if self.settings().gate_memory and facts.num_examples < 1:
+      raise ValueError(
+          "roclip.gate_memory keeps one vote margin per training example, but this run's example count is "
+          f"unknown ({facts}): build the defense with the run's facts (defenses.RunFacts of its training "
+          "data), or set roclip.gate_memory=False."
+      )
+
+  def settings(self) -> Settings:
     return settings(
         self.config.roclip,
-        steps_per_epoch=steps_per_epoch,
+        steps_per_epoch=self.facts.steps_per_epoch,
         warmup_steps=self.config.optim.warmup_steps,
         num_epochs=self.config.num_epochs,
     )
@@ -1029,13 +1038,7 @@ class RoClip(base.Defense):
     pool = init_pool(key, self.config.roclip.pool_size, self.config.model.embed_dim)
     if not self.settings().gate_memory:
       return pool
-    if self.num_examples < 1:
-      raise ValueError(
-          "roclip.gate_memory keeps one vote margin per training example, but this RoClip was built "
-          "without the run's example count: build it with defenses.from_config(config, "
-          "num_examples=<training examples>), or set roclip.gate_memory=False."
-      )
-    return pool.replace(gate_votes=jnp.zeros((self.num_examples,), jnp.int8))
+    return pool.replace(gate_votes=jnp.zeros((self.facts.num_examples,), jnp.int8))
 
   def state_shardings(self, mesh: Mesh) -> Pool:
     shardings = pool_shardings(mesh, self.config.roclip.shard_pool)
@@ -1048,9 +1051,10 @@ class RoClip(base.Defense):
     keys = DIAGNOSTIC_SUMS + ALIGNMENT_SUMS + BEST_EPOCH + (GATE_SUMS if self.settings().own_pair_gate else ())
     return {f"roclip/{k}": jnp.zeros((), jnp.float32) for k in keys}
 
-  # Steps.
-  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
-    s = self.settings(steps_per_epoch)
+  # Steps. 'match' is listed even where the schedule has no matching epoch: the benchmarks and the
+  # notebook time and run it on any RoCLIP config.
+  def step_kinds(self) -> dict[str, base.StepKind]:
+    s = self.settings()
     kinds = {
         "clip": base.StepKind("clip", options=(("enqueue", s.pool_every_step),)),
         "match": base.StepKind("match", text_grad=False, options=(("enqueue", True),)),
@@ -1059,11 +1063,13 @@ class RoClip(base.Defense):
       kinds["gated"] = base.StepKind("gated", options=(("enqueue", True),))
     return kinds
 
-  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
-    s = self.settings(steps_per_epoch)
+  def schedule(self, epoch: int) -> base.StepKind:
+    s = self.settings()
     if is_matching_epoch(epoch, s.k, s.first_epoch):
-      return "match"
-    return "gated" if s.own_pair_gate and epoch >= s.gate_first_epoch else "clip"
+      name = "match"
+    else:
+      name = "gated" if s.own_pair_gate and epoch >= s.gate_first_epoch else "clip"
+    return self.step_kinds()[name]
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     if kind.name == "gated":
@@ -1129,11 +1135,11 @@ class RoClip(base.Defense):
         labels=batch.get("label"),
     )
 
-  def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
+  def update_stats(self, kind, stats, z, aux, batch, step):
     # The epoch's matching diagnostics: zeroed by the epoch's first step, so the sums in a checkpoint
     # taken mid-epoch cover exactly the steps before it.
     stats = dict(stats)
-    first_of_epoch = step % steps_per_epoch == 0
+    first_of_epoch = step % self.facts.steps_per_epoch == 0
     # The epoch that just ended joins the run's best epochs before its sums are zeroed.
     stats.update(fold_best_epoch(stats, first_of_epoch))
     gate_sums = GATE_SUMS if self.settings().own_pair_gate else ()  # As `init_stats`.
@@ -1171,6 +1177,10 @@ class RoClip(base.Defense):
   def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
     return MatchingMonitor(context.config)
 
+  @classmethod
+  def caption_pool(cls, state: Pool) -> Pool:
+    return state
+
 
 class MatchingMonitor(base.EpochHooks):
   """RoCLIP's per-matching-epoch diagnostics and collapse detector (`epoch_diagnostics`).
@@ -1186,10 +1196,10 @@ class MatchingMonitor(base.EpochHooks):
       self._num_classes = int(config.data.demo.num_classes)
     self._warned_epochs: list[int] = []
 
-  def end_epoch(self, state: Any, epoch: int, kind: str) -> dict[str, Any] | None:
+  def end_epoch(self, state: Any, epoch: int, kind: base.StepKind) -> dict[str, Any] | None:
     # One read of a few scalars per epoch (not per step).
     sums = {k[len("roclip/") :]: float(v) for k, v in jax.device_get(state.stats).items() if k.startswith("roclip/")}
-    if kind != "match":  # A CLIP epoch: its alignment, the reference the detector compares matching epochs with.
+    if kind.name != "match":  # A CLIP epoch: its alignment, the reference the detector compares matching epochs with.
       if not sums.get("epoch_steps"):
         return None
       row = {
@@ -1197,7 +1207,7 @@ class MatchingMonitor(base.EpochHooks):
           "roclip/clip_own_similarity": sums["epoch_own_similarity"] / sums["epoch_steps"],
           "roclip/clip_own_retrieval": sums["epoch_own_retrieval"] / sums["epoch_steps"],
       }
-      if kind == "gated":
+      if kind.name == "gated":
         row.update(gate_diagnostics(sums, self._batch_size))
         logging.info("Gated epoch %d: %s", epoch, row)
       return row

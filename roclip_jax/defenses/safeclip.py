@@ -363,6 +363,13 @@ def place_split(state: SafeState, split: Split, shardings: SafeState) -> SafeSta
 # The defense.
 
 TWO_VIEWS = dict(image_views=("image", "image2"), text_views=("text", "text2"), gather=True)
+STEPS = {phase: base.StepKind(phase, **TWO_VIEWS) for phase in PHASES}
+
+
+def recorded_num_examples(config: ml_collections.ConfigDict) -> int:
+  """The example count that versions before `run_info.json` wrote into `config.safeclip`, whichever
+  defense the run trained (0: none)."""
+  return int(config.get("safeclip", {}).get("num_examples", 0) or 0)
 
 
 class SafeClip(base.Defense):
@@ -421,21 +428,18 @@ class SafeClip(base.Defense):
       raise config_error("safeclip.in_lr", "and safeclip.filter_lr must be positive.", "use e.g. 5e-4 and 5e-6.")
 
   def init_state(self, key: jax.Array) -> SafeState:
-    return init_state(jax.random.fold_in(key, 1), self.config.safeclip, self.config.model.embed_dim, self.num_examples)
+    return init_state(
+        jax.random.fold_in(key, 1), self.config.safeclip, self.config.model.embed_dim, self.facts.num_examples
+    )
 
   def state_shardings(self, mesh: Mesh) -> SafeState:
     return state_shardings(mesh)
 
-  def learning_rate_schedule(self, steps_per_epoch: int, total_steps: int) -> optax.Schedule:
-    return learning_rate_schedule(self.config, steps_per_epoch, total_steps)
+  def learning_rate_schedule(self, total_steps: int) -> optax.Schedule:
+    return learning_rate_schedule(self.config, self.facts.steps_per_epoch, total_steps)
 
-  def step_kinds(self, steps_per_epoch: int = 1) -> dict[str, base.StepKind]:
-    del steps_per_epoch
-    return {phase: base.StepKind(phase, **TWO_VIEWS) for phase in PHASES}
-
-  def kind_for_epoch(self, epoch: int, steps_per_epoch: int = 1) -> str:
-    del steps_per_epoch
-    return phase_for_epoch(self.config.safeclip, epoch)
+  def schedule(self, epoch: int) -> base.StepKind:
+    return STEPS[phase_for_epoch(self.config.safeclip, epoch)]
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     del pair_loss  # SafeCLIP's losses are InfoNCE by construction (validate checks config.loss).
@@ -446,8 +450,8 @@ class SafeClip(base.Defense):
     del kind, aux
     return write_banks(state, {"image": z["image"], "text": z["text"]}, batch["id"], batch["poisoned"], mesh)
 
-  def update_stats(self, kind, stats, z, aux, batch, step, steps_per_epoch):
-    del kind, z, step, steps_per_epoch
+  def update_stats(self, kind, stats, z, aux, batch, step):
+    del kind, z, step
     metrics = {
         f"safeclip/{k}": aux[k] for k in ("image_nn_similarity", "text_nn_similarity", "safe_in_batch") if k in aux
     }
@@ -457,6 +461,16 @@ class SafeClip(base.Defense):
 
   def epoch_hooks(self, context: base.RunContext) -> base.EpochHooks:
     return SafeSplitter(context)
+
+  @classmethod
+  def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
+    del rows  # One note for all of them: they share the experiment's `safeclip` block.
+    sc = config.safeclip
+    return [
+        f"SafeCLIP: {sc.inmodal_warmup} unimodal warm-up epochs (lr {sc.in_lr:g}), {sc.multimodal_warmup} "
+        f"CLIP epoch(s) at lr {sc.filter_lr:g}, then a Gaussian-mixture safe/risky split every epoch "
+        f"(first: posterior >= {sc.threshold:g}; then +{sc.ratio_step:g} per epoch, at most {sc.max_ratio:g})."
+    ]
 
 
 class SafeSplitter(base.EpochHooks):
@@ -476,8 +490,8 @@ class SafeSplitter(base.EpochHooks):
     if config.poison.enabled:  # From the metadata: no image is read.
       self._poisoned = metadata_lib.poisoned_flags(self._data.source)
 
-  def start_epoch(self, state: Any, epoch: int, kind: str) -> tuple[Any, dict[str, Any] | None]:
-    if kind != "safe_split":
+  def start_epoch(self, state: Any, epoch: int, kind: base.StepKind) -> tuple[Any, dict[str, Any] | None]:
+    if kind.name != "safe_split":
       return state, None
     t0 = time.perf_counter()
     batches = pipeline.scoring_batches(

@@ -209,24 +209,13 @@ def format_table(
         f"{p.targeted.poisons_per_target} adversarial captions appended. Success: target "
         "classified as its adversarial class."
     )
-  defenses = {dict(o).get("defense") for name, o in config.experiment.runs if name in results}
-  if "safeclip" in defenses:
-    sc = config.safeclip
-    notes.append(
-        f"SafeCLIP: {sc.inmodal_warmup} unimodal warm-up epochs (lr {sc.in_lr:g}), {sc.multimodal_warmup} "
-        f"CLIP epoch(s) at lr {sc.filter_lr:g}, then a Gaussian-mixture safe/risky split every epoch "
-        f"(first: posterior >= {sc.threshold:g}; then +{sc.ratio_step:g} per epoch, at most {sc.max_ratio:g})."
-    )
+  rows_by_defense: dict[str, list[tuple[str, dict[str, Any]]]] = {}  # In the order the defenses first appear.
   for name, overrides in config.experiment.runs:
     overrides = dict(overrides)
-    if name in results and overrides.get("defense") == "cleanclip":
-      clean = overrides.get("cleanclip.num_clean_examples", config.cleanclip.num_clean_examples) or "all"
-      notes.append(
-          f"{name}: starts from the final model of {overrides['init_from'].replace('{workdir}/', '')!r} "
-          f"and fine-tunes it for {overrides.get('num_epochs', config.num_epochs)} epochs on {clean} clean "
-          f"training pairs (lr {overrides.get('optim.lr', config.optim.lr):g}, CLIP + in-modal losses "
-          f"weighted {config.cleanclip.clip_weight:g} / {config.cleanclip.inmodal_weight:g})."
-      )
+    if name in results:
+      rows_by_defense.setdefault(overrides.get("defense", config.defense), []).append((name, overrides))
+  for defense, rows in rows_by_defense.items():
+    notes.extend(defenses.get(defense).table_notes(config, rows))
   if workdir is not None:
     notes.extend(collapse_notes(results, workdir))
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"

@@ -24,7 +24,6 @@ from roclip_jax import sharding as sharding_lib
 from roclip_jax import steps as steps_lib
 from roclip_jax import train
 from roclip_jax.data import metadata as metadata_lib
-from roclip_jax.data import poison as poison_lib
 
 # Examples per host per batch of the embedding pass.
 DEFAULT_BATCH_SIZE = 256
@@ -36,13 +35,10 @@ def training_source(config: Any) -> tuple[Any, Any]:
 
   config = copy.deepcopy(config)
   config.data.num_workers = 0  # Only the source is needed; start no worker processes.
-  if config.defense == "cleanclip":
-    # A CleanCLIP run fine-tuned on a clean subset; the data worth screening is the poisoned
-    # training set that subset was drawn from.
-    config.defense = "none"
-  train_data, _ = train.build_train_data(config, workdir=None)  # workdir=None: writes nothing.
-  transform = poison_lib.make_image_transform(config.poison, seed=config.poison.seed) if config.poison.enabled else None
-  return train_data.source, transform
+  # Before the defense picks its records: where it trains on a subset (CleanCLIP's clean one), the data
+  # worth screening is the poisoned training set the subset was drawn from. workdir=None: writes nothing.
+  source, _, transform = train.build_train_source(config, workdir=None)
+  return source, transform
 
 
 @dataclasses.dataclass

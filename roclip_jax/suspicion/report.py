@@ -23,6 +23,7 @@ from absl import logging
 import jax
 import numpy as np
 
+from roclip_jax import defenses
 from roclip_jax import runs
 from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
@@ -126,9 +127,10 @@ def build_report(
   )
   data = embedding_lib.embed_training_set(config, state, batches, num_examples=len(source))
   pool_emb = pool_ids = None
-  if config.defense == "roclip":  # Its state is the caption pool.
-    pool_emb = np.asarray(state.defense.embeddings, np.float32)
-    pool_ids = np.asarray(state.defense.source_ids, np.int64)
+  pool = defenses.get(config.defense).caption_pool(state.defense)
+  if pool is not None:
+    pool_emb = np.asarray(pool.embeddings, np.float32)
+    pool_ids = np.asarray(pool.source_ids, np.int64)
   t0 = time.perf_counter()
   scores = scores_lib.score_examples(
       data.image_emb,
