@@ -547,6 +547,24 @@ def test_collapse_detector_compares_with_the_last_clip_epochs_before_matching():
   assert roclip.collapse_warnings(_replay(healthy)[-1], None) == []
 
 
+def _gate_inputs(matched, pool):
+  """The `Match` of rows `matched` ([B, d]) and a clean `Pool` of rows `pool` ([M, d]), as the gate reads them."""
+  b, m = len(matched), len(pool)
+  match = roclip.Match(
+      embeddings=jnp.asarray(matched, jnp.float32),
+      index=jnp.arange(b, dtype=jnp.int32),
+      similarity=jnp.zeros(b),
+      source_poisoned=jnp.zeros(b, jnp.int8),
+  )
+  pool_state = roclip.Pool(
+      embeddings=jnp.asarray(pool),
+      source_ids=jnp.arange(m, dtype=jnp.int32),
+      source_poisoned=jnp.zeros(m, jnp.int8),
+      ptr=jnp.zeros((), jnp.int32),
+  )
+  return match, pool_state
+
+
 def _np_excused(ztxt, keep, pool):
   """Pairs with peers (other captions within the gate's halfway rule) most of whom fail."""
   mean_row = pool.mean(axis=0)
@@ -613,18 +631,7 @@ def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory, drop_untrust
       other / np.linalg.norm(other, axis=1, keepdims=True),
   )
   zimg = _unit(rng, b, d)
-  match = roclip.Match(
-      embeddings=jnp.asarray(matched, jnp.float32),
-      index=jnp.arange(b, dtype=jnp.int32),
-      similarity=jnp.zeros(b),
-      source_poisoned=jnp.zeros(b, jnp.int8),
-  )
-  pool_state = roclip.Pool(
-      embeddings=jnp.asarray(pool),
-      source_ids=jnp.arange(40, dtype=jnp.int32),
-      source_poisoned=jnp.zeros(40, jnp.int8),
-      ptr=jnp.zeros((), jnp.int32),
-  )
+  match, pool_state = _gate_inputs(matched, pool)
   log_scale = np.log(10.0)
   # Histories of 0-3 earlier decisions, some of which outvote this step's.
   past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)] if memory else None
@@ -674,18 +681,7 @@ def test_peers_excuse_the_failures_of_content_the_model_has_not_learnt(drop_untr
   near, other = ztxt + 0.1 * _unit(rng, b, d), pool[:b] - 0.9 * ztxt
   matched = np.where(passing[:, None], near, other)
   matched /= np.linalg.norm(matched, axis=1, keepdims=True)
-  match = roclip.Match(
-      embeddings=jnp.asarray(matched, jnp.float32),
-      index=jnp.arange(b, dtype=jnp.int32),
-      similarity=jnp.zeros(b),
-      source_poisoned=jnp.zeros(b, jnp.int8),
-  )
-  pool_state = roclip.Pool(
-      embeddings=jnp.asarray(pool),
-      source_ids=jnp.arange(40, dtype=jnp.int32),
-      source_poisoned=jnp.zeros(40, jnp.int8),
-      ptr=jnp.zeros((), jnp.int32),
-  )
+  match, pool_state = _gate_inputs(matched, pool)
   keep = np.asarray(roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state))
   np.testing.assert_array_equal(keep, passing)  # The construction holds.
   excused = np.asarray(roclip.excused_by_peers(jnp.asarray(ztxt), jnp.asarray(keep), pool_state))

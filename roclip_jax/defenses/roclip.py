@@ -292,8 +292,13 @@ def own_pair_gate(ztxt: jax.Array, match: Match, pool: Pool) -> jax.Array:
   """
   ztxt = jax.lax.stop_gradient(ztxt)
   agreement = jnp.sum(ztxt * match.embeddings, axis=-1)
-  typical = ztxt @ jnp.mean(pool.embeddings, axis=0)
-  return (agreement >= 0.5 * (1.0 + typical)).astype(jnp.float32)
+  return (agreement >= _says_the_same_bar(ztxt, pool)).astype(jnp.float32)
+
+
+def _says_the_same_bar(ztxt: jax.Array, pool: Pool) -> jax.Array:
+  """f32[B]: the cosine to t_i above which a caption says the same as t_i, halfway from the pool's
+  mean caption to t_i itself: (1 + cos(t_i, mean pool row)) / 2. The gate and its peers share it."""
+  return 0.5 * (1.0 + ztxt @ jnp.mean(pool.embeddings, axis=0))
 
 
 def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
@@ -310,8 +315,7 @@ def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
   A pair without peers is judged by its own decision alone.
   """
   ztxt = jax.lax.stop_gradient(ztxt)
-  typical = ztxt @ jnp.mean(pool.embeddings, axis=0)
-  peers = (ztxt @ ztxt.T >= 0.5 * (1.0 + typical)[:, None]) & ~jnp.eye(ztxt.shape[0], dtype=bool)
+  peers = (ztxt @ ztxt.T >= _says_the_same_bar(ztxt, pool)[:, None]) & ~jnp.eye(ztxt.shape[0], dtype=bool)
   num_peers = jnp.sum(peers, axis=1)
   passing_peers = peers.astype(jnp.float32) @ keep
   return ((num_peers > 0) & (2.0 * passing_peers < num_peers)).astype(jnp.float32)
