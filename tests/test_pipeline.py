@@ -17,20 +17,23 @@ from roclip_jax.data import pipeline
 from roclip_jax.data import sources
 from roclip_jax.data import tokenizer as tokenizer_lib
 
+# Smaller than conftest's `demo_root` (helpers.DEMO): these tests count its 32 training and 12 test rows.
 DEMO = dict(num_classes=4, train_per_class=8, test_per_class=3, image_size=16, seed=0)
 
 
 @pytest.fixture(scope="module")
-def demo_root(tmp_path_factory):
+def small_demo_root(tmp_path_factory):
+  """The demo dataset of this module's DEMO; named apart from conftest's `demo_root`, which it would
+  otherwise shadow here with other data."""
   return demo.ensure_demo_dataset(dict(DEMO, root=str(tmp_path_factory.mktemp("demo") / "d")))
 
 
-def make_config(demo_root, **data_overrides):
+def make_config(small_demo_root, **data_overrides):
   num_epochs = data_overrides.pop("num_epochs", 2)
   augment = data_overrides.pop("augment", dict(image=False, text=False, text_resample_per_epoch=False))
   data = dict(
       source="demo",
-      demo=dict(DEMO, root=demo_root),
+      demo=dict(DEMO, root=small_demo_root),
       csv_path="",
       image_root="",
       image_key="image_path",
@@ -216,8 +219,8 @@ def test_csv_source_errors_name_the_fix(tmp_path):
     sources.CsvSource(str(tmp_path / "nope.csv"))
 
 
-def test_make_source(demo_root):
-  config = make_config(demo_root)
+def test_make_source(small_demo_root):
+  config = make_config(small_demo_root)
   assert len(sources.make_source(config.data, "train")) == 4 * 8
   assert len(sources.make_source(config.data, "test")) == 4 * 3
   config.data.source = "webdataset"
@@ -231,8 +234,8 @@ def test_make_source(demo_root):
 # ------------------------------------------------------------- training
 
 
-def test_batch_shapes_dtypes_and_contents(demo_root):
-  data = pipeline.make_train_data(make_config(demo_root))
+def test_batch_shapes_dtypes_and_contents(small_demo_root):
+  data = pipeline.make_train_data(make_config(small_demo_root))
   assert (data.steps_per_epoch, data.num_examples, data.local_batch_size) == (4, 32, 8)
   batches = collect(data.iterator)
   assert len(batches) == 2 * 4
@@ -248,21 +251,21 @@ def test_batch_shapes_dtypes_and_contents(demo_root):
     assert {k: (v.dtype, v.shape) for k, v in batch.items()} == expected
   # Contents follow the CSV row of each id: the raw PNG (16 px = model size,
   # so no resize), the label and the tokenized caption.
-  with open(os.path.join(demo_root, "train.csv"), newline="") as f:
+  with open(os.path.join(small_demo_root, "train.csv"), newline="") as f:
     rows = list(csv.DictReader(f))
   tok = tokenizer_lib.get_tokenizer(16)
   batch = batches[0]
   for i, example_id in enumerate(batch["id"]):
     row = rows[example_id]
-    pixels = np.asarray(Image.open(os.path.join(demo_root, row["image_path"])))
+    pixels = np.asarray(Image.open(os.path.join(small_demo_root, row["image_path"])))
     np.testing.assert_array_equal(batch["image"][i], pixels)
     assert batch["label"][i] == int(row["label"])
     np.testing.assert_array_equal(batch["text"][i], tok(row["caption"])[0])
   assert not any(b["skipped"].any() or b["poisoned"].any() for b in batches)
 
 
-def test_every_epoch_is_a_fresh_permutation(demo_root):
-  data = pipeline.make_train_data(make_config(demo_root, num_epochs=3))
+def test_every_epoch_is_a_fresh_permutation(small_demo_root):
+  data = pipeline.make_train_data(make_config(small_demo_root, num_epochs=3))
   batches = collect(data.iterator)
   steps = data.steps_per_epoch
   epochs = [np.concatenate([b["id"] for b in batches[e * steps : (e + 1) * steps]]) for e in range(3)]
@@ -271,12 +274,12 @@ def test_every_epoch_is_a_fresh_permutation(demo_root):
   assert len({tuple(ids) for ids in epochs}) == 3
   assert not np.array_equal(epochs[0], np.arange(32)), "must be shuffled"
   # Same config -> same order (seeded).
-  again = collect(pipeline.make_train_data(make_config(demo_root)).iterator)
+  again = collect(pipeline.make_train_data(make_config(small_demo_root)).iterator)
   assert_batches_equal(again, batches[: len(again)])
 
 
-def test_remainder_is_dropped_per_epoch(demo_root):
-  data = pipeline.make_train_data(make_config(demo_root, batch_size=12, num_epochs=3))
+def test_remainder_is_dropped_per_epoch(small_demo_root):
+  data = pipeline.make_train_data(make_config(small_demo_root, batch_size=12, num_epochs=3))
   assert data.steps_per_epoch == 2  # 32 // 12
   batches = collect(data.iterator)
   assert len(batches) == 6
@@ -285,12 +288,12 @@ def test_remainder_is_dropped_per_epoch(demo_root):
     assert len(set(ids.tolist())) == 24  # No duplicates inside an epoch.
 
 
-def test_host_slices_are_disjoint_and_covering(demo_root):
+def test_host_slices_are_disjoint_and_covering(small_demo_root):
   for count in (1, 2, 3, 7):
     slices = [set(pipeline.host_example_indices(10, i, count).tolist()) for i in range(count)]
     assert set().union(*slices) == set(range(10))
     assert sum(len(s) for s in slices) == 10
-  config = make_config(demo_root, num_epochs=1)
+  config = make_config(small_demo_root, num_epochs=1)
   seen = []
   for host in range(2):
     data = pipeline.make_train_data(config, process_index=host, process_count=2)
@@ -301,7 +304,7 @@ def test_host_slices_are_disjoint_and_covering(demo_root):
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(range(32))
   with pytest.raises(ValueError, match="divisible"):
-    pipeline.make_train_data(make_config(demo_root, batch_size=9), process_count=2)
+    pipeline.make_train_data(make_config(small_demo_root, batch_size=9), process_count=2)
 
 
 def test_uneven_host_slices_run_the_same_number_of_steps(tmp_path):
@@ -316,8 +319,8 @@ def test_uneven_host_slices_run_the_same_number_of_steps(tmp_path):
   assert counts == [(2, 4), (2, 4)]  # (11 // 2) // 2 = 2 steps per epoch.
 
 
-def test_resume_from_state_equals_uninterrupted(demo_root):
-  config = make_config(demo_root, batch_size=8, num_epochs=3)
+def test_resume_from_state_equals_uninterrupted(small_demo_root):
+  config = make_config(small_demo_root, batch_size=8, num_epochs=3)
   full = collect(pipeline.make_train_data(config).iterator)
   first = pipeline.make_train_data(config).iterator
   head = collect(first, 5)  # Stops inside the second epoch.
@@ -327,9 +330,9 @@ def test_resume_from_state_equals_uninterrupted(demo_root):
   assert_batches_equal(head + collect(resumed), full)
 
 
-def test_workers_resume_and_match_in_process_output(demo_root):
-  config = make_config(demo_root, num_epochs=2, num_workers=2)
-  in_process = collect(pipeline.make_train_data(make_config(demo_root, num_epochs=2)).iterator)
+def test_workers_resume_and_match_in_process_output(small_demo_root):
+  config = make_config(small_demo_root, num_epochs=2, num_workers=2)
+  in_process = collect(pipeline.make_train_data(make_config(small_demo_root, num_epochs=2)).iterator)
   first = pipeline.make_train_data(config).iterator
   head = collect(first, 3)
   state = first.get_state()
@@ -398,14 +401,14 @@ def test_more_corrupt_images_than_spare_slots_keeps_epochs_exact(tmp_path):
   assert_resumes_exactly(config, full, after=3)
 
 
-def test_image_transform_sees_record_and_raw_image(demo_root):
+def test_image_transform_sees_record_and_raw_image(small_demo_root):
   calls = []
 
   def paint_label_zero_white(record, image):
     calls.append((set(record), image.shape))
     return np.full_like(image, 255) if record["label"] == 0 else image
 
-  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1), image_transform=paint_label_zero_white)
+  data = pipeline.make_train_data(make_config(small_demo_root, num_epochs=1), image_transform=paint_label_zero_white)
   batches = collect(data.iterator)
   assert calls and all(
       keys == {"id", "image_path", "caption", "label", "poisoned"} and shape == (16, 16, 3) for keys, shape in calls
@@ -416,8 +419,8 @@ def test_image_transform_sees_record_and_raw_image(demo_root):
   assert not (images[labels != 0] == 255).all(axis=(1, 2, 3)).any()
 
 
-def test_custom_source_is_used(demo_root):
-  base = sources.make_source(make_config(demo_root).data)
+def test_custom_source_is_used(small_demo_root):
+  base = sources.make_source(make_config(small_demo_root).data)
 
   class Flagged:
 
@@ -427,7 +430,7 @@ def test_custom_source_is_used(demo_root):
     def __getitem__(self, i):
       return dict(base[i], poisoned=np.int8(i % 2))
 
-  data = pipeline.make_train_data(make_config(demo_root, num_epochs=1), source=Flagged())
+  data = pipeline.make_train_data(make_config(small_demo_root, num_epochs=1), source=Flagged())
   for batch in collect(data.iterator):
     np.testing.assert_array_equal(batch["poisoned"], batch["id"] % 2)
 
@@ -435,27 +438,27 @@ def test_custom_source_is_used(demo_root):
 # ------------------------------------------------------------------ eval
 
 
-def test_eval_arrays_for_demo_split(demo_root):
-  config = make_config(demo_root)
+def test_eval_arrays_for_demo_split(small_demo_root):
+  config = make_config(small_demo_root)
   config.model.image.image_size = 8  # Forces resize + centre crop.
   ev = pipeline.make_eval_arrays(config)
   assert ev.images.shape == (12, 8, 8, 3) and ev.images.dtype == np.uint8
-  with open(os.path.join(demo_root, "test.csv"), newline="") as f:
+  with open(os.path.join(small_demo_root, "test.csv"), newline="") as f:
     rows = list(csv.DictReader(f))
   np.testing.assert_array_equal(ev.labels, [int(r["label"]) for r in rows])
   assert ev.captions == [r["caption"] for r in rows]
   np.testing.assert_array_equal(ev.ids, np.arange(12))
   assert ev.class_names == list(demo.CLASS_NAMES[:4])
   assert ev.templates == list(demo.TEMPLATES) and ev.num_skipped == 0
-  raw = np.asarray(Image.open(os.path.join(demo_root, rows[0]["image_path"])))
+  raw = np.asarray(Image.open(os.path.join(small_demo_root, rows[0]["image_path"])))
   np.testing.assert_array_equal(ev.images[0], np.asarray(Image.fromarray(raw).resize((8, 8), Image.Resampling.BICUBIC)))
 
 
-def test_eval_arrays_from_csv_skip_corrupt(tmp_path, demo_root):
+def test_eval_arrays_from_csv_skip_corrupt(tmp_path, small_demo_root):
   csv_path, bad_ids, num_rows = _corrupt_dataset(tmp_path, num_valid=5, num_missing=1)
   with open(tmp_path / "classes.json", "w") as f:
     json.dump({"classes": ["zero", "one"]}, f)
-  config = make_config(demo_root, source="csv", eval_csv=csv_path, classes_json=str(tmp_path / "classes.json"))
+  config = make_config(small_demo_root, source="csv", eval_csv=csv_path, classes_json=str(tmp_path / "classes.json"))
   ev = pipeline.make_eval_arrays(config)
   assert ev.num_skipped == 2 and len(ev.labels) == num_rows - 2 == 5
   assert not set(ev.ids.tolist()) & bad_ids
@@ -490,8 +493,8 @@ def _per_epoch_by_id(batches, steps, key):
   return epochs
 
 
-def test_augmentation_varies_per_epoch_and_resumes_exactly(demo_root):
-  config = make_config(demo_root, num_epochs=2, augment=_augment_config())
+def test_augmentation_varies_per_epoch_and_resumes_exactly(small_demo_root):
+  config = make_config(small_demo_root, num_epochs=2, augment=_augment_config())
   config.model.image.image_size = 12
   data = pipeline.make_train_data(config)
   full = collect(data.iterator)
@@ -510,8 +513,10 @@ def test_augmentation_varies_per_epoch_and_resumes_exactly(demo_root):
   assert_resumes_exactly(config, full, after=3)
 
 
-def test_text_augmentation_can_resample_each_epoch(demo_root):
-  config = make_config(demo_root, num_epochs=2, augment=_augment_config(image=False, text_resample_per_epoch=True))
+def test_text_augmentation_can_resample_each_epoch(small_demo_root):
+  config = make_config(
+      small_demo_root, num_epochs=2, augment=_augment_config(image=False, text_resample_per_epoch=True)
+  )
   data = pipeline.make_train_data(config)
   texts = _per_epoch_by_id(collect(data.iterator), data.steps_per_epoch, "text")
   changed = sum(not np.array_equal(texts[0][i], texts[1][i]) for i in range(32))
@@ -521,32 +526,32 @@ def test_text_augmentation_can_resample_each_epoch(demo_root):
 # ------------------------------------------------------------- two views
 
 
-def _demo_rows(demo_root):
-  with open(os.path.join(demo_root, "train.csv"), newline="") as f:
+def _demo_rows(small_demo_root):
+  with open(os.path.join(small_demo_root, "train.csv"), newline="") as f:
     return list(csv.DictReader(f))
 
 
-def test_views_must_be_one_or_two(demo_root):
+def test_views_must_be_one_or_two(small_demo_root):
   with pytest.raises(ValueError, match=r"views=3.*1.*2"):
-    pipeline.make_train_data(make_config(demo_root), views=3)
+    pipeline.make_train_data(make_config(small_demo_root), views=3)
   assert pipeline.batch_keys(1) == pipeline.BATCH_KEYS
   assert pipeline.batch_keys(2) == pipeline.BATCH_KEYS + ("image2", "text2")
 
 
-def test_one_view_batches_have_no_second_view(demo_root):
+def test_one_view_batches_have_no_second_view(small_demo_root):
   # An explicit views=1 is the same as the default.
-  old = collect(pipeline.make_train_data(make_config(demo_root)).iterator, 2)
-  new = collect(pipeline.make_train_data(make_config(demo_root), views=1).iterator, 2)
+  old = collect(pipeline.make_train_data(make_config(small_demo_root)).iterator, 2)
+  new = collect(pipeline.make_train_data(make_config(small_demo_root), views=1).iterator, 2)
   assert_batches_equal(old, new)
   assert set(new[0]) == set(pipeline.BATCH_KEYS)
 
 
-def test_two_views_plain_first_view_augmented_second(demo_root):
+def test_two_views_plain_first_view_augmented_second(small_demo_root):
   from roclip_jax.data import eda  # pylint: disable=g-import-not-at-top
 
   aug = _augment_config(image=False, text=False)
-  config = make_config(demo_root, num_epochs=2, augment=aug)
-  one_view = collect(pipeline.make_train_data(make_config(demo_root, num_epochs=2, augment=aug)).iterator)
+  config = make_config(small_demo_root, num_epochs=2, augment=aug)
+  one_view = collect(pipeline.make_train_data(make_config(small_demo_root, num_epochs=2, augment=aug)).iterator)
   data = pipeline.make_train_data(config, views=2)
   full = collect(data.iterator)
   assert len(full) == 2 * data.steps_per_epoch
@@ -559,12 +564,12 @@ def test_two_views_plain_first_view_augmented_second(demo_root):
     for key in pipeline.BATCH_KEYS:
       np.testing.assert_array_equal(a[key], b[key], err_msg=key)
 
-  rows = _demo_rows(demo_root)
+  rows = _demo_rows(small_demo_root)
   tok = tokenizer_lib.get_tokenizer(16)
   batch = full[0]
   for i, example_id in enumerate(batch["id"]):
     row = rows[example_id]
-    pixels = np.asarray(Image.open(os.path.join(demo_root, row["image_path"])))
+    pixels = np.asarray(Image.open(os.path.join(small_demo_root, row["image_path"])))
     plain = image_ops.resize_center_crop(pixels, 16)
     np.testing.assert_array_equal(batch["image"][i], plain)
     assert not np.array_equal(batch["image2"][i], plain)
@@ -594,13 +599,13 @@ def test_two_views_plain_first_view_augmented_second(demo_root):
   assert_batches_equal(head + collect(resumed), full)
 
 
-def test_two_augmented_views_differ_and_share_the_transform(demo_root):
+def test_two_augmented_views_differ_and_share_the_transform(small_demo_root):
   aug = _augment_config(text_resample_per_epoch=True)
 
   def paint_label_zero_white(record, image):
     return np.full_like(image, 255) if record["label"] == 0 else image
 
-  config = make_config(demo_root, num_epochs=2, augment=aug)
+  config = make_config(small_demo_root, num_epochs=2, augment=aug)
   data = pipeline.make_train_data(config, views=2, image_transform=paint_label_zero_white)
   full = collect(data.iterator)
   images = np.concatenate([b["image"] for b in full])
@@ -639,11 +644,11 @@ def test_two_views_survive_top_up(tmp_path):
 # --------------------------------------------------------------- scoring
 
 
-def test_scoring_batches_cover_host_slices_in_order(demo_root):
-  config = make_config(demo_root)
+def test_scoring_batches_cover_host_slices_in_order(small_demo_root):
+  config = make_config(small_demo_root)
   config.model.image.image_size = 8
   source = sources.make_source(config.data)
-  rows = _demo_rows(demo_root)
+  rows = _demo_rows(small_demo_root)
   tok = tokenizer_lib.get_tokenizer(16)
   seen = []
   for host in range(3):  # 32 ids over 3 hosts: 11, 11, 10.
@@ -673,7 +678,7 @@ def test_scoring_batches_cover_host_slices_in_order(demo_root):
     for batch in batches:
       for i in np.flatnonzero(batch["valid"]):
         row = rows[batch["id"][i]]
-        pixels = np.asarray(Image.open(os.path.join(demo_root, row["image_path"])))
+        pixels = np.asarray(Image.open(os.path.join(small_demo_root, row["image_path"])))
         np.testing.assert_array_equal(
             batch["image"][i], np.asarray(Image.fromarray(pixels).resize((8, 8), Image.Resampling.BICUBIC))
         )
@@ -717,7 +722,7 @@ def test_scoring_batches_transform_and_corrupt_images(tmp_path):
 # ------------------------------------------------- augmentation placement
 
 
-def test_host_placement_is_unchanged(demo_root):
+def test_host_placement_is_unchanged(small_demo_root):
   # placement='host' (the default) is the host augmentation bit for bit, and a config from before the
   # field existed reads the same batches.
   from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
@@ -725,13 +730,13 @@ def test_host_placement_is_unchanged(demo_root):
   legacy = _augment_config()
   del legacy["placement"], legacy["device_source_size"]
   explicit = _augment_config(placement="host")
-  batches = collect(pipeline.make_train_data(make_config(demo_root, augment=explicit), views=2).iterator, 2)
+  batches = collect(pipeline.make_train_data(make_config(small_demo_root, augment=explicit), views=2).iterator, 2)
   assert_batches_equal(
-      batches, collect(pipeline.make_train_data(make_config(demo_root, augment=legacy), views=2).iterator, 2)
+      batches, collect(pipeline.make_train_data(make_config(small_demo_root, augment=legacy), views=2).iterator, 2)
   )
   assert set(batches[0]) == set(pipeline.batch_keys(2))
   loader = pipeline._ExampleLoader(  # pylint: disable=protected-access
-      sources.make_source(make_config(demo_root).data),
+      sources.make_source(make_config(small_demo_root).data),
       epoch_length=32,
       image_size=16,
       context_length=16,
@@ -740,21 +745,25 @@ def test_host_placement_is_unchanged(demo_root):
       augment_cfg=explicit,
       image_transform=None,
   )
-  raw = np.asarray(Image.open(os.path.join(demo_root, _demo_rows(demo_root)[3]["image_path"])).convert("RGB"))
+  raw = np.asarray(
+      Image.open(os.path.join(small_demo_root, _demo_rows(small_demo_root)[3]["image_path"])).convert("RGB")
+  )
   key = pipeline._derived_seed(0, 2, 0, bits=64)  # pylint: disable=protected-access  # (seed, image tag, host)
   expected = augment.augment_image(raw, np.random.Generator(np.random.Philox(key=(key << 64) | 7)), explicit, 16)
   np.testing.assert_array_equal(loader(7, 3)["image"], expected)
 
 
-def test_device_placement_delivers_the_host_draws(demo_root):
+def test_device_placement_delivers_the_host_draws(small_demo_root):
   from roclip_jax.data import augment  # pylint: disable=g-import-not-at-top
   import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
 
   # The demo images are 16 px: a delivered size of 16 makes the resize the identity, so the device's
   # pixels must be the host's up to rounding if, and only if, both used the same draws.
   device_cfg = _augment_config(placement="device", device_source_size=16)
-  host_batches = collect(pipeline.make_train_data(make_config(demo_root, augment=_augment_config()), views=2).iterator)
-  data = pipeline.make_train_data(make_config(demo_root, augment=device_cfg), views=2)
+  host_batches = collect(
+      pipeline.make_train_data(make_config(small_demo_root, augment=_augment_config()), views=2).iterator
+  )
+  data = pipeline.make_train_data(make_config(small_demo_root, augment=device_cfg), views=2)
   device_batches = collect(data.iterator)
   assert set(device_batches[0]) == set(pipeline.batch_keys(2, ("image", "image2")))
   for host, device in zip(host_batches, device_batches):
@@ -769,19 +778,20 @@ def test_device_placement_delivers_the_host_draws(demo_root):
       np.testing.assert_array_equal(host[key], device[key])
   # Deterministic (stream position, as on the host) and resumable.
   assert_batches_equal(
-      collect(pipeline.make_train_data(make_config(demo_root, augment=device_cfg), views=2).iterator), device_batches
+      collect(pipeline.make_train_data(make_config(small_demo_root, augment=device_cfg), views=2).iterator),
+      device_batches,
   )
-  assert_resumes_exactly(make_config(demo_root, augment=device_cfg), device_batches, after=3, views=2)
+  assert_resumes_exactly(make_config(small_demo_root, augment=device_cfg), device_batches, after=3, views=2)
 
   # Default size round(16 * 8 / 7) = 18: the whole image resized; a plain first view stays the eval crop.
   plain_first = _augment_config(image=False, text=False, placement="device")
-  batch = collect(pipeline.make_train_data(make_config(demo_root, augment=plain_first), views=2).iterator, 1)[0]
+  batch = collect(pipeline.make_train_data(make_config(small_demo_root, augment=plain_first), views=2).iterator, 1)[0]
   assert set(batch) == set(pipeline.batch_keys(2, ("image2",)))
   assert batch["image"].shape == (8, 16, 16, 3) and batch["image2"].shape == (8, 18, 18, 3)
-  rows = _demo_rows(demo_root)
+  rows = _demo_rows(small_demo_root)
   for i, example_id in enumerate(batch["id"][:3]):
-    raw = np.asarray(Image.open(os.path.join(demo_root, rows[example_id]["image_path"])).convert("RGB"))
+    raw = np.asarray(Image.open(os.path.join(small_demo_root, rows[example_id]["image_path"])).convert("RGB"))
     np.testing.assert_array_equal(batch["image2"][i], np.asarray(Image.fromarray(raw).resize((18, 18), Image.BICUBIC)))
     np.testing.assert_array_equal(batch["image"][i], image_ops.resize_center_crop(raw, 16))
   with pytest.raises(ValueError, match=r"placement='tpu'"):
-    pipeline.make_train_data(make_config(demo_root, augment=_augment_config(placement="tpu")))
+    pipeline.make_train_data(make_config(small_demo_root, augment=_augment_config(placement="tpu")))
