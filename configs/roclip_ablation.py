@@ -24,6 +24,9 @@ def get_config(arg=None):
       ("CLIP+aug", dict(AUG, defense="none")),
       ("RoCLIP (paper)", dict(AUG, defense="roclip", **{"roclip.variant": "paper"})),
       ("RoCLIP (default)", gated),
+      # Where the gate fails a pair, the image tower's in-modal view as an excuse or as a pass.
+      ("gated with image evidence as an excuse", dict(gated, **{"roclip.image_evidence": "excuse"})),
+      ("gated with image evidence as a pass", dict(gated, **{"roclip.image_evidence": "pass"})),
       # The failures of a pair's peers are no excuse (a failing pair is distrusted whatever its peers do).
       ("gated without the peers", dict(gated, **{"roclip.gate_peers": False})),
       # ... and untrusted pairs stay negatives for the others: the default before issue 22's third step.

@@ -575,7 +575,26 @@ def _np_excused(ztxt, keep, pool):
   return np.array(excused, np.float64)
 
 
-def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum, past=None, drop_untrusted=False, gate_peers=False):
+def _np_image_sides(zimg, ztxt, matched, pool):
+  """Images closer on average to the other images whose captions say what their own caption says than
+  to those whose captions say what their match says (each group by the gate's halfway rule)."""
+  mean_row = pool.mean(axis=0)
+  sided = []
+  for i in range(len(zimg)):
+    others = [j for j in range(len(zimg)) if j != i]
+    own = [j for j in others if ztxt[i] @ ztxt[j] >= 0.5 * (1 + ztxt[i] @ mean_row)]
+    via_match = [j for j in others if matched[i] @ ztxt[j] >= 0.5 * (1 + matched[i] @ mean_row)]
+    sided.append(
+        bool(own)
+        and bool(via_match)
+        and np.mean([zimg[i] @ zimg[j] for j in own]) > np.mean([zimg[i] @ zimg[j] for j in via_match])
+    )
+  return np.array(sided, np.float64)
+
+
+def _np_gated_loss(
+    zimg, ztxt, matched, pool, log_scale, quorum, past=None, drop_untrusted=False, gate_peers=False, image_excuse=False
+):
   """The own-pair gate and CLIP's loss over the kept positives, in float64 loops. `past`: each
   pair's earlier gate decisions (lists of booleans); a pair then keeps its positive where at least
   half of those and this one passed. `drop_untrusted`: CLIP's loss of the sub-batch of trusted pairs
@@ -586,6 +605,8 @@ def _np_gated_loss(zimg, ztxt, matched, pool, log_scale, quorum, past=None, drop
   # An excused failure is no decision: the pair keeps its positive, or with a memory its past must
   # hold more passes than fails.
   excused = (_np_excused(ztxt, keep, pool) > 0) & (keep == 0) if gate_peers else np.zeros(b, bool)
+  if image_excuse:  # The image tower contradicting the lookup's reading also excuses a failure.
+    excused = excused | ((_np_image_sides(zimg, ztxt, matched, pool) > 0) & (keep == 0))
   trusted = np.maximum(keep, excused)
   if past is not None:
     votes = [list(past[i]) + [bool(keep[i])] for i in range(b)]
@@ -719,6 +740,64 @@ def test_peers_excuse_the_failures_of_content_the_model_has_not_learnt(drop_untr
   after = roclip.record_votes(margins, jnp.arange(b), aux["gate"], aux["gate_active"], aux["gate_excused"])
   expected = [2 * sum(p) - len(p) + (0 if i in failing_excused else 2 * int(keep[i]) - 1) for i, p in enumerate(past)]
   np.testing.assert_array_equal(np.asarray(after), expected)
+
+
+def test_image_evidence_excuses_a_failure_the_image_tower_contradicts():
+  """A failing pair whose image looks more like the images captioned as its own caption than like
+  those captioned as its match is excused (`image_evidence='excuse'`); one that looks like its match's
+  images (a poisoned pair) is not. The side taken and the gated loss against float64 loops."""
+  rng = np.random.default_rng(5)
+  d = 16
+  pool = _unit(rng, 40, d)
+  text_centres, image_centres = _unit(rng, 2, d), _unit(rng, 2, d)
+  # Two contents, 6 pairs each. Pair 0 (content 0) fails with a match about content 1 but its image
+  # is a content-0 image: a clean pair the lookup gets wrong. Pair 6 (captioned as content 1) fails
+  # with a match about content 0 and its image is a content-0 image: a poisoned pair.
+  content = np.array([0] * 6 + [1] * 6)
+  shows = content.copy()
+  shows[6] = 0
+  b = len(content)
+  ztxt = text_centres[content] + 0.15 * _unit(rng, b, d)
+  zimg = image_centres[shows] + 0.3 * _unit(rng, b, d)
+  ztxt, zimg = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (ztxt, zimg))
+  matched = text_centres[content] + 0.1 * _unit(rng, b, d)
+  matched[0], matched[6] = text_centres[1], text_centres[0]
+  matched /= np.linalg.norm(matched, axis=1, keepdims=True)
+  match, pool_state = _gate_inputs(matched, pool)
+  keep = np.asarray(roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state))
+  np.testing.assert_array_equal(np.flatnonzero(keep == 0), [0, 6])  # The construction holds.
+  sided = np.asarray(roclip.image_sides_with_caption(jnp.asarray(zimg), jnp.asarray(ztxt), match, pool_state))
+  reference = _np_image_sides(*(x.astype(np.float64) for x in (zimg, ztxt, matched, pool)))
+  np.testing.assert_array_equal(sided, reference)
+  assert sided[0] == 1 and sided[6] == 0
+  past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
+  past[0] = [True, True]  # A history that trusts an excused pair (margin >= 1).
+  margins = jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
+  log_scale = np.log(10.0)
+  for drop_untrusted in (False, True):
+    _, loss_ref = _np_gated_loss(
+        *(x.astype(np.float64) for x in (zimg, ztxt, matched, pool)),
+        log_scale,
+        roclip.GATE_QUORUM,
+        past,
+        drop_untrusted,
+        gate_peers=True,
+        image_excuse=True,
+    )
+    loss, aux = roclip.gated_pair_loss(
+        jnp.asarray(zimg),
+        jnp.asarray(ztxt),
+        match,
+        pool_state,
+        {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
+        votes=margins,
+        drop_untrusted=drop_untrusted,
+        gate_peers=True,
+        image_evidence="excuse",
+    )
+    np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+    assert float(aux["gate_excused"][0]) == 1 and float(aux["gate_excused"][6]) == 0
+    assert float(aux["gate_weights"][0]) == 1  # Excused, and its history holds more passes.
 
 
 def test_gate_votes_keep_the_majority_of_each_examples_decisions():

@@ -9,7 +9,8 @@ the checkpointed pool (`RoClip.match`: the run's CSLS and own-example exclusion)
 clean pairs whose matched pool caption comes from an example of the image's own class and clean
 pairs whose match comes from another class, and how often it passes the poisoned pairs; then how far
 each group's own caption sits above the pool's typical caption for its image (a z-score over the
-pool's cosines). docs/roclip.md, section 8 reads the figures: a label-free gate cannot tell a clean
+pool's cosines), and, among the pairs the gate fails, how many the peers' excuse and the image
+tower's side (`roclip.image_evidence`) would excuse. docs/roclip.md, section 8 reads the figures: a label-free gate cannot tell a clean
 image the model still gets wrong from a poisoned one by this one decision.
 """
 
@@ -33,7 +34,9 @@ _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str, np.ndarray]:
   """Per pair of `num_batches` training batches: the gate's decision, whether the match has the image's
-  class, whether the pair is poisoned, and the own caption's z-score among the pool's cosines."""
+    class, whether the pair is poisoned, the own caption's z-score among the pool's cosines, whether the
+  peers excuse a failure (`roclip.excused_by_peers`) and whether the image tower sides with the own
+  caption (`roclip.image_sides_with_caption`)."""
   run = inspect_lib.load(workdir, step=step)
   if run.config.defense != "roclip":
     raise SystemExit(f"{workdir} trained defense={run.config.defense!r}; the gate is RoCLIP's.")
@@ -51,12 +54,17 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str
       match = lookup(pool, zimg, jnp.asarray(batch["id"], jnp.int32), mesh)
     cosines = np.asarray(zimg @ pool.embeddings.T)  # [B, M]
     own = np.sum(np.asarray(zimg) * np.asarray(ztxt), axis=1)
+    keep = roclip.own_pair_gate(ztxt, match, pool)
+    excused = np.asarray(roclip.excused_by_peers(ztxt, keep, pool)) > 0
+    image_sides = np.asarray(roclip.image_sides_with_caption(zimg, ztxt, match, pool)) > 0
     rows.append(
         dict(
-            passed=np.asarray(roclip.own_pair_gate(ztxt, match, pool)) > 0,
+            passed=np.asarray(keep) > 0,
             same_class=pool_labels[np.asarray(match.index)] == np.asarray(batch["label"]),
             poisoned=np.asarray(batch["poisoned"]) > 0,
             own_z=(own - cosines.mean(axis=1)) / cosines.std(axis=1),
+            excused=excused,
+            image_sides=image_sides,
         )
     )
   return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
@@ -82,6 +90,11 @@ def main() -> None:
   print(f"clean pairs it fails whose match has another class: {100 * (~d['same_class'][failed]).mean():.1f}%")
   for name, mask in groups.items():
     if mask.any():
+      f = mask & ~d["passed"]
+      print(
+          f"{name}, failing the gate: {f.sum()} pairs; excused by peers {100 * d['excused'][f].mean():.1f}%, "
+          f"the image tower sides with the own caption {100 * d['image_sides'][f].mean():.1f}%"
+      )
       quantiles = " / ".join(f"{q:.2f}" for q in np.quantile(d["own_z"][mask], _QUANTILES))
       print(
           f"{name}: {mask.sum()} pairs, passed {100 * d['passed'][mask].mean():.1f}%; own-caption z-score "

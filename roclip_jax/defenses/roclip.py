@@ -112,8 +112,12 @@ class Settings:
   # A failing pair is excused where most of its peers (the batch's other pairs whose captions say
   # the same) fail too (`excused_by_peers`).
   gate_peers: bool = False
+  # What the image tower's own view adds to a failing pair (`image_sides_with_caption`): 'none';
+  # 'excuse' (a failure it contradicts abstains, as a peers' excuse); 'pass' (it counts as a pass).
+  image_evidence: str = "none"
 
 
+IMAGE_EVIDENCE = ("none", "excuse", "pass")
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
 _ROBUST = dict(update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True, content_targets=True)
@@ -128,12 +132,17 @@ VARIANT_DEFAULTS = {
         gate_memory=False,
         drop_untrusted=False,
         gate_peers=False,
+        image_evidence="none",
     ),
-    "robust": dict(_ROBUST, own_pair_gate=False, gate_memory=False, drop_untrusted=False, gate_peers=False),
+    "robust": dict(
+        _ROBUST, own_pair_gate=False, gate_memory=False, drop_untrusted=False, gate_peers=False, image_evidence="none"
+    ),
     # The default since issue 22 (docs/roclip.md, section 8): the robust variant's pool and lookup,
     # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
     # positives; matching epochs only where `first_epoch` is set.
-    "gated": dict(_ROBUST, own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True),
+    "gated": dict(
+        _ROBUST, own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True, image_evidence="none"
+    ),
 }
 
 
@@ -188,6 +197,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       gate_memory=bool(knobs["gate_memory"]) and bool(knobs["own_pair_gate"]),
       drop_untrusted=bool(knobs["drop_untrusted"]) and bool(knobs["own_pair_gate"]),
       gate_peers=bool(knobs["gate_peers"]) and bool(knobs["own_pair_gate"]),
+      image_evidence=str(knobs["image_evidence"]) if knobs["own_pair_gate"] else "none",
   )
 
 
@@ -321,6 +331,34 @@ def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
   return ((num_peers > 0) & (2.0 * passing_peers < num_peers)).astype(jnp.float32)
 
 
+def image_sides_with_caption(zimg: jax.Array, ztxt: jax.Array, match: Match, pool: Pool) -> jax.Array:
+  """f32[B]: 1 where image i is closer, on average, to the batch's other images whose captions say
+  what its own caption t_i says than to those whose captions say what its match m_i says ("says the
+  same" by the gate's rule, `_says_the_same_bar`, relative to t_i and to m_i); 0 where either group
+  is empty.
+
+  Why: a failing gate is the text lookup reading image i as m_i's content. The image tower alone can
+  check that reading against the images the batch's captions describe: a clean image the lookup gets
+  wrong still tends to look like the other images of its caption's content, while a poisoned image
+  looks like the images of what it shows (its match), not like the images of the attacker's caption,
+  whose clean pairs outnumber the poisons. It uses the image tower's in-modal geometry, which the
+  attacker's caption does not write.
+  """
+  zimg, ztxt, zm = (jax.lax.stop_gradient(x) for x in (zimg, ztxt, match.embeddings))
+  others = ~jnp.eye(ztxt.shape[0], dtype=bool)
+  own_peers = ((ztxt @ ztxt.T) >= _says_the_same_bar(ztxt, pool)[:, None]) & others
+  match_peers = ((zm @ ztxt.T) >= _says_the_same_bar(zm, pool)[:, None]) & others
+  image_cos = zimg @ zimg.T
+
+  def mean_over(group):
+    n = jnp.sum(group, axis=1)
+    return jnp.sum(jnp.where(group, image_cos, 0.0), axis=1) / jnp.maximum(n, 1), n
+
+  to_own, num_own = mean_over(own_peers)
+  to_match, num_match = mean_over(match_peers)
+  return ((num_own > 0) & (num_match > 0) & (to_own > to_match)).astype(jnp.float32)
+
+
 def trusted_pairs(keep: jax.Array, votes: jax.Array | None, abstain: jax.Array | None = None) -> jax.Array:
   """f32[B]: the pairs that keep their positives. Without a memory (`votes` None), this step's gate
   decision `keep`; with one, the majority of the example's decisions so far and this one: its
@@ -360,6 +398,7 @@ def gated_pair_loss(
     votes: jax.Array | None = None,
     drop_untrusted: bool = False,
     gate_peers: bool = False,
+    image_evidence: str = "none",
 ):
   """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`).
   `votes`: the batch's rows of `Pool.gate_votes` (None: no memory).
@@ -376,7 +415,12 @@ def gated_pair_loss(
   where its peers passed stays distrusted.
   """
   keep = own_pair_gate(ztxt, match, pool)
+  if image_evidence == "pass":
+    keep = jnp.maximum(keep, image_sides_with_caption(zimg, ztxt, match, pool))
   excused = excused_by_peers(ztxt, keep, pool) * (1.0 - keep) if gate_peers else None
+  if image_evidence == "excuse":
+    sided = image_sides_with_caption(zimg, ztxt, match, pool) * (1.0 - keep)
+    excused = sided if excused is None else jnp.maximum(excused, sided)
   # The gate trusts the model's matches only where they agree with most of the batch's captions:
   # a model that still gets most pairs wrong would keep only what it already knows and train
   # toward that (on the digits set, a gate from epoch 4 kept ~50% and fell 15 points in an epoch).
@@ -934,6 +978,10 @@ class RoClip(base.Defense):
     # A failing pair is excused where most of the batch's other pairs whose captions say the same
     # fail too: the model has not learnt that content yet (docs/roclip.md, section 8).
     c.gate_peers = ml_collections.config_dict.placeholder(bool)
+    # Where the gate fails a pair, whether its image looks more like the batch's images captioned as
+    # its own caption than like those captioned as its match: 'none', 'excuse' or 'pass'
+    # (docs/roclip.md, section 8).
+    c.image_evidence = ml_collections.config_dict.placeholder(str)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -976,6 +1024,12 @@ class RoClip(base.Defense):
           "roclip.gate_quorum",
           f"is {r.gate_quorum}; it is a share of the batch.",
           "use a value in [0, 1] (default 0.5).",
+      )
+    if r.get("image_evidence") is not None and r.image_evidence not in IMAGE_EVIDENCE:
+      raise config_error(
+          "roclip.image_evidence",
+          f"{r.image_evidence!r} is unknown.",
+          f"use one of {IMAGE_EVIDENCE} (or leave it unset).",
       )
     if r.lookup_dtype not in LOOKUP_DTYPES:
       raise config_error(
@@ -1029,7 +1083,15 @@ class RoClip(base.Defense):
     # Named only when not the default, so the description of a float32 run reads as before.
     lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
-    memory = (", majority over epochs" if s.gate_memory else "") + (", peers excuse" if s.gate_peers else "")
+    memory = (
+        (", majority over epochs" if s.gate_memory else "")
+        + (", peers excuse" if s.gate_peers else "")
+        + (
+            f", image evidence as {'an excuse' if s.image_evidence == 'excuse' else 'a pass'}"
+            if s.image_evidence != "none"
+            else ""
+        )
+    )
     memory += ", untrusted pairs left out" if s.drop_untrusted else ""
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
@@ -1090,6 +1152,7 @@ class RoClip(base.Defense):
           votes,
           drop_untrusted=rc.drop_untrusted,
           gate_peers=rc.gate_peers,
+          image_evidence=rc.image_evidence,
       )
     if kind.name != "match":
       return pair_loss(z["image"], z["text"], scalars)
