@@ -630,6 +630,35 @@ def _np_gated_loss(
   return keep, 0.5 * (i2t + t2i)
 
 
+def _gated_losses(zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=False, image_evidence="none"):
+  """The float64 reference (`_np_gated_loss`: keep, loss) and `roclip.gated_pair_loss` (loss, aux) of
+  one batch, with the memory holding `past` (None: no memory), at logit scale 10."""
+  log_scale = np.log(10.0)
+  keep_ref, loss_ref = _np_gated_loss(
+      *(x.astype(np.float64) for x in (zimg, ztxt, matched, pool)),
+      log_scale,
+      roclip.GATE_QUORUM,
+      past,
+      drop_untrusted,
+      gate_peers=gate_peers,
+      image_excuse=image_evidence == "excuse",
+  )
+  margins = None if past is None else jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
+  match, pool_state = _gate_inputs(matched, pool)
+  loss, aux = roclip.gated_pair_loss(
+      jnp.asarray(zimg),
+      jnp.asarray(ztxt),
+      match,
+      pool_state,
+      {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
+      votes=margins,
+      drop_untrusted=drop_untrusted,
+      gate_peers=gate_peers,
+      image_evidence=image_evidence,
+  )
+  return keep_ref, loss_ref, loss, aux
+
+
 @pytest.mark.parametrize("agreeing", [12, 5])  # Above and below the quorum of half the batch of 16.
 @pytest.mark.parametrize("memory", [False, True])
 @pytest.mark.parametrize("drop_untrusted", [False, True])
@@ -653,32 +682,12 @@ def test_own_pair_gate_and_gated_loss_match_numpy(agreeing, memory, drop_untrust
   )
   zimg = _unit(rng, b, d)
   match, pool_state = _gate_inputs(matched, pool)
-  log_scale = np.log(10.0)
   # Histories of 0-3 earlier decisions, some of which outvote this step's.
   past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)] if memory else None
-  margins = None if past is None else jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
-  keep_ref, loss_ref = _np_gated_loss(
-      zimg.astype(np.float64),
-      ztxt.astype(np.float64),
-      matched.astype(np.float64),
-      pool.astype(np.float64),
-      log_scale,
-      roclip.GATE_QUORUM,
-      past,
-      drop_untrusted,
-  )
+  keep_ref, loss_ref, loss, aux = _gated_losses(zimg, ztxt, matched, pool, past, drop_untrusted)
   assert keep_ref[:agreeing].all() and not keep_ref[agreeing:].any()  # The construction holds.
   keep = roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state)
   np.testing.assert_array_equal(np.asarray(keep), keep_ref)
-  loss, aux = roclip.gated_pair_loss(
-      jnp.asarray(zimg),
-      jnp.asarray(ztxt),
-      match,
-      pool_state,
-      {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
-      votes=margins,
-      drop_untrusted=drop_untrusted,
-  )
   np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
   assert float(aux["gate_active"]) == float(agreeing / b >= roclip.GATE_QUORUM)
 
@@ -712,28 +721,7 @@ def test_peers_excuse_the_failures_of_content_the_model_has_not_learnt(drop_untr
   zimg = _unit(rng, b, d)
   past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
   margins = jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
-  log_scale = np.log(10.0)
-  _, loss_ref = _np_gated_loss(
-      zimg.astype(np.float64),
-      ztxt.astype(np.float64),
-      matched.astype(np.float64),
-      pool.astype(np.float64),
-      log_scale,
-      roclip.GATE_QUORUM,
-      past,
-      drop_untrusted,
-      gate_peers=True,
-  )
-  loss, aux = roclip.gated_pair_loss(
-      jnp.asarray(zimg),
-      jnp.asarray(ztxt),
-      match,
-      pool_state,
-      {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
-      votes=margins,
-      drop_untrusted=drop_untrusted,
-      gate_peers=True,
-  )
+  _, loss_ref, loss, aux = _gated_losses(zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=True)
   np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
   np.testing.assert_array_equal(np.asarray(aux["gate_excused"]), excused * (1 - keep))
   # The memory: excused failures leave their margins where they were.
@@ -772,28 +760,9 @@ def test_image_evidence_excuses_a_failure_the_image_tower_contradicts():
   assert sided[0] == 1 and sided[6] == 0
   past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
   past[0] = [True, True]  # A history that trusts an excused pair (margin >= 1).
-  margins = jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
-  log_scale = np.log(10.0)
   for drop_untrusted in (False, True):
-    _, loss_ref = _np_gated_loss(
-        *(x.astype(np.float64) for x in (zimg, ztxt, matched, pool)),
-        log_scale,
-        roclip.GATE_QUORUM,
-        past,
-        drop_untrusted,
-        gate_peers=True,
-        image_excuse=True,
-    )
-    loss, aux = roclip.gated_pair_loss(
-        jnp.asarray(zimg),
-        jnp.asarray(ztxt),
-        match,
-        pool_state,
-        {"logit_scale": jnp.asarray(log_scale, jnp.float32)},
-        votes=margins,
-        drop_untrusted=drop_untrusted,
-        gate_peers=True,
-        image_evidence="excuse",
+    _, loss_ref, loss, aux = _gated_losses(
+        zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=True, image_evidence="excuse"
     )
     np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
     assert float(aux["gate_excused"][0]) == 1 and float(aux["gate_excused"][6]) == 0

@@ -10,8 +10,9 @@ clean pairs whose matched pool caption comes from an example of the image's own 
 pairs whose match comes from another class, and how often it passes the poisoned pairs; then how far
 each group's own caption sits above the pool's typical caption for its image (a z-score over the
 pool's cosines), and, among the pairs the gate fails, how many the peers' excuse and the image
-tower's side (`roclip.image_evidence`) would excuse. docs/roclip.md, section 8 reads the figures: a label-free gate cannot tell a clean
-image the model still gets wrong from a poisoned one by this one decision.
+tower's side (`roclip.image_evidence`) would excuse. docs/roclip.md, section 8 reads the figures: a
+label-free gate cannot tell a clean image the model still gets wrong from a poisoned one by this one
+decision.
 """
 
 from __future__ import annotations
@@ -34,9 +35,9 @@ _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str, np.ndarray]:
   """Per pair of `num_batches` training batches: the gate's decision, whether the match has the image's
-    class, whether the pair is poisoned, the own caption's z-score among the pool's cosines, whether the
-  peers excuse a failure (`roclip.excused_by_peers`) and whether the image tower sides with the own
-  caption (`roclip.image_sides_with_caption`)."""
+  class, whether the pair is poisoned, the own caption's z-score among the pool's cosines, whether its
+  peers would excuse a failure (`roclip.excused_by_peers`) and whether the image tower sides with the
+  own caption (`roclip.image_sides_with_caption`)."""
   run = inspect_lib.load(workdir, step=step)
   if run.config.defense != "roclip":
     raise SystemExit(f"{workdir} trained defense={run.config.defense!r}; the gate is RoCLIP's.")

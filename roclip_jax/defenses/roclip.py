@@ -118,6 +118,7 @@ class Settings:
 
 
 IMAGE_EVIDENCE = ("none", "excuse", "pass")
+
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
 _ROBUST = dict(update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True, content_targets=True)
@@ -311,6 +312,14 @@ def _says_the_same_bar(ztxt: jax.Array, pool: Pool) -> jax.Array:
   return 0.5 * (1.0 + ztxt @ jnp.mean(pool.embeddings, axis=0))
 
 
+def _batch_captions_saying(queries: jax.Array, ztxt: jax.Array, pool: Pool) -> jax.Array:
+  """bool[B, B]: [i, j] where the batch's caption t_j (j != i) says the same as caption `queries[i]`
+  by the gate's rule (`_says_the_same_bar` of the query). With `queries` the batch's own captions:
+  each pair's peers."""
+  others = ~jnp.eye(ztxt.shape[0], dtype=bool)
+  return (queries @ ztxt.T >= _says_the_same_bar(queries, pool)[:, None]) & others
+
+
 def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
   """f32[B]: 1 where pair i has peers in the batch and most of them fail the gate (`keep` 0). Peers:
   the other pairs j whose captions say the same as t_i by the gate's own rule,
@@ -325,7 +334,7 @@ def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
   A pair without peers is judged by its own decision alone.
   """
   ztxt = jax.lax.stop_gradient(ztxt)
-  peers = (ztxt @ ztxt.T >= _says_the_same_bar(ztxt, pool)[:, None]) & ~jnp.eye(ztxt.shape[0], dtype=bool)
+  peers = _batch_captions_saying(ztxt, ztxt, pool)
   num_peers = jnp.sum(peers, axis=1)
   passing_peers = peers.astype(jnp.float32) @ keep
   return ((num_peers > 0) & (2.0 * passing_peers < num_peers)).astype(jnp.float32)
@@ -345,17 +354,14 @@ def image_sides_with_caption(zimg: jax.Array, ztxt: jax.Array, match: Match, poo
   attacker's caption does not write.
   """
   zimg, ztxt, zm = (jax.lax.stop_gradient(x) for x in (zimg, ztxt, match.embeddings))
-  others = ~jnp.eye(ztxt.shape[0], dtype=bool)
-  own_peers = ((ztxt @ ztxt.T) >= _says_the_same_bar(ztxt, pool)[:, None]) & others
-  match_peers = ((zm @ ztxt.T) >= _says_the_same_bar(zm, pool)[:, None]) & others
   image_cos = zimg @ zimg.T
 
   def mean_over(group):
     n = jnp.sum(group, axis=1)
     return jnp.sum(jnp.where(group, image_cos, 0.0), axis=1) / jnp.maximum(n, 1), n
 
-  to_own, num_own = mean_over(own_peers)
-  to_match, num_match = mean_over(match_peers)
+  to_own, num_own = mean_over(_batch_captions_saying(ztxt, ztxt, pool))
+  to_match, num_match = mean_over(_batch_captions_saying(zm, ztxt, pool))
   return ((num_own > 0) & (num_match > 0) & (to_own > to_match)).astype(jnp.float32)
 
 
@@ -1083,15 +1089,9 @@ class RoClip(base.Defense):
     # Named only when not the default, so the description of a float32 run reads as before.
     lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
-    memory = (
-        (", majority over epochs" if s.gate_memory else "")
-        + (", peers excuse" if s.gate_peers else "")
-        + (
-            f", image evidence as {'an excuse' if s.image_evidence == 'excuse' else 'a pass'}"
-            if s.image_evidence != "none"
-            else ""
-        )
-    )
+    image = {"none": "", "excuse": ", image evidence as an excuse", "pass": ", image evidence as a pass"}
+    memory = (", majority over epochs" if s.gate_memory else "") + (", peers excuse" if s.gate_peers else "")
+    memory += image[s.image_evidence]
     memory += ", untrusted pairs left out" if s.drop_untrusted else ""
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
