@@ -27,6 +27,12 @@ def get_config(arg=None):
       # Where the gate fails a pair, the image tower's in-modal view as an excuse or as a pass.
       ("gated with image evidence as an excuse", dict(gated, **{"roclip.image_evidence": "excuse"})),
       ("gated with image evidence as a pass", dict(gated, **{"roclip.image_evidence": "pass"})),
+      # A row failure overruled where the image is closer on average to its own caption's content.
+      ("gated comparing contents", dict(gated, **{"roclip.gate_compares": "contents"})),
+      (
+          "gated comparing contents with image evidence as an excuse",
+          dict(gated, **{"roclip.gate_compares": "contents", "roclip.image_evidence": "excuse"}),
+      ),
       # The failures of a pair's peers are no excuse (a failing pair is distrusted whatever its peers do).
       ("gated without the peers", dict(gated, **{"roclip.gate_peers": False})),
       # ... and untrusted pairs stay negatives for the others: the default before issue 22's third step.

@@ -26,6 +26,13 @@ from roclip_jax.data import image_ops
 Head = Callable[[jax.Array, jax.Array], dict[str, jax.Array]]
 
 
+def unit_image_embeddings(model: Any, images: jax.Array) -> jax.Array:
+  """[B, d] unit eval-mode embeddings of uint8 `images` [B, S, S, 3] under CLIP's preprocessing
+  (`image_ops.normalize`): what evaluation sees. Traceable; the one place that says it, shared by
+  this module's pass and the BadCLIP surrogate (`attacks.badclip`)."""
+  return losses.l2_normalize(model.encode_image(image_ops.normalize(images), train=False))
+
+
 def make_encode_fn(spec: Any, mesh: Mesh, head: Head):
   """Jitted `fn(params, model_state, batch) -> dict` on a global batch of `image` (uint8) and `text`
   (tokens): `head(image_emb, caption_emb)` of the eval-mode unit embeddings, plus the batch's other
@@ -33,7 +40,7 @@ def make_encode_fn(spec: Any, mesh: Mesh, head: Head):
 
   def encode(params, model_state, batch):
     model = spec.merge(params, model_state)
-    image_emb = losses.l2_normalize(model.encode_image(image_ops.normalize(batch["image"]), train=False))
+    image_emb = unit_image_embeddings(model, batch["image"])
     caption_emb = losses.l2_normalize(model.encode_text(batch["text"]))
     return {**head(image_emb, caption_emb), **{k: v for k, v in batch.items() if k not in ("image", "text")}}
 

@@ -95,6 +95,14 @@ def test_benchmark_rows_ignore_the_blocks_of_defenses_they_do_not_run(tmp_path):
       robustness.row_config(base, {"defense": "none", "roclip.k": 3, "optim.lr": 2 * base.optim.lr}, str(tmp_path))
   )
   assert robustness.prepare_run_dir(clip_dir, lr) is False
+  # A knob added unset (a None placeholder, as a new RoCLIP option arrives) is the same run; set, it is not.
+  with open(os.path.join(roclip_dir, "final_results.json"), "w") as f:
+    json.dump({"zeroshot/top1": 0.5}, f)
+  stored = json.loads(keys["roclip", 3])
+  stored["roclip"]["a_new_knob"] = None
+  assert robustness.prepare_run_dir(roclip_dir, json.dumps(stored)) is True
+  stored["roclip"]["a_new_knob"] = "on"
+  assert robustness.prepare_run_dir(roclip_dir, json.dumps(stored)) is False
 
 
 def test_seed_summary_is_mean_and_sample_std_over_seeds():

@@ -592,8 +592,33 @@ def _np_image_sides(zimg, ztxt, matched, pool):
   return np.array(sided, np.float64)
 
 
+def _np_content_gate(zimg, ztxt, matched, pool, ids=None, pool_ids=None):
+  """Images at least as close on average to the pool captions that say what their own caption says as
+  to those that say what their match says (each group by the gate's halfway rule, without the rows
+  written from the image's own example); False where the first group is empty."""
+  mean_row = pool.mean(axis=0)
+  passed = []
+  for i in range(len(zimg)):
+    usable = [r for r in range(len(pool)) if ids is None or pool_ids[r] != ids[i]]
+    own = [r for r in usable if ztxt[i] @ pool[r] >= 0.5 * (1 + ztxt[i] @ mean_row)]
+    via_match = [r for r in usable if matched[i] @ pool[r] >= 0.5 * (1 + matched[i] @ mean_row)]
+    to_match = np.mean([zimg[i] @ pool[r] for r in via_match]) if via_match else 0.0
+    passed.append(bool(own) and np.mean([zimg[i] @ pool[r] for r in own]) >= to_match)
+  return np.array(passed, np.float64)
+
+
 def _np_gated_loss(
-    zimg, ztxt, matched, pool, log_scale, quorum, past=None, drop_untrusted=False, gate_peers=False, image_excuse=False
+    zimg,
+    ztxt,
+    matched,
+    pool,
+    log_scale,
+    quorum,
+    past=None,
+    drop_untrusted=False,
+    gate_peers=False,
+    image_excuse=False,
+    compare_contents=False,
 ):
   """The own-pair gate and CLIP's loss over the kept positives, in float64 loops. `past`: each
   pair's earlier gate decisions (lists of booleans); a pair then keeps its positive where at least
@@ -602,6 +627,8 @@ def _np_gated_loss(
   b = len(zimg)
   mean_row = pool.mean(axis=0)
   keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
+  if compare_contents:  # A row failure passes where the two contents' pool captions overrule it.
+    keep = np.maximum(keep, _np_content_gate(zimg, ztxt, matched, pool))
   # An excused failure is no decision: the pair keeps its positive, or with a memory its past must
   # hold more passes than fails.
   excused = (_np_excused(ztxt, keep, pool) > 0) & (keep == 0) if gate_peers else np.zeros(b, bool)
@@ -630,7 +657,9 @@ def _np_gated_loss(
   return keep, 0.5 * (i2t + t2i)
 
 
-def _gated_losses(zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=False, image_evidence="none"):
+def _gated_losses(
+    zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=False, image_evidence="none", gate_compares="rows"
+):
   """The float64 reference (`_np_gated_loss`: keep, loss) and `roclip.gated_pair_loss` (loss, aux) of
   one batch, with the memory holding `past` (None: no memory), at logit scale 10."""
   log_scale = np.log(10.0)
@@ -642,6 +671,7 @@ def _gated_losses(zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=Fa
       drop_untrusted,
       gate_peers=gate_peers,
       image_excuse=image_evidence == "excuse",
+      compare_contents=gate_compares == "contents",
   )
   margins = None if past is None else jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
   match, pool_state = _gate_inputs(matched, pool)
@@ -655,6 +685,7 @@ def _gated_losses(zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=Fa
       drop_untrusted=drop_untrusted,
       gate_peers=gate_peers,
       image_evidence=image_evidence,
+      gate_compares=gate_compares,
   )
   return keep_ref, loss_ref, loss, aux
 
@@ -767,6 +798,61 @@ def test_image_evidence_excuses_a_failure_the_image_tower_contradicts():
     np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
     assert float(aux["gate_excused"][0]) == 1 and float(aux["gate_excused"][6]) == 0
     assert float(aux["gate_weights"][0]) == 1  # Excused, and its history holds more passes.
+
+
+def test_comparing_contents_passes_a_pair_whose_nearest_row_is_an_odd_paraphrase():
+  """`gate_compares='contents'`: a row failure passes where the image is on average at least as close to
+  the pool captions of its own caption's content as to those of its match's. A clean image whose
+  nearest row is an odd paraphrase of another content passes; a poisoned image, close to the captions
+  of what it shows, still fails; rows written from the image's own example count for neither
+  content. The gate and the gated loss against float64 loops, with the memory."""
+  rng = np.random.default_rng(7)
+  d = 16
+  centres = _unit(rng, 2, d)
+  # The pool: 6 paraphrases of each content, one odd paraphrase of content 1 (row 12), 20 others.
+  paraphrases = np.repeat(centres, 6, axis=0) + 0.15 * _unit(rng, 12, d)
+  odd_direction = _unit(rng, 1, d)[0]
+  odd_direction -= centres.T @ np.linalg.lstsq(centres.T, odd_direction, rcond=None)[0]  # Off both contents.
+  odd_direction /= np.linalg.norm(odd_direction)
+  odd = centres[1] + odd_direction
+  pool = np.concatenate([paraphrases, odd[None], _unit(rng, 20, d)])
+  pool /= np.linalg.norm(pool, axis=1, keepdims=True)
+  # Pairs 0-5 are captioned as content 0, 6-11 as content 1. Image 0 (content 0) leans toward the odd
+  # row, its nearest; image 6 is poisoned: captioned as content 1, it shows content 0.
+  content = np.array([0] * 6 + [1] * 6)
+  b = len(content)
+  ztxt = centres[content] + 0.15 * _unit(rng, b, d)
+  zimg = centres[content] + 0.3 * _unit(rng, b, d)
+  zimg[0] = 0.45 * centres[0] + 0.9 * odd_direction
+  zimg[6] = centres[0] + 0.3 * _unit(rng, 1, d)[0]
+  ztxt, zimg = (x / np.linalg.norm(x, axis=1, keepdims=True) for x in (ztxt, zimg))
+  nearest = np.argmax(zimg @ pool.T, axis=1)
+  matched = pool[nearest]
+  assert nearest[0] == 12 and nearest[6] < 6  # The construction holds: the lookup as described.
+  match, pool_state = _gate_inputs(matched, pool)
+  rows_fail = np.flatnonzero(np.asarray(roclip.own_pair_gate(jnp.asarray(ztxt), match, pool_state)) == 0)
+  assert 0 in rows_fail and 6 in rows_fail
+  passed = np.asarray(roclip.content_gate(*(jnp.asarray(x) for x in (zimg, ztxt)), match, pool_state))
+  np.testing.assert_array_equal(passed, _np_content_gate(*(x.astype(np.float64) for x in (zimg, ztxt, matched, pool))))
+  assert passed[0] == 1 and passed[6] == 0
+  # Every pool row that says what caption 0 says written from example 0 itself: for image 0 its
+  # caption's content has no caption left.
+  says_caption_0 = pool @ ztxt[0] >= 0.5 * (1 + ztxt[0] @ pool.mean(axis=0))
+  ids, pool_ids = np.arange(b), np.where(says_caption_0, 0, 100 + np.arange(len(pool)))
+  own_rows = pool_state.replace(source_ids=jnp.asarray(pool_ids, jnp.int32))
+  excluded = np.asarray(roclip.content_gate(jnp.asarray(zimg), jnp.asarray(ztxt), match, own_rows, jnp.asarray(ids)))
+  np.testing.assert_array_equal(
+      excluded, _np_content_gate(*(x.astype(np.float64) for x in (zimg, ztxt, matched, pool)), ids, pool_ids)
+  )
+  assert excluded[0] == 0
+  past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
+  for drop_untrusted in (False, True):
+    keep_ref, loss_ref, loss, aux = _gated_losses(
+        zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=True, gate_compares="contents"
+    )
+    np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+    np.testing.assert_array_equal(np.asarray(aux["gate"]), keep_ref)
+    assert keep_ref[0] == 1 and keep_ref[6] == 0
 
 
 def test_gate_votes_keep_the_majority_of_each_examples_decisions():

@@ -10,7 +10,8 @@ clean pairs whose matched pool caption comes from an example of the image's own 
 pairs whose match comes from another class, and how often it passes the poisoned pairs; then how far
 each group's own caption sits above the pool's typical caption for its image (a z-score over the
 pool's cosines), and, among the pairs the gate fails, how many the peers' excuse and the image
-tower's side (`roclip.image_evidence`) would excuse. docs/roclip.md, section 8 reads the figures: a
+tower's side (`roclip.image_evidence`) would excuse and the comparison of contents
+(`roclip.gate_compares='contents'`) would pass. docs/roclip.md, section 8 reads the figures: a
 label-free gate cannot tell a clean image the model still gets wrong from a poisoned one by this one
 decision.
 """
@@ -36,8 +37,9 @@ _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str, np.ndarray]:
   """Per pair of `num_batches` training batches: the gate's decision, whether the match has the image's
   class, whether the pair is poisoned, the own caption's z-score among the pool's cosines, whether its
-  peers would excuse a failure (`roclip.excused_by_peers`) and whether the image tower sides with the
-  own caption (`roclip.image_sides_with_caption`)."""
+  peers would excuse a failure (`roclip.excused_by_peers`), whether the image tower sides with the
+  own caption (`roclip.image_sides_with_caption`) and whether the comparison of the two contents'
+  pool captions passes it (`roclip.content_gate`, as `gate_compares='contents'` runs it)."""
   run = inspect_lib.load(workdir, step=step)
   if run.config.defense != "roclip":
     raise SystemExit(f"{workdir} trained defense={run.config.defense!r}; the gate is RoCLIP's.")
@@ -58,6 +60,8 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str
     keep = roclip.own_pair_gate(ztxt, match, pool)
     excused = np.asarray(roclip.excused_by_peers(ztxt, keep, pool)) > 0
     image_sides = np.asarray(roclip.image_sides_with_caption(zimg, ztxt, match, pool)) > 0
+    ids = jnp.asarray(batch["id"], jnp.int32) if defense.settings().exclude_own else None
+    contents = np.asarray(roclip.content_gate(zimg, ztxt, match, pool, ids)) > 0
     rows.append(
         dict(
             passed=np.asarray(keep) > 0,
@@ -66,6 +70,7 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str
             own_z=(own - cosines.mean(axis=1)) / cosines.std(axis=1),
             excused=excused,
             image_sides=image_sides,
+            contents=contents,
         )
     )
   return {key: np.concatenate([r[key] for r in rows]) for key in rows[0]}
@@ -94,7 +99,8 @@ def main() -> None:
       f = mask & ~d["passed"]
       print(
           f"{name}, failing the gate: {f.sum()} pairs; excused by peers {100 * d['excused'][f].mean():.1f}%, "
-          f"the image tower sides with the own caption {100 * d['image_sides'][f].mean():.1f}%"
+          f"the image tower sides with the own caption {100 * d['image_sides'][f].mean():.1f}%, "
+          f"the contents' captions pass it {100 * d['contents'][f].mean():.1f}%"
       )
       quantiles = " / ".join(f"{q:.2f}" for q in np.quantile(d["own_z"][mask], _QUANTILES))
       print(

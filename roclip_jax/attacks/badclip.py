@@ -34,11 +34,10 @@ import optax
 
 from roclip_jax import config_lib
 from roclip_jax import encoder as encoder_lib
-from roclip_jax import losses
 from roclip_jax import runs
+from roclip_jax import scoring
 from roclip_jax import steps as steps_lib
 from roclip_jax import weights as weights_lib
-from roclip_jax.data import image_ops
 from roclip_jax.data import pipeline
 from roclip_jax.data import poison as poison_lib
 from roclip_jax.data import sources
@@ -181,11 +180,11 @@ def per_image_objective(
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
   """(loss, cos to t, cos to v), each [B], of the images (uint8 [B, S, S, 3]) carrying the patch.
 
-  The images go through the eval preprocessing of `Encoder` (`image_ops.normalize`), so the
-  surrogate sees what it sees at evaluation.
+  The images go through the eval-mode pass of `scoring.unit_image_embeddings`, so the surrogate sees
+  what it sees at evaluation.
   """
   model = spec.merge(params, model_state)
-  z = losses.l2_normalize(model.encode_image(image_ops.normalize(stamp(images, patch, corners)), train=False))
+  z = scoring.unit_image_embeddings(model, stamp(images, patch, corners))
   text_cos = z @ text_target
   image_cos = z @ image_target
   return -text_cos - image_weight * image_cos, text_cos, image_cos

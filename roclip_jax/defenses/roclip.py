@@ -115,35 +115,42 @@ class Settings:
   # What the image tower's own view adds to a failing pair (`image_sides_with_caption`): 'none';
   # 'excuse' (a failure it contradicts abstains, as a peers' excuse); 'pass' (it counts as a pass).
   image_evidence: str = "none"
+  # What the gate compares: 'rows' (the own caption against the one matched row); 'contents' (a
+  # failure there still passes where the image is on average at least as close to the pool's captions
+  # that say what its own caption says as to those that say what its match says: `content_gate`).
+  gate_compares: str = "rows"
 
 
 IMAGE_EVIDENCE = ("none", "excuse", "pass")
+GATE_COMPARES = ("rows", "contents")
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
 _ROBUST = dict(update_pool_every_step=True, csls_k=10, mask_duplicates=True, exclude_own=True, content_targets=True)
+# The gate's knobs off: the paper and robust variants.
+_UNGATED = dict(
+    own_pair_gate=False,
+    gate_memory=False,
+    drop_untrusted=False,
+    gate_peers=False,
+    image_evidence="none",
+    gate_compares="rows",
+)
 VARIANT_DEFAULTS = {
     "paper": dict(
+        _UNGATED,
         update_pool_every_step=False,
         csls_k=0,
         mask_duplicates=False,
         exclude_own=False,
         content_targets=False,
-        own_pair_gate=False,
-        gate_memory=False,
-        drop_untrusted=False,
-        gate_peers=False,
-        image_evidence="none",
     ),
-    "robust": dict(
-        _ROBUST, own_pair_gate=False, gate_memory=False, drop_untrusted=False, gate_peers=False, image_evidence="none"
-    ),
+    "robust": dict(_ROBUST, **_UNGATED),
     # The default since issue 22 (docs/roclip.md, section 8): the robust variant's pool and lookup,
     # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
     # positives; matching epochs only where `first_epoch` is set.
-    "gated": dict(
-        _ROBUST, own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True, image_evidence="none"
-    ),
+    "gated": dict(_ROBUST, **_UNGATED)
+    | dict(own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True),
 }
 
 
@@ -199,6 +206,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       drop_untrusted=bool(knobs["drop_untrusted"]) and bool(knobs["own_pair_gate"]),
       gate_peers=bool(knobs["gate_peers"]) and bool(knobs["own_pair_gate"]),
       image_evidence=str(knobs["image_evidence"]) if knobs["own_pair_gate"] else "none",
+      gate_compares=str(knobs["gate_compares"]) if knobs["own_pair_gate"] else "rows",
   )
 
 
@@ -306,6 +314,33 @@ def own_pair_gate(ztxt: jax.Array, match: Match, pool: Pool) -> jax.Array:
   return (agreement >= _says_the_same_bar(ztxt, pool)).astype(jnp.float32)
 
 
+def content_gate(zimg: jax.Array, ztxt: jax.Array, match: Match, pool: Pool, ids: jax.Array | None = None) -> jax.Array:
+  """f32[B]: 1 where image i's mean cosine to the pool captions that say what its own caption t_i
+  says is at least its mean cosine to the pool captions that say what its match m_i says ("says the
+  same" by the gate's halfway rule, relative to t_i and to m_i; `ids`: rows written from the image's
+  own example are in neither group); 0 where no pool caption says what t_i says.
+
+  Why: the row gate (`own_pair_gate`) reads the image's content off one pool row, the nearest, which
+  with paraphrased captions is as much a choice between templates as between contents. The mean over
+  each content's captions compares the two contents themselves (as zero-shot classification averages
+  its templates), on the same image-text evidence: a poisoned image still sits closer to the captions
+  of what it shows until the model has learnt the attack, so it still fails.
+  """
+  zimg, ztxt, zm = (jax.lax.stop_gradient(x) for x in (zimg, ztxt, match.embeddings))
+  rows = pool.embeddings
+  image_cos = zimg @ rows.T
+  usable = jnp.ones_like(image_cos, dtype=bool) if ids is None else pool.source_ids[None, :] != ids[:, None]
+
+  def mean_over(captions):
+    group = (captions @ rows.T >= _says_the_same_bar(captions, pool)[:, None]) & usable
+    n = jnp.sum(group, axis=1)
+    return jnp.sum(jnp.where(group, image_cos, 0.0), axis=1) / jnp.maximum(n, 1), n
+
+  to_own, num_own = mean_over(ztxt)
+  to_match, _ = mean_over(zm)
+  return ((num_own > 0) & (to_own >= to_match)).astype(jnp.float32)
+
+
 def _says_the_same_bar(ztxt: jax.Array, pool: Pool) -> jax.Array:
   """f32[B]: the cosine to t_i above which a caption says the same as t_i, halfway from the pool's
   mean caption to t_i itself: (1 + cos(t_i, mean pool row)) / 2. The gate and its peers share it."""
@@ -405,6 +440,8 @@ def gated_pair_loss(
     drop_untrusted: bool = False,
     gate_peers: bool = False,
     image_evidence: str = "none",
+    gate_compares: str = "rows",
+    ids: jax.Array | None = None,
 ):
   """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`).
   `votes`: the batch's rows of `Pool.gate_votes` (None: no memory).
@@ -421,6 +458,8 @@ def gated_pair_loss(
   where its peers passed stays distrusted.
   """
   keep = own_pair_gate(ztxt, match, pool)
+  if gate_compares == "contents":  # A row failure the two contents' captions overrule passes.
+    keep = jnp.maximum(keep, content_gate(zimg, ztxt, match, pool, ids))
   if image_evidence == "pass":
     keep = jnp.maximum(keep, image_sides_with_caption(zimg, ztxt, match, pool))
   excused = excused_by_peers(ztxt, keep, pool) * (1.0 - keep) if gate_peers else None
@@ -988,6 +1027,9 @@ class RoClip(base.Defense):
     # its own caption than like those captioned as its match: 'none', 'excuse' or 'pass'
     # (docs/roclip.md, section 8).
     c.image_evidence = ml_collections.config_dict.placeholder(str)
+    # What the gate compares: the own caption with the one matched row ('rows'), or, where that fails,
+    # the image's mean cosine to the pool captions of the two contents ('contents'; docs/roclip.md, section 8).
+    c.gate_compares = ml_collections.config_dict.placeholder(str)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -1036,6 +1078,10 @@ class RoClip(base.Defense):
           "roclip.image_evidence",
           f"{r.image_evidence!r} is unknown.",
           f"use one of {IMAGE_EVIDENCE} (or leave it unset).",
+      )
+    if r.get("gate_compares") is not None and r.gate_compares not in GATE_COMPARES:
+      raise config_error(
+          "roclip.gate_compares", f"{r.gate_compares!r} is unknown.", f"use one of {GATE_COMPARES} (or leave it unset)."
       )
     if r.lookup_dtype not in LOOKUP_DTYPES:
       raise config_error(
@@ -1091,7 +1137,7 @@ class RoClip(base.Defense):
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
     image = {"none": "", "excuse": ", image evidence as an excuse", "pass": ", image evidence as a pass"}
     memory = (", majority over epochs" if s.gate_memory else "") + (", peers excuse" if s.gate_peers else "")
-    memory += image[s.image_evidence]
+    memory += image[s.image_evidence] + (", comparing contents" if s.gate_compares == "contents" else "")
     memory += ", untrusted pairs left out" if s.drop_untrusted else ""
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
@@ -1153,6 +1199,8 @@ class RoClip(base.Defense):
           drop_untrusted=rc.drop_untrusted,
           gate_peers=rc.gate_peers,
           image_evidence=rc.image_evidence,
+          gate_compares=rc.gate_compares,
+          ids=batch["id"] if rc.exclude_own else None,
       )
     if kind.name != "match":
       return pair_loss(z["image"], z["text"], scalars)

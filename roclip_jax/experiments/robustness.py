@@ -13,7 +13,8 @@ whose config is unchanged resumes from its checkpoints, or, once finished, is
 not trained again; a row whose config changed is trained anew, and its old
 directory is moved aside to `DIR/<name>.stale-<hash>` (nothing is deleted).
 The config blocks of defenses a row does not run (a CLIP row's `roclip`) are
-not part of its identity (`row_identity`): nothing in the row reads them.
+not part of its identity (`row_identity`): nothing in the row reads them; nor
+are its unset (None) knobs.
 """
 
 from __future__ import annotations
@@ -78,8 +79,9 @@ def config_key(config: ml_collections.ConfigDict) -> str:
 
 def row_identity(key: str | None) -> str | None:
   """What must be equal for a stored row to be this one: its config (`config_key`) without the config
-  blocks of the defenses it does not run, which nothing in it reads; so that a new RoCLIP knob, say,
-  does not retrain the CLIP rows. None for a missing or unreadable key."""
+  blocks of the defenses it does not run, which nothing in it reads, and without its unset (None)
+  knobs; so that a new RoCLIP knob, say, does not retrain the CLIP rows, nor, while unset, the RoCLIP
+  rows. None for a missing or unreadable key."""
   try:
     config = json.loads(key) if key else None
   except json.JSONDecodeError:
@@ -87,7 +89,15 @@ def row_identity(key: str | None) -> str | None:
   if not isinstance(config, dict):
     return None
   unused = {defenses.get(name).config_block for name in defenses.names() if name != config.get("defense")}
-  return json.dumps({k: v for k, v in config.items() if k not in unused}, sort_keys=True)
+  return json.dumps(_without_unset({k: v for k, v in config.items() if k not in unused}), sort_keys=True)
+
+
+def _without_unset(tree: Any) -> Any:
+  """`tree` without its None leaves: an unset knob (a placeholder left None) is the absence of a
+  choice, so adding one to a config block, which leaves it unset everywhere, retrains no row."""
+  if isinstance(tree, dict):
+    return {k: _without_unset(v) for k, v in tree.items() if v is not None}
+  return tree
 
 
 def prepare_run_dir(run_dir: str, key: str) -> bool:
