@@ -24,14 +24,15 @@ def get_config(arg=None):
       ("CLIP+aug", dict(AUG, defense="none")),
       ("RoCLIP (paper)", dict(AUG, defense="roclip", **{"roclip.variant": "paper"})),
       ("RoCLIP (default)", gated),
-      # Where the gate fails a pair, the image tower's in-modal view as an excuse or as a pass.
-      ("gated with image evidence as an excuse", dict(gated, **{"roclip.image_evidence": "excuse"})),
+      # Where the gate fails a pair, the image tower's in-modal view: no excuse (the default of issue
+      # 22's third step), or a pass rather than the default's excuse.
+      ("gated without image evidence", dict(gated, **{"roclip.image_evidence": "none"})),
       ("gated with image evidence as a pass", dict(gated, **{"roclip.image_evidence": "pass"})),
       # A row failure overruled where the image is closer on average to its own caption's content.
       ("gated comparing contents", dict(gated, **{"roclip.gate_compares": "contents"})),
       (
-          "gated comparing contents with image evidence as an excuse",
-          dict(gated, **{"roclip.gate_compares": "contents", "roclip.image_evidence": "excuse"}),
+          "gated comparing contents without image evidence",
+          dict(gated, **{"roclip.gate_compares": "contents", "roclip.image_evidence": "none"}),
       ),
       # The failures of a pair's peers are no excuse (a failing pair is distrusted whatever its peers do).
       ("gated without the peers", dict(gated, **{"roclip.gate_peers": False})),

@@ -214,6 +214,11 @@ def test_settings_paper_robust_and_explicit_overrides():
   assert roclip.settings(_roclip_cfg(variant="gated", gate_memory=False)).gate_memory is False
   assert roclip.settings(_roclip_cfg(variant="robust", gate_memory=True)).gate_memory is False
   assert roclip.settings(_roclip_cfg(variant="paper")).gate_memory is False
+  # The image tower's evidence excuses in the gated variant; the gate compares rows unless told.
+  assert (gated.image_evidence, gated.gate_compares) == ("excuse", "rows")
+  assert roclip.settings(_roclip_cfg(variant="gated", image_evidence="none")).image_evidence == "none"
+  assert roclip.settings(_roclip_cfg(variant="robust", image_evidence="pass")).image_evidence == "none"
+  assert roclip.settings(_roclip_cfg(variant="gated", gate_compares="contents")).gate_compares == "contents"
 
 
 def _csls_reference(z, pool, k):

@@ -150,7 +150,7 @@ VARIANT_DEFAULTS = {
     # used to decide which pairs train on their own captions (`own_pair_gate`) rather than as
     # positives; matching epochs only where `first_epoch` is set.
     "gated": dict(_ROBUST, **_UNGATED)
-    | dict(own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True),
+    | dict(own_pair_gate=True, gate_memory=True, drop_untrusted=True, gate_peers=True, image_evidence="excuse"),
 }
 
 
