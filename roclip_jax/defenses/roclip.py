@@ -456,6 +456,11 @@ def gated_pair_loss(
   memory it keeps its positive; with one it abstains (its vote margin does not move) and keeps its
   positive where its history holds more passes than fails (`trusted_pairs`), so a pair that failed
   where its peers passed stays distrusted.
+
+  `image_evidence`: a failure that `image_sides_with_caption` contradicts abstains ('excuse', as a
+  peers' excuse) or passes ('pass'). `gate_compares='contents'`: a row failure that `content_gate`
+  overrules passes (`ids`, the batch's example ids, keep rows written from a pair's own example out
+  of that comparison; None: no exclusion).
   """
   keep = own_pair_gate(ztxt, match, pool)
   if gate_compares == "contents":  # A row failure the two contents' captions overrule passes.
