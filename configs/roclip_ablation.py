@@ -28,12 +28,14 @@ def get_config(arg=None):
       # 22's third step), or a pass rather than the default's excuse.
       ("gated without image evidence", dict(gated, **{"roclip.image_evidence": "none"})),
       ("gated with image evidence as a pass", dict(gated, **{"roclip.image_evidence": "pass"})),
-      # A row failure overruled where the image is closer on average to its own caption's content.
-      ("gated comparing contents", dict(gated, **{"roclip.gate_compares": "contents"})),
+      # A row failure that the comparison of the two contents' pool captions overrules: a pass (with and
+      # without the image evidence), or an excuse.
+      ("gated comparing contents", dict(gated, **{"roclip.content_evidence": "pass"})),
       (
           "gated comparing contents without image evidence",
-          dict(gated, **{"roclip.gate_compares": "contents", "roclip.image_evidence": "none"}),
+          dict(gated, **{"roclip.content_evidence": "pass", "roclip.image_evidence": "none"}),
       ),
+      ("gated with contents as an excuse", dict(gated, **{"roclip.content_evidence": "excuse"})),
       # The failures of a pair's peers are no excuse (a failing pair is distrusted whatever its peers do).
       ("gated without the peers", dict(gated, **{"roclip.gate_peers": False})),
       # ... and untrusted pairs stay negatives for the others: the default before issue 22's third step.

@@ -215,10 +215,10 @@ def test_settings_paper_robust_and_explicit_overrides():
   assert roclip.settings(_roclip_cfg(variant="robust", gate_memory=True)).gate_memory is False
   assert roclip.settings(_roclip_cfg(variant="paper")).gate_memory is False
   # The image tower's evidence excuses in the gated variant; the gate compares rows unless told.
-  assert (gated.image_evidence, gated.gate_compares) == ("excuse", "rows")
+  assert (gated.image_evidence, gated.content_evidence) == ("excuse", "none")
   assert roclip.settings(_roclip_cfg(variant="gated", image_evidence="none")).image_evidence == "none"
   assert roclip.settings(_roclip_cfg(variant="robust", image_evidence="pass")).image_evidence == "none"
-  assert roclip.settings(_roclip_cfg(variant="gated", gate_compares="contents")).gate_compares == "contents"
+  assert roclip.settings(_roclip_cfg(variant="gated", content_evidence="pass")).content_evidence == "pass"
 
 
 def _csls_reference(z, pool, k):
@@ -623,7 +623,7 @@ def _np_gated_loss(
     drop_untrusted=False,
     gate_peers=False,
     image_excuse=False,
-    compare_contents=False,
+    contents="none",
 ):
   """The own-pair gate and CLIP's loss over the kept positives, in float64 loops. `past`: each
   pair's earlier gate decisions (lists of booleans); a pair then keeps its positive where at least
@@ -632,13 +632,16 @@ def _np_gated_loss(
   b = len(zimg)
   mean_row = pool.mean(axis=0)
   keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
-  if compare_contents:  # A row failure passes where the two contents' pool captions overrule it.
-    keep = np.maximum(keep, _np_content_gate(zimg, ztxt, matched, pool))
+  overruled = (_np_content_gate(zimg, ztxt, matched, pool) > 0) & (keep == 0)
+  if contents == "pass":  # A row failure passes where the two contents' pool captions overrule it.
+    keep = np.maximum(keep, overruled)
   # An excused failure is no decision: the pair keeps its positive, or with a memory its past must
   # hold more passes than fails.
   excused = (_np_excused(ztxt, keep, pool) > 0) & (keep == 0) if gate_peers else np.zeros(b, bool)
   if image_excuse:  # The image tower contradicting the lookup's reading also excuses a failure.
     excused = excused | ((_np_image_sides(zimg, ztxt, matched, pool) > 0) & (keep == 0))
+  if contents == "excuse":  # So does the comparison of the two contents overruling it.
+    excused = excused | overruled
   trusted = np.maximum(keep, excused)
   if past is not None:
     votes = [list(past[i]) + [bool(keep[i])] for i in range(b)]
@@ -663,7 +666,7 @@ def _np_gated_loss(
 
 
 def _gated_losses(
-    zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=False, image_evidence="none", gate_compares="rows"
+    zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=False, image_evidence="none", content_evidence="none"
 ):
   """The float64 reference (`_np_gated_loss`: keep, loss) and `roclip.gated_pair_loss` (loss, aux) of
   one batch, with the memory holding `past` (None: no memory), at logit scale 10."""
@@ -676,7 +679,7 @@ def _gated_losses(
       drop_untrusted,
       gate_peers=gate_peers,
       image_excuse=image_evidence == "excuse",
-      compare_contents=gate_compares == "contents",
+      contents=content_evidence,
   )
   margins = None if past is None else jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
   match, pool_state = _gate_inputs(matched, pool)
@@ -690,7 +693,7 @@ def _gated_losses(
       drop_untrusted=drop_untrusted,
       gate_peers=gate_peers,
       image_evidence=image_evidence,
-      gate_compares=gate_compares,
+      content_evidence=content_evidence,
   )
   return keep_ref, loss_ref, loss, aux
 
@@ -806,7 +809,7 @@ def test_image_evidence_excuses_a_failure_the_image_tower_contradicts():
 
 
 def test_comparing_contents_passes_a_pair_whose_nearest_row_is_an_odd_paraphrase():
-  """`gate_compares='contents'`: a row failure passes where the image is on average at least as close to
+  """`content_evidence='pass'`: a row failure passes where the image is on average at least as close to
   the pool captions of its own caption's content as to those of its match's. A clean image whose
   nearest row is an odd paraphrase of another content passes; a poisoned image, close to the captions
   of what it shows, still fails; rows written from the image's own example count for neither
@@ -853,11 +856,20 @@ def test_comparing_contents_passes_a_pair_whose_nearest_row_is_an_odd_paraphrase
   past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
   for drop_untrusted in (False, True):
     keep_ref, loss_ref, loss, aux = _gated_losses(
-        zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=True, gate_compares="contents"
+        zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=True, content_evidence="pass"
     )
     np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
     np.testing.assert_array_equal(np.asarray(aux["gate"]), keep_ref)
     assert keep_ref[0] == 1 and keep_ref[6] == 0
+  # As an excuse: the overruled failure abstains (trusted on a history of passes), the poison does not.
+  past[0], past[6] = [True, True], [True, True]
+  for drop_untrusted in (False, True):
+    keep_ref, loss_ref, loss, aux = _gated_losses(
+        zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=True, content_evidence="excuse"
+    )
+    np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+    assert keep_ref[0] == 0 and float(aux["gate_excused"][0]) == 1 and float(aux["gate_weights"][0]) == 1
+    assert float(aux["gate_excused"][6]) == 0
 
 
 def test_gate_votes_keep_the_majority_of_each_examples_decisions():

@@ -11,7 +11,7 @@ pairs whose match comes from another class, and how often it passes the poisoned
 each group's own caption sits above the pool's typical caption for its image (a z-score over the
 pool's cosines), and, among the pairs the gate fails, how many the peers' excuse and the image
 tower's side (`roclip.image_evidence`) would excuse and the comparison of contents
-(`roclip.gate_compares='contents'`) would pass. docs/roclip.md, section 8 reads the figures: a
+(`roclip.content_evidence`) would overrule. docs/roclip.md, section 8 reads the figures: a
 label-free gate cannot tell a clean image the model still gets wrong from a poisoned one by this one
 decision.
 """
@@ -39,7 +39,7 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str
   class, whether the pair is poisoned, the own caption's z-score among the pool's cosines, whether its
   peers would excuse a failure (`roclip.excused_by_peers`), whether the image tower sides with the
   own caption (`roclip.image_sides_with_caption`) and whether the comparison of the two contents'
-  pool captions passes it (`roclip.content_gate`, as `gate_compares='contents'` runs it)."""
+  pool captions passes it (`roclip.content_gate`, as `roclip.content_evidence` runs it)."""
   run = inspect_lib.load(workdir, step=step)
   if run.config.defense != "roclip":
     raise SystemExit(f"{workdir} trained defense={run.config.defense!r}; the gate is RoCLIP's.")

@@ -115,14 +115,14 @@ class Settings:
   # What the image tower's own view adds to a failing pair (`image_sides_with_caption`): 'none';
   # 'excuse' (a failure it contradicts abstains, as a peers' excuse); 'pass' (it counts as a pass).
   image_evidence: str = "none"
-  # What the gate compares: 'rows' (the own caption against the one matched row); 'contents' (a
-  # failure there still passes where the image is on average at least as close to the pool's captions
-  # that say what its own caption says as to those that say what its match says: `content_gate`).
-  gate_compares: str = "rows"
+  # What the comparison of the two contents' pool captions adds to a failing pair (`content_gate`: the
+  # image on average at least as close to the pool's captions that say what its own caption says as to
+  # those that say what its match says): 'none'; 'excuse' (it abstains); 'pass' (it counts as a pass).
+  content_evidence: str = "none"
 
 
 IMAGE_EVIDENCE = ("none", "excuse", "pass")
-GATE_COMPARES = ("rows", "contents")
+CONTENT_EVIDENCE = IMAGE_EVIDENCE  # The same three uses of a piece of evidence.
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
@@ -134,7 +134,7 @@ _UNGATED = dict(
     drop_untrusted=False,
     gate_peers=False,
     image_evidence="none",
-    gate_compares="rows",
+    content_evidence="none",
 )
 VARIANT_DEFAULTS = {
     "paper": dict(
@@ -206,7 +206,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       drop_untrusted=bool(knobs["drop_untrusted"]) and bool(knobs["own_pair_gate"]),
       gate_peers=bool(knobs["gate_peers"]) and bool(knobs["own_pair_gate"]),
       image_evidence=str(knobs["image_evidence"]) if knobs["own_pair_gate"] else "none",
-      gate_compares=str(knobs["gate_compares"]) if knobs["own_pair_gate"] else "rows",
+      content_evidence=str(knobs["content_evidence"]) if knobs["own_pair_gate"] else "none",
   )
 
 
@@ -440,7 +440,7 @@ def gated_pair_loss(
     drop_untrusted: bool = False,
     gate_peers: bool = False,
     image_evidence: str = "none",
-    gate_compares: str = "rows",
+    content_evidence: str = "none",
     ids: jax.Array | None = None,
 ):
   """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`).
@@ -458,19 +458,23 @@ def gated_pair_loss(
   where its peers passed stays distrusted.
 
   `image_evidence`: a failure that `image_sides_with_caption` contradicts abstains ('excuse', as a
-  peers' excuse) or passes ('pass'). `gate_compares='contents'`: a row failure that `content_gate`
-  overrules passes (`ids`, the batch's example ids, keep rows written from a pair's own example out
+  peers' excuse) or passes ('pass'); `content_evidence` the same for a failure that `content_gate`
+  overrules (`ids`, the batch's example ids, keep rows written from a pair's own example out
   of that comparison; None: no exclusion).
   """
   keep = own_pair_gate(ztxt, match, pool)
-  if gate_compares == "contents":  # A row failure the two contents' captions overrule passes.
-    keep = jnp.maximum(keep, content_gate(zimg, ztxt, match, pool, ids))
+  contents = content_gate(zimg, ztxt, match, pool, ids) if content_evidence != "none" else None
+  if content_evidence == "pass":  # A row failure the two contents' captions overrule passes.
+    keep = jnp.maximum(keep, contents)
   if image_evidence == "pass":
     keep = jnp.maximum(keep, image_sides_with_caption(zimg, ztxt, match, pool))
   excused = excused_by_peers(ztxt, keep, pool) * (1.0 - keep) if gate_peers else None
   if image_evidence == "excuse":
     sided = image_sides_with_caption(zimg, ztxt, match, pool) * (1.0 - keep)
     excused = sided if excused is None else jnp.maximum(excused, sided)
+  if content_evidence == "excuse":
+    overruled = contents * (1.0 - keep)
+    excused = overruled if excused is None else jnp.maximum(excused, overruled)
   # The gate trusts the model's matches only where they agree with most of the batch's captions:
   # a model that still gets most pairs wrong would keep only what it already knows and train
   # toward that (on the digits set, a gate from epoch 4 kept ~50% and fell 15 points in an epoch).
@@ -1032,9 +1036,9 @@ class RoClip(base.Defense):
     # its own caption than like those captioned as its match: 'none', 'excuse' or 'pass'
     # (docs/roclip.md, section 8).
     c.image_evidence = ml_collections.config_dict.placeholder(str)
-    # What the gate compares: the own caption with the one matched row ('rows'), or, where that fails,
-    # the image's mean cosine to the pool captions of the two contents ('contents'; docs/roclip.md, section 8).
-    c.gate_compares = ml_collections.config_dict.placeholder(str)
+    # Where the gate fails a pair, whether the image's mean cosine to the pool captions of its own
+    # caption's content beats that of its match's: 'none', 'excuse' or 'pass' (docs/roclip.md, section 8).
+    c.content_evidence = ml_collections.config_dict.placeholder(str)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -1084,9 +1088,11 @@ class RoClip(base.Defense):
           f"{r.image_evidence!r} is unknown.",
           f"use one of {IMAGE_EVIDENCE} (or leave it unset).",
       )
-    if r.get("gate_compares") is not None and r.gate_compares not in GATE_COMPARES:
+    if r.get("content_evidence") is not None and r.content_evidence not in CONTENT_EVIDENCE:
       raise config_error(
-          "roclip.gate_compares", f"{r.gate_compares!r} is unknown.", f"use one of {GATE_COMPARES} (or leave it unset)."
+          "roclip.content_evidence",
+          f"{r.content_evidence!r} is unknown.",
+          f"use one of {CONTENT_EVIDENCE} (or leave it unset).",
       )
     if r.lookup_dtype not in LOOKUP_DTYPES:
       raise config_error(
@@ -1142,7 +1148,10 @@ class RoClip(base.Defense):
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
     image = {"none": "", "excuse": ", image evidence as an excuse", "pass": ", image evidence as a pass"}
     memory = (", majority over epochs" if s.gate_memory else "") + (", peers excuse" if s.gate_peers else "")
-    memory += image[s.image_evidence] + (", comparing contents" if s.gate_compares == "contents" else "")
+    memory += (
+        image[s.image_evidence]
+        + {"none": "", "excuse": ", contents as an excuse", "pass": ", contents as a pass"}[s.content_evidence]
+    )
     memory += ", untrusted pairs left out" if s.drop_untrusted else ""
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
@@ -1204,7 +1213,7 @@ class RoClip(base.Defense):
           drop_untrusted=rc.drop_untrusted,
           gate_peers=rc.gate_peers,
           image_evidence=rc.image_evidence,
-          gate_compares=rc.gate_compares,
+          content_evidence=rc.content_evidence,
           ids=batch["id"] if rc.exclude_own else None,
       )
     if kind.name != "match":
