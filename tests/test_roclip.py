@@ -632,7 +632,7 @@ def _np_gated_loss(
   b = len(zimg)
   mean_row = pool.mean(axis=0)
   keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
-  overruled = (_np_content_gate(zimg, ztxt, matched, pool) > 0) & (keep == 0)
+  overruled = (_np_content_gate(zimg, ztxt, matched, pool) > 0) & (keep == 0) if contents != "none" else None
   if contents == "pass":  # A row failure passes where the two contents' pool captions overrule it.
     keep = np.maximum(keep, overruled)
   # An excused failure is no decision: the pair keeps its positive, or with a memory its past must

@@ -121,8 +121,8 @@ class Settings:
   content_evidence: str = "none"
 
 
-IMAGE_EVIDENCE = ("none", "excuse", "pass")
-CONTENT_EVIDENCE = IMAGE_EVIDENCE  # The same three uses of a piece of evidence.
+# The uses of a piece of evidence against a gate failure (`image_evidence`, `content_evidence`).
+EVIDENCE_USES = ("none", "excuse", "pass")
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
@@ -329,15 +329,9 @@ def content_gate(zimg: jax.Array, ztxt: jax.Array, match: Match, pool: Pool, ids
   zimg, ztxt, zm = (jax.lax.stop_gradient(x) for x in (zimg, ztxt, match.embeddings))
   rows = pool.embeddings
   image_cos = zimg @ rows.T
-  usable = jnp.ones_like(image_cos, dtype=bool) if ids is None else pool.source_ids[None, :] != ids[:, None]
-
-  def mean_over(captions):
-    group = (captions @ rows.T >= _says_the_same_bar(captions, pool)[:, None]) & usable
-    n = jnp.sum(group, axis=1)
-    return jnp.sum(jnp.where(group, image_cos, 0.0), axis=1) / jnp.maximum(n, 1), n
-
-  to_own, num_own = mean_over(ztxt)
-  to_match, _ = mean_over(zm)
+  usable = True if ids is None else pool.source_ids[None, :] != ids[:, None]
+  to_own, num_own = _mean_where(image_cos, _captions_saying(ztxt, rows, pool) & usable)
+  to_match, _ = _mean_where(image_cos, _captions_saying(zm, rows, pool) & usable)
   return ((num_own > 0) & (to_own >= to_match)).astype(jnp.float32)
 
 
@@ -347,12 +341,22 @@ def _says_the_same_bar(ztxt: jax.Array, pool: Pool) -> jax.Array:
   return 0.5 * (1.0 + ztxt @ jnp.mean(pool.embeddings, axis=0))
 
 
+def _captions_saying(queries: jax.Array, captions: jax.Array, pool: Pool) -> jax.Array:
+  """bool[B, N]: [i, j] where caption `captions[j]` says the same as caption `queries[i]` by the
+  gate's rule (`_says_the_same_bar` of the query)."""
+  return queries @ captions.T >= _says_the_same_bar(queries, pool)[:, None]
+
+
 def _batch_captions_saying(queries: jax.Array, ztxt: jax.Array, pool: Pool) -> jax.Array:
-  """bool[B, B]: [i, j] where the batch's caption t_j (j != i) says the same as caption `queries[i]`
-  by the gate's rule (`_says_the_same_bar` of the query). With `queries` the batch's own captions:
-  each pair's peers."""
-  others = ~jnp.eye(ztxt.shape[0], dtype=bool)
-  return (queries @ ztxt.T >= _says_the_same_bar(queries, pool)[:, None]) & others
+  """bool[B, B]: [i, j] where the batch's caption t_j (j != i) says the same as caption `queries[i]`.
+  With `queries` the batch's own captions: each pair's peers."""
+  return _captions_saying(queries, ztxt, pool) & ~jnp.eye(ztxt.shape[0], dtype=bool)
+
+
+def _mean_where(cosines: jax.Array, group: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Each row's mean of `cosines` [B, N] over its `group` (bool [B, N]; 0 where empty), and the group's size."""
+  n = jnp.sum(group, axis=1)
+  return jnp.sum(jnp.where(group, cosines, 0.0), axis=1) / jnp.maximum(n, 1), n
 
 
 def excused_by_peers(ztxt: jax.Array, keep: jax.Array, pool: Pool) -> jax.Array:
@@ -390,13 +394,8 @@ def image_sides_with_caption(zimg: jax.Array, ztxt: jax.Array, match: Match, poo
   """
   zimg, ztxt, zm = (jax.lax.stop_gradient(x) for x in (zimg, ztxt, match.embeddings))
   image_cos = zimg @ zimg.T
-
-  def mean_over(group):
-    n = jnp.sum(group, axis=1)
-    return jnp.sum(jnp.where(group, image_cos, 0.0), axis=1) / jnp.maximum(n, 1), n
-
-  to_own, num_own = mean_over(_batch_captions_saying(ztxt, ztxt, pool))
-  to_match, num_match = mean_over(_batch_captions_saying(zm, ztxt, pool))
+  to_own, num_own = _mean_where(image_cos, _batch_captions_saying(ztxt, ztxt, pool))
+  to_match, num_match = _mean_where(image_cos, _batch_captions_saying(zm, ztxt, pool))
   return ((num_own > 0) & (num_match > 0) & (to_own > to_match)).astype(jnp.float32)
 
 
@@ -463,18 +462,20 @@ def gated_pair_loss(
   of that comparison; None: no exclusion).
   """
   keep = own_pair_gate(ztxt, match, pool)
-  contents = content_gate(zimg, ztxt, match, pool, ids) if content_evidence != "none" else None
-  if content_evidence == "pass":  # A row failure the two contents' captions overrule passes.
-    keep = jnp.maximum(keep, contents)
-  if image_evidence == "pass":
-    keep = jnp.maximum(keep, image_sides_with_caption(zimg, ztxt, match, pool))
-  excused = excused_by_peers(ztxt, keep, pool) * (1.0 - keep) if gate_peers else None
-  if image_evidence == "excuse":
-    sided = image_sides_with_caption(zimg, ztxt, match, pool) * (1.0 - keep)
-    excused = sided if excused is None else jnp.maximum(excused, sided)
-  if content_evidence == "excuse":
-    overruled = contents * (1.0 - keep)
-    excused = overruled if excused is None else jnp.maximum(excused, overruled)
+  # Each piece of evidence in use, against a failure: 1 where it contradicts the failing decision.
+  evidence = [
+      (use, signal())
+      for use, signal in (
+          (image_evidence, lambda: image_sides_with_caption(zimg, ztxt, match, pool)),
+          (content_evidence, lambda: content_gate(zimg, ztxt, match, pool, ids)),
+      )
+      if use != "none"
+  ]
+  for use, signal in evidence:
+    if use == "pass":
+      keep = jnp.maximum(keep, signal)
+  excuses = ([excused_by_peers(ztxt, keep, pool)] if gate_peers else []) + [s for use, s in evidence if use == "excuse"]
+  excused = functools.reduce(jnp.maximum, excuses) * (1.0 - keep) if excuses else None
   # The gate trusts the model's matches only where they agree with most of the batch's captions:
   # a model that still gets most pairs wrong would keep only what it already knows and train
   # toward that (on the digits set, a gate from epoch 4 kept ~50% and fell 15 points in an epoch).
@@ -1082,18 +1083,11 @@ class RoClip(base.Defense):
           f"is {r.gate_quorum}; it is a share of the batch.",
           "use a value in [0, 1] (default 0.5).",
       )
-    if r.get("image_evidence") is not None and r.image_evidence not in IMAGE_EVIDENCE:
-      raise config_error(
-          "roclip.image_evidence",
-          f"{r.image_evidence!r} is unknown.",
-          f"use one of {IMAGE_EVIDENCE} (or leave it unset).",
-      )
-    if r.get("content_evidence") is not None and r.content_evidence not in CONTENT_EVIDENCE:
-      raise config_error(
-          "roclip.content_evidence",
-          f"{r.content_evidence!r} is unknown.",
-          f"use one of {CONTENT_EVIDENCE} (or leave it unset).",
-      )
+    for knob in ("image_evidence", "content_evidence"):
+      if r.get(knob) is not None and r[knob] not in EVIDENCE_USES:
+        raise config_error(
+            f"roclip.{knob}", f"{r[knob]!r} is unknown.", f"use one of {EVIDENCE_USES} (or leave it unset)."
+        )
     if r.lookup_dtype not in LOOKUP_DTYPES:
       raise config_error(
           "roclip.lookup_dtype",
@@ -1146,12 +1140,9 @@ class RoClip(base.Defense):
     # Named only when not the default, so the description of a float32 run reads as before.
     lookup = "" if self.config.roclip.lookup_dtype == "float32" else f", lookup {self.config.roclip.lookup_dtype}"
     schedule = f"k={s.k}" if s.first_epoch != NO_MATCHING else "no matching epochs"
-    image = {"none": "", "excuse": ", image evidence as an excuse", "pass": ", image evidence as a pass"}
     memory = (", majority over epochs" if s.gate_memory else "") + (", peers excuse" if s.gate_peers else "")
-    memory += (
-        image[s.image_evidence]
-        + {"none": "", "excuse": ", contents as an excuse", "pass": ", contents as a pass"}[s.content_evidence]
-    )
+    for label, use in (("image evidence", s.image_evidence), ("contents", s.content_evidence)):
+      memory += {"none": "", "excuse": f", {label} as an excuse", "pass": f", {label} as a pass"}[use]
     memory += ", untrusted pairs left out" if s.drop_untrusted else ""
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
