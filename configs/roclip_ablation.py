@@ -36,6 +36,10 @@ def get_config(arg=None):
           dict(gated, **{"roclip.content_evidence": "pass", "roclip.image_evidence": "none"}),
       ),
       ("gated with contents as an excuse", dict(gated, **{"roclip.content_evidence": "excuse"})),
+      # The views the gate judges by: the un-augmented example (CLIP's eval crop, the caption before
+      # EDA), or only the caption before EDA, rather than the augmented views it trains on.
+      ("gated judging the plain views", dict(gated, **{"roclip.gate_views": "plain"})),
+      ("gated judging the captions before EDA", dict(gated, **{"roclip.gate_views": "plain_text"})),
       # The failures of a pair's peers are no excuse (a failing pair is distrusted whatever its peers do).
       ("gated without the peers", dict(gated, **{"roclip.gate_peers": False})),
       # ... and untrusted pairs stay negatives for the others: the default before issue 22's third step.

@@ -148,6 +148,17 @@ def _gather(z: dict[str, jax.Array], mesh: Mesh) -> dict[str, jax.Array]:
   return dict(zip(keys, gathered))
 
 
+def _evidence_embeddings(model: Any, batch: dict[str, jax.Array], kind: StepKind) -> dict[str, jax.Array]:
+  """Unit embeddings of `kind`'s evidence views: forward only, in inference mode, stop-gradient (what
+  a loss judges its pairs by without training on it)."""
+  z = {
+      key: losses.l2_normalize(model.encode_image(image_ops.normalize(batch[key]), train=False))
+      for key in kind.evidence_image_views
+  }
+  z.update({key: losses.l2_normalize(model.encode_text(batch[key])) for key in kind.evidence_text_views})
+  return jax.tree.map(jax.lax.stop_gradient, z)
+
+
 def loss_and_grads(
     state: TrainState,
     batch: dict[str, jax.Array],
@@ -185,9 +196,11 @@ def loss_and_grads(
         key: jax.lax.stop_gradient(losses.l2_normalize(text_model.encode_text(batch[key]))) for key in kind.text_views
     }
 
+  evidence = _evidence_embeddings(spec.merge(state.params, state.model_state), batch, kind)
+
   def loss_fn(params):
     model = spec.merge(params, state.model_state)
-    z = {}
+    z = dict(evidence)
     for key in kind.image_views:
       z[key] = losses.l2_normalize(model.encode_image(images[key], train=lock != "image"))
     for key in kind.text_views:
@@ -261,7 +274,8 @@ def _accumulated_loss_and_grads(
   """
   lock = config.optim["lock"]
   compute_pair_loss = pair_loss(config, mesh)
-  micro = {key: split_micro_batches(batch[key], accum, mesh) for key in kind.views}
+  encoded = kind.views + kind.evidence_views
+  micro = {key: split_micro_batches(batch[key], accum, mesh) for key in encoded}
   locked = _locked_views(kind, lock)
   trained = tuple(key for key in kind.views if key not in locked and (key in kind.image_views or kind.text_grad))
 
@@ -274,16 +288,17 @@ def _accumulated_loss_and_grads(
       z = model.encode_text(values)
     return losses.l2_normalize(z), ModelSpec.split(model)[1]
 
-  # 1. Embeddings of the whole batch, one micro-batch at a time, no gradient.
+  # 1. Embeddings of the whole batch, one micro-batch at a time, no gradient (the evidence views too).
   def forward(_, micro_batch):
-    return None, {key: embed(state.params, state.model_state, key, micro_batch[key])[0] for key in kind.views}
+    z = {key: embed(state.params, state.model_state, key, micro_batch[key])[0] for key in kind.views}
+    return None, dict(z, **_evidence_embeddings(spec.merge(state.params, state.model_state), micro_batch, kind))
 
   _, z_micro = jax.lax.scan(forward, None, micro)
-  z = {key: join_micro_batches(z_micro[key], mesh) for key in kind.views}
+  z = {key: join_micro_batches(z_micro[key], mesh) for key in encoded}
 
   # 2. The full-batch loss and its gradient at the cached embeddings.
   def full_batch_loss(z_trained, scalars):
-    z_all = {key: z_trained.get(key, z[key]) for key in kind.views}
+    z_all = {key: z_trained.get(key, z[key]) for key in encoded}
     if kind.gather:
       z_all = _gather(z_all, mesh)
     return defense.loss(kind, z_all, scalars, state.defense, batch, mesh, compute_pair_loss)
@@ -436,6 +451,8 @@ def abstract_batch(
   views = defense.views
   if views == 2:
     batch.update(image2=batch["image"], text2=batch["text"])
+  if defense.plain_views(config):
+    batch.update(image_plain=batch["image"], text_plain=batch["text"])
   on_device = augment.device_views(config.augment, views)
   if on_device:
     source = augment.device_source_size(config.augment, size)

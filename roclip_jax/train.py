@@ -54,6 +54,7 @@ def build_train_data(config: ml_collections.ConfigDict, workdir: str | None = No
       image_transform=image_transform,
       source=source,
       views=defense.views,
+      plain_views=defense.plain_views(config),
   )
   return train_data, poison_info
 

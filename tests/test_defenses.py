@@ -21,10 +21,11 @@ from roclip_jax import optim
 from roclip_jax import sharding
 from roclip_jax import steps
 from roclip_jax import train
+from roclip_jax.data import image_ops
 from roclip_jax.defenses import base
 from roclip_jax.errors import config_error
 from tests import helpers
-from tests.helpers import DEMO, REPO
+from tests.helpers import REPO
 
 
 class CountingClip(base.Defense):
@@ -73,20 +74,8 @@ def toy_defense():
 
 
 def _tiny_config(demo_root, defense):
-  c = config_lib.base_config()
-  c.model = models.preset("tiny")
-  c.model.image.image_size, c.model.image.patch_size = 16, 8
-  c.model.text.context_length = 16
-  c.data.demo.update(dict(DEMO, root=demo_root))
-  c.data.batch_size = 16  # 48 examples -> 3 steps per epoch.
-  c.num_epochs = 2
-  c.defense = defense
-  c.optim.warmup_steps = 2
-  c.log_every_steps = 1
-  c.progress_bar = False
-  c.checkpoint.async_save = False
-  c.evals = ml_collections.ConfigDict()
-  return c
+  """The training tests' tiny run (`helpers.tiny_config`), two epochs of 3 steps, saved synchronously."""
+  return helpers.tiny_config(demo_root, defense, num_epochs=2, **{"checkpoint.async_save": False})
 
 
 def test_a_defense_registered_in_a_test_file_trains_and_checkpoints(toy_defense, demo_root, tmp_path):
@@ -129,7 +118,7 @@ def _accum_config(defense, loss="clip"):
   return c
 
 
-def _batch(views, seed=0, batch=32):
+def _batch(views, seed=0, batch=32, plain_views=False):
   rng = np.random.default_rng(seed)
   tokens = rng.integers(1, 400, size=(batch, 16)).astype(np.int32)
   tokens[:, 0], tokens[:, 7], tokens[:, 8:] = 49406, 49407, 0
@@ -143,6 +132,8 @@ def _batch(views, seed=0, batch=32):
   if views == 2:
     tokens2 = np.roll(tokens, 1, axis=0)
     out.update(image2=rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8), text2=tokens2)
+  if plain_views:
+    out.update(image_plain=rng.integers(0, 256, size=(batch, 16, 16, 3), dtype=np.uint8), text_plain=tokens[::-1])
   return out
 
 
@@ -152,13 +143,24 @@ def _batch(views, seed=0, batch=32):
 # tests/test_sharding.py::test_accumulated_gradient_equals_full_batch_gradient. SafeCLIP's 'safe_split'
 # computes both terms of its other two phases (the masked cross-modal loss and the unimodal
 # nearest-neighbour losses).
-KINDS = [("none", "clip"), ("roclip", "gated"), ("safeclip", "safe_split"), ("cleanclip", "cleanclip")]
+# "roclip+plain": the gate judging the un-augmented views, encoded forward only (evidence views).
+KINDS = [
+    ("none", "clip"),
+    ("roclip", "gated"),
+    ("roclip+plain", "gated"),
+    ("safeclip", "safe_split"),
+    ("cleanclip", "cleanclip"),
+]
 
 
 @pytest.mark.parametrize("defense_name,kind_name", KINDS)
 def test_accumulated_gradient_equals_full_batch_for_every_defense(defense_name, kind_name):
   """4 micro-batches vs one batch of 32, through the Defense interface, on a data x fsdp mesh."""
+  defense_name, _, plain = defense_name.partition("+")
   config = _accum_config(defense_name)
+  if plain:
+    config.augment.text = True
+    config.roclip.gate_views = "plain"
   config_lib.validate(config, 4)
   mesh = sharding.make_mesh(config.mesh)
   defense = helpers.defense_for(config)
@@ -171,7 +173,8 @@ def test_accumulated_gradient_equals_full_batch_for_every_defense(defense_name, 
     safe = (np.arange(state.defense.safe.shape[0]) % 2).astype(np.int8)
     state = state.replace(defense=state.defense.replace(safe=jax.device_put(safe, shardings.defense.safe)))
   kind = defense.step_kinds()[kind_name]
-  batch = sharding.global_batch(_batch(defense.views), mesh)
+  assert kind.evidence_views == (("image_plain", "text_plain") if plain else ())
+  batch = sharding.global_batch(_batch(defense.views, plain_views=defense.plain_views(config)), mesh)
   results = []
   for accum in (1, 4):
     c = config.copy_and_resolve_references()
@@ -183,8 +186,16 @@ def test_accumulated_gradient_equals_full_batch_for_every_defense(defense_name, 
     results.append((float(loss), jax.device_get(grads), jax.device_get(aux["z"])))
   (l1, g1, z1), (l4, g4, z4) = results
   np.testing.assert_allclose(l4, l1, rtol=1e-5)
-  for key in kind.views:
+  for key in kind.views + kind.evidence_views:
     np.testing.assert_allclose(z4[key], z1[key], atol=1e-5)
+  if plain:  # The evidence views are the model's inference-mode unit embeddings of the plain views.
+    model = spec.merge(state.params, state.model_state)
+    raw = jax.device_get(batch)
+    image = model.encode_image(image_ops.normalize(jnp.asarray(raw["image_plain"])), train=False)
+    text = model.encode_text(jnp.asarray(raw["text_plain"]))
+    for key, z in (("image_plain", image), ("text_plain", text)):
+      z = np.asarray(z, np.float64)
+      np.testing.assert_allclose(z1[key], z / np.linalg.norm(z, axis=1, keepdims=True), atol=1e-5)
   for path, a in jax.tree_util.tree_flatten_with_path(g1)[0]:
     b = g4
     for k in path:

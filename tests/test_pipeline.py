@@ -11,6 +11,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
+from roclip_jax.data import augment
 from roclip_jax.data import demo
 from roclip_jax.data import image_ops
 from roclip_jax.data import pipeline
@@ -596,6 +597,44 @@ def test_two_views_plain_first_view_augmented_second(small_demo_root):
   state = json.loads(json.dumps(first.get_state()))
   resumed = pipeline.make_train_data(config, views=2).iterator
   resumed.set_state(state)
+  assert_batches_equal(head + collect(resumed), full)
+
+
+@pytest.mark.parametrize("placement", ["host", "device"])
+def test_plain_views_are_the_examples_before_augmentation(small_demo_root, placement):
+  """`plain_views`: `image_plain` is CLIP's eval crop of the same trigger-stamped image and `text_plain`
+  the caption before EDA, recomputed from the files; every other key is what the batch holds without
+  them, and the stream resumes exactly."""
+  aug = _augment_config(placement=placement)
+
+  def paint_label_zero_white(record, image):
+    return np.full_like(image, 255) if record["label"] == 0 else image
+
+  config = make_config(small_demo_root, num_epochs=2, augment=aug)
+  make = lambda plain: pipeline.make_train_data(config, image_transform=paint_label_zero_white, plain_views=plain)
+  without, data = collect(make(False).iterator), make(True)
+  full = collect(data.iterator)
+  assert set(full[0]) == set(pipeline.batch_keys(1, augment.device_views(aug, 1), plain_views=True))
+  assert set(full[0]) - set(without[0]) == set(pipeline.PLAIN_KEYS)
+  for a, b in zip(full, without):
+    for key in b:
+      np.testing.assert_array_equal(a[key], b[key], err_msg=key)
+  rows = _demo_rows(small_demo_root)
+  tok = tokenizer_lib.get_tokenizer(16)
+  augmented_text = 0
+  for batch in full[:2]:
+    for i, example_id in enumerate(batch["id"]):
+      row = rows[example_id]
+      pixels = np.asarray(Image.open(os.path.join(small_demo_root, row["image_path"])).convert("RGB"))
+      pixels = paint_label_zero_white(dict(row, label=int(row["label"])), pixels)
+      np.testing.assert_array_equal(batch["image_plain"][i], image_ops.resize_center_crop(pixels, 16))
+      np.testing.assert_array_equal(batch["text_plain"][i], tok(row["caption"])[0])
+      augmented_text += not np.array_equal(batch["text"][i], batch["text_plain"][i])
+  assert augmented_text > 0  # The trained caption is EDA'd, the plain one is not.
+  head_iterator = make(True).iterator
+  head = collect(head_iterator, 3)
+  resumed = make(True).iterator
+  resumed.set_state(json.loads(json.dumps(head_iterator.get_state())))
   assert_batches_equal(head + collect(resumed), full)
 
 

@@ -624,12 +624,17 @@ def _np_gated_loss(
     gate_peers=False,
     image_excuse=False,
     contents="none",
+    judged=None,
 ):
   """The own-pair gate and CLIP's loss over the kept positives, in float64 loops. `past`: each
   pair's earlier gate decisions (lists of booleans); a pair then keeps its positive where at least
   half of those and this one passed. `drop_untrusted`: CLIP's loss of the sub-batch of trusted pairs
-  alone (the others are no one's negatives)."""
+  alone (the others are no one's negatives). `judged`: the (image, caption) embeddings every decision
+  reads, where they are not the trained `zimg`, `ztxt`."""
   b = len(zimg)
+  trained_img, trained_txt = zimg, ztxt
+  if judged is not None:
+    zimg, ztxt = judged
   mean_row = pool.mean(axis=0)
   keep = np.array([ztxt[i] @ matched[i] >= 0.5 * (1 + ztxt[i] @ mean_row) for i in range(b)], np.float64)
   overruled = (_np_content_gate(zimg, ztxt, matched, pool) > 0) & (keep == 0) if contents != "none" else None
@@ -649,6 +654,7 @@ def _np_gated_loss(
     # An excused failure: no vote; more passes than fails so far.
     trusted = np.where(excused, [sum(p) > len(p) - sum(p) for p in past], trusted).astype(np.float64)
   weights = trusted if keep.mean() >= quorum else np.ones(b)
+  zimg, ztxt = trained_img, trained_txt  # The loss trains the trained views.
   if drop_untrusted:
     sub = [i for i in range(b) if weights[i] > 0]
     logits = np.exp(log_scale) * zimg[sub] @ ztxt[sub].T
@@ -666,10 +672,20 @@ def _np_gated_loss(
 
 
 def _gated_losses(
-    zimg, ztxt, matched, pool, past, drop_untrusted, gate_peers=False, image_evidence="none", content_evidence="none"
+    zimg,
+    ztxt,
+    matched,
+    pool,
+    past,
+    drop_untrusted,
+    gate_peers=False,
+    image_evidence="none",
+    content_evidence="none",
+    judged=None,
 ):
   """The float64 reference (`_np_gated_loss`: keep, loss) and `roclip.gated_pair_loss` (loss, aux) of
-  one batch, with the memory holding `past` (None: no memory), at logit scale 10."""
+  one batch, with the memory holding `past` (None: no memory), at logit scale 10; `judged`: the
+  (image, caption) embeddings the decisions read (None: the trained ones)."""
   log_scale = np.log(10.0)
   keep_ref, loss_ref = _np_gated_loss(
       *(x.astype(np.float64) for x in (zimg, ztxt, matched, pool)),
@@ -680,6 +696,7 @@ def _gated_losses(
       gate_peers=gate_peers,
       image_excuse=image_evidence == "excuse",
       contents=content_evidence,
+      judged=None if judged is None else tuple(x.astype(np.float64) for x in judged),
   )
   margins = None if past is None else jnp.asarray([2 * sum(p) - len(p) for p in past], jnp.int8)
   match, pool_state = _gate_inputs(matched, pool)
@@ -694,6 +711,7 @@ def _gated_losses(
       gate_peers=gate_peers,
       image_evidence=image_evidence,
       content_evidence=content_evidence,
+      judged=None if judged is None else tuple(jnp.asarray(x) for x in judged),
   )
   return keep_ref, loss_ref, loss, aux
 
@@ -872,6 +890,50 @@ def test_comparing_contents_passes_a_pair_whose_nearest_row_is_an_odd_paraphrase
     assert float(aux["gate_excused"][6]) == 0
 
 
+def test_the_gate_judges_the_plain_views_and_trains_the_augmented_ones():
+  """`judged` (`gate_views='plain'`): every decision (the gate, the peers, the image evidence) reads
+  the un-augmented views' embeddings, and the loss trains the augmented ones. A pair whose augmented
+  caption (EDA) drifted off its content fails on its augmented views and passes on its plain ones;
+  the gated loss with the memory against float64 loops, with both views."""
+  rng = np.random.default_rng(11)
+  b, d = 16, 12
+  pool = _unit(rng, 40, d)
+  plain_txt = _unit(rng, b, d)
+  near = plain_txt + 0.2 * _unit(rng, b, d)
+  matched = np.where(np.arange(b)[:, None] < 10, near, pool[:b] - 0.8 * plain_txt)  # 10 agree, 6 do not.
+  matched /= np.linalg.norm(matched, axis=1, keepdims=True)
+  # The augmented captions: pairs 0-2 drifted off their match (a word replaced), the others barely moved.
+  drifted = np.arange(b)[:, None] < 3
+  aug_txt = np.where(drifted, plain_txt - 1.2 * matched, plain_txt + 0.05 * _unit(rng, b, d))
+  aug_txt /= np.linalg.norm(aug_txt, axis=1, keepdims=True)
+  plain_img, aug_img = _unit(rng, b, d), _unit(rng, b, d)
+  match, pool_state = _gate_inputs(matched, pool)
+  on_plain = np.asarray(roclip.own_pair_gate(jnp.asarray(plain_txt), match, pool_state))
+  on_aug = np.asarray(roclip.own_pair_gate(jnp.asarray(aug_txt), match, pool_state))
+  assert on_plain[:3].all() and not on_aug[:3].any()  # The construction holds.
+  past = [list(rng.random(int(rng.integers(0, 4))) < 0.5) for _ in range(b)]
+  for drop_untrusted in (False, True):
+    keep_ref, loss_ref, loss, aux = _gated_losses(
+        aug_img,
+        aug_txt,
+        matched,
+        pool,
+        past,
+        drop_untrusted,
+        gate_peers=True,
+        image_evidence="excuse",
+        judged=(plain_img, plain_txt),
+    )
+    np.testing.assert_array_equal(np.asarray(aux["gate"]), keep_ref)
+    np.testing.assert_array_equal(keep_ref, on_plain)
+    np.testing.assert_allclose(float(loss), loss_ref, rtol=1e-5)
+    # The loss is the one of the augmented views: judged on the plain views and trained on them, it differs.
+    _, loss_on_plain, _, _ = _gated_losses(
+        plain_img, plain_txt, matched, pool, past, drop_untrusted, gate_peers=True, image_evidence="excuse"
+    )
+    assert abs(loss_on_plain - loss_ref) > 1e-3
+
+
 def test_gate_votes_keep_the_majority_of_each_examples_decisions():
   """`record_votes` + `trusted_pairs` over many steps against per-example lists of decisions: only
   steps where the gate acted vote; a pair is trusted where at least half its votes (this one
@@ -901,3 +963,28 @@ def test_gate_votes_keep_the_majority_of_each_examples_decisions():
     streak = roclip.record_votes(streak, jnp.zeros((1,), jnp.int32), jnp.ones((1,)), jnp.ones(()))
   assert int(streak[0]) == 127
   assert float(roclip.trusted_pairs(jnp.zeros((1,)), streak)[0]) == 1.0
+
+
+@pytest.mark.parametrize("gate_views", ["plain", "plain_text"])
+def test_gate_views_pick_the_evidence_the_gated_step_encodes_end_to_end(demo_root, tmp_path, gate_views):
+  """`gate_views`: an unknown value is refused; the plain views are read only where the gate judges by
+  them and the data is augmented; the gated step encodes them forward only ('plain_text': the
+  caption alone), and a short run with the plain views trains and logs the gate."""
+  from roclip_jax import config_lib, defenses, metrics as metrics_lib, train  # pylint: disable=g-import-not-at-top
+  from roclip_jax.errors import ConfigError  # pylint: disable=g-import-not-at-top
+  from tests import helpers  # pylint: disable=g-import-not-at-top
+
+  overrides = {"roclip.variant": "gated", "roclip.gate_first_epoch": 1, "roclip.gate_quorum": 0.0, "max_steps": 4}
+  config = helpers.tiny_config(demo_root, "roclip", **overrides, **{"roclip.gate_views": "sideways"})
+  with pytest.raises(ConfigError, match=r"roclip.gate_views.*sideways.*plain_text"):
+    config_lib.validate(config, 1)
+  config = helpers.tiny_config(demo_root, "roclip", **overrides, **{"roclip.gate_views": gate_views})
+  assert not defenses.get("roclip").plain_views(config)  # No augmentation: the views are the plain ones.
+  config.augment.text = True
+  assert defenses.get("roclip").plain_views(config)
+  kind = helpers.defense_for(config).step_kinds()["gated"]
+  assert kind.evidence_views == {"plain": ("image_plain", "text_plain"), "plain_text": ("text_plain",)}[gate_views]
+  if gate_views == "plain":  # Its views are a superset of 'plain_text''s: one run covers the wiring.
+    train.train_and_evaluate(config, str(tmp_path))
+    rows = [r for r in metrics_lib.read_metrics(str(tmp_path)) if r["kind"] == "epoch"]
+    assert rows and all(0 <= r["roclip/gate_kept_frac"] <= 1 for r in rows)

@@ -1,6 +1,6 @@
 """What RoCLIP's own-pair gate decides for a trained run, split by what the data's labels say.
 
-  python tools/gate_decisions.py --workdir=DIR [--step=N] [--batches=12]
+  python tools/gate_decisions.py --workdir=DIR [--step=N] [--batches=12] [--judge=plain]
 
 Opens the run's checkpoint (`roclip_jax.inspect.load`), draws `--batches` training batches through the
 run's own pipeline (its poisons and augmentation), and for each pair runs the gated step's lookup on
@@ -11,7 +11,9 @@ pairs whose match comes from another class, and how often it passes the poisoned
 each group's own caption sits above the pool's typical caption for its image (a z-score over the
 pool's cosines), and, among the pairs the gate fails, how many the peers' excuse and the image
 tower's side (`roclip.image_evidence`) would excuse and the comparison of contents
-(`roclip.content_evidence`) would overrule. docs/roclip.md, section 8 reads the figures: a
+(`roclip.content_evidence`) would overrule. The gate reads the views the run's gate read
+(`roclip.gate_views`), or those `--judge` names ('augmented', 'plain', 'plain_text'), on the same
+batches and checkpoint. docs/roclip.md, section 8 reads the figures: a
 label-free gate cannot tell a clean image the model still gets wrong from a poisoned one by this one
 decision.
 """
@@ -34,7 +36,7 @@ from roclip_jax.defenses import roclip
 _QUANTILES = (0.1, 0.25, 0.5, 0.75, 0.9)
 
 
-def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str, np.ndarray]:
+def gate_decisions(workdir: str, step: int | None, num_batches: int, judge: str = "run") -> dict[str, np.ndarray]:
   """Per pair of `num_batches` training batches: the gate's decision, whether the match has the image's
   class, whether the pair is poisoned, the own caption's z-score among the pool's cosines, whether its
   peers would excuse a failure (`roclip.excused_by_peers`), whether the image tower sides with the
@@ -43,16 +45,25 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int) -> dict[str
   run = inspect_lib.load(workdir, step=step)
   if run.config.defense != "roclip":
     raise SystemExit(f"{workdir} trained defense={run.config.defense!r}; the gate is RoCLIP's.")
-  defense = defenses.from_config(run.config, runs.run_facts(runs.read_info(workdir)))
-  data, _ = train.build_train_data(run.config)
+  config = run.config
+  if judge != "run":  # The views the gate reads only: the lookup, the batches and the pool are the run's.
+    config = config.copy_and_resolve_references()
+    config.roclip.gate_views = judge
+  defense = defenses.from_config(config, runs.run_facts(runs.read_info(workdir)))
+  data, _ = train.build_train_data(config)
   pool, mesh = run.pool, sharding_lib.make_mesh([("data", -1)])
   pool_labels = np.asarray(pool.source_labels)
   lookup = jax.jit(defense.match, static_argnums=3)
+  # The views the run's gate judged by (`roclip.gate_views`): the plain ones where its step encoded them.
+  judged = defense.step_kinds()["gated"].evidence_views
+  image_key, text_key = ("image_plain" if "image_plain" in judged else "image"), (
+      "text_plain" if "text_plain" in judged else "text"
+  )
   rows = []
   for _ in range(num_batches):
     batch = next(data.iterator)
-    zimg = jnp.asarray(run.encoder.encode_images(np.asarray(batch["image"])))
-    ztxt = jnp.asarray(run.encoder.encode_tokens(np.asarray(batch["text"])))
+    zimg = jnp.asarray(run.encoder.encode_images(np.asarray(batch[image_key])))
+    ztxt = jnp.asarray(run.encoder.encode_tokens(np.asarray(batch[text_key])))
     with jax.set_mesh(mesh):
       match = lookup(pool, zimg, jnp.asarray(batch["id"], jnp.int32), mesh)
     cosines = np.asarray(zimg @ pool.embeddings.T)  # [B, M]
@@ -81,8 +92,11 @@ def main() -> None:
   parser.add_argument("--workdir", required=True)
   parser.add_argument("--step", type=int, default=None, help="checkpoint step (default: the latest)")
   parser.add_argument("--batches", type=int, default=12)
+  parser.add_argument(
+      "--judge", default="run", choices=("run",) + roclip.GATE_VIEWS, help="the views the gate reads (run: the run's)"
+  )
   args = parser.parse_args()
-  d = gate_decisions(args.workdir, args.step, args.batches)
+  d = gate_decisions(args.workdir, args.step, args.batches, args.judge)
   clean = ~d["poisoned"]
   groups = {
       "clean, match of the image's class": clean & d["same_class"],

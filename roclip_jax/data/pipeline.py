@@ -39,7 +39,10 @@ Two views (`views=2`, for defenses whose steps read a second view, e.g. SafeCLIP
 each element also carries `image2` / `text2`, an always-augmented second view
 made from the same decoded and `image_transform`-ed raw image and the same
 caption, with random streams of their own. View 1 (`image` / `text`) is
-exactly what `views = 1` gives.
+exactly what `views = 1` gives. Plain views (`plain_views=True`, for a defense
+that judges pairs by the example before augmentation, e.g. RoCLIP's
+`gate_views`): each element also carries `image_plain` (the eval crop of the
+same `image_transform`-ed image) and `text_plain` (the caption before EDA).
 
 `scoring_batches` is a single in-order, eval-preprocessed pass over this
 host's slice (SafeCLIP scores every training pair with it each epoch).
@@ -72,6 +75,7 @@ StorageError = image_ops.StorageError
 ImageTransform = Callable[[dict[str, Any], np.ndarray], np.ndarray]
 BATCH_KEYS = ("image", "text", "id", "label", "poisoned", "skipped")
 VIEW2_KEYS = ("image2", "text2")  # Added to the batch keys when views == 2.
+PLAIN_KEYS = ("image_plain", "text_plain")  # Added with plain_views: the un-augmented views.
 _LOG_FIRST_SKIPS = 20  # Then one line per _LOG_SKIP_EVERY skipped images.
 _LOG_SKIP_EVERY = 100
 # Tags that separate the random streams derived from config.seed.
@@ -89,10 +93,16 @@ def _derived_seed(*entropy: int, bits: int = 32) -> int:
   return value % (2**bits)
 
 
-def batch_keys(views: int = 1, device_views: tuple[str, ...] = ()) -> tuple[str, ...]:
+def batch_keys(views: int = 1, device_views: tuple[str, ...] = (), plain_views: bool = False) -> tuple[str, ...]:
   """The keys of a training batch with `views` views per example; `device_views` (from
-  `augment.device_views`) add each such view's packed augmentation parameters."""
-  return BATCH_KEYS + (VIEW2_KEYS if views == 2 else ()) + tuple(augment.params_key(v) for v in device_views)
+  `augment.device_views`) add each such view's packed augmentation parameters, `plain_views` the
+  un-augmented views (`PLAIN_KEYS`)."""
+  return (
+      BATCH_KEYS
+      + (VIEW2_KEYS if views == 2 else ())
+      + (PLAIN_KEYS if plain_views else ())
+      + tuple(augment.params_key(v) for v in device_views)
+  )
 
 
 def _check_views(views: Any) -> int:
@@ -195,7 +205,9 @@ class _ExampleLoader:
   with the batch keys, or, for an undecodable image, a small marker dict
   with `_skipped_path`; it never returns None because grain would silently
   drop it and the skip could no longer be counted. With `views=2` it also
-  returns `image2` (always image-augmented) and `text2` (always EDA'd).
+  returns `image2` (always image-augmented) and `text2` (always EDA'd); with
+  `plain_views` also `image_plain` (CLIP's eval resize + centre crop of the same
+  decoded, trigger-stamped image) and `text_plain` (the caption without EDA).
   A storage fault raises `StorageError` (after `io_retries`) instead.
 
   With `augment.placement='device'` an augmented view is the whole decoded
@@ -216,6 +228,7 @@ class _ExampleLoader:
       augment_cfg: Any,
       image_transform: ImageTransform | None,
       views: int = 1,
+      plain_views: bool = False,
       reader: ImageReader = ImageReader(),
   ):
     self._source = source
@@ -232,6 +245,7 @@ class _ExampleLoader:
     self._augment_text = bool(augment_cfg.get("text", False))
     self._resample_text = bool(augment_cfg.get("text_resample_per_epoch", False))
     self._views = _check_views(views)
+    self._plain_views = bool(plain_views)
     self._image2_key = _derived_seed(seed, _IMAGE_VIEW2_TAG, process_index, bits=64)
     self._device_views = augment.device_views(augment_cfg, self._views)
     if self._device_views:
@@ -297,6 +311,10 @@ class _ExampleLoader:
       caption2 = self._eda_caption(record["caption"], _TEXT_VIEW2_TAG, example_id, position)
       element["image2"] = np.ascontiguousarray(image2, np.uint8)
       element["text2"] = self._tokenizer(caption2)[0]
+    if self._plain_views:
+      # What the example is, before augmentation: a defense judges pairs by it (RoCLIP's gate).
+      element["image_plain"] = np.ascontiguousarray(image_ops.resize_center_crop(raw, self._image_size), np.uint8)
+      element["text_plain"] = self._tokenizer(record["caption"])[0]
     for view, packed in device.items():
       element[augment.params_key(view)] = packed
     return element
@@ -480,6 +498,7 @@ def make_train_data(
     image_transform: ImageTransform | None = None,
     source: Any | None = None,
     views: int = 1,
+    plain_views: bool = False,
 ) -> TrainData:
   """Builds this host's training iterator.
 
@@ -497,6 +516,8 @@ def make_train_data(
       to read instead of `sources.make_source(config.data)`, e.g. a
       poisoned wrapper around it. Must be picklable when using workers.
     views: views of each example per batch, 1 or 2 (the defense's `views`).
+    plain_views: also the un-augmented views `image_plain` uint8 [b, S, S, 3]
+      and `text_plain` int32 [b, L] (the defense's `plain_views(config)`).
 
   Returns:
     `TrainData`; batches are dicts with `image` uint8 [b, S, S, 3], `text`
@@ -548,6 +569,7 @@ def make_train_data(
       augment_cfg=config.augment,
       image_transform=image_transform,
       views=views,
+      plain_views=plain_views,
       reader=ImageReader.from_config(config),
   )
   dataset = (
@@ -581,7 +603,7 @@ def make_train_data(
       steps_per_epoch=steps_per_epoch,
       epoch_length=len(host_indices),
       num_epochs=num_epochs,
-      keys=batch_keys(views, augment.device_views(config.augment, views)),
+      keys=batch_keys(views, augment.device_views(config.augment, views), plain_views),
   )
   return TrainData(
       iterator=iter(batches),

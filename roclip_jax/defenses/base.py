@@ -10,8 +10,8 @@ What a defense decides:
 
 * its config block (`config_block`, `default_config`) and `validate`;
 * the training records it sees (`train_records`: CleanCLIP's clean subset) and
-  how many views of each example its steps read (`views`), both decided from the
-  config alone, before the data is built;
+  how many views of each example its steps read (`views`, and `plain_views`:
+  the un-augmented ones), all decided from the config alone, before the data is built;
 * its device state (`init_state`, `state_shardings`), held in
   `TrainState.defense`, donated and checkpointed with the model, and its
   running counters (`init_stats`);
@@ -62,6 +62,10 @@ class StepKind:
   # False: the text tower runs forward only and gets an exactly zero gradient (RoCLIP's matching
   # step, whose positives are pool rows; the captions only feed the pool).
   text_grad: bool = True
+  # Views encoded forward only, in inference mode and without a gradient: what the loss judges the
+  # pairs by but does not train on (RoCLIP's gate reads the un-augmented `image_plain`/`text_plain`).
+  evidence_image_views: tuple[str, ...] = ()
+  evidence_text_views: tuple[str, ...] = ()
   # Gather the embeddings to every device before the loss (one all-gather of all views at once):
   # for losses that look up per-example state or compare every example with the whole batch.
   gather: bool = False
@@ -74,7 +78,12 @@ class StepKind:
 
   @property
   def views(self) -> tuple[str, ...]:
+    """The trained views (those the loss may differentiate)."""
     return self.image_views + self.text_views
+
+  @property
+  def evidence_views(self) -> tuple[str, ...]:
+    return self.evidence_image_views + self.evidence_text_views
 
 
 @dataclasses.dataclass(frozen=True)
@@ -154,6 +163,14 @@ class Defense:
     del config, num_batch_shards
 
   # -------------------------------------------------------------------- data
+  @classmethod
+  def plain_views(cls, config: ml_collections.ConfigDict) -> bool:
+    """Whether the batches also carry each example's un-augmented views (`image_plain`: CLIP's eval
+    preprocessing of the same trigger-stamped image; `text_plain`: the caption before EDA), decided
+    from the config alone, like `views`."""
+    del config
+    return False
+
   @classmethod
   def train_records(cls, config: ml_collections.ConfigDict, source: Any, image_transform: Any) -> tuple[Any, Any]:
     """The records this defense trains on and the image transform still needed (the trigger stamp).

@@ -119,10 +119,15 @@ class Settings:
   # image on average at least as close to the pool's captions that say what its own caption says as to
   # those that say what its match says): 'none'; 'excuse' (it abstains); 'pass' (it counts as a pass).
   content_evidence: str = "none"
+  # Which views the gate judges a pair by (`GATE_VIEWS`): 'augmented', the views it trains on;
+  # 'plain', the example before augmentation (`image_plain`, `text_plain`); 'plain_text', the
+  # augmented image with the caption before EDA. It trains on the augmented views either way.
+  gate_views: str = "augmented"
 
 
 # The uses of a piece of evidence against a gate failure (`image_evidence`, `content_evidence`).
 EVIDENCE_USES = ("none", "excuse", "pass")
+GATE_VIEWS = ("augmented", "plain", "plain_text")
 
 # What each variant sets for the knobs left unset (None) in `config.roclip`; explicit values win,
 # which is how the robust variant is ablated one piece at a time.
@@ -135,6 +140,7 @@ _UNGATED = dict(
     gate_peers=False,
     image_evidence="none",
     content_evidence="none",
+    gate_views="augmented",
 )
 VARIANT_DEFAULTS = {
     "paper": dict(
@@ -207,6 +213,7 @@ def settings(cfg, *, steps_per_epoch: int = 1, warmup_steps: int = 0, num_epochs
       gate_peers=bool(knobs["gate_peers"]) and bool(knobs["own_pair_gate"]),
       image_evidence=str(knobs["image_evidence"]) if knobs["own_pair_gate"] else "none",
       content_evidence=str(knobs["content_evidence"]) if knobs["own_pair_gate"] else "none",
+      gate_views=str(knobs["gate_views"]) if knobs["own_pair_gate"] else "augmented",
   )
 
 
@@ -441,6 +448,7 @@ def gated_pair_loss(
     image_evidence: str = "none",
     content_evidence: str = "none",
     ids: jax.Array | None = None,
+    judged: tuple[jax.Array, jax.Array] | None = None,
 ):
   """CLIP's loss with only the trusted pairs as positives (`losses.clip_loss`'s `positive_weights`).
   `votes`: the batch's rows of `Pool.gate_votes` (None: no memory).
@@ -460,7 +468,14 @@ def gated_pair_loss(
   peers' excuse) or passes ('pass'); `content_evidence` the same for a failure that `content_gate`
   overrules (`ids`, the batch's example ids, keep rows written from a pair's own example out
   of that comparison; None: no exclusion).
+
+  `judged`: the (image, caption) unit embeddings the decisions are read from, where they are not the
+  trained ones (the un-augmented views, `gate_views='plain'`; `match` is then the lookup of those
+  images). Every decision (gate, peers, evidence) reads them; the loss trains `zimg`, `ztxt`.
   """
+  loss_img, loss_txt = zimg, ztxt
+  if judged is not None:
+    zimg, ztxt = judged
   keep = own_pair_gate(ztxt, match, pool)
   # Each piece of evidence in use, against a failure: 1 where it contradicts the failing decision.
   evidence = [
@@ -485,7 +500,9 @@ def gated_pair_loss(
   if drop_untrusted:
     untrusted = weights < 0.5
     left_out = untrusted[:, None] | untrusted[None, :]
-  loss, aux = losses.clip_loss(zimg, ztxt, scalars["logit_scale"], same_target=left_out, positive_weights=weights)
+  loss, aux = losses.clip_loss(
+      loss_img, loss_txt, scalars["logit_scale"], same_target=left_out, positive_weights=weights
+  )
   aux = dict(aux, gate=keep, gate_weights=weights, gate_active=active.astype(jnp.float32))
   if excused is not None:
     aux["gate_excused"] = excused
@@ -1040,6 +1057,10 @@ class RoClip(base.Defense):
     # Where the gate fails a pair, whether the image's mean cosine to the pool captions of its own
     # caption's content beats that of its match's: 'none', 'excuse' or 'pass' (docs/roclip.md, section 8).
     c.content_evidence = ml_collections.config_dict.placeholder(str)
+    # The views the gate judges a pair by: 'augmented' (those it trains on), 'plain' (the example
+    # before augmentation: CLIP's eval crop, the caption before EDA) or 'plain_text' (the augmented
+    # image, the caption before EDA); docs/roclip.md, section 8.
+    c.gate_views = ml_collections.config_dict.placeholder(str)
     # Input dtype of the lookup's similarity matmul (float32 accumulation either way): 'float32' or 'bfloat16'
     # (half the bytes of the pool read; rows may differ from float32's on near-ties: docs/roclip.md, section 5).
     c.lookup_dtype = "float32"
@@ -1088,6 +1109,10 @@ class RoClip(base.Defense):
         raise config_error(
             f"roclip.{knob}", f"{r[knob]!r} is unknown.", f"use one of {EVIDENCE_USES} (or leave it unset)."
         )
+    if r.get("gate_views") is not None and r.gate_views not in GATE_VIEWS:
+      raise config_error(
+          "roclip.gate_views", f"{r.gate_views!r} is unknown.", f"use one of {GATE_VIEWS} (or leave it unset)."
+      )
     if r.lookup_dtype not in LOOKUP_DTYPES:
       raise config_error(
           "roclip.lookup_dtype",
@@ -1127,6 +1152,13 @@ class RoClip(base.Defense):
           "data), or set roclip.gate_memory=False."
       )
 
+  @classmethod
+  def plain_views(cls, config: ml_collections.ConfigDict) -> bool:
+    # Only where the gate judges by them and there is augmentation to leave out.
+    s = settings(config.roclip)
+    augments = bool(config.augment.get("image", False) or config.augment.get("text", False))
+    return s.own_pair_gate and s.gate_views != "augmented" and augments
+
   def settings(self) -> Settings:
     return settings(
         self.config.roclip,
@@ -1144,6 +1176,10 @@ class RoClip(base.Defense):
     for label, use in (("image evidence", s.image_evidence), ("contents", s.content_evidence)):
       memory += {"none": "", "excuse": f", {label} as an excuse", "pass": f", {label} as a pass"}[use]
     memory += ", untrusted pairs left out" if s.drop_untrusted else ""
+    if self.plain_views(self.config):
+      memory += {"plain": ", judged on the un-augmented views", "plain_text": ", judged on the captions before EDA"}[
+          s.gate_views
+      ]
     gate = f", own-pair gate (quorum {s.gate_quorum:g}{memory})" if s.own_pair_gate else ""
     return (
         f"roclip ({s.variant}: pool {self.config.roclip.pool_size}, {schedule}, csls_k={s.csls_k}, "
@@ -1177,7 +1213,15 @@ class RoClip(base.Defense):
         "match": base.StepKind("match", text_grad=False, options=(("enqueue", True),)),
     }
     if s.own_pair_gate:  # A CLIP step whose positives pass the gate; it reads the pool, so it writes it too.
-      kinds["gated"] = base.StepKind("gated", options=(("enqueue", True),))
+      # The un-augmented views it judges by, encoded forward only. The pool keeps the augmented
+      # captions: a pool of the captions before EDA was tried and lost (docs/roclip.md, section 8).
+      plain = self.plain_views(self.config)
+      kinds["gated"] = base.StepKind(
+          "gated",
+          evidence_image_views=("image_plain",) if plain and s.gate_views == "plain" else (),
+          evidence_text_views=("text_plain",) if plain else (),
+          options=(("enqueue", True),),
+      )
     return kinds
 
   def schedule(self, epoch: int) -> base.StepKind:
@@ -1190,7 +1234,9 @@ class RoClip(base.Defense):
 
   def loss(self, kind, z, scalars, state, batch, mesh, pair_loss):
     if kind.name == "gated":
-      match = self.match(state, z["image"], batch["id"], mesh)
+      # The pair is judged by its plain views where the kind encodes them, and trained on its own.
+      judged = (z.get("image_plain", z["image"]), z.get("text_plain", z["text"]))
+      match = self.match(state, judged[0], batch["id"], mesh)
       votes = None if state.gate_votes is None else state.gate_votes[batch["id"]]
       rc = self.settings()
       return gated_pair_loss(
@@ -1206,6 +1252,7 @@ class RoClip(base.Defense):
           image_evidence=rc.image_evidence,
           content_evidence=rc.content_evidence,
           ids=batch["id"] if rc.exclude_own else None,
+          judged=judged,
       )
     if kind.name != "match":
       return pair_loss(z["image"], z["text"], scalars)
