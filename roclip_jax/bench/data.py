@@ -39,6 +39,7 @@ import numpy as np
 from PIL import Image
 
 from roclip_jax import config_lib
+from roclip_jax import host_runtime
 from roclip_jax.data import array_record
 from roclip_jax.data import augment_reference
 from roclip_jax.data import pipeline
@@ -219,13 +220,15 @@ def pipeline_rate(config: ml_collections.ConfigDict) -> float:
 
 def main(argv):
   del argv
+  host_settings = host_runtime.tune()  # What the trainer's process runs with (roclip_jax/host_runtime.py).
   with tempfile.TemporaryDirectory() as tmp:
     shard_dir = FLAGS.shard_dir or tmp
     os.makedirs(shard_dir, exist_ok=True)
     kib = write_shards(shard_dir, FLAGS.num_images, FLAGS.source_size)
     print(
         f"{FLAGS.num_images} JPEGs, shorter side {FLAGS.source_size} px, mean {kib:.1f} KiB, "
-        f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}"
+        f"-> {FLAGS.image_size} px; {os.cpu_count()} CPU cores; batch {FLAGS.batch}; "
+        f"host settings: {'; '.join(host_settings) or 'none'}"
     )
     bare = bare_decode_rate(shard_dir, FLAGS.image_size, FLAGS.per_core_examples)
     print(f"{'bare decode':14s}: {'PIL decode + resize + crop (1 thread)':40s} {bare:8.1f} examples/s")
