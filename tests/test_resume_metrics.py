@@ -146,3 +146,25 @@ def test_control_differences_are_per_seed_differences_over_seeds_where_both_ran(
   assert "backdoor_asr/asr" not in diff  # D's ASR was never measured.
   table = robustness.format_differences({"D": diff})
   assert "| D | CLIP+aug | 0,1 | +1.0 ± 4.2 | n/a | n/a | n/a | -2.0 |" in table
+
+
+def test_warnings_and_curves_under_the_table_come_from_each_rows_defense(tmp_path):
+  """A trained row's warnings (`Defense.run_warnings`: RoCLIP's collapse detector, read from its
+  metrics.jsonl) and its defense's curves join the table's notes and panels; other rows add none."""
+  epochs = [
+      {"kind": "epoch", "epoch": 2, "roclip/collapse_warning": False},
+      {"kind": "epoch", "epoch": 4, "roclip/collapse_warning": True, "roclip/collapse_reasons": "hub collapse"},
+      {"kind": "epoch", "epoch": 6, "roclip/collapse_warning": True, "roclip/collapse_reasons": "own cosine fell"},
+  ]
+  for name in ("RoCLIP (paper)", "CLIP+aug"):
+    os.makedirs(tmp_path / robustness.slug(name))
+    with open(tmp_path / robustness.slug(name) / "metrics.jsonl", "w") as f:
+      f.writelines(json.dumps(r) + "\n" for r in epochs)  # The same rows: only RoCLIP's defense reads them.
+  results = {"RoCLIP (paper)": {"defense": "roclip"}, "CLIP+aug": {"defense": "none"}, "not run": {}}
+  notes = robustness.run_warnings(results, str(tmp_path))
+  assert len(notes) == 1
+  assert notes[0].startswith("WARNING RoCLIP (paper): the RoCLIP collapse detector fired in matching epoch(s) 4, 6")
+  assert "(last: own cosine fell)" in notes[0]
+  keys = [key for key, _, _ in robustness.curve_panels(results)]
+  assert keys[:2] == [key for key, _, _ in robustness.CURVES] and "roclip/match_similarity" in keys
+  assert robustness.curve_panels({"CLIP+aug": {"defense": "none"}}) == robustness.CURVES

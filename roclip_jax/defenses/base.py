@@ -146,6 +146,9 @@ class Defense:
   supports_grad_accum: ClassVar[bool] = True
   # A post-hoc defense: it fine-tunes the trained model `config.init_from` names instead of training one.
   fine_tunes: ClassVar[bool] = False
+  # Panels the benchmark's curves.png draws for this defense's rows: (metric key, metrics.jsonl row
+  # kind, title); values are shares, drawn x100.
+  curves: ClassVar[tuple[tuple[str, str, str], ...]] = ()
 
   def __init__(self, config: ml_collections.ConfigDict, facts: RunFacts):
     self.config = config
@@ -285,4 +288,10 @@ class Defense:
   def table_notes(cls, config: ml_collections.ConfigDict, rows: list[tuple[str, dict[str, Any]]]) -> list[str]:
     """Lines under the benchmark's table about this defense's `rows` (name, config overrides), in order."""
     del config, rows
+    return []
+
+  @classmethod
+  def run_warnings(cls, name: str, metrics_rows: list[dict[str, Any]]) -> list[str]:
+    """Warnings under the benchmark's table about one trained row `name`, read from its metrics.jsonl rows."""
+    del name, metrics_rows
     return []

@@ -1014,6 +1014,12 @@ class RoClip(base.Defense):
 
   name = "roclip"
   config_block = "roclip"
+  # The matching-epoch diagnostics (docs/roclip.md, section 3), drawn for the rows that have them.
+  curves = (
+      ("roclip/matched_same_class_frac", "epoch", "RoCLIP: images matched to own class (%)"),
+      ("roclip/distinct_match_frac", "epoch", "RoCLIP: distinct pool rows per batch (%)"),
+      ("roclip/match_similarity", "epoch", "RoCLIP: matched-caption cosine (x100)"),
+  )
 
   @classmethod
   def default_config(cls) -> ml_collections.ConfigDict:
@@ -1347,6 +1353,18 @@ class RoClip(base.Defense):
   @classmethod
   def caption_pool(cls, state: Pool) -> Pool:
     return state
+
+  @classmethod
+  def run_warnings(cls, name: str, metrics_rows: list[dict[str, Any]]) -> list[str]:
+    flagged = [r for r in metrics_rows if r.get("kind") == "epoch" and r.get("roclip/collapse_warning")]
+    if not flagged:
+      return []
+    epochs = ", ".join(str(r["epoch"]) for r in flagged)
+    return [
+        f"WARNING {name}: the RoCLIP collapse detector fired in matching epoch(s) {epochs} "
+        f"(last: {flagged[-1]['roclip/collapse_reasons']}); its low attack success comes with a model "
+        "trained toward captions that do not describe its images."
+    ]
 
 
 class MatchingMonitor(base.EpochHooks):

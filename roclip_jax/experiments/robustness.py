@@ -168,23 +168,13 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
   return results
 
 
-def collapse_notes(results: dict[str, dict[str, Any]], workdir: str) -> list[str]:
-  """One note per row whose RoCLIP matching epochs tripped the collapse detector (`roclip.collapse_warnings`)."""
+def run_warnings(results: dict[str, dict[str, Any]], workdir: str) -> list[str]:
+  """Each trained row's defense's warnings about it (`Defense.run_warnings`: RoCLIP's collapse detector)."""
   notes = []
-  for name in results:
+  for name, res in results.items():
     path = os.path.join(workdir, slug(name))
-    if not os.path.exists(os.path.join(path, "metrics.jsonl")):
-      continue
-    flagged = [
-        r for r in metrics_lib.read_metrics(path) if r.get("kind") == "epoch" and r.get("roclip/collapse_warning")
-    ]
-    if flagged:
-      epochs = ", ".join(str(r["epoch"]) for r in flagged)
-      notes.append(
-          f"WARNING {name}: the RoCLIP collapse detector fired in matching epoch(s) {epochs} "
-          f"(last: {flagged[-1]['roclip/collapse_reasons']}); its low attack success comes with a model "
-          "trained toward captions that do not describe its images."
-      )
+    if res.get("defense") in defenses.names() and os.path.exists(os.path.join(path, "metrics.jsonl")):
+      notes.extend(defenses.get(res["defense"]).run_warnings(name, metrics_lib.read_metrics(path)))
   return notes
 
 
@@ -227,19 +217,21 @@ def format_table(
   for defense, rows in rows_by_defense.items():
     notes.extend(defenses.get(defense).table_notes(config, rows))
   if workdir is not None:
-    notes.extend(collapse_notes(results, workdir))
+    notes.extend(run_warnings(results, workdir))
   return "\n".join(lines) + "\n\n" + "\n".join(notes) + "\n"
 
 
-# Panels of curves.png: (metric key, row kind, title). The last three are RoCLIP's matching-epoch
-# diagnostics (docs/roclip.md), drawn for the rows that have them.
-CURVES = (
-    ("backdoor_asr/asr", "eval", "backdoor ASR (%)"),
-    ("zeroshot/top1", "eval", "zero-shot top-1 (%)"),
-    ("roclip/matched_same_class_frac", "epoch", "RoCLIP: images matched to own class (%)"),
-    ("roclip/distinct_match_frac", "epoch", "RoCLIP: distinct pool rows per batch (%)"),
-    ("roclip/match_similarity", "epoch", "RoCLIP: matched-caption cosine (x100)"),
-)
+# Panels of curves.png for every row: (metric key, row kind, title); then each defense's own (`Defense.curves`).
+CURVES = (("backdoor_asr/asr", "eval", "backdoor ASR (%)"), ("zeroshot/top1", "eval", "zero-shot top-1 (%)"))
+
+
+def curve_panels(results: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
+  """`CURVES`, then the panels of the rows' defenses (`Defense.curves`), each once, in order."""
+  panels = list(CURVES)
+  for res in results.values():
+    if res.get("defense") in defenses.names():
+      panels.extend(p for p in defenses.get(res["defense"]).curves if p not in panels)
+  return tuple(panels)
 
 
 def plot_curves(results: dict[str, dict[str, Any]], workdir: str, path: str) -> None:
@@ -248,10 +240,12 @@ def plot_curves(results: dict[str, dict[str, Any]], workdir: str, path: str) -> 
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt
 
-  fig, axes = plt.subplots(1, len(CURVES), figsize=(5 * len(CURVES), 4))
+  panels = curve_panels(results)
+  fig, axes = plt.subplots(1, len(panels), figsize=(5 * len(panels), 4), squeeze=False)
+  axes = axes[0]
   for name in results:
     rows = metrics_lib.read_metrics(os.path.join(workdir, slug(name)))
-    for ax, (key, kind, title) in zip(axes, CURVES):
+    for ax, (key, kind, title) in zip(axes, panels):
       pts = sorted((r["step"], r[key]) for r in rows if r.get("kind") == kind and key in r)
       if pts:
         ax.plot([s for s, _ in pts], [100 * v for _, v in pts], marker="o", label=name)
@@ -396,7 +390,7 @@ def run_seeds(config: ml_collections.ConfigDict, workdir: str, seeds, only=()) -
     table += "\n" + format_differences(differences)
   notes = []
   for seed in sorted(per_seed):
-    notes.extend(f"seed {seed}: {n}" for n in collapse_notes(per_seed[seed], os.path.join(workdir, f"seed_{seed}")))
+    notes.extend(f"seed {seed}: {n}" for n in run_warnings(per_seed[seed], os.path.join(workdir, f"seed_{seed}")))
   table += "".join(n + "\n" for n in notes)
   with open(os.path.join(workdir, "results.md"), "w") as f:
     f.write(table)
