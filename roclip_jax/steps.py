@@ -148,15 +148,19 @@ def _gather(z: dict[str, jax.Array], mesh: Mesh) -> dict[str, jax.Array]:
   return dict(zip(keys, gathered))
 
 
-def _evidence_embeddings(model: Any, batch: dict[str, jax.Array], kind: StepKind) -> dict[str, jax.Array]:
-  """Unit embeddings of `kind`'s evidence views: forward only, in inference mode, stop-gradient (what
-  a loss judges its pairs by without training on it)."""
-  z = {
-      key: losses.l2_normalize(model.encode_image(image_ops.normalize(batch[key]), train=False))
-      for key in kind.evidence_image_views
-  }
-  z.update({key: losses.l2_normalize(model.encode_text(batch[key])) for key in kind.evidence_text_views})
+def _forward_only(
+    model: Any, batch: dict[str, jax.Array], image_keys: tuple[str, ...], text_keys: tuple[str, ...]
+) -> dict[str, jax.Array]:
+  """Unit embeddings of the views `image_keys` (in inference mode) and `text_keys`, stop-gradient: for
+  the evidence views a loss judges its pairs by, and a kind's text views without a gradient."""
+  z = {key: losses.l2_normalize(model.encode_image(image_ops.normalize(batch[key]), train=False)) for key in image_keys}
+  z.update({key: losses.l2_normalize(model.encode_text(batch[key])) for key in text_keys})
   return jax.tree.map(jax.lax.stop_gradient, z)
+
+
+def _evidence_embeddings(model: Any, batch: dict[str, jax.Array], kind: StepKind) -> dict[str, jax.Array]:
+  """`kind`'s evidence views (`StepKind.evidence_image_views`, `evidence_text_views`), forward only."""
+  return _forward_only(model, batch, kind.evidence_image_views, kind.evidence_text_views)
 
 
 def loss_and_grads(
@@ -188,15 +192,11 @@ def loss_and_grads(
   locked = _locked_views(kind, lock)
   compute_pair_loss = pair_loss(config, mesh)
   images = {key: image_ops.normalize(batch[key]) for key in kind.image_views}
-  frozen = {}
-  if not kind.text_grad:
-    # The text tower runs forward only, outside the differentiated function: its gradient is exactly zero.
-    text_model = spec.merge(state.params, state.model_state)
-    frozen = {
-        key: jax.lax.stop_gradient(losses.l2_normalize(text_model.encode_text(batch[key]))) for key in kind.text_views
-    }
-
-  evidence = _evidence_embeddings(spec.merge(state.params, state.model_state), batch, kind)
+  # Outside the differentiated function: a kind's text views without a gradient (exactly zero) and
+  # its evidence views.
+  model_now = spec.merge(state.params, state.model_state)
+  frozen = _forward_only(model_now, batch, (), () if kind.text_grad else kind.text_views)
+  evidence = _evidence_embeddings(model_now, batch, kind)
 
   def loss_fn(params):
     model = spec.merge(params, state.model_state)

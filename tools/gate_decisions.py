@@ -56,9 +56,7 @@ def gate_decisions(workdir: str, step: int | None, num_batches: int, judge: str 
   lookup = jax.jit(defense.match, static_argnums=3)
   # The views the run's gate judged by (`roclip.gate_views`): the plain ones where its step encoded them.
   judged = defense.step_kinds()["gated"].evidence_views
-  image_key, text_key = ("image_plain" if "image_plain" in judged else "image"), (
-      "text_plain" if "text_plain" in judged else "text"
-  )
+  image_key, text_key = (f"{key}_plain" if f"{key}_plain" in judged else key for key in ("image", "text"))
   rows = []
   for _ in range(num_batches):
     batch = next(data.iterator)

@@ -180,7 +180,11 @@ class ImageReader:
   def eval_image(self, record: dict[str, Any]) -> np.ndarray | None:
     """`decode`, then CLIP's eval preprocessing to `image_size`."""
     image = self.decode(record)
-    return None if image is None else image_ops.resize_center_crop(image, self.image_size)
+    return None if image is None else self.eval_crop(image)
+
+  def eval_crop(self, image: np.ndarray) -> np.ndarray:
+    """CLIP's eval preprocessing of a decoded image: resize + centre crop to `image_size`."""
+    return image_ops.resize_center_crop(image, self.image_size)
 
 
 def _record_name(record: dict[str, Any]) -> str:
@@ -288,7 +292,7 @@ class _ExampleLoader:
     elif self._augment_image:
       image = self._augmented_image(raw, self._image_key, position)
     else:
-      image = image_ops.resize_center_crop(raw, self._image_size)
+      image = self._reader.eval_crop(raw)
     example_id = int(record["id"])
     caption = record["caption"]
     if self._augment_text:
@@ -312,9 +316,12 @@ class _ExampleLoader:
       element["image2"] = np.ascontiguousarray(image2, np.uint8)
       element["text2"] = self._tokenizer(caption2)[0]
     if self._plain_views:
-      # What the example is, before augmentation: a defense judges pairs by it (RoCLIP's gate).
-      element["image_plain"] = np.ascontiguousarray(image_ops.resize_center_crop(raw, self._image_size), np.uint8)
-      element["text_plain"] = self._tokenizer(record["caption"])[0]
+      # What the example is, before augmentation: a defense judges pairs by it (RoCLIP's gate). A view
+      # that is not augmented is its own plain view.
+      image_augmented = "image" in self._device_views or self._augment_image
+      plain = self._reader.eval_crop(raw) if image_augmented else image
+      element["image_plain"] = np.ascontiguousarray(plain, np.uint8)
+      element["text_plain"] = self._tokenizer(record["caption"])[0] if self._augment_text else element["text"]
     for view, packed in device.items():
       element[augment.params_key(view)] = packed
     return element

@@ -78,7 +78,7 @@ class StepKind:
 
   @property
   def views(self) -> tuple[str, ...]:
-    """The trained views (those the loss may differentiate)."""
+    """The views encoded in training mode (the loss may differentiate them; not the evidence views)."""
     return self.image_views + self.text_views
 
   @property

@@ -168,13 +168,20 @@ def run_all(config: ml_collections.ConfigDict, workdir: str, only=()) -> dict[st
   return results
 
 
+def _row_defenses(results: dict[str, dict[str, Any]]):
+  """(row name, its defense's class) of each row whose result names a registered defense."""
+  return [
+      (name, defenses.get(res["defense"])) for name, res in results.items() if res.get("defense") in defenses.names()
+  ]
+
+
 def run_warnings(results: dict[str, dict[str, Any]], workdir: str) -> list[str]:
   """Each trained row's defense's warnings about it (`Defense.run_warnings`: RoCLIP's collapse detector)."""
   notes = []
-  for name, res in results.items():
+  for name, defense in _row_defenses(results):
     path = os.path.join(workdir, slug(name))
-    if res.get("defense") in defenses.names() and os.path.exists(os.path.join(path, "metrics.jsonl")):
-      notes.extend(defenses.get(res["defense"]).run_warnings(name, metrics_lib.read_metrics(path)))
+    if os.path.exists(os.path.join(path, "metrics.jsonl")):
+      notes.extend(defense.run_warnings(name, metrics_lib.read_metrics(path)))
   return notes
 
 
@@ -228,9 +235,8 @@ CURVES = (("backdoor_asr/asr", "eval", "backdoor ASR (%)"), ("zeroshot/top1", "e
 def curve_panels(results: dict[str, dict[str, Any]]) -> tuple[tuple[str, str, str], ...]:
   """`CURVES`, then the panels of the rows' defenses (`Defense.curves`), each once, in order."""
   panels = list(CURVES)
-  for res in results.values():
-    if res.get("defense") in defenses.names():
-      panels.extend(p for p in defenses.get(res["defense"]).curves if p not in panels)
+  for _, defense in _row_defenses(results):
+    panels.extend(p for p in defense.curves if p not in panels)
   return tuple(panels)
 
 
